@@ -1,0 +1,11 @@
+"""mmkernels: fused multimodal-fusion kernels for PyTorch.
+
+fused_concat_linear: act(cat(inputs) @ W.T + b) without materialising the concatenation.
+"""
+from . import nn
+from ._build import build_info
+from .ops import fused_concat_linear
+
+__version__ = "0.1.0"
+
+__all__ = ["fused_concat_linear", "nn", "build_info", "__version__"]

@@ -1,0 +1,88 @@
+"""FusedConcatLinear: a drop-in for nn.Linear(sum(in_features), out) applied to torch.cat(inputs, -1)."""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .. import ops
+
+
+class FusedConcatLinear(nn.Module):
+    """``act(Linear(cat(inputs, -1)))`` without building the concatenation.
+
+    Parameters are named and shaped as in ``nn.Linear(sum(in_features), out_features)``
+    (``weight (N, K)``, ``bias (N,)``), so state dicts load both ways.
+
+    ``forward(*inputs)``, ``forward([inputs])`` and ``forward({name: input})`` all work; a dict is
+    concatenated in sorted key order.
+    """
+
+    def __init__(
+        self,
+        in_features: Sequence[int],
+        out_features: int,
+        bias: bool = True,
+        activation: str = "none",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        in_features = tuple(int(d) for d in in_features)
+        if not in_features or any(d <= 0 for d in in_features):
+            raise ValueError(f"FusedConcatLinear: argument 'in_features': expected positive sizes, got {in_features}")
+        if activation not in ops.ACTIVATIONS:
+            raise ValueError(
+                f"FusedConcatLinear: argument 'activation': expected one of {ops.ACTIVATIONS}, got {activation!r}"
+            )
+        self.in_features = in_features
+        self.out_features = int(out_features)
+        self.activation = activation
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(self.out_features, sum(in_features), **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # The initialisation of nn.Linear, so a fresh module is distributed like the one it replaces.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.weight.shape[1]) if self.weight.shape[1] > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, *inputs) -> torch.Tensor:
+        if len(inputs) == 1 and isinstance(inputs[0], Mapping):
+            inputs = tuple(inputs[0][k] for k in sorted(inputs[0]))
+        elif len(inputs) == 1 and isinstance(inputs[0], (list, tuple)):
+            inputs = tuple(inputs[0])
+        sizes = tuple(x.shape[-1] for x in inputs)
+        if sizes != self.in_features:
+            raise ValueError(
+                f"FusedConcatLinear: expected inputs with feature sizes {self.in_features}, got {sizes}"
+            )
+        return ops.fused_concat_linear(inputs, self.weight, self.bias, self.activation)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, in_features: Sequence[int], activation: str = "none") -> "FusedConcatLinear":
+        """A FusedConcatLinear that shares ``linear``'s parameters (no copy)."""
+        if sum(in_features) != linear.in_features:
+            raise ValueError(
+                f"FusedConcatLinear.from_linear: argument 'in_features': sizes {tuple(in_features)} sum to "
+                f"{sum(in_features)}, but the linear layer takes {linear.in_features}"
+            )
+        module = cls(in_features, linear.out_features, bias=linear.bias is not None, activation=activation,
+                     device="meta")
+        module.weight = linear.weight
+        module.bias = linear.bias
+        return module
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, activation={self.activation!r}"
+        )
