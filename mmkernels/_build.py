@@ -49,6 +49,15 @@ def build_info() -> dict:
     }
 
 
-def has_kernel(op_name: str, dispatch_key: str) -> bool:
-    """Whether mmkernels::<op_name> has a kernel for this dispatch key (e.g. "CPU", "CUDA")."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"mmkernels::{op_name}", dispatch_key)
+def registered_ops() -> list[str]:
+    """Every operator of the mmkernels namespace, as "mmkernels::name"."""
+    return sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("mmkernels::"))
+
+
+def kernel_table(dispatch_keys=("CPU", "CUDA")) -> dict[str, frozenset[str]]:
+    """For each mmkernels op, the dispatch keys it has a kernel for. Computed once at import, so the
+    wrappers can consult it under torch.compile as a constant."""
+    return {
+        op: frozenset(k for k in dispatch_keys if torch._C._dispatch_has_kernel_for_dispatch_key(op, k))
+        for op in registered_ops()
+    }

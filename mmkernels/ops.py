@@ -9,6 +9,7 @@ import torch
 from . import _build, reference
 
 _build.load_library()
+_KERNELS = _build.kernel_table()
 
 ACTIVATIONS = tuple(reference.ACTIVATIONS)
 # Activations whose backward needs the pre-activation (the others' derivative is a function of the output).
@@ -76,7 +77,7 @@ def fused_concat_linear(
     """
     _check_concat_linear(inputs, weight, bias, activation)
     key = weight.device.type.upper()
-    if not _build.has_kernel("fused_concat_linear", key):
+    if key not in _KERNELS["mmkernels::fused_concat_linear"]:
         _warn_once(
             f"fcl-{key}",
             f"mmkernels: no fused_concat_linear kernel for {key} in this build; using the PyTorch reference "

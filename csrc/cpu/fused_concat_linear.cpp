@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/cpu/vec/functional.h>
 #include <torch/library.h>
 
@@ -89,7 +90,10 @@ int64_t block_rows(const Problem& p) {
 template <typename F>
 void for_each_row_block(int64_t M, int64_t rows, F&& fn) {
   const int64_t nblocks = (M + rows - 1) / rows;
+  // OpenMP workers do not inherit the caller's dispatcher state (we run below autograd): carry it over.
+  const at::ThreadLocalState state;
   auto run = [&](int64_t b0, int64_t b1) {
+    at::ThreadLocalStateGuard guard(state);
     for (int64_t b = b0; b < b1; ++b) fn(b * rows, std::min(rows, M - b * rows));
   };
   if (nblocks >= 2 * at::get_num_threads()) {

@@ -1,0 +1,222 @@
+"""fused_concat_linear against the reference (torch.cat + F.linear + activation)."""
+import pytest
+import torch
+from conftest import TOLERANCES
+
+import mmkernels
+from mmkernels import reference
+
+ACTIVATIONS = ["none", "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid"]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+
+
+def make_case(lead, widths, n, dtype, bias=True, requires_grad=True):
+    xs = [torch.randn(*lead, d, dtype=dtype, requires_grad=requires_grad) for d in widths]
+    w = (torch.randn(n, sum(widths), dtype=dtype) / sum(widths) ** 0.5).requires_grad_(requires_grad)
+    b = torch.randn(n, dtype=dtype, requires_grad=requires_grad) if bias else None
+    return xs, w, b
+
+
+def reference_in(dtype_ref, xs, w, b, activation):
+    """The reference evaluated on upcast copies of the inputs, so rounding is only ours."""
+    up = lambda t: None if t is None else t.detach().to(dtype_ref).requires_grad_(t.requires_grad)
+    xs_r, w_r, b_r = [up(x) for x in xs], up(w), up(b)
+    return reference.fused_concat_linear(xs_r, w_r, b_r, activation), (xs_r, w_r, b_r)
+
+
+def _relu_with_mask(xs, w, b, mask):
+    """The float64 reference of relu(linear(cat)), with relu's 0/1 mask given."""
+    z, leaves = reference_in(torch.float64, xs, w, b, "none")
+    return z * mask.to(torch.float64), leaves
+
+
+def assert_close(actual, expected, dtype):
+    atol, rtol = TOLERANCES[dtype]
+    # Absolute tolerance relative to the tensor's scale: gradients are sums over many rows.
+    scale = expected.abs().max().item() if expected.numel() else 1.0
+    torch.testing.assert_close(actual.to(expected.dtype), expected, atol=atol * max(scale, 1.0), rtol=rtol)
+
+
+def check_against_reference(xs, w, b, activation):
+    dtype = w.dtype
+    out = mmkernels.fused_concat_linear(xs, w, b, activation)
+    ref_dtype = torch.float64
+    expected, (xs_r, w_r, b_r) = reference_in(ref_dtype, xs, w, b, activation)
+    assert out.shape == expected.shape and out.dtype == dtype
+    assert_close(out, expected, dtype)
+    if dtype == torch.bfloat16 and activation == "relu":
+        # Where the pre-activation is within bf16 rounding of 0, relu's mask may legitimately differ
+        # from the float64 one; take the mask from our output so the gradient check stays exact.
+        expected, (xs_r, w_r, b_r) = _relu_with_mask(xs, w, b, out > 0)
+    grad = torch.randn_like(out)
+    params = [*xs, w] + ([b] if b is not None else [])
+    params_r = [*xs_r, w_r] + ([b_r] if b_r is not None else [])
+    grads = torch.autograd.grad(out, params, grad)
+    grads_r = torch.autograd.grad(expected, params_r, grad.to(ref_dtype))
+    for g, g_r in zip(grads, grads_r):
+        assert g.shape == g_r.shape and g.dtype == dtype
+        assert_close(g, g_r, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_matches_reference_each_activation_and_dtype(dtype, activation):
+    xs, w, b = make_case((5, 7), (3, 17, 1), 13, dtype)
+    check_against_reference(xs, w, b, activation)
+
+
+@pytest.mark.parametrize(
+    "lead,widths,n",
+    [((1,), (1,), 1), ((3,), (17, 123), 3), ((123,), (3, 1, 17), 17), ((2, 3, 4), (5, 6), 7), ((), (9, 4), 5),
+     ((4100,), (33, 65), 129)],  # the last one spans several row blocks
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_odd_shapes_and_leading_dims(lead, widths, n, dtype):
+    xs, w, b = make_case(lead, widths, n, dtype)
+    check_against_reference(xs, w, b, "relu")
+
+
+@pytest.mark.parametrize("segments", [1, 2, 5, 16])
+def test_segment_counts(segments):
+    xs, w, b = make_case((37,), [3 + 2 * i for i in range(segments)], 11, torch.float32)
+    check_against_reference(xs, w, b, "gelu")
+
+
+def test_without_bias():
+    xs, w, _ = make_case((19,), (4, 8), 6, torch.float32)
+    check_against_reference(xs, w, None, "silu")
+
+
+def test_non_contiguous_inputs_and_weight():
+    base = [torch.randn(8, 6, 2 * d) for d in (5, 9)]
+    xs = [t[..., ::2].transpose(0, 1).requires_grad_() for t in base]  # strided and transposed
+    w = torch.randn(14, 7).t().requires_grad_()  # (7, 14), column-major
+    b = torch.randn(14)[::2].detach().requires_grad_()  # stride 2
+    assert not xs[0].is_contiguous() and not w.is_contiguous() and not b.is_contiguous()
+    check_against_reference(xs, w, b, "tanh")
+
+
+def test_empty_batch():
+    xs, w, b = make_case((0,), (3, 4), 5, torch.float32)
+    out = mmkernels.fused_concat_linear(xs, w, b, "relu")
+    assert out.shape == (0, 5)
+    out.sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+    assert xs[0].grad.shape == (0, 3)
+
+
+def test_only_some_inputs_need_grad():
+    xs, w, b = make_case((6,), (3, 4), 5, torch.float64)
+    xs[0].requires_grad_(False)
+    w.requires_grad_(False)
+    out = mmkernels.fused_concat_linear(xs, w, b, "sigmoid")
+    expected = reference.fused_concat_linear(xs, w, b, "sigmoid")
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, [xs[1], b], g)
+    want = torch.autograd.grad(expected, [xs[1], b], g)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e)
+
+
+def test_never_materialises_the_concatenation():
+    xs, w, b = make_case((64,), (8, 16, 4), 10, torch.float32)
+    with torch.profiler.profile() as prof:
+        mmkernels.fused_concat_linear(xs, w, b, "relu").sum().backward()
+    names = {e.name for e in prof.events()}
+    assert "mmkernels::fused_concat_linear" in names
+    assert not {"aten::cat", "aten::split", "aten::split_with_sizes"} & names
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gradcheck(activation):
+    xs, w, b = make_case((3, 2), (2, 3, 1), 4, torch.float64)
+    fn = lambda x0, x1, x2, w_, b_: mmkernels.fused_concat_linear([x0, x1, x2], w_, b_, activation)
+    assert torch.autograd.gradcheck(fn, (*xs, w, b))
+
+
+@pytest.mark.parametrize("activation", ["none", "gelu"])
+def test_opcheck(activation):
+    xs, w, b = make_case((4, 3), (5, 2), 6, torch.float32)
+    torch.library.opcheck(torch.ops.mmkernels.fused_concat_linear.default, (xs, w, b, activation))
+    torch.library.opcheck(torch.ops.mmkernels.fused_concat_linear.default, (xs, w, None, activation))
+
+
+def test_opcheck_backward_op():
+    xs, w, b = make_case((4,), (5, 2), 6, torch.float32, requires_grad=False)
+    out, pre = torch.ops.mmkernels.fused_concat_linear(xs, w, b, "silu")
+    args = (torch.randn_like(out), xs, w, out, pre, "silu", [True, False], True, True)
+    torch.library.opcheck(torch.ops.mmkernels.fused_concat_linear_backward.default, args)
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    xs, w, b = make_case((16,), (8, 4), 6, torch.float32)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(x0, x1, w_, b_):
+        return mmkernels.fused_concat_linear([x0, x1], w_, b_, "gelu").square().sum()
+
+    loss = step(*xs, w, b)
+    loss.backward()
+    expected = reference.fused_concat_linear(
+        [x.detach() for x in xs], w.detach(), b.detach(), "gelu"
+    ).square().sum()
+    torch.testing.assert_close(loss, expected, atol=1e-4, rtol=1e-4)
+    assert w.grad is not None and xs[0].grad is not None
+
+
+def test_torch_compile_inductor():
+    xs, w, b = make_case((16,), (8, 4), 6, torch.float32, requires_grad=False)
+    fn = torch.compile(lambda x0, x1: mmkernels.fused_concat_linear([x0, x1], w, b, "relu") * 2, fullgraph=True)
+    torch.testing.assert_close(fn(*xs), 2 * reference.fused_concat_linear(xs, w, b, "relu"))
+
+
+def test_torch_export():
+    module = mmkernels.nn.FusedConcatLinear((4, 6), 5, activation="relu")
+    args = (torch.randn(3, 4), torch.randn(3, 6))
+    exported = torch.export.export(module, args)
+    assert any("mmkernels.fused_concat_linear" in str(n.target) for n in exported.graph.nodes)
+    torch.testing.assert_close(exported.module()(*args), module(*args))
+
+
+@pytest.mark.parametrize(
+    "make_args,match",
+    [
+        (lambda xs, w, b: ([], w, b, "relu"), "inputs"),
+        (lambda xs, w, b: ([xs[0], xs[1][:2]], w, b, "relu"), r"inputs\[1\]"),
+        (lambda xs, w, b: (xs, w[:, :-1], b, "relu"), "weight"),
+        (lambda xs, w, b: (xs, w[0], b, "relu"), "weight"),
+        (lambda xs, w, b: (xs, w, b[:-1], "relu"), "bias"),
+        (lambda xs, w, b: ([xs[0], xs[1].double()], w, b, "relu"), r"inputs\[1\]"),
+        (lambda xs, w, b: (xs, w, b.double(), "relu"), "bias"),
+        (lambda xs, w, b: ([xs[0], xs[1].to("meta")], w, b, "relu"), r"inputs\[1\]"),
+        (lambda xs, w, b: (xs, w, b, "swish"), "activation"),
+        (lambda xs, w, b: ([xs[0], torch.tensor(1.0)], w, b, "relu"), r"inputs\[1\]"),
+    ],
+)
+def test_bad_input_names_the_argument(make_args, match):
+    xs, w, b = make_case((4,), (3, 2), 5, torch.float32, requires_grad=False)
+    with pytest.raises(ValueError, match=match):
+        mmkernels.fused_concat_linear(*make_args(xs, w, b))
+
+
+def test_bad_input_through_the_raw_op_is_a_runtime_error():
+    xs, w, b = make_case((4,), (3, 2), 5, torch.float32, requires_grad=False)
+    with pytest.raises(RuntimeError, match="argument 'weight'"):
+        torch.ops.mmkernels.fused_concat_linear(xs, w[:, :-1], b, "relu")
+    with pytest.raises(RuntimeError, match="argument 'activation'"):
+        torch.ops.mmkernels.fused_concat_linear(xs, w, b, "swish")
+    with pytest.raises(RuntimeError, match=r"argument 'inputs\[1\]'"):
+        torch.ops.mmkernels.fused_concat_linear([xs[0], xs[1][:3]], w, b, "relu")
+
+
+def test_deterministic_and_thread_count_independent():
+    xs, w, b = make_case((3000,), (40, 24), 48, torch.float32, requires_grad=False)
+    first = mmkernels.fused_concat_linear(xs, w, b, "gelu")
+    assert torch.equal(first, mmkernels.fused_concat_linear(xs, w, b, "gelu"))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = mmkernels.fused_concat_linear(xs, w, b, "gelu")
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(single, first, atol=1e-5, rtol=1e-5)
