@@ -13,3 +13,14 @@ TORCH_LIBRARY(mmkernels, m) {
       "str activation, bool[] inputs_need_grad, bool weight_needs_grad, bool bias_needs_grad) "
       "-> (Tensor[], Tensor, Tensor)");
 }
+
+// Fusion-layer ops (mmkernels.nn.LowRankFusion).
+TORCH_LIBRARY_FRAGMENT(mmkernels, m) {
+  // LMF's product of projections: bias + sum_k rank_weight[k] * prod_m ([inputs[m], 1] @ factors[m][k]),
+  // factors[m]: (rank, D_m + 1, N). Backward recomputes the projections rather than saving them.
+  m.def("low_rank_fusion(Tensor[] inputs, Tensor[] factors, Tensor rank_weight, Tensor? bias) -> Tensor");
+  m.def(
+      "low_rank_fusion_backward(Tensor grad_out, Tensor[] inputs, Tensor[] factors, Tensor rank_weight, "
+      "bool[] inputs_need_grad, bool[] factors_need_grad, bool rank_weight_needs_grad, bool bias_needs_grad) "
+      "-> (Tensor[], Tensor[], Tensor, Tensor)");
+}

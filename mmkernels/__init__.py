@@ -4,8 +4,8 @@ fused_concat_linear: act(cat(inputs) @ W.T + b) without materialising the concat
 """
 from . import nn
 from ._build import build_info
-from .ops import fused_concat_linear
+from .ops import fused_concat_linear, low_rank_fusion
 
 __version__ = "0.1.0"
 
-__all__ = ["fused_concat_linear", "nn", "build_info", "__version__"]
+__all__ = ["fused_concat_linear", "low_rank_fusion", "nn", "build_info", "__version__"]

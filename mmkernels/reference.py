@@ -26,3 +26,62 @@ def fused_concat_linear(
 ) -> torch.Tensor:
     """act(cat(inputs, -1) @ weight.T + bias)."""
     return ACTIVATIONS[activation](F.linear(torch.cat(list(inputs), dim=-1), weight, bias))
+
+
+# --------------------------------------------------------------------------- fusion layers
+
+
+def low_rank_fusion(
+    inputs: Sequence[torch.Tensor],
+    factors: Sequence[torch.Tensor],
+    rank_weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """LMF (Liu et al. 2018): bias + sum_k rank_weight[k] * prod_m ([x_m, 1] @ factors[m][k]).
+
+    inputs: (..., D_m) with identical leading dims; factors[m]: (rank, D_m + 1, N); rank_weight: (rank,).
+    Builds every modality's (..., rank, N) projection, as the paper's code does.
+    """
+    prod = None
+    for x, f in zip(inputs, factors):
+        z = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
+        proj = torch.einsum("...d,rdn->...rn", z, f)
+        prod = proj if prod is None else prod * proj
+    out = torch.einsum("...rn,r->...n", prod, rank_weight)
+    return out if bias is None else out + bias
+
+
+def gated_multimodal_unit(
+    inputs: Sequence[torch.Tensor],
+    proj_weights: Sequence[torch.Tensor],
+    proj_biases: Sequence[torch.Tensor | None],
+    gate_weight: torch.Tensor,
+    gate_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """GMU (Arevalo et al. 2017) for k modalities: h_i = tanh(W_i x_i + b_i), gate from cat(inputs).
+
+    k = 2: z = sigmoid(gate), h = z * h_0 + (1 - z) * h_1 (the paper's form; gate_weight (N, sum D)).
+    k > 2: z = softmax over modalities of gate viewed as (..., k, N) (gate_weight (k * N, sum D)).
+    """
+    hs = [torch.tanh(F.linear(x, w, b)) for x, w, b in zip(inputs, proj_weights, proj_biases)]
+    gate = F.linear(torch.cat(list(inputs), dim=-1), gate_weight, gate_bias)
+    if len(hs) == 1:
+        return hs[0]
+    if len(hs) == 2:
+        z = torch.sigmoid(gate)
+        return z * hs[0] + (1 - z) * hs[1]
+    z = torch.softmax(gate.unflatten(-1, (len(hs), -1)), dim=-2)
+    return (z * torch.stack(hs, dim=-2)).sum(-2)
+
+
+def film(x: torch.Tensor, cond: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, dim: int = -1):
+    """FiLM (Perez et al. 2018): gamma, beta = chunk(Linear(cond), 2); gamma * x + beta.
+
+    x's feature axis is `dim`; cond (*batch, C) with *batch a prefix of x's other dims; gamma and beta
+    broadcast over the rest (sequence or spatial dims).
+    """
+    gamma, beta = F.linear(cond, weight, bias).chunk(2, dim=-1)
+    xt = x.movedim(dim, -1)
+    extra = xt.dim() - cond.dim()
+    shape = (*cond.shape[:-1], *([1] * extra), gamma.shape[-1])
+    return (gamma.reshape(shape) * xt + beta.reshape(shape)).movedim(-1, dim)

@@ -1,0 +1,224 @@
+// CPU kernels of low_rank_fusion, the product-of-projections step of LMF (Liu et al. 2018):
+//
+//   out = bias + sum_k w[k] * prod_m ([x_m, 1] @ F_m[k])        F_m: (R, D_m + 1, N)
+//
+// The appended 1 picks the last row of each factor, so [x_m, 1] @ F_m[k] = x_m @ F_m[k, :D_m] +
+// F_m[k, D_m]: one addmm with the last row as its bias, and [x_m, 1] is never built. The reference
+// materialises every modality's (B, R, N) projection (and autograd keeps them all); here a block of
+// rows holds one (rows, N) projection and the running product at a time, and backward recomputes
+// the projections instead of saving them.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "checks.h"
+
+namespace mmkernels::cpu {
+namespace {
+
+struct Problem {
+  int64_t rows = 0, N = 0, R = 0;
+  std::vector<int64_t> lead;      // leading (batch) dims shared by every input
+  at::ScalarType acc;             // compute type: float for bfloat16, else the input type
+  std::vector<at::Tensor> x;      // input m as a (rows, D_m) matrix, in its own dtype
+  std::vector<at::Tensor> fw;     // F_m[:, :D_m] in the compute type, (R, D_m, N)
+  std::vector<at::Tensor> fb;     // F_m[:, D_m], the appended 1's row, (R, N)
+  std::vector<double> w;          // rank weights, read once
+};
+
+Problem make_problem(at::TensorList inputs, at::TensorList factors, const at::Tensor& rank_weight,
+                     const std::optional<at::Tensor>& bias) {
+  MMK_CHECK_ARG(!inputs.empty(), "inputs", "expected at least one tensor, got an empty list");
+  MMK_CHECK_ARG(factors.size() == inputs.size(), "factors", "expected one factor per input (", inputs.size(),
+                "), got ", factors.size());
+  MMK_CHECK_ARG(rank_weight.dim() == 1, "rank_weight", "expected a 1-D (rank,) tensor, got shape ",
+                rank_weight.sizes());
+  const auto dt = rank_weight.scalar_type();
+  MMK_CHECK_ARG(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16, "rank_weight",
+                "expected float32, float64 or bfloat16, got ", dt);
+  Problem p;
+  p.R = rank_weight.size(0);
+  MMK_CHECK_ARG(factors[0].dim() == 3, "factors[0]", "expected a 3-D (rank, in_features + 1, out_features) tensor, got ",
+                factors[0].dim(), "-D");
+  p.N = factors[0].size(2);
+  p.acc = at::toOpMathType(dt);
+  MMK_CHECK_ARG(inputs[0].dim() >= 1, "inputs[0]", "expected at least 1 dimension (..., features), got a 0-D tensor");
+  p.lead = inputs[0].sizes().vec();
+  p.lead.pop_back();
+  p.rows = c10::multiply_integers(p.lead);
+  for (size_t m = 0; m < inputs.size(); ++m) {
+    const auto& x = inputs[m];
+    const auto& f = factors[m];
+    const std::string xn = "inputs[" + std::to_string(m) + "]", fn = "factors[" + std::to_string(m) + "]";
+    MMK_CHECK_ARG(x.dim() >= 1, xn, "expected at least 1 dimension (..., features), got a 0-D tensor");
+    check_same_device_dtype(x, rank_weight, xn.c_str());
+    check_same_device_dtype(f, rank_weight, fn.c_str());
+    MMK_CHECK_ARG(x.sizes().slice(0, x.dim() - 1).equals(p.lead), xn, "expected leading dims ", at::IntArrayRef(p.lead),
+                  " (those of inputs[0]), got ", x.sizes().slice(0, x.dim() - 1));
+    const int64_t d = x.size(-1);
+    MMK_CHECK_ARG(f.dim() == 3 && f.size(0) == p.R && f.size(1) == d + 1 && f.size(2) == p.N, fn, "expected shape (",
+                  p.R, ", ", d + 1, ", ", p.N, ") = (rank, ", xn, ".size(-1) + 1, out_features), got ", f.sizes());
+    p.x.push_back(x.reshape({p.rows, d}));
+    const at::Tensor fa = f.to(p.acc);  // no copy unless bfloat16
+    p.fw.push_back(fa.narrow(1, 0, d));
+    p.fb.push_back(fa.select(1, d));
+  }
+  if (bias.has_value()) {
+    MMK_CHECK_ARG(bias->dim() == 1 && bias->size(0) == p.N, "bias", "expected shape (", p.N, "), got ", bias->sizes());
+    check_same_device_dtype(*bias, rank_weight, "bias");
+  }
+  const at::Tensor w = rank_weight.to(at::kDouble).contiguous();
+  p.w.assign(w.data_ptr<double>(), w.data_ptr<double>() + p.R);
+  return p;
+}
+
+std::vector<int64_t> out_shape(const Problem& p) {
+  auto s = p.lead;
+  s.push_back(p.N);
+  return s;
+}
+
+// Rows per block: `elems` output elements per (rows, N) buffer, so the few live buffers stay in cache.
+int64_t block_rows(const Problem& p, int64_t elems) {
+  return std::clamp<int64_t>(elems / std::max<int64_t>(p.N, 1), 16, std::max<int64_t>(p.rows, 16));
+}
+
+// proj = [x, 1] @ F_m[k] for one block of rows (x_blk already in the compute type).
+inline void project(at::Tensor& proj, const Problem& p, const at::Tensor& x_blk, size_t m, int64_t k) {
+  at::addmm_out(proj, p.fb[m][k], x_blk, p.fw[m][k]);
+}
+
+at::Tensor low_rank_fusion_cpu(at::TensorList inputs, at::TensorList factors, const at::Tensor& rank_weight,
+                               const std::optional<at::Tensor>& bias) {
+  Problem p = make_problem(inputs, factors, rank_weight, bias);
+  at::Tensor out = at::empty({p.rows, p.N}, rank_weight.options());
+  if (p.rows == 0 || p.N == 0) return out.view(out_shape(p));
+  const at::Tensor bias_acc = bias.has_value() ? bias->to(p.acc) : at::Tensor();
+  const int64_t rows = block_rows(p, int64_t(1) << 15);
+  const int64_t nblocks = (p.rows + rows - 1) / rows;
+
+  auto run_block = [&](int64_t r0, int64_t rn) {
+    // Pool threads do not inherit the caller's below-autograd dispatch state; the ATen ops here
+    // are the kernel's internals, not graph nodes.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const auto opts = out.options().dtype(p.acc);
+    // float32/float64 accumulate straight into the output; bfloat16 through a float32 block.
+    const bool direct = p.acc == out.scalar_type();
+    at::Tensor acc = direct ? out.narrow(0, r0, rn) : at::empty({rn, p.N}, opts);
+    at::Tensor prod = at::empty({rn, p.N}, opts), proj = at::empty({rn, p.N}, opts);
+    if (bias_acc.defined()) acc.copy_(bias_acc.expand({rn, p.N})); else acc.zero_();
+    std::vector<at::Tensor> xb;
+    for (const auto& x : p.x) xb.push_back(x.narrow(0, r0, rn).to(p.acc));
+    for (int64_t k = 0; k < p.R; ++k) {
+      project(prod, p, xb[0], 0, k);
+      for (size_t m = 1; m < xb.size(); ++m) {
+        project(proj, p, xb[m], m, k);
+        prod.mul_(proj);
+      }
+      acc.add_(prod, p.w[k]);
+    }
+    if (!direct) out.narrow(0, r0, rn).copy_(acc);
+  };
+  auto run = [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) run_block(b * rows, std::min(rows, p.rows - b * rows));
+  };
+  // Enough blocks: threads take whole blocks (their GEMMs run single-threaded); else blocks run in
+  // turn and each ATen op inside uses every thread.
+  if (nblocks >= 2 * at::get_num_threads()) at::parallel_for(0, nblocks, 1, run); else run(0, nblocks);
+  return out.view(out_shape(p));
+}
+
+// Gradients. With P_m = [x_m, 1] @ F_m[k] and dP_m = g * w[k] * prod_{j != m} P_j (prefix and suffix
+// products, no division, so zeros are fine):
+//   grad x_m += dP_m @ F_m[k, :D].T     grad F_m[k] = [x_m, 1].T @ dP_m     grad w[k] = <g, prod_m P_m>
+// Blocks of rows run in turn (grad F and grad w sum over rows); the ATen ops inside use every thread.
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor> low_rank_fusion_backward_cpu(
+    const at::Tensor& grad_out, at::TensorList inputs, at::TensorList factors, const at::Tensor& rank_weight,
+    const c10::List<bool>& inputs_need_grad, const c10::List<bool>& factors_need_grad, bool rank_weight_needs_grad,
+    bool bias_needs_grad) {
+  Problem p = make_problem(inputs, factors, rank_weight, std::nullopt);
+  const size_t M = inputs.size();
+  MMK_CHECK_ARG(inputs_need_grad.size() == M, "inputs_need_grad", "expected ", M, " flags, got ", inputs_need_grad.size());
+  MMK_CHECK_ARG(factors_need_grad.size() == M, "factors_need_grad", "expected ", M, " flags, got ",
+                factors_need_grad.size());
+  MMK_CHECK_ARG(grad_out.sizes().equals(out_shape(p)), "grad_out", "expected shape ", at::IntArrayRef(out_shape(p)),
+                ", got ", grad_out.sizes());
+  check_same_device_dtype(grad_out, rank_weight, "grad_out");
+  const auto opts = rank_weight.options().dtype(p.acc);
+  const at::Tensor g_all = grad_out.reshape({p.rows, p.N});
+
+  // Accumulators in the compute type; cast to the parameter dtype at the end.
+  std::vector<at::Tensor> gx(M), gf(M);
+  for (size_t m = 0; m < M; ++m) {
+    if (inputs_need_grad[m]) gx[m] = at::empty({p.rows, p.x[m].size(1)}, opts);
+    if (factors_need_grad[m]) gf[m] = at::zeros({p.R, p.x[m].size(1) + 1, p.N}, opts);
+  }
+  std::vector<double> gw(p.R, 0.0);
+  const bool any_factor_or_input = std::any_of(gx.begin(), gx.end(), [](auto& t) { return t.defined(); }) ||
+                                   std::any_of(gf.begin(), gf.end(), [](auto& t) { return t.defined(); });
+
+  const int64_t rows = block_rows(p, int64_t(1) << 17);
+  for (int64_t r0 = 0; r0 < p.rows && (any_factor_or_input || rank_weight_needs_grad); r0 += rows) {
+    const int64_t rn = std::min(rows, p.rows - r0);
+    const at::Tensor g = g_all.narrow(0, r0, rn).to(p.acc).contiguous();
+    std::vector<at::Tensor> xb(M), P(M), pre(M);
+    for (size_t m = 0; m < M; ++m) {
+      xb[m] = p.x[m].narrow(0, r0, rn).to(p.acc);
+      P[m] = at::empty({rn, p.N}, opts);
+    }
+    for (int64_t k = 0; k < p.R; ++k) {
+      for (size_t m = 0; m < M; ++m) project(P[m], p, xb[m], m, k);
+      // pre[m] = prod_{j < m} P_j (pre[0] is the empty product, left undefined)
+      for (size_t m = 1; m < M; ++m) pre[m] = m == 1 ? P[0] : pre[m - 1] * P[m - 1];
+      if (rank_weight_needs_grad) {
+        const at::Tensor full = M == 1 ? P[0] : pre[M - 1] * P[M - 1];
+        gw[k] += at::dot(g.view(-1), full.reshape(-1)).item<double>();
+      }
+      if (!any_factor_or_input) continue;
+      const at::Tensor gk = g * p.w[k];
+      at::Tensor suffix;  // prod_{j > m} P_j
+      for (size_t m = M; m-- > 0;) {
+        at::Tensor dP = gk;
+        if (m > 0) dP = dP * pre[m];
+        if (suffix.defined()) dP = dP * suffix;
+        if (gx[m].defined()) {
+          at::Tensor blk = gx[m].narrow(0, r0, rn);
+          if (k == 0) at::mm_out(blk, dP, p.fw[m][k].t()); else blk.addmm_(dP, p.fw[m][k].t());
+        }
+        if (gf[m].defined()) {
+          const int64_t d = p.x[m].size(1);
+          gf[m][k].narrow(0, 0, d).addmm_(xb[m].t(), dP);
+          gf[m][k][d].add_(dP.sum(0));
+        }
+        if (m > 0) suffix = suffix.defined() ? suffix * P[m] : P[m];
+      }
+    }
+  }
+
+  const auto dt = rank_weight.scalar_type();
+  const at::Tensor empty = at::empty({0}, rank_weight.options());
+  std::vector<at::Tensor> grad_inputs, grad_factors;
+  for (size_t m = 0; m < M; ++m) {
+    if (gx[m].defined() && p.R == 0) gx[m].zero_();  // no rank: the loop above never wrote it
+    grad_inputs.push_back(gx[m].defined() ? gx[m].to(dt).view(inputs[m].sizes()) : empty);
+    grad_factors.push_back(gf[m].defined() ? gf[m].to(dt) : empty);
+  }
+  at::Tensor grad_w = rank_weight_needs_grad ? at::tensor(gw, rank_weight.options().dtype(at::kDouble)).to(dt) : empty;
+  at::Tensor grad_b = bias_needs_grad ? g_all.to(p.acc).sum(0).to(dt) : empty;
+  return {std::move(grad_inputs), std::move(grad_factors), std::move(grad_w), std::move(grad_b)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mmkernels, CPU, m) {
+  m.impl("low_rank_fusion", &low_rank_fusion_cpu);
+  m.impl("low_rank_fusion_backward", &low_rank_fusion_backward_cpu);
+}
+
+}  // namespace mmkernels::cpu
