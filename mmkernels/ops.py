@@ -186,12 +186,6 @@ def _check_low_rank_fusion(inputs, factors, rank_weight, bias) -> None:
         )
 
 
-@torch.compiler.assume_constant_result
-def _lrf_has_kernel(key: str) -> bool:
-    # A constant to torch.compile (the dispatcher query returns a bool, which Dynamo cannot trace).
-    return _build.has_kernel("low_rank_fusion", key)
-
-
 def low_rank_fusion(
     inputs: Sequence[torch.Tensor],
     factors: Sequence[torch.Tensor],
@@ -206,7 +200,7 @@ def low_rank_fusion(
     """
     _check_low_rank_fusion(inputs, factors, rank_weight, bias)
     key = rank_weight.device.type.upper()
-    if not _lrf_has_kernel(key):
+    if key not in _KERNELS["mmkernels::low_rank_fusion"]:
         _warn_once(
             f"lrf-{key}",
             f"mmkernels: no low_rank_fusion kernel for {key} in this build; using the PyTorch reference instead.",

@@ -10,7 +10,7 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -104,9 +104,6 @@ at::Tensor low_rank_fusion_cpu(at::TensorList inputs, at::TensorList factors, co
   const int64_t nblocks = (p.rows + rows - 1) / rows;
 
   auto run_block = [&](int64_t r0, int64_t rn) {
-    // Pool threads do not inherit the caller's below-autograd dispatch state; the ATen ops here
-    // are the kernel's internals, not graph nodes.
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
     const auto opts = out.options().dtype(p.acc);
     // float32/float64 accumulate straight into the output; bfloat16 through a float32 block.
     const bool direct = p.acc == out.scalar_type();
@@ -125,7 +122,10 @@ at::Tensor low_rank_fusion_cpu(at::TensorList inputs, at::TensorList factors, co
     }
     if (!direct) out.narrow(0, r0, rn).copy_(acc);
   };
+  // OpenMP workers do not inherit the caller's dispatcher state (we run below autograd): carry it over.
+  const at::ThreadLocalState state;
   auto run = [&](int64_t b0, int64_t b1) {
+    at::ThreadLocalStateGuard guard(state);
     for (int64_t b = b0; b < b1; ++b) run_block(b * rows, std::min(rows, p.rows - b * rows));
   };
   // Enough blocks: threads take whole blocks (their GEMMs run single-threaded); else blocks run in
