@@ -12,6 +12,21 @@ TORCH_LIBRARY(mmkernels, m) {
       "fused_concat_linear_backward(Tensor grad_out, Tensor[] inputs, Tensor weight, Tensor out, Tensor preact, "
       "str activation, bool[] inputs_need_grad, bool weight_needs_grad, bool bias_needs_grad) "
       "-> (Tensor[], Tensor, Tensor)");
+
+  // Attention over (B, H, Lq, E) queries and (B, H, Lk, E|Ev) keys / values, flash-style (the score
+  // matrix is never built). key_padding_mask: bool (B, Lk), True = ignore; kv_lengths: int (B,);
+  // attn_mask: bool (True = may attend) or additive float, broadcastable to (B, H, Lq, Lk).
+  // dropout_seed: a one-element int64 tensor (drawn from torch's generator by the Python wrapper)
+  // from which the kernel derives every dropout decision, so backward needs no stored mask.
+  // Returns (out (B, H, Lq, Ev), lse (B, H, Lq) in the accumulation type; +inf for a row that sees no key).
+  m.def(
+      "cross_modal_attention(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? kv_lengths, "
+      "Tensor? attn_mask, float scale, float dropout_p, Tensor? dropout_seed) -> (Tensor, Tensor)");
+  // Gradients (dq, dk, dv) of the above from grad_out, recomputing the scores block by block.
+  m.def(
+      "cross_modal_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? key_padding_mask, Tensor? kv_lengths, Tensor? attn_mask, float scale, float dropout_p, "
+      "Tensor? dropout_seed) -> (Tensor, Tensor, Tensor)");
 }
 
 // Fusion-layer ops (mmkernels.nn.LowRankFusion).

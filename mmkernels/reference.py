@@ -85,3 +85,52 @@ def film(x: torch.Tensor, cond: torch.Tensor, weight: torch.Tensor, bias: torch.
     extra = xt.dim() - cond.dim()
     shape = (*cond.shape[:-1], *([1] * extra), gamma.shape[-1])
     return (gamma.reshape(shape) * xt + beta.reshape(shape)).movedim(-1, dim)
+
+
+def cross_modal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    key_padding_mask: torch.Tensor | None = None,
+    kv_lengths: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    dropout_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """softmax(q @ k.T * scale + masks) @ v, with the score matrix materialised.
+
+    q (B, H, Lq, E), k (B, H, Lk, E), v (B, H, Lk, Ev). key_padding_mask: bool (B, Lk), True = ignore;
+    kv_lengths: int (B,); attn_mask: bool (True = may attend) or additive float, broadcastable to
+    (B, H, Lq, Lk). A row that sees no key gives zeros (and zero gradient). Dropout: with
+    dropout_mask (a bool keep-mask broadcastable to (B, H, Lq, Lk)) the kept probabilities are
+    scaled by 1 / (1 - dropout_p); without it, dropout_p > 0 samples a mask with torch's generator.
+    Computed in float32 (float64 for float64 inputs) and returned in q's dtype.
+    """
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale
+    B, Lk = s.shape[0], s.shape[-1]
+    visible = torch.ones(B, 1, 1, Lk, dtype=torch.bool, device=q.device)
+    if key_padding_mask is not None:
+        visible = visible & ~key_padding_mask.view(B, 1, 1, Lk)
+    if kv_lengths is not None:
+        keys = torch.arange(Lk, device=q.device)
+        visible = visible & (keys.view(1, 1, 1, Lk) < kv_lengths.view(B, 1, 1, 1))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            visible = visible & attn_mask
+        else:
+            s = s + attn_mask.to(ct)
+    s = s.masked_fill(~visible, float("-inf"))
+    # Rows with no visible key: softmax of a finite stand-in (so no NaN reaches the gradient),
+    # then zeroed.
+    any_visible = (s > float("-inf")).any(-1, keepdim=True)
+    p = torch.softmax(torch.where(any_visible, s, 0.0), dim=-1)
+    p = torch.where(any_visible, p, 0.0)
+    if dropout_mask is not None:
+        p = p * dropout_mask.to(ct) / (1.0 - dropout_p) if dropout_p < 1.0 else p * 0.0
+    elif dropout_p > 0.0:
+        p = F.dropout(p, dropout_p)
+    return torch.matmul(p, v.to(ct)).to(q.dtype)

@@ -1,0 +1,148 @@
+// See attention_rows.h. The float loops are written so that GCC vectorises them (no calls, no
+// branches: selects only), and cloned per instruction set; the loader picks the best at load time.
+#include "attention_rows.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "dropout_hash.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(MMKERNELS_NO_CLONES)
+#define MMK_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define MMK_CLONES
+#endif
+
+namespace mmkernels::cpu::rows {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// exp(x) for float: x = k ln2 + r, |r| <= ln2/2, exp(r) by a degree-6 polynomial (relative error
+// ~2e-7), 2^k through the exponent bits. Below -87 (including -inf) it returns exactly 0.
+inline float exp_approx(float x) {
+  const float xc = std::min(std::max(x, -87.0f), 88.0f);
+  const float t = xc * 1.44269504088896341f;
+  const float kf = (t + 12582912.0f) - 12582912.0f;  // round to nearest without a call
+  const float r = (xc - kf * 0.693145751953125f) - kf * 1.428606765330187e-06f;
+  float p = 1.3888889e-03f;
+  p = p * r + 8.3333333e-03f;
+  p = p * r + 4.1666667e-02f;
+  p = p * r + 1.6666667e-01f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(kf) + 127) << 23;
+  float two_k;
+  std::memcpy(&two_k, &bits, sizeof(float));
+  return x < -87.0f ? 0.0f : p * two_k;
+}
+
+}  // namespace
+
+MMK_CLONES float scale_bias_max(float* s, const float* bias, int64_t n, float scale) {
+  float m = kNegInf;
+  if (bias != nullptr) {
+#pragma omp simd reduction(max : m)
+    for (int64_t c = 0; c < n; ++c) {
+      const float x = s[c] * scale + bias[c];
+      s[c] = x;
+      m = std::max(m, x);
+    }
+  } else {
+#pragma omp simd reduction(max : m)
+    for (int64_t c = 0; c < n; ++c) {
+      const float x = s[c] * scale;
+      s[c] = x;
+      m = std::max(m, x);
+    }
+  }
+  return m;
+}
+
+MMK_CLONES float exp_sum(float* s, int64_t n, float m) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t c = 0; c < n; ++c) {
+    const float e = exp_approx(s[c] - m);
+    s[c] = e;
+    sum += e;
+  }
+  return sum;
+}
+
+MMK_CLONES void scale(float* x, int64_t n, float a) {
+  for (int64_t c = 0; c < n; ++c) x[c] *= a;
+}
+
+MMK_CLONES void probs_from_lse(float* s, const float* bias, const float* lse, int64_t n, float scale) {
+  if (bias != nullptr) {
+    for (int64_t c = 0; c < n; ++c) s[c] = exp_approx(s[c] * scale + bias[c] - lse[c]);
+  } else {
+    for (int64_t c = 0; c < n; ++c) s[c] = exp_approx(s[c] * scale - lse[c]);
+  }
+}
+
+MMK_CLONES void dscore(float* ds, const float* p, const float* dp, const float* d, int64_t n, float scale) {
+  for (int64_t c = 0; c < n; ++c) ds[c] = p[c] * (dp[c] - d[c]) * scale;
+}
+
+MMK_CLONES void dropout_factors_col(float* z, const uint64_t* key, uint32_t j, int64_t n, uint32_t threshold,
+                                    float inv_keep) {
+  for (int64_t c = 0; c < n; ++c) z[c] = dropout_hash(key[c], j) >= threshold ? inv_keep : 0.0f;
+}
+
+MMK_CLONES void dropout_factors_row(float* z, uint64_t key, uint32_t j0, int64_t n, uint32_t threshold,
+                                    float inv_keep) {
+  for (int64_t c = 0; c < n; ++c) z[c] = dropout_hash(key, j0 + static_cast<uint32_t>(c)) >= threshold ? inv_keep : 0.0f;
+}
+
+MMK_CLONES void mul(float* x, const float* z, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) x[c] *= z[c];
+}
+
+// ------------------------------------------------------------------------------------------ double
+
+double scale_bias_max(double* s, const double* bias, int64_t n, double scale) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int64_t c = 0; c < n; ++c) {
+    s[c] = s[c] * scale + (bias != nullptr ? bias[c] : 0.0);
+    m = std::max(m, s[c]);
+  }
+  return m;
+}
+
+double exp_sum(double* s, int64_t n, double m) {
+  double sum = 0.0;
+  for (int64_t c = 0; c < n; ++c) {
+    s[c] = std::exp(s[c] - m);
+    sum += s[c];
+  }
+  return sum;
+}
+
+void scale(double* x, int64_t n, double a) {
+  for (int64_t c = 0; c < n; ++c) x[c] *= a;
+}
+
+void probs_from_lse(double* s, const double* bias, const double* lse, int64_t n, double scale) {
+  for (int64_t c = 0; c < n; ++c) s[c] = std::exp(s[c] * scale + (bias != nullptr ? bias[c] : 0.0) - lse[c]);
+}
+
+void dscore(double* ds, const double* p, const double* dp, const double* d, int64_t n, double scale) {
+  for (int64_t c = 0; c < n; ++c) ds[c] = p[c] * (dp[c] - d[c]) * scale;
+}
+
+void dropout_factors_col(double* z, const uint64_t* key, uint32_t j, int64_t n, uint32_t threshold, double inv_keep) {
+  for (int64_t c = 0; c < n; ++c) z[c] = dropout_hash(key[c], j) >= threshold ? inv_keep : 0.0;
+}
+
+void dropout_factors_row(double* z, uint64_t key, uint32_t j0, int64_t n, uint32_t threshold, double inv_keep) {
+  for (int64_t c = 0; c < n; ++c) z[c] = dropout_hash(key, j0 + static_cast<uint32_t>(c)) >= threshold ? inv_keep : 0.0;
+}
+
+void mul(double* x, const double* z, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) x[c] *= z[c];
+}
+
+}  // namespace mmkernels::cpu::rows

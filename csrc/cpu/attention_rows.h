@@ -1,0 +1,40 @@
+// Row kernels of the CPU attention: the elementwise work between the block GEMMs (scale + mask +
+// max, exp + sum, rescale, dropout factors, dS). The float versions live in attention_rows.cpp,
+// compiled for several instruction sets (target_clones) with a vectorisable exp, because the
+// extension itself is built for baseline x86-64; the double versions (gradcheck) are plain loops.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+namespace mmkernels::cpu::rows {
+
+// s = s * scale + bias (bias may be null); returns max(s).
+float scale_bias_max(float* s, const float* bias, int64_t n, float scale);
+// s = exp(s - m); returns sum(s). Entries at -inf give exactly 0.
+float exp_sum(float* s, int64_t n, float m);
+// x *= a
+void scale(float* x, int64_t n, float a);
+// p = exp(s * scale + bias - lse) (bias may be null), lse per column.
+void probs_from_lse(float* s, const float* bias, const float* lse, int64_t n, float scale);
+// ds = p * (dp - d) * scale, d per column; ds may alias dp.
+void dscore(float* ds, const float* p, const float* dp, const float* d, int64_t n, float scale);
+// z[c] = inv_keep where hash(key[c], j) >= threshold else 0: the dropout factors of one key j over
+// a run of query rows (their row keys in key[]).
+void dropout_factors_col(float* z, const uint64_t* key, uint32_t j, int64_t n, uint32_t threshold, float inv_keep);
+// z[c] = inv_keep where hash(key, j0 + c) >= threshold else 0: one query row over a run of keys.
+void dropout_factors_row(float* z, uint64_t key, uint32_t j0, int64_t n, uint32_t threshold, float inv_keep);
+// x *= z
+void mul(float* x, const float* z, int64_t n);
+
+// Double versions: the same contracts, plain loops (gradcheck shapes only).
+double scale_bias_max(double* s, const double* bias, int64_t n, double scale);
+double exp_sum(double* s, int64_t n, double m);
+void scale(double* x, int64_t n, double a);
+void probs_from_lse(double* s, const double* bias, const double* lse, int64_t n, double scale);
+void dscore(double* ds, const double* p, const double* dp, const double* d, int64_t n, double scale);
+void dropout_factors_col(double* z, const uint64_t* key, uint32_t j, int64_t n, uint32_t threshold, double inv_keep);
+void dropout_factors_row(double* z, uint64_t key, uint32_t j0, int64_t n, uint32_t threshold, double inv_keep);
+void mul(double* x, const double* z, int64_t n);
+
+}  // namespace mmkernels::cpu::rows

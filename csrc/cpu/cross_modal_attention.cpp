@@ -1,0 +1,497 @@
+// CPU kernels of cross_modal_attention: flash-style attention with masks and dropout.
+//
+// Forward: one task per (batch, head, query block). Keys and values stream through in blocks: the
+// block of scores S = Q_i K_j^T (a GEMM), then per row scale + mask + online softmax (running max
+// and sum in the accumulation type), then O_i += P V_j (a GEMM). Only the per-row log-sum-exp is
+// kept for backward: the extra memory is O(B*H*Lq) plus per-thread block scratch.
+//
+// Backward works in the transposed orientation, one task per (batch, head, key block) (or, when
+// there are many heads, per (batch, head)): for each query block it recomputes S^T = K_j Q_i^T,
+// P^T = exp(scale S^T + mask - lse), dV_j += P^T dO_i, dP^T = V_j dO_i^T, dS^T = P^T (dP^T - D),
+// dK_j += dS^T Q_i and dQ_i^T += K_j^T dS^T. Each GEMM then reads its operands row-major from the
+// inputs or from transposed copies made once (K^T, Q^T, dO^T), and no block is ever transposed.
+// dQ^T is accumulated per thread when key blocks of one head run on several threads.
+//
+// Masks: kv_lengths and key_padding_mask trim each batch's key range, so fully padded key blocks
+// are skipped; what is left of key_padding_mask and attn_mask (bool or additive float, broadcast
+// through stride-0 views, never expanded in memory) is added per row as a bias of 0 / -inf / value.
+// A query row that sees no key gets out = 0 and lse = +inf, so that backward's P is exactly 0.
+//
+// GEMMs go through at::native::cpublas::brgemm (oneDNN / MKL) in float, plain loops in double
+// (gradcheck). bfloat16 runs the float kernel on float copies and rounds the results.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "attention_rows.h"
+#include "checks.h"
+#include "dropout_hash.h"
+
+namespace mmkernels::cpu {
+namespace {
+
+// ------------------------------------------------------------------------------------------ GEMM
+
+// C (M x N, ldc) (+)= A (M x K, lda) * B (K x N, ldb), all row-major.
+void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+          int64_t ldc, bool accumulate) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    if (!accumulate)
+      for (int64_t m = 0; m < M; ++m) std::fill_n(C + m * ldc, N, 0.0f);
+    return;
+  }
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, /*is_vnni=*/false);
+}
+
+void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B, int64_t ldb, double* C,
+          int64_t ldc, bool accumulate) {
+  for (int64_t m = 0; m < M; ++m) {
+    double* c = C + m * ldc;
+    if (!accumulate) std::fill_n(c, N, 0.0);
+    for (int64_t k = 0; k < K; ++k) {
+      const double a = A[m * lda + k];
+      const double* b = B + k * ldb;
+      for (int64_t n = 0; n < N; ++n) c[n] += a * b[n];
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------ problem
+
+enum class MaskKind { None, Bool, Float };
+
+struct Problem {
+  int64_t B = 0, H = 0, Lq = 0, Lk = 0, E = 0, Ev = 0;
+  double scale = 1.0;
+  // Per batch: the key range [kbeg, kend) that kv_lengths and key_padding_mask leave visible.
+  std::vector<int64_t> kbeg, kend;
+  // key_padding_mask as (B, Lk) additive bias (0 / -inf) in the compute type, or undefined.
+  at::Tensor kpm_bias;
+  // attn_mask as a 4-D (B, H, Lq, Lk) view (stride 0 where broadcast), in bool or compute type.
+  MaskKind mask_kind = MaskKind::None;
+  at::Tensor mask;
+  // Dropout.
+  bool dropout = false;
+  uint64_t seed = 0;
+  uint32_t threshold = 0;
+  double inv_keep = 1.0;
+};
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  MMK_CHECK_ARG(q.dim() == 4, "q", "expected a 4-D (batch, heads, Lq, E) tensor, got shape ", q.sizes());
+  MMK_CHECK_ARG(k.dim() == 4, "k", "expected a 4-D (batch, heads, Lk, E) tensor, got shape ", k.sizes());
+  MMK_CHECK_ARG(v.dim() == 4, "v", "expected a 4-D (batch, heads, Lk, Ev) tensor, got shape ", v.sizes());
+  const auto dt = q.scalar_type();
+  MMK_CHECK_ARG(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16, "q",
+                "expected float32, float64 or bfloat16 on the CPU, got ", dt);
+  check_same_device_dtype(k, q, "k");
+  check_same_device_dtype(v, q, "v");
+  MMK_CHECK_ARG(k.size(0) == q.size(0), "k", "expected batch size ", q.size(0), " (that of q), got ", k.size(0));
+  MMK_CHECK_ARG(v.size(0) == q.size(0), "v", "expected batch size ", q.size(0), " (that of q), got ", v.size(0));
+  MMK_CHECK_ARG(k.size(1) == q.size(1), "k", "expected ", q.size(1), " heads (those of q), got ", k.size(1));
+  MMK_CHECK_ARG(v.size(1) == q.size(1), "v", "expected ", q.size(1), " heads (those of q), got ", v.size(1));
+  MMK_CHECK_ARG(k.size(3) == q.size(3), "k", "expected head dim ", q.size(3), " (that of q), got ", k.size(3));
+  MMK_CHECK_ARG(v.size(2) == k.size(2), "v", "expected ", k.size(2), " keys (Lk of k), got ", v.size(2));
+}
+
+Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& kv_lengths,
+                     const std::optional<at::Tensor>& attn_mask, double scale, double dropout_p,
+                     const std::optional<at::Tensor>& dropout_seed, at::ScalarType compute) {
+  check_inputs(q, k, v);
+  Problem p;
+  p.B = q.size(0), p.H = q.size(1), p.Lq = q.size(2), p.Lk = k.size(2), p.E = q.size(3), p.Ev = v.size(3);
+  p.scale = scale;
+  p.kbeg.assign(p.B, 0);
+  p.kend.assign(p.B, p.Lk);
+  if (kv_lengths.has_value()) {
+    const auto& len = *kv_lengths;
+    MMK_CHECK_ARG(len.scalar_type() == at::kInt || len.scalar_type() == at::kLong, "kv_lengths",
+                  "expected an int32 or int64 tensor, got ", len.scalar_type());
+    MMK_CHECK_ARG(len.dim() == 1 && len.size(0) == p.B, "kv_lengths", "expected shape (", p.B, "), got ",
+                  len.sizes());
+    MMK_CHECK_ARG(len.device().is_cpu(), "kv_lengths", "expected a CPU tensor, got ", len.device());
+    const at::Tensor l64 = len.to(at::kLong).contiguous();
+    const int64_t* lp = l64.data_ptr<int64_t>();
+    for (int64_t b = 0; b < p.B; ++b) {
+      MMK_CHECK_ARG(lp[b] >= 0 && lp[b] <= p.Lk, "kv_lengths", "expected values in [0, ", p.Lk,
+                    "] (Lk), got ", lp[b], " at batch ", b);
+      p.kend[b] = lp[b];
+    }
+  }
+  if (key_padding_mask.has_value()) {
+    const auto& m = *key_padding_mask;
+    MMK_CHECK_ARG(m.scalar_type() == at::kBool, "key_padding_mask", "expected a bool tensor (True = ignore), got ",
+                  m.scalar_type());
+    MMK_CHECK_ARG(m.dim() == 2 && m.size(0) == p.B && m.size(1) == p.Lk, "key_padding_mask", "expected shape (",
+                  p.B, ", ", p.Lk, "), got ", m.sizes());
+    MMK_CHECK_ARG(m.device().is_cpu(), "key_padding_mask", "expected a CPU tensor, got ", m.device());
+    const at::Tensor mc = m.contiguous();
+    const bool* mp = mc.data_ptr<bool>();
+    for (int64_t b = 0; b < p.B; ++b) {
+      const bool* row = mp + b * p.Lk;
+      int64_t lo = p.kbeg[b], hi = p.kend[b];
+      while (lo < hi && row[lo]) ++lo;
+      while (hi > lo && row[hi - 1]) --hi;
+      p.kbeg[b] = lo, p.kend[b] = hi;
+    }
+    p.kpm_bias = at::zeros({p.B, p.Lk}, q.options().dtype(compute)).masked_fill_(mc, -INFINITY);
+  }
+  if (attn_mask.has_value()) {
+    const auto& m = *attn_mask;
+    MMK_CHECK_ARG(m.scalar_type() == at::kBool || at::isFloatingType(m.scalar_type()), "attn_mask",
+                  "expected a bool (True = may attend) or floating (additive) tensor, got ", m.scalar_type());
+    MMK_CHECK_ARG(m.device().is_cpu(), "attn_mask", "expected a CPU tensor, got ", m.device());
+    MMK_CHECK_ARG(m.dim() >= 2 && m.dim() <= 4, "attn_mask",
+                  "expected 2 to 4 dims broadcastable to (B, H, Lq, Lk) = (", p.B, ", ", p.H, ", ", p.Lq, ", ", p.Lk,
+                  "), got shape ", m.sizes());
+    const int64_t full[4] = {p.B, p.H, p.Lq, p.Lk};
+    for (int64_t d = 0; d < m.dim(); ++d) {
+      const int64_t want = full[4 - m.dim() + d];
+      MMK_CHECK_ARG(m.size(d) == want || m.size(d) == 1, "attn_mask", "expected a shape broadcastable to (", p.B,
+                    ", ", p.H, ", ", p.Lq, ", ", p.Lk, "), got ", m.sizes());
+    }
+    at::Tensor mm = m.scalar_type() == at::kBool ? m : m.to(compute);
+    p.mask = mm.expand({p.B, p.H, p.Lq, p.Lk});  // a view: stride 0 on broadcast dims
+    p.mask_kind = m.scalar_type() == at::kBool ? MaskKind::Bool : MaskKind::Float;
+  }
+  MMK_CHECK_ARG(dropout_p >= 0.0 && dropout_p <= 1.0, "dropout_p", "expected a probability in [0, 1], got ",
+                dropout_p);
+  if (dropout_p > 0.0) {
+    MMK_CHECK_ARG(dropout_seed.has_value(), "dropout_seed", "expected a seed tensor when dropout_p > 0");
+    const auto& s = *dropout_seed;
+    MMK_CHECK_ARG(s.numel() == 1 && s.scalar_type() == at::kLong, "dropout_seed",
+                  "expected a one-element int64 tensor, got ", s.scalar_type(), " of shape ", s.sizes());
+    p.dropout = true;
+    p.seed = static_cast<uint64_t>(s.to(at::kCPU).item<int64_t>());
+    p.threshold = dropout_threshold(dropout_p);
+    p.inv_keep = dropout_p >= 1.0 ? 0.0 : 1.0 / (1.0 - dropout_p);
+  }
+  return p;
+}
+
+// Row-major (stride 1 in the last dim) view of x, copying only if needed.
+at::Tensor last_dim_contiguous(const at::Tensor& x) { return x.stride(-1) == 1 ? x : x.contiguous(); }
+
+// Calls fn(task, thread) for task in [0, n) with dynamic scheduling: threads take tasks from a
+// shared counter, so blocks of uneven cost (kv_lengths, masks) still balance.
+template <typename F>
+void parallel_tasks(int64_t n, F&& fn) {
+  std::atomic<int64_t> next{0};
+  const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
+    const int tid = at::get_thread_num();
+    for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < n;) fn(t, tid);
+  });
+}
+
+// The additive bias over keys [j0, j0 + n) of query row i of (b, h), into buf; or null when no mask.
+template <typename T>
+const T* bias_for_row(const Problem& p, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t n, T* buf) {
+  const T* kpm = p.kpm_bias.defined() ? p.kpm_bias.const_data_ptr<T>() + b * p.Lk + j0 : nullptr;
+  if (p.mask_kind == MaskKind::None) return kpm;
+  const int64_t sk = p.mask.stride(3);
+  const int64_t off = b * p.mask.stride(0) + h * p.mask.stride(1) + i * p.mask.stride(2) + j0 * sk;
+  if (p.mask_kind == MaskKind::Bool) {
+    const bool* m = p.mask.const_data_ptr<bool>() + off;
+    for (int64_t c = 0; c < n; ++c) buf[c] = m[c * sk] ? T(0) : -std::numeric_limits<T>::infinity();
+  } else {
+    const T* m = p.mask.const_data_ptr<T>() + off;
+    for (int64_t c = 0; c < n; ++c) buf[c] = m[c * sk];
+  }
+  if (kpm != nullptr)
+    for (int64_t c = 0; c < n; ++c) buf[c] += kpm[c];
+  return buf;
+}
+
+// The attn_mask bias of key j over query rows [i0, i0 + n) of (b, h), into buf; or null when none.
+// (Backward; key_padding_mask is handled per key row there.)
+template <typename T>
+const T* bias_for_key(const Problem& p, int64_t b, int64_t h, int64_t j, int64_t i0, int64_t n, T* buf) {
+  if (p.mask_kind == MaskKind::None) return nullptr;
+  const int64_t sq = p.mask.stride(2);
+  const int64_t off = b * p.mask.stride(0) + h * p.mask.stride(1) + i0 * sq + j * p.mask.stride(3);
+  if (p.mask_kind == MaskKind::Bool) {
+    const bool* m = p.mask.const_data_ptr<bool>() + off;
+    for (int64_t c = 0; c < n; ++c) buf[c] = m[c * sq] ? T(0) : -std::numeric_limits<T>::infinity();
+  } else {
+    const T* m = p.mask.const_data_ptr<T>() + off;
+    for (int64_t c = 0; c < n; ++c) buf[c] = m[c * sq];
+  }
+  return buf;
+}
+
+constexpr int64_t kFwdBlockQ = 128;
+constexpr int64_t kFwdBlockK = 512;
+constexpr int64_t kBwdBlockQ = 128;
+constexpr int64_t kBwdBlockK = 128;
+
+// ------------------------------------------------------------------------------------------ forward
+
+// q, v: last dim contiguous; kT: contiguous (B, H, E, Lk). out: contiguous (B, H, Lq, Ev), lse (B, H, Lq).
+template <typename T>
+void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& kT, const at::Tensor& v,
+                    at::Tensor& out, at::Tensor& lse) {
+  const int64_t BQ = std::min(kFwdBlockQ, p.Lq), BK = std::min(kFwdBlockK, std::max<int64_t>(p.Lk, 1));
+  const int64_t nqb = (p.Lq + BQ - 1) / BQ;
+  const T* qd = q.const_data_ptr<T>();
+  const T* kd = kT.const_data_ptr<T>();
+  const T* vd = v.const_data_ptr<T>();
+  T* od = out.data_ptr<T>();
+  T* ld = lse.data_ptr<T>();
+  const T scale = static_cast<T>(p.scale);
+  const T inv_keep = static_cast<T>(p.inv_keep);
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), qs2 = q.stride(2);
+  const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
+  const int64_t nthreads = at::get_num_threads();
+  // Per-thread scratch: scores, output accumulator, row max / sum, one bias row, dropout keys.
+  const int64_t per_thread = BQ * BK + BQ * p.Ev + 2 * BQ + BK + BK;
+  std::vector<T> scratch(static_cast<size_t>(per_thread * nthreads));
+  parallel_tasks(p.B * p.H * nqb, [&](int64_t task, int tid) {
+    const int64_t bh = task / nqb, b = bh / p.H, h = bh % p.H;
+    const int64_t i0 = (task % nqb) * BQ, nq = std::min(BQ, p.Lq - i0);
+    T* S = scratch.data() + tid * per_thread;
+    T* acc = S + BQ * BK;
+    T* m = acc + BQ * p.Ev;
+    T* l = m + BQ;
+    T* bias = l + BQ;
+    T* z = bias + BK;
+    std::fill_n(acc, nq * p.Ev, T(0));
+    std::fill_n(m, nq, -std::numeric_limits<T>::infinity());
+    std::fill_n(l, nq, T(0));
+    const T* qb = qd + b * qs0 + h * qs1 + i0 * qs2;
+    const T* kb = kd + bh * p.E * p.Lk;
+    const T* vb = vd + b * vs0 + h * vs1;
+    for (int64_t j0 = p.kbeg[b]; j0 < p.kend[b]; j0 += BK) {
+      const int64_t nk = std::min(BK, p.kend[b] - j0);
+      gemm(nq, nk, p.E, qb, qs2, kb + j0, p.Lk, S, BK, false);
+      for (int64_t r = 0; r < nq; ++r) {
+        T* s = S + r * BK;
+        const T* brow = bias_for_row(p, b, h, i0 + r, j0, nk, bias);
+        const T mx = rows::scale_bias_max(s, brow, nk, scale);
+        const T mnew = std::max(m[r], mx);
+        if (mnew == -std::numeric_limits<T>::infinity()) {  // nothing visible yet in this row
+          std::fill_n(s, nk, T(0));
+          continue;
+        }
+        const T sum = rows::exp_sum(s, nk, mnew);
+        const T alpha = std::exp(m[r] - mnew);  // 0 on the first visible block
+        if (alpha != T(1)) rows::scale(acc + r * p.Ev, p.Ev, alpha);
+        l[r] = l[r] * alpha + sum;
+        m[r] = mnew;
+        if (p.dropout) {
+          // The row sum above is of the undropped probabilities; only P V sees the mask.
+          rows::dropout_factors_row(z, dropout_row_key(p.seed, bh, p.Lq, i0 + r), static_cast<uint32_t>(j0), nk,
+                                    p.threshold, inv_keep);
+          rows::mul(s, z, nk);
+        }
+      }
+      gemm(nq, p.Ev, nk, S, BK, vb + j0 * vs2, vs2, acc, p.Ev, true);
+    }
+    T* ob = od + (bh * p.Lq + i0) * p.Ev;
+    T* lb = ld + bh * p.Lq + i0;
+    for (int64_t r = 0; r < nq; ++r) {
+      if (l[r] > T(0)) {
+        const T inv = T(1) / l[r];
+        for (int64_t c = 0; c < p.Ev; ++c) ob[r * p.Ev + c] = acc[r * p.Ev + c] * inv;
+        lb[r] = m[r] + std::log(l[r]);
+      } else {  // no visible key: zeros, and lse = +inf so that backward's probabilities are 0
+        std::fill_n(ob + r * p.Ev, p.Ev, T(0));
+        lb[r] = std::numeric_limits<T>::infinity();
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------ backward
+
+// k, v, q, dout: last dim contiguous. kT (B,H,E,Lk), qT (B,H,E,Lq), doT (B,H,Ev,Lq), lse and D
+// (B,H,Lq): contiguous. dq_t (threads or 1, B, H, E, Lq) zeroed; dk, dv contiguous and zeroed.
+template <typename T>
+void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const at::Tensor& dout, const at::Tensor& kT, const at::Tensor& qT, const at::Tensor& doT,
+                     const at::Tensor& lse, const at::Tensor& D, at::Tensor& dq_t, at::Tensor& dk, at::Tensor& dv,
+                     int64_t nkb_per_task, bool per_thread_dq) {
+  const int64_t BQ = std::min(kBwdBlockQ, std::max<int64_t>(p.Lq, 1)), BK = kBwdBlockK;
+  const int64_t nkb = (p.Lk + BK - 1) / BK;
+  const int64_t nchunks = (nkb + nkb_per_task - 1) / nkb_per_task;
+  const T scale = static_cast<T>(p.scale);
+  const T inv_keep = static_cast<T>(p.inv_keep);
+  const T* qd = q.const_data_ptr<T>();
+  const T* kd = k.const_data_ptr<T>();
+  const T* vd = v.const_data_ptr<T>();
+  const T* dod = dout.const_data_ptr<T>();
+  const T* kTd = kT.const_data_ptr<T>();
+  const T* qTd = qT.const_data_ptr<T>();
+  const T* doTd = doT.const_data_ptr<T>();
+  const T* lsed = lse.const_data_ptr<T>();
+  const T* Dd = D.const_data_ptr<T>();
+  T* dqd = dq_t.data_ptr<T>();
+  T* dkd = dk.data_ptr<T>();
+  T* dvd = dv.data_ptr<T>();
+  const int64_t nthreads = at::get_num_threads();
+  const int64_t bhsize = p.B * p.H * p.E * p.Lq;
+  // Per-thread scratch: P^T, dP^T / dS^T, dropout factors, dK and dV accumulators, bias column.
+  const int64_t per_thread = 3 * BK * BQ + BK * p.E + BK * p.Ev + BQ;
+  std::vector<T> scratch(static_cast<size_t>(per_thread * nthreads));
+  std::vector<uint64_t> keys_all(static_cast<size_t>(BQ * nthreads));
+  parallel_tasks(p.B * p.H * nchunks, [&](int64_t task, int tid) {
+    const int64_t bh = task / nchunks, b = bh / p.H, h = bh % p.H;
+    const int64_t kb_first = (task % nchunks) * nkb_per_task;
+    T* PT = scratch.data() + tid * per_thread;
+    T* DS = PT + BK * BQ;
+    T* Z = DS + BK * BQ;
+    T* dKa = Z + BK * BQ;
+    T* dVa = dKa + BK * p.E;
+    T* bias = dVa + BK * p.Ev;
+    uint64_t* keys = keys_all.data() + tid * BQ;
+    T* dqT = dqd + (per_thread_dq ? tid * bhsize : 0) + bh * p.E * p.Lq;
+    const T* qb = qd + b * q.stride(0) + h * q.stride(1);
+    const T* dob = dod + b * dout.stride(0) + h * dout.stride(1);
+    const T* kTb = kTd + bh * p.E * p.Lk;
+    const T* qTb = qTd + bh * p.E * p.Lq;
+    const T* doTb = doTd + bh * p.Ev * p.Lq;
+    const T* lseb = lsed + bh * p.Lq;
+    const T* Db = Dd + bh * p.Lq;
+    for (int64_t kb = kb_first; kb < std::min(nkb, kb_first + nkb_per_task); ++kb) {
+      // This key block, clipped to the batch's visible key range.
+      const int64_t j0 = std::max(kb * BK, p.kbeg[b]);
+      const int64_t j1 = std::min((kb + 1) * BK, p.kend[b]);
+      if (j0 >= j1) continue;
+      const int64_t nk = j1 - j0;
+      const T* kr = kd + b * k.stride(0) + h * k.stride(1) + j0 * k.stride(2);
+      const T* vr = vd + b * v.stride(0) + h * v.stride(1) + j0 * v.stride(2);
+      const T* kpm_bias = p.kpm_bias.defined() ? p.kpm_bias.const_data_ptr<T>() + b * p.Lk + j0 : nullptr;
+      std::fill_n(dKa, nk * p.E, T(0));
+      std::fill_n(dVa, nk * p.Ev, T(0));
+      for (int64_t i0 = 0; i0 < p.Lq; i0 += BQ) {
+        const int64_t nq = std::min(BQ, p.Lq - i0);
+        // S^T = K_j Q_i^T, then P^T row by row (one key per row, queries along it).
+        gemm(nk, nq, p.E, kr, k.stride(2), qTb + i0, p.Lq, PT, BQ, false);
+        for (int64_t r = 0; r < nk; ++r) {
+          T* row = PT + r * BQ;
+          if (kpm_bias != nullptr && kpm_bias[r] != T(0)) {  // padded key: no probability anywhere
+            std::fill_n(row, nq, T(0));
+            continue;
+          }
+          rows::probs_from_lse(row, bias_for_key(p, b, h, j0 + r, i0, nq, bias), lseb + i0, nq, scale);
+        }
+        const T* PZ = PT;
+        if (p.dropout) {
+          for (int64_t c = 0; c < nq; ++c) keys[c] = dropout_row_key(p.seed, bh, p.Lq, i0 + c);
+          for (int64_t r = 0; r < nk; ++r) {
+            rows::dropout_factors_col(Z + r * BQ, keys, static_cast<uint32_t>(j0 + r), nq, p.threshold, inv_keep);
+          }
+          // DS temporarily holds P^T * Z (the probabilities that reached the output).
+          for (int64_t r = 0; r < nk; ++r) {
+            std::copy_n(PT + r * BQ, nq, DS + r * BQ);
+            rows::mul(DS + r * BQ, Z + r * BQ, nq);
+          }
+          PZ = DS;
+        }
+        gemm(nk, p.Ev, nq, PZ, BQ, dob + i0 * dout.stride(2), dout.stride(2), dVa, p.Ev, true);
+        // dP^T = V_j dO_i^T, then dS^T = P^T (dP^T Z - D) scale.
+        gemm(nk, nq, p.Ev, vr, v.stride(2), doTb + i0, p.Lq, DS, BQ, false);
+        for (int64_t r = 0; r < nk; ++r) {
+          if (p.dropout) rows::mul(DS + r * BQ, Z + r * BQ, nq);
+          rows::dscore(DS + r * BQ, PT + r * BQ, DS + r * BQ, Db + i0, nq, scale);
+        }
+        gemm(nk, p.E, nq, DS, BQ, qb + i0 * q.stride(2), q.stride(2), dKa, p.E, true);
+        gemm(p.E, nq, nk, kTb + j0, p.Lk, DS, BQ, dqT + i0, p.Lq, true);
+      }
+      std::copy_n(dKa, nk * p.E, dkd + (bh * p.Lk + j0) * p.E);
+      std::copy_n(dVa, nk * p.Ev, dvd + (bh * p.Lk + j0) * p.Ev);
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------ ops
+
+at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+std::tuple<at::Tensor, at::Tensor> cross_modal_attention_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& kv_lengths, const std::optional<at::Tensor>& attn_mask, double scale,
+    double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
+  check_inputs(q, k, v);
+  const auto ct = compute_type(q.scalar_type());
+  Problem p = make_problem(q, k, v, key_padding_mask, kv_lengths, attn_mask, scale, dropout_p, dropout_seed, ct);
+  const at::Tensor qc = last_dim_contiguous(q.to(ct));
+  const at::Tensor vc = last_dim_contiguous(v.to(ct));
+  const at::Tensor kT = k.to(ct).transpose(2, 3).contiguous();
+  at::Tensor out = at::empty({p.B, p.H, p.Lq, p.Ev}, q.options().dtype(ct));
+  at::Tensor lse = at::empty({p.B, p.H, p.Lq}, q.options().dtype(ct));
+  if (out.numel() > 0 || lse.numel() > 0) {
+    if (ct == at::kDouble) {
+      forward_kernel<double>(p, qc, kT, vc, out, lse);
+    } else {
+      forward_kernel<float>(p, qc, kT, vc, out, lse);
+    }
+  }
+  return {out.to(q.scalar_type()), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_modal_attention_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& kv_lengths, const std::optional<at::Tensor>& attn_mask, double scale,
+    double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
+  check_inputs(q, k, v);
+  const auto ct = compute_type(q.scalar_type());
+  Problem p = make_problem(q, k, v, key_padding_mask, kv_lengths, attn_mask, scale, dropout_p, dropout_seed, ct);
+  MMK_CHECK_ARG(grad_out.sizes() == at::IntArrayRef({p.B, p.H, p.Lq, p.Ev}), "grad_out", "expected shape (", p.B,
+                ", ", p.H, ", ", p.Lq, ", ", p.Ev, "), got ", grad_out.sizes());
+  MMK_CHECK_ARG(out.sizes() == grad_out.sizes(), "out", "expected shape ", grad_out.sizes(), ", got ", out.sizes());
+  MMK_CHECK_ARG(lse.sizes() == at::IntArrayRef({p.B, p.H, p.Lq}), "lse", "expected shape (", p.B, ", ", p.H, ", ",
+                p.Lq, "), got ", lse.sizes());
+  const at::Tensor qc = last_dim_contiguous(q.to(ct));
+  const at::Tensor kc = last_dim_contiguous(k.to(ct));
+  const at::Tensor vc = last_dim_contiguous(v.to(ct));
+  const at::Tensor doc = last_dim_contiguous(grad_out.to(ct));
+  const at::Tensor kT = kc.transpose(2, 3).contiguous();
+  const at::Tensor qT = qc.transpose(2, 3).contiguous();
+  const at::Tensor doT = doc.transpose(2, 3).contiguous();
+  const at::Tensor lsec = lse.to(ct).contiguous();
+  // D_i = rowsum(dO_i * O_i) = sum_j P_ij dP_ij, also with dropout (O already carries the mask).
+  const at::Tensor D = (doc * out.to(ct)).sum(-1).contiguous();
+  at::Tensor dk = at::zeros({p.B, p.H, p.Lk, p.E}, q.options().dtype(ct));
+  at::Tensor dv = at::zeros({p.B, p.H, p.Lk, p.Ev}, q.options().dtype(ct));
+  // Key blocks of one head on one task when there are enough heads to keep every thread busy;
+  // otherwise each key block is a task and dQ^T is accumulated per thread, then summed.
+  const int64_t nthreads = at::get_num_threads();
+  const int64_t nkb = (p.Lk + kBwdBlockK - 1) / kBwdBlockK;
+  int64_t per_task = nkb;
+  if (p.B * p.H < 4 * nthreads && nthreads > 1) {
+    const int64_t want_chunks = (4 * nthreads + p.B * p.H - 1) / (p.B * p.H);
+    per_task = std::max<int64_t>(1, (nkb + want_chunks - 1) / want_chunks);
+  }
+  const bool per_thread_dq = per_task < nkb && nthreads > 1;
+  at::Tensor dq_t = at::zeros({per_thread_dq ? nthreads : 1, p.B, p.H, p.E, p.Lq}, q.options().dtype(ct));
+  if (p.B * p.H * p.Lq * p.Lk > 0) {
+    if (ct == at::kDouble) {
+      backward_kernel<double>(p, qc, kc, vc, doc, kT, qT, doT, lsec, D, dq_t, dk, dv, per_task, per_thread_dq);
+    } else {
+      backward_kernel<float>(p, qc, kc, vc, doc, kT, qT, doT, lsec, D, dq_t, dk, dv, per_task, per_thread_dq);
+    }
+  }
+  at::Tensor dq = (per_thread_dq ? dq_t.sum(0) : dq_t[0]).transpose(2, 3).contiguous();
+  const auto dt = q.scalar_type();
+  return {dq.to(dt), dk.to(dt), dv.to(dt)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mmkernels, CPU, m) {
+  m.impl("cross_modal_attention", &cross_modal_attention_cpu);
+  m.impl("cross_modal_attention_backward", &cross_modal_attention_backward_cpu);
+}
+
+}  // namespace mmkernels::cpu

@@ -1,0 +1,408 @@
+"""cross_modal_attention (the op) against the reference, SDPA, gradcheck, opcheck, compile and export."""
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TOLERANCES
+
+import mmkernels
+from mmkernels import reference
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+OP = torch.ops.mmkernels.cross_modal_attention.default
+OP_BWD = torch.ops.mmkernels.cross_modal_attention_backward.default
+
+# (B, H, Lq, Lk, E, Ev): odd sizes, Lq = 1, Lk = 1, Ev != E, several query and key blocks.
+SHAPES = [
+    (2, 3, 17, 123, 8, 5),
+    (1, 2, 3, 17, 16, 16),
+    (2, 1, 123, 3, 5, 7),
+    (1, 2, 1, 33, 4, 4),
+    (3, 2, 5, 1, 4, 3),
+    (1, 1, 1, 1, 1, 1),
+    (1, 2, 260, 600, 32, 24),
+]
+
+
+def make_qkv(B, H, Lq, Lk, E, Ev, dtype, requires_grad=True):
+    q = torch.randn(B, H, Lq, E, dtype=dtype)
+    k = torch.randn(B, H, Lk, E, dtype=dtype)
+    v = torch.randn(B, H, Lk, Ev, dtype=dtype)
+    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+def make_masks(kind, B, H, Lq, Lk, dtype):
+    """Masks by name; several names joined with '+' combine."""
+    masks = {}
+    for part in kind.split("+"):
+        if part == "none":
+            continue
+        if part == "kpm":
+            masks["key_padding_mask"] = torch.rand(B, Lk) < 0.3
+        elif part == "len32":
+            masks["kv_lengths"] = torch.randint(0, Lk + 1, (B,), dtype=torch.int32)
+        elif part == "len64":
+            masks["kv_lengths"] = torch.randint(1, Lk + 1, (B,), dtype=torch.int64)
+        elif part == "bool2d":
+            masks["attn_mask"] = torch.rand(Lq, Lk) < 0.7
+        elif part == "bool4d":  # broadcast over heads and queries: (B, 1, 1, Lk)
+            masks["attn_mask"] = torch.rand(B, 1, 1, Lk) < 0.7
+        elif part == "float3d":  # (H, Lq, Lk), broadcast over batch, with some -inf
+            m = torch.randn(H, Lq, Lk, dtype=dtype)
+            masks["attn_mask"] = m.masked_fill(torch.rand(H, Lq, Lk) < 0.2, float("-inf"))
+        elif part == "float4d":
+            masks["attn_mask"] = torch.randn(B, H, Lq, Lk, dtype=dtype)
+        else:
+            raise ValueError(part)
+    return masks
+
+
+def run_reference(q, k, v, masks, **kw):
+    """The float64 reference on upcast copies, so that the only rounding is ours."""
+    up = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    m = {n: (t.double() if t.is_floating_point() else t) for n, t in masks.items()}
+    return reference.cross_modal_attention(*up, **m, **kw), up
+
+
+def assert_close(actual, expected, dtype, what=""):
+    atol, rtol = TOLERANCES[dtype]
+    scale = expected.abs().max().item() if expected.numel() else 1.0
+    torch.testing.assert_close(
+        actual.double(), expected, atol=atol * max(scale, 1.0), rtol=rtol, msg=lambda m: f"{what}: {m}"
+    )
+
+
+def check_against_reference(q, k, v, masks, dtype, **kw):
+    out = mmkernels.cross_modal_attention(q, k, v, **masks, **kw)
+    ref, leaves = run_reference(q, k, v, masks, **kw)
+    assert not torch.isnan(out).any()
+    assert_close(out, ref, dtype, "out")
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    ref_grads = torch.autograd.grad(ref, leaves, g.double())
+    for name, a, b in zip("qkv", grads, ref_grads):
+        assert not torch.isnan(a).any(), name
+        assert_close(a, b, dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_reference_unmasked(shape, dtype):
+    q, k, v = make_qkv(*shape, dtype)
+    check_against_reference(q, k, v, {}, dtype)
+
+
+MASK_KINDS = [
+    "kpm",
+    "len32",
+    "len64",
+    "bool2d",
+    "bool4d",
+    "float3d",
+    "float4d",
+    "kpm+len64+bool2d",
+    "kpm+float3d",
+    "len32+bool4d",
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", MASK_KINDS)
+def test_matches_reference_masked(kind, dtype):
+    for shape in ((2, 3, 17, 123, 8, 5), (2, 2, 150, 300, 16, 8)):
+        B, H, Lq, Lk, E, Ev = shape
+        q, k, v = make_qkv(*shape, dtype)
+        check_against_reference(q, k, v, make_masks(kind, B, H, Lq, Lk, dtype), dtype)
+
+
+def test_custom_scale_and_lse():
+    q, k, v = make_qkv(2, 3, 7, 19, 8, 6, torch.float64)
+    out, lse = OP(q, k, v, None, None, None, 0.3, 0.0, None)
+    s = q @ k.transpose(-1, -2) * 0.3
+    torch.testing.assert_close(lse, torch.logsumexp(s, -1))
+    torch.testing.assert_close(out, torch.softmax(s, -1) @ v)
+    check_against_reference(q, k, v, {}, torch.float64, scale=0.3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_contiguous_inputs(dtype):
+    B, L, S, H, E, Ev = 2, 13, 29, 3, 8, 6
+    # (B, L, H, E) transposed to (B, H, L, E), as multi-head attention produces them.
+    q = torch.randn(B, L, H, E, dtype=dtype).transpose(1, 2).requires_grad_()
+    k = torch.randn(B, S, H, E, dtype=dtype).transpose(1, 2).requires_grad_()
+    # Last dim not unit-stride.
+    v = torch.randn(B, H, S, 2 * Ev, dtype=dtype)[..., ::2].requires_grad_()
+    masks = make_masks("kpm+bool2d", B, H, L, S, dtype)
+    masks["attn_mask"] = masks["attn_mask"].t().contiguous().t()  # a transposed mask
+    check_against_reference(q, k, v, masks, dtype)
+
+
+def test_broadcast_masks_are_not_expanded():
+    # A stride-0 expanded view is read through its strides and gives the same as the compact mask.
+    B, H, Lq, Lk = 2, 3, 9, 21
+    q, k, v = make_qkv(B, H, Lq, Lk, 8, 8, torch.float32, requires_grad=False)
+    m = torch.rand(1, 1, Lq, Lk) < 0.6
+    a = mmkernels.cross_modal_attention(q, k, v, attn_mask=m)
+    b = mmkernels.cross_modal_attention(q, k, v, attn_mask=m.expand(B, H, Lq, Lk))
+    c = mmkernels.cross_modal_attention(q, k, v, attn_mask=m.expand(B, H, Lq, Lk).contiguous())
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(a, c, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fully_masked_rows(dtype):
+    B, H, Lq, Lk, E, Ev = 3, 2, 6, 140, 8, 5
+    q, k, v = make_qkv(B, H, Lq, Lk, E, Ev, dtype)
+    lengths = torch.tensor([0, 7, Lk])  # batch 0 sees nothing
+    attn = torch.rand(B, 1, Lq, Lk) < 0.7
+    attn[1, :, 2] = False  # row 2 of batch 1 sees nothing
+    fmask = torch.zeros(H, Lq, Lk, dtype=dtype)
+    fmask[1, 4] = float("-inf")  # head 1, row 4 sees nothing, in every batch
+    for masks in (
+        {"kv_lengths": lengths, "attn_mask": attn},
+        {"key_padding_mask": torch.ones(B, Lk, dtype=torch.bool)},
+        {"kv_lengths": lengths, "attn_mask": fmask},
+    ):
+        out = mmkernels.cross_modal_attention(q, k, v, **masks)
+        gq, gk, gv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+        for t in (out, gq, gk, gv):
+            assert not torch.isnan(t).any()
+        assert (out[0] == 0).all() and (gq[0] == 0).all() and (gk[0] == 0).all() and (gv[0] == 0).all()
+        if "attn_mask" in masks and masks["attn_mask"].dtype == torch.bool:
+            assert (out[1, :, 2] == 0).all() and (gq[1, :, 2] == 0).all()
+        elif "attn_mask" in masks:
+            assert (out[:, 1, 4] == 0).all() and (gq[:, 1, 4] == 0).all()
+        check_against_reference(q, k, v, masks, dtype)
+
+
+def test_zero_sizes():
+    for shape in ((2, 2, 0, 5, 4, 3), (2, 2, 5, 0, 4, 3), (0, 2, 5, 5, 4, 3)):
+        q, k, v = make_qkv(*shape, torch.float32)
+        out = mmkernels.cross_modal_attention(q, k, v)
+        assert out.shape == (*shape[:3], shape[5]) and (out == 0).all()
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("mask", ["none", "bool", "float"])
+def test_matches_sdpa(mask):
+    B, H, Lq, Lk, E = 2, 4, 70, 150, 16
+    q, k, v = make_qkv(B, H, Lq, Lk, E, E, torch.float32)
+    attn = None
+    if mask == "bool":
+        attn = torch.rand(B, 1, Lq, Lk) < 0.8
+        attn[..., 0] = True  # SDPA gives NaN for rows that see nothing; we give zeros
+    elif mask == "float":
+        attn = torch.randn(Lq, Lk)
+    out = mmkernels.cross_modal_attention(q, k, v, attn_mask=attn, scale=0.2)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=attn, scale=0.2)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(expected, (q, k, v), g)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_float_mask_requiring_grad_gets_its_gradient():
+    q, k, v = make_qkv(2, 2, 5, 9, 4, 4, torch.float64)
+    m = torch.randn(5, 9, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda q, k, v, m: mmkernels.cross_modal_attention(q, k, v, attn_mask=m), (q, k, v, m))
+
+
+# --------------------------------------------------------------------------- gradcheck / opcheck
+
+
+def _op_out(q, k, v, kpm=None, lengths=None, attn=None, scale=0.5, p=0.0, seed=None):
+    return OP(q, k, v, kpm, lengths, attn, scale, p, seed)[0]
+
+
+@pytest.mark.parametrize(
+    "kind", ["none", "kpm+len64+bool2d", "float4d", "dropout", "masked_rows"],
+)
+def test_gradcheck(kind):
+    B, H, Lq, Lk, E, Ev = 2, 2, 5, 7, 3, 4
+    q, k, v = make_qkv(B, H, Lq, Lk, E, Ev, torch.float64)
+    masks, p, seed = {}, 0.0, None
+    if kind == "dropout":
+        p, seed = 0.3, torch.tensor(1234)
+    elif kind == "masked_rows":
+        masks = {"kv_lengths": torch.tensor([0, 4])}
+    elif kind != "none":
+        masks = make_masks(kind, B, H, Lq, Lk, torch.float64)
+    fn = lambda q, k, v: _op_out(
+        q, k, v, masks.get("key_padding_mask"), masks.get("kv_lengths"), masks.get("attn_mask"), 0.5, p, seed
+    )
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+    assert torch.autograd.gradgradcheck is not None  # second order is not supported (backward is an op)
+
+
+def _opcheck_args():
+    B, H, Lq, Lk, E, Ev = 2, 3, 9, 13, 8, 5
+    cases = []
+    for dtype in (torch.float32, torch.float64):
+        q, k, v = make_qkv(B, H, Lq, Lk, E, Ev, dtype)
+        m = make_masks("kpm+len32+bool4d", B, H, Lq, Lk, dtype)
+        cases.append((q, k, v, None, None, None, 0.35, 0.0, None))
+        cases.append((q, k, v, m["key_padding_mask"], m["kv_lengths"], m["attn_mask"], 0.35, 0.0, None))
+        cases.append((q, k, v, None, None, torch.randn(Lq, Lk, dtype=dtype), 0.35, 0.25, torch.tensor(7)))
+    return cases
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_opcheck(case):
+    args = _opcheck_args()[case]
+    torch.library.opcheck(OP, args)
+    q, k, v = args[:3]
+    out, lse = OP(*args)
+    g = torch.randn_like(out)
+    torch.library.opcheck(OP_BWD, (g, q, k, v, out, lse, *args[3:]))
+
+
+# --------------------------------------------------------------------------- compile / export
+
+
+def test_compile_fullgraph_forward_backward():
+    B, H, Lq, Lk, E = 2, 2, 9, 21, 8
+    q, k, v = make_qkv(B, H, Lq, Lk, E, E, torch.float32)
+    kpm = torch.rand(B, Lk) < 0.3
+    attn = torch.rand(Lq, Lk) < 0.8
+
+    def f(q, k, v, kpm, attn, lengths):
+        a = mmkernels.cross_modal_attention(q, k, v, key_padding_mask=kpm, attn_mask=attn)
+        b = mmkernels.cross_modal_attention(q, k, v, kv_lengths=lengths, dropout_p=0.2)
+        return a, b
+
+    lengths = torch.tensor([5, 21])
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    a, b = compiled(q, k, v, kpm, attn, lengths)
+    ea, _ = f(q, k, v, kpm, attn, lengths)
+    torch.testing.assert_close(a, ea)
+    grads = torch.autograd.grad((a.sum() + b.sum()), (q, k, v))
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_compile_inductor():
+    q, k, v = make_qkv(2, 2, 9, 21, 8, 8, torch.float32)
+    f = lambda q, k, v: mmkernels.cross_modal_attention(q, k, v, kv_lengths=torch.tensor([3, 21]))
+    out = torch.compile(f, fullgraph=True)(q, k, v)
+    torch.testing.assert_close(out, f(q, k, v))
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all()
+
+
+def test_export():
+    class M(torch.nn.Module):
+        def forward(self, q, k, v, kpm):
+            return mmkernels.cross_modal_attention(q, k, v, key_padding_mask=kpm, scale=0.3)
+
+    q, k, v = make_qkv(2, 3, 7, 11, 8, 4, torch.float32, requires_grad=False)
+    kpm = torch.rand(2, 11) < 0.3
+    ep = torch.export.export(M(), (q, k, v, kpm))
+    torch.testing.assert_close(ep.module()(q, k, v, kpm), M()(q, k, v, kpm))
+
+
+# --------------------------------------------------------------------------- dropout
+
+
+def recover_keep_mask(B, H, Lq, Lk, p, seed):
+    """The kernel's keep mask for this seed: with uniform attention (q = k = 0) and v = I, each
+    output element is keep / ((1 - p) Lk)."""
+    q = torch.zeros(B, H, Lq, 1, dtype=torch.float64)
+    k = torch.zeros(B, H, Lk, 1, dtype=torch.float64)
+    v = torch.eye(Lk, dtype=torch.float64).expand(B, H, Lk, Lk)
+    out = OP(q, k, v, None, None, None, 1.0, p, torch.tensor(seed))[0]
+    return out > 0
+
+
+def test_dropout_keep_rate():
+    B, H, Lq, Lk = 2, 3, 128, 200
+    for p in (0.1, 0.5, 0.9):
+        keep = recover_keep_mask(B, H, Lq, Lk, p, seed=11)
+        n = keep.numel()
+        rate = keep.double().mean().item()
+        assert abs(rate - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5, (p, rate)
+        # No visible structure: rows and columns keep at about the same rate.
+        assert (keep.double().mean((0, 1, 3)) - (1 - p)).abs().max() < 0.12
+    assert not recover_keep_mask(B, H, Lq, Lk, 1.0, seed=3).any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dropout_matches_reference_with_the_same_mask(dtype):
+    B, H, Lq, Lk, E, Ev, p = 2, 2, 33, 150, 8, 6, 0.3
+    q, k, v = make_qkv(B, H, Lq, Lk, E, Ev, dtype)
+    keep = recover_keep_mask(B, H, Lq, Lk, p, seed=99)
+    masks = make_masks("kpm+bool2d", B, H, Lq, Lk, dtype)
+    out = OP(q, k, v, masks["key_padding_mask"], None, masks["attn_mask"], E**-0.5, p, torch.tensor(99))[0]
+    ref, leaves = run_reference(q, k, v, masks, dropout_p=p, dropout_mask=keep)
+    assert_close(out, ref, dtype, "out")
+    g = torch.randn_like(out)
+    for name, a, b in zip("qkv", torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, leaves, g.double())):
+        assert_close(a, b, dtype, f"grad {name}")
+
+
+def test_dropout_same_seed_same_result():
+    q, k, v = make_qkv(2, 2, 40, 70, 8, 8, torch.float32)
+
+    def run(seed):
+        torch.manual_seed(seed)
+        out = mmkernels.cross_modal_attention(q, k, v, dropout_p=0.4)
+        return (out, *torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
+
+    a, b, c = run(5), run(5), run(6)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    assert not torch.equal(a[0], c[0])
+    # dropout_p = 0 is deterministic and equals no dropout at all.
+    torch.testing.assert_close(
+        mmkernels.cross_modal_attention(q, k, v, dropout_p=0.0), mmkernels.cross_modal_attention(q, k, v)
+    )
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _bad_cases():
+    q, k, v = make_qkv(2, 3, 5, 7, 4, 6, torch.float32, requires_grad=False)
+    return [
+        ("q", (q[0], k, v), {}),
+        ("k", (q, k[:1], v), {}),
+        ("v", (q, k, v[:, :2]), {}),
+        ("k", (q, k[..., :3], v), {}),
+        ("v", (q, k, v[:, :, :6]), {}),
+        ("k", (q, k.double(), v), {}),
+        ("q", (q.int(), k.int(), v.int()), {}),
+        ("key_padding_mask", (q, k, v), {"key_padding_mask": torch.zeros(2, 6, dtype=torch.bool)}),
+        ("key_padding_mask", (q, k, v), {"key_padding_mask": torch.zeros(2, 7)}),
+        ("kv_lengths", (q, k, v), {"kv_lengths": torch.tensor([1, 8])}),
+        ("kv_lengths", (q, k, v), {"kv_lengths": torch.tensor([-1, 3])}),
+        ("kv_lengths", (q, k, v), {"kv_lengths": torch.tensor([1.0, 3.0])}),
+        ("kv_lengths", (q, k, v), {"kv_lengths": torch.tensor([1, 2, 3])}),
+        ("attn_mask", (q, k, v), {"attn_mask": torch.zeros(5, 6, dtype=torch.bool)}),
+        ("attn_mask", (q, k, v), {"attn_mask": torch.zeros(4, 5, 7, dtype=torch.bool)}),
+        ("attn_mask", (q, k, v), {"attn_mask": torch.zeros(5, 7, dtype=torch.int64)}),
+        ("attn_mask", (q, k, v), {"attn_mask": torch.zeros(7)}),
+        ("dropout_p", (q, k, v), {"dropout_p": 1.5}),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_cases())))
+def test_bad_input_names_the_argument(case):
+    name, args, kwargs = _bad_cases()[case]
+    with pytest.raises((ValueError, RuntimeError), match=f"argument '{name}'"):
+        mmkernels.cross_modal_attention(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "name,pos,value",
+    [
+        ("kv_lengths", 4, torch.tensor([1, 8])),
+        ("kv_lengths", 4, torch.tensor([1.0, 2.0])),
+        ("key_padding_mask", 3, torch.zeros(2, 7, dtype=torch.int32)),
+        ("attn_mask", 5, torch.zeros(2, 7, 7, dtype=torch.bool)),
+        ("dropout_seed", 8, None),
+    ],
+)
+def test_op_checks_in_cpp(name, pos, value):
+    # The C++ kernel checks again (the op can be called without the Python wrapper).
+    q, k, v = make_qkv(2, 3, 5, 7, 4, 6, torch.float32, requires_grad=False)
+    args = [q, k, v, None, None, None, 0.5, 0.3 if name == "dropout_seed" else 0.0, None]
+    args[pos] = value
+    with pytest.raises(RuntimeError, match=f"argument '{name}'"):
+        OP(*args)
