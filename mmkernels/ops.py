@@ -261,6 +261,7 @@ def _low_rank_fusion_backward(ctx, grad_out):
 
 torch.library.register_autograd(
     "mmkernels::low_rank_fusion", _low_rank_fusion_backward, setup_context=_low_rank_fusion_setup
+)
 
 
 # --------------------------------------------------------------------------- cross_modal_attention
@@ -414,6 +415,7 @@ def _cross_modal_attention_setup(ctx, inputs, output):
     out, lse = output
     ctx.scale = scale
     ctx.dropout_p = dropout_p
+    ctx.mark_non_differentiable(lse)  # a by-product for backward, not a result to differentiate
     # Masks and the seed are saved as inputs (never as gradients' targets): the op treats them as
     # constants; a float attn_mask that needs its gradient never reaches this op (see the wrapper).
     ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, kv_lengths, attn_mask, dropout_seed)

@@ -469,7 +469,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_modal_attention_backward_cp
   const int64_t nthreads = at::get_num_threads();
   const int64_t nkb = (p.Lk + kBwdBlockK - 1) / kBwdBlockK;
   int64_t per_task = nkb;
-  if (p.B * p.H < 4 * nthreads && nthreads > 1) {
+  if (p.B * p.H > 0 && p.B * p.H < 4 * nthreads && nthreads > 1) {
     const int64_t want_chunks = (4 * nthreads + p.B * p.H - 1) / (p.B * p.H);
     per_task = std::max<int64_t>(1, (nkb + want_chunks - 1) / want_chunks);
   }
