@@ -1,0 +1,42 @@
+"""Peak extra memory of one step (forward, or forward + backward) per contender.
+
+CPU: the torch profiler's memory events record every allocation and free made through PyTorch's CPU
+allocator (tensors, including those that torch.compile's generated code allocates). Their running sum
+over one step, peak minus the starting value, is the step's peak extra tensor memory: activations,
+saved tensors, outputs, gradients and temporaries such as a concatenation. It leaves out memory that
+BLAS/oneDNN allocate privately (packing buffers, at most a few MB), and memory already live before
+the step (inputs, weights). CUDA: torch.cuda.max_memory_allocated minus memory_allocated before.
+"""
+from __future__ import annotations
+
+import gc
+from typing import Callable
+
+import torch
+
+
+def peak_extra_bytes(step: Callable[[], object], device: torch.device) -> int:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        result = step()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        del result
+        return int(peak)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = step()
+        del result
+    events = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    )
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return int(peak)

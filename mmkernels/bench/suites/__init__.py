@@ -1,0 +1,2 @@
+"""Suite definitions; importing this package registers every suite in core.SUITES."""
+from . import attention, concat_linear  # noqa: F401

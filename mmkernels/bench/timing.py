@@ -1,0 +1,90 @@
+"""Interleaved timing: every repetition runs each contender once, in a rotating order, so slow drifts
+of the machine (other processes, frequency changes) hit all contenders alike. Reports the median.
+
+CPU: time.perf_counter around a batch of calls (enough calls that one sample lasts >= min_sample_s),
+with the garbage collector off. CUDA: CUDA events around the batch, synchronising between samples.
+"""
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Stats:
+    median_s: float
+    q1_s: float
+    q3_s: float
+    reps: int  # number of samples
+    calls_per_rep: int
+
+    @property
+    def iqr_pct(self) -> float:
+        """Interquartile range relative to the median: the noise of this measurement."""
+        return 100.0 * (self.q3_s - self.q1_s) / self.median_s if self.median_s > 0 else 0.0
+
+
+@dataclass
+class Budget:
+    warmup: int = 3  # calls per contender before any timing
+    min_reps: int = 15
+    max_reps: int = 200
+    seconds: float = 3.0  # total timing time per case, all contenders together, once min_reps is reached
+    min_sample_s: float = 2e-3  # CPU: batch calls so one sample is not dominated by timer resolution
+
+
+QUICK = Budget(warmup=2, min_reps=7, max_reps=40, seconds=0.6)
+
+
+def _sample(fn: Callable[[], object], calls: int, device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / calls
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) / calls
+
+
+def measure(steps: dict[str, Callable[[], object]], device: torch.device, budget: Budget) -> dict[str, Stats]:
+    """Median time per call of each step, contenders interleaved round-robin per repetition."""
+    names = list(steps)
+    for name in names:
+        for _ in range(budget.warmup):
+            steps[name]()
+    # Calibrate the batch size per contender from one more call.
+    calls = {}
+    for name in names:
+        t = _sample(steps[name], 1, device)
+        calls[name] = 1 if device.type == "cuda" else max(1, min(1000, int(budget.min_sample_s / max(t, 1e-9)) + 1))
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        t_start = time.perf_counter()
+        for rep in range(budget.max_reps):
+            order = names[rep % len(names):] + names[: rep % len(names)]  # rotate who goes first
+            for name in order:
+                samples[name].append(_sample(steps[name], calls[name], device))
+            if rep + 1 >= budget.min_reps and time.perf_counter() - t_start > budget.seconds:
+                break
+            gc.collect(0) if rep % 16 == 15 else None  # keep young-generation garbage from piling up
+    finally:
+        if was_enabled:
+            gc.enable()
+    out = {}
+    for name, xs in samples.items():
+        q = statistics.quantiles(xs, n=4) if len(xs) >= 2 else [xs[0]] * 3
+        out[name] = Stats(statistics.median(xs), q[0], q[2], len(xs), calls[name])
+    return out
