@@ -1,5 +1,6 @@
 """Drop-in modules built on the mmkernels ops."""
+from .cross_modal_attention import CrossModalAttention
 from .fused_concat_linear import FusedConcatLinear
 from .fusion import ConcatFusion, FiLM, GatedMultimodalUnit, LowRankFusion
 
-__all__ = ["FusedConcatLinear", "ConcatFusion", "GatedMultimodalUnit", "LowRankFusion", "FiLM"]
+__all__ = ["CrossModalAttention", "FusedConcatLinear", "ConcatFusion", "GatedMultimodalUnit", "LowRankFusion", "FiLM"]

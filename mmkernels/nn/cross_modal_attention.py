@@ -1,0 +1,303 @@
+"""CrossModalAttention: a drop-in for nn.MultiheadAttention whose attention core is the fused op.
+
+Differences from nn.MultiheadAttention, all deliberate:
+- A query row that can see no key (every key padded or masked out) returns zeros and passes zero
+  gradient; nn.MultiheadAttention returns NaN there (and, with need_weights=True, NaN weights).
+- ``need_weights=True`` materialises the (Lq, Lk) weights, as nn.MultiheadAttention does; it is the
+  slow path. Pass ``need_weights=False`` (what nn.Transformer* layers do) to get the fused op.
+- ``is_causal`` is a hint, as in nn.MultiheadAttention: ``attn_mask`` must be given and is what is used.
+- Dropout masks come from the op's own generator draw, so they differ from nn.MultiheadAttention's
+  for the same seed when ``need_weights=False`` (same distribution; the same seed reproduces ours).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+
+from .. import ops
+from ._attention_masks import check_inputs, op_masks, weights_path_mask
+
+_NAME = "CrossModalAttention"
+
+
+class CrossModalAttention(nn.Module):
+    """Multi-head attention with ``nn.MultiheadAttention``'s constructor, parameters, state_dict,
+    forward signature and return value, computed by ``mmkernels.cross_modal_attention``.
+
+    See the module docstring for the (few, deliberate) differences.
+    """
+
+    __constants__ = ["batch_first"]
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        add_bias_kv: bool = False,
+        add_zero_attn: bool = False,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        batch_first: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        if embed_dim <= 0:
+            raise ValueError(f"{_NAME}: argument 'embed_dim': expected a positive int, got {embed_dim}")
+        if num_heads <= 0:
+            raise ValueError(f"{_NAME}: argument 'num_heads': expected a positive int, got {num_heads}")
+        if embed_dim % num_heads != 0:
+            raise ValueError(
+                f"{_NAME}: argument 'embed_dim': expected a multiple of num_heads={num_heads}, got {embed_dim}"
+            )
+        if not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"{_NAME}: argument 'dropout': expected a probability in [0, 1], got {dropout}")
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        # Attribute names and registration order follow nn.MultiheadAttention, so state_dicts,
+        # named_parameters() order (optimizer state) and code reading these attributes carry over.
+        self.embed_dim = embed_dim
+        self.kdim = kdim if kdim is not None else embed_dim
+        self.vdim = vdim if vdim is not None else embed_dim
+        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.batch_first = batch_first
+        self.head_dim = embed_dim // num_heads
+        if not self._qkv_same_embed_dim:
+            self.q_proj_weight = nn.Parameter(torch.empty((embed_dim, embed_dim), **factory))
+            self.k_proj_weight = nn.Parameter(torch.empty((embed_dim, self.kdim), **factory))
+            self.v_proj_weight = nn.Parameter(torch.empty((embed_dim, self.vdim), **factory))
+            self.register_parameter("in_proj_weight", None)
+        else:
+            self.in_proj_weight = nn.Parameter(torch.empty((3 * embed_dim, embed_dim), **factory))
+            self.register_parameter("q_proj_weight", None)
+            self.register_parameter("k_proj_weight", None)
+            self.register_parameter("v_proj_weight", None)
+        if bias:
+            self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory))
+        else:
+            self.register_parameter("in_proj_bias", None)
+        self.out_proj = NonDynamicallyQuantizableLinear(embed_dim, embed_dim, bias=bias, **factory)
+        if add_bias_kv:
+            self.bias_k = nn.Parameter(torch.empty((1, 1, embed_dim), **factory))
+            self.bias_v = nn.Parameter(torch.empty((1, 1, embed_dim), **factory))
+        else:
+            self.bias_k = self.bias_v = None
+        self.add_zero_attn = add_zero_attn
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        # nn.MultiheadAttention's initialisation, call for call: under the same seed both modules
+        # start from identical weights.
+        if self._qkv_same_embed_dim:
+            nn.init.xavier_uniform_(self.in_proj_weight)
+        else:
+            nn.init.xavier_uniform_(self.q_proj_weight)
+            nn.init.xavier_uniform_(self.k_proj_weight)
+            nn.init.xavier_uniform_(self.v_proj_weight)
+        if self.in_proj_bias is not None:
+            nn.init.constant_(self.in_proj_bias, 0.0)
+            nn.init.constant_(self.out_proj.bias, 0.0)
+        if self.bias_k is not None:
+            nn.init.xavier_normal_(self.bias_k)
+        if self.bias_v is not None:
+            nn.init.xavier_normal_(self.bias_v)
+
+    def __setstate__(self, state):
+        # Pickles of nn.MultiheadAttention from torch 1.1 lack this flag; accept them too.
+        state.setdefault("_qkv_same_embed_dim", True)
+        super().__setstate__(state)
+
+    # ------------------------------------------------------------------ projections
+
+    def _weights_and_biases(self):
+        """(W_q, W_k, W_v, b_q, b_k, b_v), slices of the packed parameters where they are packed."""
+        e = self.embed_dim
+        b = self.in_proj_bias
+        bq, bk, bv = (None, None, None) if b is None else (b[:e], b[e : 2 * e], b[2 * e :])
+        if self._qkv_same_embed_dim:
+            w = self.in_proj_weight
+            return w[:e], w[e : 2 * e], w[2 * e :], bq, bk, bv
+        return self.q_proj_weight, self.k_proj_weight, self.v_proj_weight, bq, bk, bv
+
+    def _project(self, query, key, value):
+        """Input projections, each (batch/seq leading dims as given, embed_dim).
+
+        One GEMM serves several projections where they share a source tensor and the packed weight
+        (self-attention: all three; cross-attention with key is value: K and V), as in
+        nn.MultiheadAttention. The results are column slices of one buffer: no copy is made.
+        """
+        e = self.embed_dim
+        wq, wk, wv, bq, bk, bv = self._weights_and_biases()
+        if self._qkv_same_embed_dim and key is value:
+            if query is key:
+                q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).split(e, dim=-1)
+                return q, k, v
+            b_kv = None if self.in_proj_bias is None else self.in_proj_bias[e:]
+            k, v = F.linear(key, self.in_proj_weight[e:], b_kv).split(e, dim=-1)
+            return F.linear(query, wq, bq), k, v
+        return F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+
+    def _extend_keys(self, k, v, seq_dim: int):
+        """Append the learned bias key/value, then the zero key/value, along the sequence dim
+        (nn.MultiheadAttention's order). Returns the new tensors and the number of keys added."""
+        added = 0
+        batch = k.shape[1 - seq_dim]
+        if self.bias_k is not None:
+            shape = (1, batch, self.embed_dim) if seq_dim == 0 else (batch, 1, self.embed_dim)
+            k = torch.cat([k, self.bias_k.reshape(1, 1, -1).expand(shape)], dim=seq_dim)
+            v = torch.cat([v, self.bias_v.reshape(1, 1, -1).expand(shape)], dim=seq_dim)
+            added += 1
+        if self.add_zero_attn:
+            # A zero vector in the projected space is zero in every head.
+            pad = (0, 0, 0, 0, 0, 1) if seq_dim == 0 else (0, 0, 0, 1)
+            k, v = F.pad(k, pad), F.pad(v, pad)
+            added += 1
+        return k, v, added
+
+    def _split_heads(self, x, seq_dim: int):
+        """(L, B, H*D) or (B, L, H*D) -> a (B, H, L, D) view: no copy; the op takes these strides."""
+        x = x.unflatten(-1, (self.num_heads, self.head_dim))
+        return x.permute(1, 2, 0, 3) if seq_dim == 0 else x.permute(0, 2, 1, 3)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Same arguments, shapes and return value as ``nn.MultiheadAttention.forward``."""
+        batched = check_inputs(self, query, key, value, key_padding_mask, attn_mask, is_causal)
+        if batched:
+            seq_dim = 0 if not self.batch_first else 1
+        else:
+            # Unbatched (L, E) inputs become a batch of one; batch_first is ignored, as in MHA.
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+            seq_dim = 1
+        batch = query.shape[1 - seq_dim]
+        len_q = query.shape[seq_dim]
+
+        q, k, v = self._project(query, key, value)
+        k, v, added = self._extend_keys(k, v, seq_dim)
+        q, k, v = (self._split_heads(t, seq_dim) for t in (q, k, v))
+        dropout_p = self.dropout if self.training else 0.0
+
+        if need_weights:
+            out, weights = self._attention_with_weights(q, k, v, key_padding_mask, attn_mask, added, dropout_p)
+        else:
+            kpm, mask = op_masks(key_padding_mask, attn_mask, batch, self.num_heads, added, q.dtype)
+            out = ops.cross_modal_attention(q, k, v, key_padding_mask=kpm, attn_mask=mask, dropout_p=dropout_p)
+            weights = None
+
+        # (B, H, Lq, D) -> the caller's layout with heads merged; reshape copies only if it must.
+        if seq_dim == 0:
+            out = out.permute(2, 0, 1, 3).reshape(len_q, batch, self.embed_dim)
+        else:
+            out = out.transpose(1, 2).reshape(batch, len_q, self.embed_dim)
+        out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
+
+        if not batched:
+            out = out.squeeze(0)
+        if weights is not None:
+            if average_attn_weights:
+                weights = weights.mean(dim=1)
+            if not batched:
+                weights = weights.squeeze(0)
+        return out, weights
+
+    def _attention_with_weights(self, q, k, v, key_padding_mask, attn_mask, added, dropout_p):
+        """The need_weights=True path: materialises (B, H, Lq, Lk) scores as nn.MultiheadAttention
+        does, in the same order of operations (so dropout draws the same mask for the same seed),
+        except that rows with no visible key give zero weights instead of NaN."""
+        scale = math.sqrt(1.0 / float(self.head_dim))  # MHA's exact expression, for bitwise-equal scores
+        scores = torch.matmul(q * scale, k.transpose(-2, -1))
+        additive = weights_path_mask(key_padding_mask, attn_mask, q.shape[0], self.num_heads, added, q.dtype)
+        if additive is not None:
+            scores = scores + additive
+        dead = scores.amax(dim=-1, keepdim=True) == float("-inf")
+        weights = torch.softmax(scores.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
+        if dropout_p > 0.0:
+            weights = F.dropout(weights, p=dropout_p)
+        return torch.matmul(weights, v), weights
+
+    # ------------------------------------------------------------------ interop
+
+    def merge_masks(self, attn_mask, key_padding_mask, query):
+        """nn.MultiheadAttention.merge_masks, which nn.TransformerEncoderLayer's inference fast path
+        calls on its ``self_attn`` before running PyTorch's fused encoder kernel."""
+        return nn.MultiheadAttention.merge_masks(self, attn_mask, key_padding_mask, query)
+
+    @classmethod
+    def from_module(cls, mha: nn.MultiheadAttention) -> "CrossModalAttention":
+        """A CrossModalAttention with ``mha``'s configuration that shares its parameters (no copy)
+        and its train/eval mode."""
+        if not isinstance(mha, nn.MultiheadAttention):
+            raise TypeError(f"{_NAME}.from_module: argument 'mha': expected nn.MultiheadAttention, got {type(mha)}")
+        module = _shell(cls, mha)
+        _share_parameters(mha, module)
+        return module
+
+    def to_module(self) -> nn.MultiheadAttention:
+        """The inverse of from_module: an nn.MultiheadAttention sharing this module's parameters."""
+        mha = _shell(nn.MultiheadAttention, self)
+        _share_parameters(self, mha)
+        return mha
+
+    def extra_repr(self) -> str:
+        extras = [f"embed_dim={self.embed_dim}", f"num_heads={self.num_heads}"]
+        if not self._qkv_same_embed_dim:
+            extras += [f"kdim={self.kdim}", f"vdim={self.vdim}"]
+        if self.dropout:
+            extras.append(f"dropout={self.dropout}")
+        if self.bias_k is not None:
+            extras.append("add_bias_kv=True")
+        if self.add_zero_attn:
+            extras.append("add_zero_attn=True")
+        extras.append(f"batch_first={self.batch_first}")
+        return ", ".join(extras)
+
+
+def _shell(cls, src):
+    """An instance of ``cls`` configured like ``src``, built on the meta device (no allocation,
+    no initialisation work) because its parameters are about to be replaced."""
+    module = cls(
+        src.embed_dim,
+        src.num_heads,
+        dropout=src.dropout,
+        bias=src.in_proj_bias is not None,
+        add_bias_kv=src.bias_k is not None,
+        add_zero_attn=src.add_zero_attn,
+        kdim=src.kdim,
+        vdim=src.vdim,
+        batch_first=src.batch_first,
+        device="meta",
+    )
+    module.train(src.training)
+    return module
+
+
+def _share_parameters(src, dst) -> None:
+    for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias"):
+        param = getattr(src, name)
+        if param is not None:
+            setattr(dst, name, param)
+    # out_proj is a module of its own (NonDynamicallyQuantizableLinear in both): share it whole,
+    # so hooks or quantisation settings on it carry over too.
+    dst.out_proj = src.out_proj
+    if src.bias_k is not None:
+        dst.bias_k, dst.bias_v = src.bias_k, src.bias_v

@@ -1,0 +1,547 @@
+"""CrossModalAttention against nn.MultiheadAttention: same weights, same outputs and gradients."""
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import mmkernels
+from mmkernels import ops
+from mmkernels.nn import CrossModalAttention
+
+E, H = 12, 3  # embed_dim, num_heads (head_dim 4)
+TOL = {torch.float64: dict(atol=1e-10, rtol=1e-8), torch.float32: dict(atol=2e-5, rtol=2e-4)}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def make_pair(dtype=torch.float64, via="from_module", seed=0, **cfg):
+    """An nn.MultiheadAttention and a CrossModalAttention holding the same weights."""
+    torch.manual_seed(seed)
+    cfg.setdefault("embed_dim", E)
+    cfg.setdefault("num_heads", H)
+    mha = nn.MultiheadAttention(**cfg, dtype=dtype)
+    # Non-zero biases, so that a wrong bias slice cannot hide behind the zero initialisation.
+    with torch.no_grad():
+        for p in mha.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    if via == "from_module":
+        cma = CrossModalAttention.from_module(copy.deepcopy(mha))
+    else:
+        cma = CrossModalAttention(**cfg, dtype=dtype)
+        cma.load_state_dict(mha.state_dict())
+    return mha, cma
+
+
+def make_inputs(mha, B, Lq, Lk, sharing="distinct", dtype=torch.float64, batched=True):
+    """(query, key, value), leaves with requires_grad; sharing: self | kv | distinct."""
+    def t(L, D):
+        shape = (L, D) if not batched else ((B, L, D) if mha.batch_first else (L, B, D))
+        return torch.randn(shape, dtype=dtype, requires_grad=True)
+
+    if sharing == "self":
+        q = t(Lq, mha.embed_dim)
+        return q, q, q
+    q = t(Lq, mha.embed_dim)
+    k = t(Lk, mha.kdim)
+    v = k if sharing == "kv" else t(Lk, mha.vdim)
+    return q, k, v
+
+
+def make_kpm(kind, B, Lk, dtype=torch.float64, batched=True):
+    """A key padding mask that leaves key 0 visible (no fully masked rows)."""
+    if kind is None:
+        return None
+    ignore = torch.rand(B, Lk) < 0.4
+    ignore[:, 0] = False
+    if kind == "float":
+        m = torch.randn(B, Lk, dtype=dtype).masked_fill(ignore, float("-inf"))
+    else:
+        m = ignore
+    return m if batched else m[0]
+
+
+def make_attn_mask(kind, B, Lq, Lk, heads=H, dtype=torch.float64):
+    """kind: None | bool2 | float2 | bool3 | float3 (MHA convention: bool True = not allowed)."""
+    if kind is None:
+        return None
+    shape = (Lq, Lk) if kind.endswith("2") else (B * heads, Lq, Lk)
+    blocked = torch.rand(shape) < 0.4
+    blocked[..., 0] = False
+    if kind.startswith("float"):
+        return torch.randn(shape, dtype=dtype).masked_fill(blocked, float("-inf"))
+    return blocked
+
+
+def run(module, inputs, **kwargs):
+    """Forward + backward of a fixed random projection of both outputs; returns out, weights and the
+    gradient of every input and parameter."""
+    for x in inputs:
+        x.grad = None
+    module.zero_grad(set_to_none=True)
+    out, weights = module(*inputs, **kwargs)
+    gen = torch.Generator().manual_seed(123)
+    loss = (out * torch.randn(out.shape, generator=gen, dtype=out.dtype)).sum()
+    if weights is not None:
+        loss = loss + (weights * torch.randn(weights.shape, generator=gen, dtype=weights.dtype)).sum()
+    loss.backward()
+    grads = {f"input{i}": x.grad.clone() for i, x in enumerate(inputs) if x.grad is not None}
+    grads.update({n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None})
+    return out.detach(), None if weights is None else weights.detach(), grads
+
+
+def assert_same(mha, cma, inputs, tol=None, **kwargs):
+    tol = tol or TOL[inputs[0].dtype]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MHA's deprecation warning for mixed mask dtypes
+        ref = run(mha, inputs, **kwargs)
+    ours = run(cma, inputs, **kwargs)
+    torch.testing.assert_close(ours[0], ref[0], **tol)
+    if kwargs.get("need_weights", True):
+        torch.testing.assert_close(ours[1], ref[1], **tol)
+    else:
+        assert ours[1] is None and ref[1] is None
+    assert ours[2].keys() == ref[2].keys()
+    for name in ref[2]:
+        torch.testing.assert_close(ours[2][name], ref[2][name], **tol, msg=lambda m: f"grad {name}: {m}")
+
+
+# --------------------------------------------------------------------------- construction and state
+
+
+@pytest.mark.parametrize("cfg", [{}, dict(kdim=7, vdim=5), dict(bias=False), dict(add_bias_kv=True), dict(kdim=7)])
+def test_same_initialisation_and_state_dict(cfg):
+    torch.manual_seed(3)
+    mha = nn.MultiheadAttention(E, H, **cfg)
+    torch.manual_seed(3)
+    cma = CrossModalAttention(E, H, **cfg)
+    assert [n for n, _ in cma.named_parameters()] == [n for n, _ in mha.named_parameters()]
+    ref, ours = mha.state_dict(), cma.state_dict()
+    assert list(ours) == list(ref)
+    for name in ref:
+        torch.testing.assert_close(ours[name], ref[name], atol=0, rtol=0)
+    assert type(cma.out_proj) is type(mha.out_proj)
+    # Both directions load strictly.
+    mha.load_state_dict(cma.state_dict())
+    cma.load_state_dict(mha.state_dict())
+
+
+def test_from_module_shares_parameters_and_to_module_round_trips():
+    mha = nn.MultiheadAttention(E, H, kdim=7, vdim=5, add_bias_kv=True, batch_first=True).eval()
+    cma = CrossModalAttention.from_module(mha)
+    assert not cma.training and cma.batch_first and cma.kdim == 7 and cma.vdim == 5
+    assert cma.q_proj_weight is mha.q_proj_weight and cma.bias_k is mha.bias_k
+    assert cma.out_proj is mha.out_proj
+    back = cma.to_module()
+    assert type(back) is nn.MultiheadAttention and back.k_proj_weight is mha.k_proj_weight
+    with pytest.raises(TypeError, match="mha"):
+        CrossModalAttention.from_module(nn.Linear(3, 3))
+
+
+def test_pickles_and_repr():
+    cma = CrossModalAttention(E, H, dropout=0.1, kdim=7)
+    buf = io.BytesIO()
+    torch.save(cma, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert loaded.state_dict().keys() == cma.state_dict().keys()
+    assert "num_heads=3" in repr(cma) and "kdim=7" in repr(cma)
+
+
+# --------------------------------------------------------------------------- numerics vs MHA
+
+MASKS = [
+    (None, None),
+    ("bool", None),
+    ("float", None),
+    (None, "bool2"),
+    (None, "float2"),
+    (None, "bool3"),
+    (None, "float3"),
+    ("bool", "bool2"),
+    ("bool", "float3"),
+    ("float", "bool3"),
+    ("float", "float2"),
+]
+
+
+@pytest.mark.parametrize("kpm_kind,mask_kind", MASKS)
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_masks_match_mha(kpm_kind, mask_kind, batch_first, need_weights):
+    mha, cma = make_pair(batch_first=batch_first)
+    B, Lq, Lk = 3, 5, 6
+    inputs = make_inputs(mha, B, Lq, Lk, sharing="kv")
+    assert_same(
+        mha, cma, inputs,
+        key_padding_mask=make_kpm(kpm_kind, B, Lk),
+        attn_mask=make_attn_mask(mask_kind, B, Lq, Lk),
+        need_weights=need_weights,
+    )
+
+
+PROJECTIONS = [  # (sharing of query/key/value, kdim/vdim)
+    ("self", {}),
+    ("kv", {}),
+    ("distinct", {}),
+    ("kv", dict(kdim=7, vdim=7)),
+    ("distinct", dict(kdim=7, vdim=7)),
+    ("distinct", dict(kdim=7, vdim=5)),
+]
+
+
+@pytest.mark.parametrize("sharing,dims", PROJECTIONS)
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("via", ["from_module", "load_state_dict"])
+def test_projections_match_mha(sharing, dims, batch_first, via):
+    mha, cma = make_pair(batch_first=batch_first, via=via, **dims)
+    B, Lq, Lk = 2, 4, 4 if sharing == "self" else 7
+    inputs = make_inputs(mha, B, Lq, Lk, sharing=sharing)
+    kpm = make_kpm("bool", B, Lk)
+    for need_weights in (False, True):
+        assert_same(mha, cma, inputs, key_padding_mask=kpm, need_weights=need_weights)
+
+
+@pytest.mark.parametrize("bias_kv,zero_attn", [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("kpm_kind,mask_kind", [(None, None), ("bool", "bool3"), ("float", "float2"), ("bool", "float2")])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_bias_kv_and_zero_attn_match_mha(bias_kv, zero_attn, kpm_kind, mask_kind, batch_first):
+    mha, cma = make_pair(batch_first=batch_first, add_bias_kv=bias_kv, add_zero_attn=zero_attn, kdim=7, vdim=7)
+    B, Lq, Lk = 2, 3, 5
+    inputs = make_inputs(mha, B, Lq, Lk, sharing="kv")
+    masks = dict(key_padding_mask=make_kpm(kpm_kind, B, Lk), attn_mask=make_attn_mask(mask_kind, B, Lq, Lk))
+    for need_weights in (False, True):
+        assert_same(mha, cma, inputs, need_weights=need_weights, **masks)
+
+
+@pytest.mark.parametrize(
+    "B,Lq,Lk,embed,heads",
+    [(1, 1, 1, 4, 1), (2, 1, 9, 12, 3), (3, 17, 1, 12, 4), (2, 3, 123, 6, 2), (5, 17, 3, 15, 5)],
+)
+def test_odd_sizes_match_mha(B, Lq, Lk, embed, heads):
+    mha, cma = make_pair(embed_dim=embed, num_heads=heads)
+    inputs = make_inputs(mha, B, Lq, Lk)
+    masks = dict(key_padding_mask=make_kpm("bool", B, Lk), attn_mask=make_attn_mask("bool3", B, Lq, Lk, heads=heads))
+    for need_weights, average in ((False, True), (True, True), (True, False)):
+        assert_same(mha, cma, inputs, need_weights=need_weights, average_attn_weights=average, **masks)
+
+
+@pytest.mark.parametrize("mask_kind", [None, "bool2", "float2", "bool3"])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_unbatched_matches_mha(mask_kind, batch_first):
+    mha, cma = make_pair(batch_first=batch_first)
+    Lq, Lk = 4, 6
+    inputs = make_inputs(mha, 1, Lq, Lk, batched=False)
+    masks = dict(key_padding_mask=make_kpm("bool", 1, Lk, batched=False), attn_mask=make_attn_mask(mask_kind, 1, Lq, Lk))
+    for need_weights, average in ((False, True), (True, True), (True, False)):
+        assert_same(mha, cma, inputs, need_weights=need_weights, average_attn_weights=average, **masks)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_train_and_eval_modes_match_mha(train):
+    # dropout=0 in both: training mode must not change anything else.
+    mha, cma = make_pair(batch_first=True)
+    mha.train(train)
+    cma.train(train)
+    inputs = make_inputs(mha, 2, 5, 5, sharing="self")
+    assert_same(mha, cma, inputs, key_padding_mask=make_kpm("bool", 2, 5), need_weights=False)
+
+
+def test_eval_fast_path_conditions_match_mha():
+    # Under no_grad in eval with batch_first self-attention, MHA takes its native fused path;
+    # our module must agree with it too.
+    mha, cma = make_pair(batch_first=True, dtype=torch.float32)
+    mha.eval(), cma.eval()
+    x = torch.randn(2, 5, E)
+    kpm = make_kpm("bool", 2, 5)
+    with torch.no_grad():
+        ref, _ = mha(x, x, x, key_padding_mask=kpm, need_weights=False)
+        ours, _ = cma(x, x, x, key_padding_mask=kpm, need_weights=False)
+    # The native path returns zeros at padded query positions of nested-tensor inputs only; with a
+    # dense input every row is a real row.
+    torch.testing.assert_close(ours, ref, **TOL[torch.float32])
+
+
+def test_is_causal_hint_matches_mha():
+    mha, cma = make_pair(batch_first=True)
+    L = 6
+    causal = nn.Transformer.generate_square_subsequent_mask(L, dtype=torch.float64)
+    inputs = make_inputs(mha, 2, L, L, sharing="self")
+    for need_weights in (False, True):
+        assert_same(mha, cma, inputs, attn_mask=causal, is_causal=True, need_weights=need_weights)
+    with pytest.raises(ValueError, match="is_causal"):
+        cma(*inputs, is_causal=True)
+
+
+# --------------------------------------------------------------------------- fully masked rows
+
+
+def _dead_row_case(how, B=2, Lq=4, Lk=5):
+    """Masks under which some query rows see no key, and those rows as a (B, Lq) bool."""
+    dead = torch.zeros(B, Lq, dtype=torch.bool)
+    if how == "kpm":
+        kpm = torch.zeros(B, Lk, dtype=torch.bool)
+        kpm[1] = True  # batch 1 sees nothing at all
+        dead[1] = True
+        return dict(key_padding_mask=kpm), dead
+    blocked = torch.zeros(Lq, Lk, dtype=torch.bool)
+    blocked[2] = True  # query 2 sees nothing, in every batch
+    dead[:, 2] = True
+    if how == "float":
+        return dict(attn_mask=torch.zeros(Lq, Lk, dtype=torch.float64).masked_fill(blocked, float("-inf"))), dead
+    return dict(attn_mask=blocked), dead
+
+
+@pytest.mark.parametrize("how", ["kpm", "attn_mask", "float"])
+def test_fully_masked_rows_without_weights_match_mha(how):
+    # MHA's need_weights=False path (SDPA) already gives a zero attention result on such rows in
+    # this torch; ours must agree, gradients included.
+    mha, cma = make_pair(batch_first=True)
+    masks, dead = _dead_row_case(how)
+    inputs = make_inputs(mha, 2, 4, 5)
+    assert_same(mha, cma, inputs, need_weights=False, **masks)
+
+
+@pytest.mark.parametrize("how", ["kpm", "attn_mask", "float"])
+def test_fully_masked_rows_with_weights_give_zeros_where_mha_gives_nan(how):
+    mha, cma = make_pair(batch_first=True)
+    masks, dead = _dead_row_case(how)
+    inputs = make_inputs(mha, 2, 4, 5)
+    with torch.no_grad():
+        ref, ref_w = mha(*inputs, **masks)
+    assert torch.isnan(ref[dead]).all(), "nn.MultiheadAttention's weights path gives NaN on a row that sees no key"
+
+    out, weights = cma(*inputs, average_attn_weights=False, **masks)
+    # The attention result of a dead row is zero, so the module output there is out_proj's bias.
+    torch.testing.assert_close(out[dead], cma.out_proj.bias.detach().expand(int(dead.sum()), E))
+    torch.testing.assert_close(out[~dead], ref[~dead], **TOL[torch.float64])
+    assert (weights.permute(0, 2, 1, 3)[dead] == 0).all()
+    torch.testing.assert_close(weights.mean(1)[~dead], ref_w[~dead], **TOL[torch.float64])
+    (out.sum() + weights.sum()).backward()
+    for x in inputs:
+        assert torch.isfinite(x.grad).all()
+    for name, p in cma.named_parameters():
+        assert torch.isfinite(p.grad).all(), name
+    # A query that sees no key gets no gradient.
+    assert (inputs[0].grad[dead] == 0).all()
+
+
+# --------------------------------------------------------------------------- dropout
+
+
+def test_dropout_same_seed_same_result_forward_and_backward():
+    _, cma = make_pair(batch_first=True, dropout=0.3, dtype=torch.float32)
+    cma.train()
+    inputs = make_inputs(cma, 2, 6, 7, dtype=torch.float32)
+    results = []
+    for _ in range(2):
+        torch.manual_seed(42)
+        results.append(run(cma, inputs, need_weights=False))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=0, rtol=0)
+    for name in results[0][2]:
+        torch.testing.assert_close(results[0][2][name], results[1][2][name], atol=0, rtol=0)
+    torch.manual_seed(43)
+    other = run(cma, inputs, need_weights=False)
+    assert not torch.equal(other[0], results[0][0])
+    # Eval turns dropout off: deterministic, and equal to MHA.
+    cma.eval()
+    assert torch.equal(cma(*inputs, need_weights=False)[0], cma(*inputs, need_weights=False)[0])
+
+
+def test_dropout_is_unbiased():
+    # E[dropout(P)] = P (kept weights are scaled by 1/(1-p)), so the mean over many independent
+    # draws approaches the eval output. The draws are the rows of one big batch of copies.
+    _, cma = make_pair(batch_first=True, dropout=0.5, dtype=torch.float64)
+    q, k, v = (x.detach() for x in make_inputs(cma, 1, 3, 4))
+    n = 4000
+    with torch.no_grad():
+        cma.eval()
+        expected = cma(q, k, v, need_weights=False)[0][0]
+        cma.train()
+        torch.manual_seed(0)
+        samples = cma(q.expand(n, -1, -1), k.expand(n, -1, -1), v.expand(n, -1, -1), need_weights=False)[0]
+    spread = samples.std(0)
+    assert (spread > 0).all(), "every draw was the same: dropout did nothing"
+    # Within 5 standard errors of the mean, everywhere.
+    assert ((samples.mean(0) - expected).abs() <= 5 * spread / n**0.5).all()
+
+
+def test_dropout_need_weights_matches_mha_bitwise_seeded():
+    # The need_weights path does MHA's operations in MHA's order, so the same seed draws the same
+    # dropout mask: outputs and returned (dropped-out) weights agree.
+    mha, cma = make_pair(dropout=0.4)
+    mha.train(), cma.train()
+    inputs = make_inputs(mha, 2, 4, 5)
+    torch.manual_seed(7)
+    ref = run(mha, inputs, average_attn_weights=False)
+    torch.manual_seed(7)
+    ours = run(cma, inputs, average_attn_weights=False)
+    torch.testing.assert_close(ours[0], ref[0], **TOL[torch.float64])
+    torch.testing.assert_close(ours[1], ref[1], **TOL[torch.float64])
+
+
+# --------------------------------------------------------------------------- dtypes
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_float32_matches_mha(need_weights):
+    mha, cma = make_pair(dtype=torch.float32, batch_first=True, kdim=7, vdim=7)
+    B, Lq, Lk = 2, 9, 11
+    inputs = make_inputs(mha, B, Lq, Lk, sharing="kv", dtype=torch.float32)
+    assert_same(mha, cma, inputs, key_padding_mask=make_kpm("bool", B, Lk),
+                attn_mask=make_attn_mask("float2", B, Lq, Lk, dtype=torch.float32), need_weights=need_weights)
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_bfloat16_error_is_no_worse_than_mha(need_weights):
+    # Both run in bfloat16 against a float64 oracle with the same (bf16-rounded) weights.
+    mha, cma = make_pair(dtype=torch.bfloat16, batch_first=True)
+    oracle = copy.deepcopy(mha).double()
+    B, Lq, Lk = 2, 16, 24
+    q, k, v = (x.detach() for x in make_inputs(mha, B, Lq, Lk, dtype=torch.bfloat16))
+    kpm = make_kpm("bool", B, Lk)
+    with torch.no_grad():
+        exact = oracle(q.double(), k.double(), v.double(), key_padding_mask=kpm, need_weights=False)[0]
+        ref = mha(q, k, v, key_padding_mask=kpm, need_weights=need_weights)[0]
+        ours = cma(q, k, v, key_padding_mask=kpm, need_weights=need_weights)[0]
+    assert ours.dtype == torch.bfloat16
+    err_ours = (ours.double() - exact).abs().max().item()
+    err_ref = (ref.double() - exact).abs().max().item()
+    assert err_ours <= 2 * err_ref + 1e-2, (err_ours, err_ref)
+    # And the backward runs in bfloat16.
+    q.requires_grad_(True)
+    cma(q, k, v, key_padding_mask=kpm, need_weights=need_weights)[0].float().sum().backward()
+    assert q.grad.dtype == torch.bfloat16 and torch.isfinite(q.grad.float()).all()
+
+
+# --------------------------------------------------------------------------- the op is what runs
+
+
+def test_attention_core_is_the_op_fed_views_of_one_projection(monkeypatch):
+    calls = []
+    real = ops.cross_modal_attention
+
+    def spy(q, k, v, **kwargs):
+        calls.append((q, k, v, kwargs))
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(ops, "cross_modal_attention", spy)
+    _, cma = make_pair(batch_first=True, dtype=torch.float32)
+    x = torch.randn(2, 5, E)
+    kpm = make_kpm("bool", 2, 5)
+    cma(x, x, x, key_padding_mask=kpm, need_weights=False)
+    (q, k, v, kwargs), = calls
+    # Self-attention: one GEMM; q, k, v are strided views of its output (no copies).
+    assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+    assert q.shape == (2, H, 5, E // H) and not q.is_contiguous()
+    assert kwargs["key_padding_mask"] is kpm and kwargs["attn_mask"] is None
+    # Cross-attention with key is value: K and V from one GEMM.
+    calls.clear()
+    mem = torch.randn(2, 7, E)
+    cma(x, mem, mem, need_weights=False)
+    (q, k, v, _), = calls
+    assert k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr() != q.untyped_storage().data_ptr()
+
+
+def test_2d_attn_mask_is_not_expanded(monkeypatch):
+    seen = {}
+    real = ops.cross_modal_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.update(kwargs)
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(ops, "cross_modal_attention", spy)
+    _, cma = make_pair(batch_first=True, dtype=torch.float32)
+    x = torch.randn(4, 5, E)
+    mask = make_attn_mask("bool2", 4, 5, 5)
+    cma(x, x, x, attn_mask=mask, need_weights=False)
+    assert seen["attn_mask"].shape == (5, 5) and seen["attn_mask"].dtype == torch.bool
+    assert torch.equal(seen["attn_mask"], ~mask)  # the op's convention: True = may attend
+
+
+# --------------------------------------------------------------------------- compile and export
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    torch._dynamo.reset()
+    _, cma = make_pair(batch_first=True, dtype=torch.float32, kdim=7, vdim=7)
+    B, Lq, Lk = 2, 5, 6
+    inputs = make_inputs(cma, B, Lq, Lk, sharing="kv", dtype=torch.float32)
+    kpm = make_kpm("bool", B, Lk)
+    mask = make_attn_mask("bool2", B, Lq, Lk)
+    eager = run(cma, inputs, key_padding_mask=kpm, attn_mask=mask, need_weights=False)
+    compiled = torch.compile(cma, fullgraph=True)
+    got = run(compiled, inputs, key_padding_mask=kpm, attn_mask=mask, need_weights=False)
+    torch.testing.assert_close(got[0], eager[0])
+    for name in eager[2]:
+        key = name if name in got[2] else f"_orig_mod.{name}"
+        torch.testing.assert_close(got[2][key], eager[2][name])
+
+
+def test_torch_export():
+    _, cma = make_pair(batch_first=True, dtype=torch.float32)
+    cma.eval()
+    q, k = torch.randn(2, 5, E), torch.randn(2, 7, E)
+    kpm = make_kpm("bool", 2, 7)
+
+    class Wrapper(nn.Module):  # export wants positional tensors and a tensor output
+        def __init__(self, attn):
+            super().__init__()
+            self.attn = attn
+
+        def forward(self, q, k, kpm):
+            return self.attn(q, k, k, key_padding_mask=kpm, need_weights=False)[0]
+
+    model = Wrapper(cma)
+    exported = torch.export.export(model, (q, k, kpm))
+    torch.testing.assert_close(exported.module()(q, k, kpm), model(q, k, kpm))
+    assert any("mmkernels" in str(n.target) for n in exported.graph.nodes if n.op == "call_function")
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_constructor_errors_name_the_argument():
+    with pytest.raises(ValueError, match="embed_dim"):
+        CrossModalAttention(10, 3)
+    with pytest.raises(ValueError, match="num_heads"):
+        CrossModalAttention(12, 0)
+    with pytest.raises(ValueError, match="dropout"):
+        CrossModalAttention(12, 3, dropout=1.5)
+
+
+@pytest.mark.parametrize(
+    "change,arg",
+    [
+        (dict(query=torch.randn(2, 5, E + 1)), "query"),
+        (dict(query=torch.randn(2, 5, 3, E)), "query"),
+        (dict(key=torch.randn(2, 6, E + 2)), "key"),
+        (dict(value=torch.randn(2, 6, E + 2)), "value"),
+        (dict(key=torch.randn(3, 6, E), value=torch.randn(3, 6, E)), "key"),
+        (dict(value=torch.randn(2, 4, E)), "value"),
+        (dict(key=torch.randn(6, E)), "key"),
+        (dict(key_padding_mask=torch.zeros(2, 5, dtype=torch.bool)), "key_padding_mask"),
+        (dict(key_padding_mask=torch.zeros(6, dtype=torch.bool)), "key_padding_mask"),
+        (dict(key_padding_mask=torch.zeros(2, 6, dtype=torch.int64)), "key_padding_mask"),
+        (dict(attn_mask=torch.zeros(5, 5, dtype=torch.bool)), "attn_mask"),
+        (dict(attn_mask=torch.zeros(2, 5, 6, dtype=torch.bool)), "attn_mask"),
+        (dict(attn_mask=torch.zeros(1, 2 * H, 5, 6, dtype=torch.bool)), "attn_mask"),
+        (dict(attn_mask=torch.zeros(5, 6, dtype=torch.int32)), "attn_mask"),
+    ],
+)
+def test_forward_errors_name_the_argument(change, arg):
+    cma = CrossModalAttention(E, H, batch_first=True)
+    args = dict(query=torch.randn(2, 5, E), key=torch.randn(2, 6, E), value=torch.randn(2, 6, E))
+    args.update(change)
+    with pytest.raises(ValueError, match=f"'{arg}'"):
+        cma(**args, need_weights=False)
+
+
+def test_public_exports():
+    assert mmkernels.nn.CrossModalAttention is CrossModalAttention
