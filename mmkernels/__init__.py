@@ -10,3 +10,8 @@ from .ops import cross_modal_attention, fused_concat_linear, low_rank_fusion
 __version__ = "0.1.0"
 
 __all__ = ["cross_modal_attention", "fused_concat_linear", "low_rank_fusion", "nn", "build_info", "__version__"]
+
+# Swapping standard fusion layers of existing models for the fused ones.
+from .convert import ConversionReport, convert, revert  # noqa: E402
+
+__all__ += ["convert", "revert", "ConversionReport"]
