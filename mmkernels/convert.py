@@ -9,7 +9,10 @@ Two rewrites, each optional:
   modules kept opaque, ``nn.Sequential`` containers looked into), ``linear(torch.cat([...], dim))``
   -- ``nn.Linear`` called on a cat, or ``F.linear(cat, w, b)`` -- becomes ``fused_concat_linear``
   on the Linear's own parameters, fusing a directly following activation where the op has it.
-  The rewritten ``forward`` is installed on that module instance only; the module keeps its
+  With ``attention`` too, in the same traced code, a swapped attention call whose weights are
+  never read (``attn(q, k, v)[0]`` under MHA's default ``need_weights=True``) gets
+  ``need_weights=False``: the fused path instead of materialised weights.
+  A rewritten ``forward`` is installed on that module instance only; the module keeps its
   class, children, parameters and buffers, so ``state_dict`` keys and values are unchanged and
   ``load_state_dict`` works both ways with the unconverted class.
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import operator
 import types
 import warnings
 
@@ -80,8 +84,8 @@ def convert(model: nn.Module, *, attention: bool = True, concat_linear: bool = T
     report = ConversionReport()
     if attention:
         _swap_attention(model, report)
-    if concat_linear:
-        _rewrite_concat_linear(model, report)
+    if attention or concat_linear:
+        _rewrite_forwards(model, report, attention=attention, concat_linear=concat_linear)
     model.mmkernels_report = report
     return model
 
@@ -216,7 +220,9 @@ def _is_candidate(module: nn.Module) -> bool:
     return not (forward is not None and getattr(forward, _REWRITTEN, False))  # already converted
 
 
-def _rewrite_concat_linear(model: nn.Module, report: ConversionReport) -> None:
+def _rewrite_forwards(model: nn.Module, report: ConversionReport, *, attention: bool, concat_linear: bool) -> None:
+    """Trace each user module's own forward and rewrite what it can; install the result on the
+    instance only where something changed."""
     seen = set()
     for path, module in model.named_modules():
         if id(module) in seen or not _is_candidate(module):
@@ -231,7 +237,8 @@ def _rewrite_concat_linear(model: nn.Module, report: ConversionReport) -> None:
             reason = f"{type(err).__name__}: {err}".splitlines()[0][:200]
             report.skipped.append((path, f"{type(module).__name__}.forward does not trace with torch.fx ({reason})"))
             continue
-        found = _fuse_in_graph(module, graph, report, path)
+        found = _fuse_in_graph(module, graph, report, path) if concat_linear else 0
+        found += _skip_unused_weights(module, graph, report, path) if attention else 0
         if not found:
             continue
         graph.lint()
@@ -275,6 +282,37 @@ def _fuse_in_graph(module, graph: fx.Graph, report: ConversionReport, path: str)
         report.replaced.append((path, f"{what}(torch.cat([{len(tensors)} inputs])){act} -> fused_concat_linear"))
         count += 1
     return count
+
+
+def _skip_unused_weights(module, graph: fx.Graph, report: ConversionReport, path: str) -> int:
+    """attn(q, k, v)[0] with MHA's default need_weights=True materialises weights nobody reads;
+    pass need_weights=False instead, which is the fused path. (Code written for MHA does this a
+    lot: MulT's blocks, most cross-attention layers.)"""
+    count = 0
+    for node in graph.nodes:
+        if node.op != "call_module" or type(module.get_submodule(node.target)) is not CrossModalAttention:
+            continue
+        if not node.users or not all(_reads_output_only(user) for user in node.users):
+            continue
+        if len(node.args) > 4:  # need_weights passed positionally
+            if node.args[4] is not True:
+                continue
+            node.args = (*node.args[:4], False, *node.args[5:])
+        else:
+            if node.kwargs.get("need_weights", True) is not True:
+                continue
+            node.kwargs = {**node.kwargs, "need_weights": False}
+        report.replaced.append((path, f"{node.target}(...)[0]: weights never read, so need_weights=False (the fused path)"))
+        count += 1
+    return count
+
+
+def _reads_output_only(user: fx.Node) -> bool:
+    """user is result[0], or an unused result[1] (what `out, _ = attn(...)` traces to)."""
+    if user.op != "call_function" or user.target is not operator.getitem:
+        return False
+    index = user.args[1]
+    return isinstance(index, int) and (index == 0 or (index == 1 and not user.users))
 
 
 def _match_linear(module, node):

@@ -125,6 +125,20 @@ class Outer(nn.Module):
         return self.bad(a, b).sum(-1, keepdim=True) + self.fusion(torch.cat([a, b], -1)).sum(-1, keepdim=True) + y
 
 
+class WeightsReaders(nn.Module):
+    """Three ways of calling attention: convert may drop the weights only where nobody reads them."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = (nn.MultiheadAttention(8, 2, batch_first=True) for _ in range(3))
+
+    def forward(self, x, y):
+        out_a, _ = self.a(x, y, y)  # weights discarded
+        out_b, weights = self.b(x, y, y)  # weights read
+        out_c = self.c(x, y, y, None, True)[0]  # need_weights passed positionally
+        return out_a + out_b + out_c + weights.sum(-1, keepdim=True)
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -247,9 +261,23 @@ def test_mult_style_model(monkeypatch):
         model.train(train), converted.train(train)
         assert_equivalent(model, converted, inputs)
     assert len(fcl_calls) == 2
-    # CrossModalBlock calls attention with MHA's default need_weights=True, which materialises the
-    # weights; only the encoder layer (need_weights=False) reaches the fused op.
-    assert len(attn_calls) == 2
+    # CrossModalBlock calls attn(...)[0] under MHA's default need_weights=True; convert saw that the
+    # weights are never read and passes need_weights=False, so all five attentions run the fused op.
+    assert len(attn_calls) == 2 * 5
+    assert sum("need_weights=False" in what for _, what in report.replaced) == 4
+
+
+def test_need_weights_dropped_only_where_weights_are_unread(monkeypatch):
+    torch.manual_seed(10)
+    model = WeightsReaders()
+    converted = mmkernels.convert(model)
+    dropped = [what for _, what in converted.mmkernels_report.replaced if "need_weights=False" in what]
+    assert [d.split("(")[0] for d in dropped] == ["a", "c"]
+    calls = count_calls(monkeypatch, "cross_modal_attention")
+    assert_equivalent(model, converted, [torch.randn(2, 3, 8), torch.randn(2, 5, 8)])
+    assert len(calls) == 2  # a and c on the fused path; b still returns its weights
+    plain = mmkernels.convert(model, attention=False)  # nothing swapped, so nothing to drop
+    assert plain.mmkernels_report.replaced == [] and "forward" not in plain.__dict__
 
 
 # --------------------------------------------------------------------------- three modalities
@@ -299,6 +327,24 @@ def test_converted_model_trains_saves_and_reloads_into_the_original_class():
         torch.testing.assert_close(fresh(*inputs), converted(*inputs), **TOL)
     # And back: an unconverted state_dict loads into the converted model.
     converted.load_state_dict(MulT().state_dict())
+
+
+def test_converted_model_compiles_fullgraph():
+    torch._dynamo.reset()
+    torch.manual_seed(11)
+    model = nn.ModuleDict({"fuse": ThreeModal(), "block": CrossModalBlock(16, 4)})
+    converted = mmkernels.convert(model)
+
+    def step(m, a, b, c, seq):
+        h = m["fuse"](a, b, c)  # (B, 10)
+        return m["block"](seq, seq).sum() + h.sum()
+
+    inputs = three_modal_inputs(B=3) + [torch.randn(4, 3, 16)]
+    expected = step(converted, *inputs)
+    compiled = torch.compile(lambda *xs: step(converted, *xs), fullgraph=True, backend="aot_eager")
+    got = compiled(*inputs)
+    torch.testing.assert_close(got, expected, **TOL)
+    got.backward()
 
 
 def test_copies_and_whole_model_pickles_keep_working():
