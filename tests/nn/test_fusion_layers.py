@@ -278,7 +278,6 @@ def test_film_feature_maps_and_several_conditions(dtype):
     c1, c2 = (torch.randn(2, d, dtype=dtype, requires_grad=True) for d in (4, 1))
     out = m(x, [c1, c2])
     assert out.shape == x.shape
-    module_vs_reference(lambda x, *c: m(x, list(c)), (x, c1, c2), film_ref(1)) if False else None
     params = dict(m.named_parameters())
     ref = reference.film(up(x), torch.cat([up(c1), up(c2)], -1), up(params["proj.weight"]),
                          up(params["proj.bias"]), dim=1)
@@ -296,3 +295,149 @@ def test_film_per_token_condition_and_errors():
         m(x, torch.randn(3, 2))
     with pytest.raises(ValueError, match=r"'cond\[0\]'"):
         m(x, torch.randn(2, 3))
+
+
+# --------------------------------------------------------------------------- attention fusion layers
+
+from torch import nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from mmkernels.nn import GatedCrossAttention, ModalityGraphAttention  # noqa: E402
+
+
+class EagerGatedCrossAttention(nn.Module):
+    """The block in plain PyTorch (nn.MultiheadAttention, nn.Linear + GELU); same state_dict keys."""
+
+    def __init__(self, dim, heads, media_dim, ff_mult, bias=True, dtype=None):
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(dim, dtype=dtype)
+        self.attn = nn.MultiheadAttention(dim, heads, bias=bias, kdim=media_dim, vdim=media_dim, batch_first=True,
+                                          dtype=dtype)
+        self.attn_gate = nn.Parameter(torch.zeros(1, dtype=dtype))
+        self.ff_norm = nn.LayerNorm(dim, dtype=dtype)
+        self.ff_in = nn.Linear(dim, dim * ff_mult, bias=bias, dtype=dtype)
+        self.ff_out = nn.Linear(dim * ff_mult, dim, bias=bias, dtype=dtype)
+        self.ff_gate = nn.Parameter(torch.zeros(1, dtype=dtype))
+
+    def forward(self, x, media, media_key_padding_mask=None):
+        a, _ = self.attn(self.attn_norm(x), media, media, key_padding_mask=media_key_padding_mask, need_weights=False)
+        x = x + torch.tanh(self.attn_gate) * a
+        return x + torch.tanh(self.ff_gate) * self.ff_out(F.gelu(self.ff_in(self.ff_norm(x))))
+
+
+def gca_pair(dim, heads, media_dim, ff_mult, dtype, bias=True):
+    ours = GatedCrossAttention(dim, heads, media_dim=media_dim, ff_mult=ff_mult, bias=bias, dtype=dtype)
+    with torch.no_grad():
+        ours.attn_gate.fill_(0.7)  # open the gates (they start closed: the block is then the identity)
+        ours.ff_gate.fill_(-0.4)
+        for p in ours.parameters():
+            if p.dim() == 1 and p.numel() > 1:
+                p.add_(0.1 * torch.randn_like(p))  # non-trivial biases and LayerNorm affines
+    ref = EagerGatedCrossAttention(dim, heads, media_dim, ff_mult, bias=bias, dtype=torch.float64)
+    ref.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
+    return ours, ref
+
+
+def compare_modules(ours, ref, args, args_ref, mask_out=None):
+    out, out_r = ours(*args), ref(*args_ref)
+    assert_close(out, out_r, out.dtype)
+    g = torch.randn_like(out)
+    out.backward(g)
+    out_r.backward(g.double())
+    params_r = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        assert_close(p.grad, params_r[name].grad, p.dtype)
+    for a, a_r in zip(args, args_ref):
+        if isinstance(a, torch.Tensor) and a.requires_grad:
+            assert_close(a.grad, a_r.grad, a.dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim,heads,media_dim,L,M,ff_mult", [(16, 4, 12, 5, 7, 2), (6, 3, None, 1, 17, 1),
+                                                              (12, 1, 5, 3, 1, 3)])
+@pytest.mark.parametrize("train", [True, False])
+def test_gated_cross_attention_matches_eager(dtype, dim, heads, media_dim, L, M, ff_mult, train):
+    ours, ref = gca_pair(dim, heads, media_dim, ff_mult, dtype)
+    ours.train(train), ref.train(train)
+    x = torch.randn(3, L, dim, dtype=dtype, requires_grad=True)
+    media = torch.randn(3, M, media_dim or dim, dtype=dtype, requires_grad=True)
+    mask = torch.rand(3, M) < 0.4
+    mask[:, 0] = False  # every sample keeps a key: nn.MultiheadAttention returns NaN otherwise
+    compare_modules(ours, ref, (x, media, mask), (up(x), up(media), mask))
+
+
+def test_gated_cross_attention_identity_at_init_and_fully_padded_media():
+    block = GatedCrossAttention(8, 2, media_dim=4)
+    x, media = torch.randn(2, 3, 8), torch.randn(2, 5, 4)
+    torch.testing.assert_close(block(x, media), x)  # both gates start at 0
+    with torch.no_grad():
+        block.attn_gate.fill_(1.0)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[1] = True  # sample 1 sees no media: the attention adds zeros, not NaN
+    x.requires_grad_()
+    out = block(x, media, mask)
+    torch.testing.assert_close(out[1], x[1])
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_gated_cross_attention_errors():
+    block = GatedCrossAttention(8, 2, media_dim=4)
+    x, media = torch.randn(2, 3, 8), torch.randn(2, 5, 4)
+    with pytest.raises(ValueError, match=r"'x'.*\(batch, length, 8\)"):
+        block(x[..., :7], media)
+    with pytest.raises(ValueError, match=r"'media'.*\(2, media_length, 4\)"):
+        block(x, media[:1])
+    with pytest.raises(ValueError, match=r"'media_key_padding_mask'.*\(2, 5\)"):
+        block(x, media, torch.zeros(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"'media_key_padding_mask'"):
+        block(x, media, torch.zeros(2, 5))
+    with pytest.raises(ValueError, match=r"'embed_dim'"):
+        GatedCrossAttention(9, 2)
+
+
+def graph_attention_reference(x, adjacency, p, heads):
+    """Attention across modalities with the mask applied to materialised scores; rows with no
+    neighbour give zeros (softmax of all -inf is NaN here: replaced by 0)."""
+    b, m, d = x.shape
+    q, k, v = F.linear(x, p["qkv.weight"], p["qkv.bias"]).unflatten(-1, (3, heads, d // heads)).permute(2, 0, 3, 1, 4)
+    scores = q @ k.transpose(-1, -2) / (d // heads) ** 0.5
+    mask = adjacency if adjacency.dim() == 2 else adjacency[:, None]
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
+    return F.linear((probs @ v).transpose(1, 2).reshape(b, m, d), p["out_proj.weight"], p["out_proj.bias"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d,heads,m", [(12, 3, 3), (5, 1, 1), (16, 4, 6)])
+@pytest.mark.parametrize("batched_adjacency", [False, True])
+def test_modality_graph_attention_matches_reference(dtype, d, heads, m, batched_adjacency):
+    adjacency = torch.rand(m, m) < 0.5
+    adjacency[0] = False  # modality 0 has no neighbour: zeros from the attention
+    layer = ModalityGraphAttention(d, heads, m, adjacency=adjacency, dtype=dtype)
+    x = torch.randn(4, m, d, dtype=dtype, requires_grad=True)
+    call_adj = torch.rand(4, m, m) < 0.6 if batched_adjacency else None
+    out = layer(x, call_adj)
+    params = dict(layer.named_parameters())
+    params_r = {k: up(v) for k, v in params.items()}
+    x_r = up(x)
+    ref = graph_attention_reference(x_r, adjacency if call_adj is None else call_adj, params_r, heads)
+    check(out, ref, [x, *params.values()], [x_r, *params_r.values()])
+
+
+def test_modality_graph_attention_inputs_and_errors():
+    layer = ModalityGraphAttention(8, 2, 3)
+    assert layer.adjacency.all() and "adjacency" in layer.state_dict()
+    feats = {"c": torch.randn(2, 8), "a": torch.randn(2, 8), "b": torch.randn(2, 8)}
+    stacked = torch.stack([feats["a"], feats["b"], feats["c"]], dim=1)
+    torch.testing.assert_close(layer(feats), layer(stacked))
+    torch.testing.assert_close(layer(list(stacked.unbind(1))), layer(stacked))
+    with pytest.raises(ValueError, match=r"'x'.*\(batch, 3, 8\)"):
+        layer(torch.randn(2, 4, 8))
+    with pytest.raises(ValueError, match=r"'adjacency'.*bool"):
+        layer(stacked, torch.ones(3, 3))
+    with pytest.raises(ValueError, match=r"'adjacency'.*\(2, 3, 3\)"):
+        layer(stacked, torch.ones(5, 3, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"'adjacency'"):
+        ModalityGraphAttention(8, 2, 3, adjacency=torch.ones(2, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"'embed_dim'"):
+        ModalityGraphAttention(7, 2, 3)
