@@ -116,32 +116,33 @@ class CrossModalAttention(nn.Module):
 
     # ------------------------------------------------------------------ projections
 
-    def _weights_and_biases(self):
-        """(W_q, W_k, W_v, b_q, b_k, b_v), slices of the packed parameters where they are packed."""
-        e = self.embed_dim
-        b = self.in_proj_bias
-        bq, bk, bv = (None, None, None) if b is None else (b[:e], b[e : 2 * e], b[2 * e :])
-        if self._qkv_same_embed_dim:
-            w = self.in_proj_weight
-            return w[:e], w[e : 2 * e], w[2 * e :], bq, bk, bv
-        return self.q_proj_weight, self.k_proj_weight, self.v_proj_weight, bq, bk, bv
-
     def _project(self, query, key, value):
         """Input projections, each (batch/seq leading dims as given, embed_dim).
 
         One GEMM serves several projections where they share a source tensor and the packed weight
         (self-attention: all three; cross-attention with key is value: K and V), as in
-        nn.MultiheadAttention. The results are column slices of one buffer: no copy is made.
+        nn.MultiheadAttention; its result is split into column views, not copied. Packed
+        parameters are cut with split(), whose backward is one cat: slicing would give each piece
+        a zero-filled full-size gradient to add up.
         """
         e = self.embed_dim
-        wq, wk, wv, bq, bk, bv = self._weights_and_biases()
-        if self._qkv_same_embed_dim and key is value:
-            if query is key:
-                q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).split(e, dim=-1)
-                return q, k, v
-            b_kv = None if self.in_proj_bias is None else self.in_proj_bias[e:]
-            k, v = F.linear(key, self.in_proj_weight[e:], b_kv).split(e, dim=-1)
+        w, b = self.in_proj_weight, self.in_proj_bias
+
+        def cut(t, sizes):
+            return (None,) * len(sizes) if t is None else t.split(sizes)
+
+        if not self._qkv_same_embed_dim:
+            bq, bk, bv = cut(b, [e, e, e])
+            wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        elif key is value and query is key:
+            q, k, v = F.linear(query, w, b).split(e, dim=-1)
+            return q, k, v
+        elif key is value:
+            (wq, wkv), (bq, bkv) = w.split([e, 2 * e]), cut(b, [e, 2 * e])
+            k, v = F.linear(key, wkv, bkv).split(e, dim=-1)
             return F.linear(query, wq, bq), k, v
+        else:
+            (wq, wk, wv), (bq, bk, bv) = w.split(e), cut(b, [e, e, e])
         return F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
 
     def _extend_keys(self, k, v, seq_dim: int):
