@@ -6,7 +6,7 @@ Two rewrites, each optional:
   ``nn.TransformerEncoderLayer.self_attn``, ``nn.TransformerDecoderLayer.multihead_attn``, ...)
   becomes a ``CrossModalAttention`` sharing its parameters, under the same attribute name.
 * concat_linear: in each user-defined module whose ``forward`` traces with ``torch.fx`` (child
-  modules kept opaque, ``nn.Sequential`` containers looked into), ``linear(torch.cat([...], dim))``
+  modules kept opaque, ``nn.Sequential`` containers looked into; an ``fx.GraphModule``'s own graph), ``linear(torch.cat([...], dim))``
   -- ``nn.Linear`` called on a cat, or ``F.linear(cat, w, b)`` -- becomes ``fused_concat_linear``
   on the Linear's own parameters, fusing a directly following activation where the op has it.
   With ``attention`` too, in the same traced code, a swapped attention call whose weights are
@@ -197,7 +197,10 @@ class _ModeDependent(Exception):
 def _trace(module: nn.Module) -> fx.Graph:
     """The graph of module's own forward. fx bakes Python values into the graph, self.training
     among them, so a forward that branches on it (F.dropout(x, p, self.training), ...) would be
-    frozen in one mode: trace in both modes and refuse when the graphs differ."""
+    frozen in one mode: trace in both modes and refuse when the graphs differ. A GraphModule
+    already is a graph: rewrite a copy of it, so that revert can go back to the original."""
+    if isinstance(module, fx.GraphModule):
+        return copy.deepcopy(module.graph)
     mode = module.training
     try:
         graphs = []
@@ -214,7 +217,9 @@ def _trace(module: nn.Module) -> fx.Graph:
 def _is_candidate(module: nn.Module) -> bool:
     """User-defined modules only: torch's own modules hold no linear(cat) and mostly do not trace."""
     cls = type(module)
-    if cls.__module__.startswith(("torch.", "mmkernels.")) or cls in (CrossModalAttention, FusedConcatLinear):
+    if not isinstance(module, fx.GraphModule) and (
+        cls.__module__.startswith(("torch.", "mmkernels.")) or cls in (CrossModalAttention, FusedConcatLinear)
+    ):
         return False
     forward = module.__dict__.get("forward")
     return not (forward is not None and getattr(forward, _REWRITTEN, False))  # already converted

@@ -363,6 +363,19 @@ def test_copies_and_whole_model_pickles_keep_working():
     torch.testing.assert_close(loaded(*inputs), converted(*inputs), **TOL)
 
 
+def test_fx_graph_module_is_rewritten_and_reverted():
+    torch.manual_seed(12)
+    model = ThreeModal()
+    traced = torch.fx.symbolic_trace(model)  # a GraphModule: its graph is used as it is
+    converted = mmkernels.convert(traced)
+    assert len(converted.mmkernels_report.replaced) == 2, converted.mmkernels_report
+    assert list(converted.state_dict()) == list(traced.state_dict())
+    assert_equivalent(model, converted, three_modal_inputs())
+    restored = mmkernels.revert(converted)
+    assert "forward" not in restored.__dict__
+    assert "cat" in restored.code and "_cat_linear" not in restored.code
+
+
 # --------------------------------------------------------------------------- what is left alone
 
 

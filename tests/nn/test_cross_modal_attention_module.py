@@ -86,9 +86,9 @@ def run(module, inputs, **kwargs):
     module.zero_grad(set_to_none=True)
     out, weights = module(*inputs, **kwargs)
     gen = torch.Generator().manual_seed(123)
-    loss = (out * torch.randn(out.shape, generator=gen, dtype=out.dtype)).sum()
+    loss = (out * torch.randn(out.shape, generator=gen, dtype=out.dtype).to(out.device)).sum()
     if weights is not None:
-        loss = loss + (weights * torch.randn(weights.shape, generator=gen, dtype=weights.dtype)).sum()
+        loss = loss + (weights * torch.randn(weights.shape, generator=gen, dtype=weights.dtype).to(weights.device)).sum()
     loss.backward()
     grads = {f"input{i}": x.grad.clone() for i, x in enumerate(inputs) if x.grad is not None}
     grads.update({n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None})
@@ -417,6 +417,36 @@ def test_bfloat16_error_is_no_worse_than_mha(need_weights):
     q.requires_grad_(True)
     cma(q, k, v, key_padding_mask=kpm, need_weights=need_weights)[0].float().sum().backward()
     assert q.grad.dtype == torch.bfloat16 and torch.isfinite(q.grad.float()).all()
+
+
+@pytest.mark.cuda
+def test_cuda_float32_matches_mha():
+    mha, cma = make_pair(dtype=torch.float32, batch_first=True, kdim=7, vdim=7)
+    mha, cma = mha.cuda(), cma.cuda()
+    B, Lq, Lk = 3, 33, 70
+    inputs = [x.detach().cuda().requires_grad_() for x in make_inputs(mha, B, Lq, Lk, sharing="kv", dtype=torch.float32)]
+    inputs[2] = inputs[1]  # keep key is value
+    masks = dict(key_padding_mask=make_kpm("bool", B, Lk).cuda(), attn_mask=make_attn_mask("bool2", B, Lq, Lk).cuda())
+    # Loose: the CUDA kernels may use TF32 tensor cores.
+    assert_same(mha, cma, inputs, tol=dict(atol=2e-3, rtol=2e-3), need_weights=False, **masks)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_half_precision_error_is_no_worse_than_mha(dtype):
+    mha, cma = make_pair(dtype=dtype, batch_first=True)
+    mha, cma = mha.cuda(), cma.cuda()
+    oracle = copy.deepcopy(mha).double()
+    B, Lq, Lk = 2, 40, 64
+    q, k, v = (x.detach().cuda() for x in make_inputs(mha, B, Lq, Lk, dtype=dtype))
+    kpm = make_kpm("bool", B, Lk).cuda()
+    with torch.no_grad():
+        exact = oracle(q.double(), k.double(), v.double(), key_padding_mask=kpm, need_weights=False)[0]
+        ref = mha(q, k, v, key_padding_mask=kpm, need_weights=False)[0]
+        ours = cma(q, k, v, key_padding_mask=kpm, need_weights=False)[0]
+    err_ours = (ours.double() - exact).abs().max().item()
+    err_ref = (ref.double() - exact).abs().max().item()
+    assert err_ours <= 2 * err_ref + 1e-2, (err_ours, err_ref)
 
 
 # --------------------------------------------------------------------------- the op is what runs
