@@ -240,6 +240,20 @@ def test_transformer_encoder_fast_path_in_inference():
     assert_equivalent(model, converted, [x])
 
 
+def test_transformer_encoder_layer_fast_path_calls_merge_masks(monkeypatch):
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True).eval()
+    converted = mmkernels.convert(layer)
+    calls = []
+    real = CrossModalAttention.merge_masks
+    monkeypatch.setattr(CrossModalAttention, "merge_masks", lambda self, *a: (calls.append(1), real(self, *a))[1])
+    x = torch.randn(3, 7, 16)
+    padding = torch.zeros(3, 7, dtype=torch.bool)
+    padding[1, 3:] = True
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x, src_key_padding_mask=padding), layer(x, src_key_padding_mask=padding))
+    assert calls == [1]  # PyTorch's native layer kernel ran, with our module's masks merged as MHA's
+
+
 # --------------------------------------------------------------------------- MulT
 
 
