@@ -62,7 +62,10 @@ def extensions():
                 extra_link_args=link,
             )
         ]
+    # Device code in .cu (nvcc); host-side op code in csrc/cuda/*.cpp (the host compiler: faster, and
+    # the heavy ATen headers stay out of nvcc's warnings-as-errors).
     sources += sorted(glob.glob("csrc/cuda/**/*.cu", recursive=True))
+    sources += sorted(glob.glob("csrc/cuda/**/*.cpp", recursive=True))
     nvcc = opt + [
         "--expt-relaxed-constexpr",
         "-lineinfo",

@@ -1,0 +1,238 @@
+// Forward tensor-core attention kernel (flash-attention-2 style, written for this project).
+//
+// One thread block = 4 warps per (batch, head, tile of kBr = 64 query rows); each warp owns 16 query
+// rows. The Q tile sits in shared memory for the whole block; K and V tiles of kBc = 64 keys stream
+// through two shared-memory buffers with cp.async, so the copy of tile t+1 overlaps the math of
+// tile t. Per key tile, per warp:
+//   S (16 x 64)  = Q K^T           mma.sync m16n8k16, A = Q via ldmatrix, B = K via ldmatrix
+//   scale, masks, online softmax   in registers, base 2 (running max m and partial row sum l)
+//   O (16 x D)  += P V             A = P straight from the S accumulators (re-packed to 16 bit),
+//                                  B = V via ldmatrix.trans
+// At the end O / l goes out through shared memory (16-byte coalesced stores), and
+// lse = (m + log2 l) * ln 2, or +inf for a row that saw no key (out = 0 there).
+//
+// Key tiles outside the batch's visible key range (kv_lengths, leading/trailing key_padding_mask)
+// are never loaded; only the tiles at the range's edges pay the per-element range check, and the
+// per-element mask reads happen only when a mask exists.
+//
+// UNVERIFIED ON A GPU: compiled for sm_80 / sm_90, not yet run. Tests: tests/test_cuda_cross_modal_attention.py.
+#pragma once
+#include "attn_device.cuh"
+
+namespace mmkernels::cuda::attn {
+
+template <int D>
+struct FwdTraits {
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kBr = 16 * kWarps;  // query rows per block
+  static constexpr int kBc = 64;           // keys per tile
+  // Q + 2 x K + 2 x V tiles of 16-bit elements.
+  static constexpr int kSmemBytes = (kBr + 4 * kBc) * D * 2;
+};
+
+template <int D, bool kBF16>
+__global__ void __launch_bounds__(FwdTraits<D>::kThreads) attn_fwd_kernel(const FwdParams p) {
+  using Tr = FwdTraits<D>;
+  constexpr int kBr = Tr::kBr, kBc = Tr::kBc, kThreads = Tr::kThreads;
+  constexpr int kNT = kBc / 8;  // n-tiles of S per warp
+  constexpr int kDT = D / 8;    // n-tiles of O per warp
+  extern __shared__ __align__(128) uint16_t smem[];
+  uint16_t* sQ = smem;
+  uint16_t* sK = sQ + kBr * D;   // [2][kBc][D]
+  uint16_t* sV = sK + 2 * kBc * D;  // [2][kBc][D]
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, t4 = lane % 4;
+  // Flat grid, query tiles of one (b, h) adjacent: they share K and V, which then stay in L2.
+  const int nqt = (p.Lq + kBr - 1) / kBr;
+  const int bh = blockIdx.x / nqt, b = bh / p.H, h = bh % p.H;
+  const int i0 = (blockIdx.x % nqt) * kBr;
+
+  int kbeg = 0, kend = p.Lk;
+  if (p.kv_range != nullptr) kbeg = p.kv_range[2 * b], kend = p.kv_range[2 * b + 1];
+  const int t_first = kbeg / kBc;
+  const int t_last = kend > kbeg ? (kend + kBc - 1) / kBc : t_first;  // tiles [t_first, t_last)
+
+  const uint16_t* qg = static_cast<const uint16_t*>(p.q) + b * p.q_sb + h * p.q_sh;
+  const uint16_t* kg = static_cast<const uint16_t*>(p.k) + b * p.k_sb + h * p.k_sh;
+  const uint16_t* vg = static_cast<const uint16_t*>(p.v) + b * p.v_sb + h * p.v_sh;
+
+  load_tile_async<D, kBr, kThreads>(sQ, qg + i0 * p.q_sl, p.q_sl, p.Lq - i0, qg, tid);
+  if (t_first < t_last) {
+    const int j0 = t_first * kBc;
+    load_tile_async<D, kBc, kThreads>(sK, kg + j0 * p.k_sl, p.k_sl, p.Lk - j0, kg, tid);
+    load_tile_async<D, kBc, kThreads>(sV, vg + j0 * p.v_sl, p.v_sl, p.Lk - j0, vg, tid);
+  }
+  cp_async_commit();
+
+  // This thread's two query rows (mma C-fragment rows g and g + 8 of the warp's 16).
+  const int row[2] = {i0 + warp * 16 + g, i0 + warp * 16 + g + 8};
+  const bool has_mask = p.kpm != nullptr || p.mask_kind != kMaskNone;
+  uint64_t row_key[2] = {0, 0};
+  if (p.dropout) {
+    const uint64_t seed = dropout_seed(p);
+    for (int r = 0; r < 2; ++r) row_key[r] = dropout_row_key(seed, bh, p.Lq, row[r]);
+  }
+
+  float acc[kDT][4];
+#pragma unroll
+  for (int d = 0; d < kDT; ++d) acc[d][0] = acc[d][1] = acc[d][2] = acc[d][3] = 0.0f;
+  float m[2] = {-INFINITY, -INFINITY};
+  float l[2] = {0.0f, 0.0f};  // this thread's partial row sums (its 16 of the 64 columns); summed over the quad at the end
+
+  for (int t = t_first; t < t_last; ++t) {
+    const int buf = (t - t_first) & 1;
+    if (t + 1 < t_last) {
+      const int j1 = (t + 1) * kBc;
+      load_tile_async<D, kBc, kThreads>(sK + (buf ^ 1) * kBc * D, kg + j1 * p.k_sl, p.k_sl, p.Lk - j1, kg, tid);
+      load_tile_async<D, kBc, kThreads>(sV + (buf ^ 1) * kBc * D, vg + j1 * p.v_sl, p.v_sl, p.Lk - j1, vg, tid);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const uint16_t* sKb = sK + buf * kBc * D;
+    const uint16_t* sVb = sV + buf * kBc * D;
+
+    // S = Q K^T for this warp's 16 rows x 64 keys.
+    float s[kNT][4];
+#pragma unroll
+    for (int n = 0; n < kNT; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      uint32_t a[4];
+      ldmatrix_x4(a, sQ + swz<D>(warp * 16 + (lane % 16), ks * 2 + lane / 16));
+#pragma unroll
+      for (int np = 0; np < kNT / 2; ++np) {
+        uint32_t bb[4];
+        ldmatrix_x4(bb, sKb + swz<D>(np * 16 + (lane % 8) + (lane / 16) * 8, ks * 2 + (lane / 8) % 2));
+        mma16816<kBF16>(s[2 * np], a, bb[0], bb[1]);
+        mma16816<kBF16>(s[2 * np + 1], a, bb[2], bb[3]);
+      }
+    }
+
+    // Scale (to base 2) and mask.
+    const int j0 = t * kBc;
+    const bool edge = j0 < kbeg || j0 + kBc > kend;
+#pragma unroll
+    for (int n = 0; n < kNT; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = row[e / 2], j = j0 + n * 8 + 2 * t4 + (e & 1);
+        float x = s[n][e] * p.scale_log2;
+        if (edge && (j < kbeg || j >= kend)) {
+          x = -INFINITY;
+        } else if (has_mask && i < p.Lq) {
+          x += mask_bias_log2(p, b, h, i, j);
+        }
+        s[n][e] = x;
+      }
+    }
+
+    // Online softmax: new running max, rescale of what was accumulated, probabilities in place.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = m[r];
+#pragma unroll
+      for (int n = 0; n < kNT; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
+      mx = quad_max(mx);
+      // A row with nothing visible so far keeps m = -inf; subtracting 0 instead keeps exp2 at 0, not NaN.
+      const float base = mx == -INFINITY ? 0.0f : mx;
+      const float alpha = exp2f(m[r] - base);
+      m[r] = mx;
+      float sum = 0.0f;
+#pragma unroll
+      for (int n = 0; n < kNT; ++n) {
+        s[n][2 * r] = exp2f(s[n][2 * r] - base);
+        s[n][2 * r + 1] = exp2f(s[n][2 * r + 1] - base);
+        sum += s[n][2 * r] + s[n][2 * r + 1];
+      }
+      l[r] = l[r] * alpha + sum;
+#pragma unroll
+      for (int d = 0; d < kDT; ++d) acc[d][2 * r] *= alpha, acc[d][2 * r + 1] *= alpha;
+    }
+
+    // Dropout acts on P V only: the normaliser l is of the undropped probabilities (as on the CPU).
+    if (p.dropout) {
+#pragma unroll
+      for (int n = 0; n < kNT; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[n][e] *= dropout_factor(p, row_key[e / 2], j0 + n * 8 + 2 * t4 + (e & 1));
+      }
+    }
+
+    // O += P V: the S accumulators of n-tiles 2kk and 2kk+1 are exactly the A fragment of k-step kk.
+#pragma unroll
+    for (int kk = 0; kk < kBc / 16; ++kk) {
+      uint32_t a[4];
+      a[0] = pack2<kBF16>(s[2 * kk][0], s[2 * kk][1]);
+      a[1] = pack2<kBF16>(s[2 * kk][2], s[2 * kk][3]);
+      a[2] = pack2<kBF16>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      a[3] = pack2<kBF16>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        uint32_t bb[4];
+        ldmatrix_x4_trans(bb, sVb + swz<D>(kk * 16 + (lane % 8) + ((lane / 8) & 1) * 8, dp * 2 + lane / 16));
+        mma16816<kBF16>(acc[2 * dp], a, bb[0], bb[1]);
+        mma16816<kBF16>(acc[2 * dp + 1], a, bb[2], bb[3]);
+      }
+    }
+    __syncthreads();  // every warp is done with this buffer before the next iteration refills it
+  }
+  cp_async_wait<0>();  // (no key tile at all: the Q copy is still in flight)
+  __syncwarp();
+
+  // Epilogue: O / l through this warp's own 16 rows of sQ (no other warp reads them), then
+  // 16-byte coalesced stores.
+  float inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] = quad_sum(l[r]);
+    inv[r] = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+  }
+#pragma unroll
+  for (int d = 0; d < kDT; ++d) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int rr = warp * 16 + g + 8 * r, col = d * 8 + 2 * t4;
+      *reinterpret_cast<uint32_t*>(sQ + swz<D>(rr, col / 8) + col % 8) =
+          pack2<kBF16>(acc[d][2 * r] * inv[r], acc[d][2 * r + 1] * inv[r]);
+    }
+  }
+  __syncwarp();
+  uint16_t* og = static_cast<uint16_t*>(p.out) + (static_cast<int64_t>(bh) * p.Lq) * D;
+#pragma unroll
+  for (int it = 0; it < 16 * (D / 8) / 32; ++it) {
+    const int idx = lane + it * 32;
+    const int rr = warp * 16 + idx / (D / 8), c = idx % (D / 8);
+    const int i = i0 + rr;
+    if (i < p.Lq) {
+      *reinterpret_cast<uint4*>(og + static_cast<int64_t>(i) * D + c * 8) =
+          *reinterpret_cast<const uint4*>(sQ + swz<D>(rr, c));
+    }
+  }
+  if (t4 == 0) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (row[r] < p.Lq) {
+        p.lse[static_cast<int64_t>(bh) * p.Lq + row[r]] = l[r] > 0.0f ? (m[r] + log2f(l[r])) * kLn2 : INFINITY;
+      }
+    }
+  }
+}
+
+template <int D, bool kBF16>
+void launch_fwd(const FwdParams& p, cudaStream_t stream) {
+  using Tr = FwdTraits<D>;
+  auto kernel = attn_fwd_kernel<D, kBF16>;
+  if (Tr::kSmemBytes > 48 * 1024) {
+    // Above 48 KiB of dynamic shared memory a kernel must opt in (per device, so every launch).
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
+  }
+  const dim3 grid(((p.Lq + Tr::kBr - 1) / Tr::kBr) * p.B * p.H);
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
+}
+
+}  // namespace mmkernels::cuda::attn

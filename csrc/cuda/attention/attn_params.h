@@ -1,0 +1,84 @@
+// Plain-data parameter blocks and launcher declarations shared by the host side of the CUDA
+// cross_modal_attention (cross_modal_attention_cuda.cpp, host compiler) and its kernels (the .cu
+// files here, nvcc). Nothing from ATen here: the .cu files include only CUDA headers, so each of the
+// generated instantiation files compiles quickly and nvcc never sees ATen's warnings.
+//
+// UNVERIFIED ON A GPU: this code has been compiled for sm_80 / sm_90 but has not yet run on a GPU.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace mmkernels::cuda::attn {
+
+// attn_mask as the kernels read it: element (b, h, i, j) at mask[b*s0 + h*s1 + i*s2 + j*s3], stride 0
+// on broadcast dims (the mask is never expanded in memory).
+enum MaskKind : int32_t { kMaskNone = 0, kMaskBool = 1, kMaskFloat = 2 };
+
+struct AttnParams {
+  // q (B, H, Lq, E), k (B, H, Lk, E), v (B, H, Lk, E): last dim contiguous, rows 16-byte aligned.
+  const void* q;
+  const void* k;
+  const void* v;
+  int64_t q_sb, q_sh, q_sl;
+  int64_t k_sb, k_sh, k_sl;
+  int64_t v_sb, v_sh, v_sl;
+  int32_t B, H, Lq, Lk;
+  // softmax scale times log2(e): the kernels work in base 2 (exp2f is one MUFU instruction).
+  float scale_log2;
+  // Per batch the visible key range [kv_range[2b], kv_range[2b+1]) left by kv_lengths and by the
+  // leading / trailing padding of key_padding_mask (attn_key_ranges); null = [0, Lk). Key tiles
+  // outside the range are never loaded.
+  const int32_t* kv_range;
+  // key_padding_mask (B, Lk) contiguous, nonzero = ignore; null if none.
+  const uint8_t* kpm;
+  // attn_mask: bool (uint8, nonzero = may attend) or float32 additive.
+  int32_t mask_kind;
+  const void* mask;
+  int64_t m_sb, m_sh, m_sl, m_sk;
+  // Dropout: element (b, h, i, j) is kept iff dropout_hash(dropout_row_key(seed, b*H+h, Lq, i), j)
+  // >= threshold (csrc/include/dropout_hash.h, the same function as the CPU kernel, so both devices
+  // drop the same elements for the same seed); kept probabilities are scaled by inv_keep.
+  int32_t dropout;
+  uint32_t threshold;
+  float inv_keep;
+  uint64_t seed;            // used when seed_ptr is null
+  const int64_t* seed_ptr;  // a device seed tensor (read in the kernel: no host sync)
+};
+
+struct FwdParams : AttnParams {
+  void* out;   // (B, H, Lq, E) contiguous, q's dtype
+  float* lse;  // (B, H, Lq) contiguous; +inf where a row sees no key
+};
+
+struct BwdParams : AttnParams {
+  const void* dout;  // (B, H, Lq, E), last dim contiguous, rows 16-byte aligned
+  int64_t do_sb, do_sh, do_sl;
+  const float* lse;    // (B, H, Lq) contiguous
+  const float* dsum;   // D = rowsum(dO * O), (B, H, Lq) contiguous
+  float* dq_accum;     // (B, H, Lq, E) contiguous float32, zeroed; receives sum_j dS_ij K_j (unscaled)
+  void* dk;            // (B, H, Lk, E) contiguous, q's dtype
+  void* dv;            // (B, H, Lk, E) contiguous, q's dtype
+};
+
+// The tensor-core kernels: head dim D in {32, 64, 128}; bf16 or fp16 operands. Each instantiation
+// lives in its own generated file (fwd_hdim*_*.cu, bwd_hdim*_*.cu) so that nvcc builds them in parallel.
+template <int D, bool kBF16>
+void launch_fwd(const FwdParams& p, cudaStream_t stream);
+template <int D, bool kBF16>
+void launch_bwd(const BwdParams& p, cudaStream_t stream);
+
+// Helpers (attn_aux.cu).
+// kv_range[2b..2b+1] from kv_lengths (int32, may be null) and key_padding_mask (may be null).
+void launch_key_ranges(const int32_t* lengths, const uint8_t* kpm, int32_t B, int32_t Lk, int32_t* kv_range,
+                       cudaStream_t stream);
+// dsum[r] = sum_d dout[r, d] * out[r, d] over rows r = (b, h, i); out contiguous (B, H, Lq, E).
+void launch_dot_rows(const void* dout, int64_t do_sb, int64_t do_sh, int64_t do_sl, const void* out, int32_t B,
+                     int32_t H, int32_t Lq, int32_t E, bool bf16, float* dsum, cudaStream_t stream);
+// dq[n] = dtype(dq_accum[n] * scale), n < count.
+void launch_finish_dq(const float* dq_accum, float scale, void* dq, int64_t count, bool bf16, cudaStream_t stream);
+// z (B, H, rows, Lk) float or double: 1 where element (b, h, i0 + r, j) is kept by dropout, else 0 -
+// for the ATen fallback path, so that it drops exactly what the kernels drop.
+void launch_dropout_factors(const AttnParams& p, int32_t i0, int32_t rows, void* z, bool dbl, cudaStream_t stream);
+
+}  // namespace mmkernels::cuda::attn

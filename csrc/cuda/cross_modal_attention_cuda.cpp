@@ -1,0 +1,458 @@
+// CUDA kernels of cross_modal_attention (host side): argument checks, mask and dropout set-up, the
+// choice between the tensor-core kernels (csrc/cuda/attention/) and the fallback, and the backward.
+//
+// Paths:
+//  * tensor cores: float16 / bfloat16, head dims E = Ev in {32, 64, 128}, sm_80 or newer. Forward
+//    is one flash-style kernel (attn_fwd.cuh); backward is a D = rowsum(dO * O) pre-pass, one kernel
+//    per key tile (attn_bwd.cuh) with dQ accumulated by float32 atomics, and a dQ convert pass.
+//  * fallback (float32, float64, other head dims, Ev != E, pre-sm_80 devices): the same math as an
+//    ATen composition (cuBLAS GEMMs + elementwise ops) over chunks of query rows, so its extra memory
+//    is bounded by the chunk (~2^26 scores), not O(Lq * Lk). It says once per process which path ran
+//    and why (TORCH_WARN_ONCE). It drops exactly the elements the kernels (and the CPU) drop: the
+//    keep mask comes from the same counter-based hash (csrc/include/dropout_hash.h).
+//
+// Masks are never expanded in memory: attn_mask is read through its (stride-0 where broadcast)
+// strides, key_padding_mask and kv_lengths become a per-batch visible key range (tiles outside it
+// are skipped) plus a per-element check for holes. kv_lengths values outside [0, Lk] are clamped
+// here (the Python wrapper rejects them eagerly; checking here would need a device-to-host sync).
+//
+// UNVERIFIED ON A GPU: this file and the kernels compile for sm_80 / sm_90 but have not yet run on a
+// GPU. tests/test_cuda_cross_modal_attention.py is ready for the first session that has one.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+
+#include "attention/attn_params.h"
+#include "checks.h"
+#include "dropout_hash.h"
+
+namespace mmkernels::cuda {
+namespace {
+
+using attn::AttnParams;
+using attn::BwdParams;
+using attn::FwdParams;
+
+// ------------------------------------------------------------------------------------------ checks
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  MMK_CHECK_ARG(q.dim() == 4, "q", "expected a 4-D (batch, heads, Lq, E) tensor, got shape ", q.sizes());
+  MMK_CHECK_ARG(k.dim() == 4, "k", "expected a 4-D (batch, heads, Lk, E) tensor, got shape ", k.sizes());
+  MMK_CHECK_ARG(v.dim() == 4, "v", "expected a 4-D (batch, heads, Lk, Ev) tensor, got shape ", v.sizes());
+  MMK_CHECK_ARG(q.is_cuda(), "q", "expected a CUDA tensor, got device ", q.device());
+  const auto dt = q.scalar_type();
+  MMK_CHECK_ARG(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat || dt == at::kDouble, "q",
+                "expected float16, bfloat16, float32 or float64 on CUDA, got ", dt);
+  check_same_device_dtype(k, q, "k");
+  check_same_device_dtype(v, q, "v");
+  MMK_CHECK_ARG(k.size(0) == q.size(0), "k", "expected batch size ", q.size(0), " (that of q), got ", k.size(0));
+  MMK_CHECK_ARG(v.size(0) == q.size(0), "v", "expected batch size ", q.size(0), " (that of q), got ", v.size(0));
+  MMK_CHECK_ARG(k.size(1) == q.size(1), "k", "expected ", q.size(1), " heads (those of q), got ", k.size(1));
+  MMK_CHECK_ARG(v.size(1) == q.size(1), "v", "expected ", q.size(1), " heads (those of q), got ", v.size(1));
+  MMK_CHECK_ARG(k.size(3) == q.size(3), "k", "expected head dim ", q.size(3), " (that of q), got ", k.size(3));
+  MMK_CHECK_ARG(v.size(2) == k.size(2), "v", "expected ", k.size(2), " keys (Lk of k), got ", v.size(2));
+  constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
+  MMK_CHECK_ARG(q.size(2) < kMax && k.size(2) < kMax && q.size(0) * q.size(1) < kMax, "q",
+                "sizes beyond int32 range are not supported, got q ", q.sizes(), " and k ", k.sizes());
+}
+
+// The inputs after the checks, with the masks in the form the kernels read (kept alive here).
+struct Prepared {
+  int64_t B = 0, H = 0, Lq = 0, Lk = 0, E = 0, Ev = 0;
+  double scale = 1.0;
+  at::Tensor kpm;          // (B, Lk) bool, contiguous, on q's device; or undefined
+  at::Tensor lengths;      // (B,) int32 on q's device; or undefined
+  at::Tensor mask;         // (B, H, Lq, Lk) expanded view (stride 0 on broadcast dims): bool or float
+  bool dropout = false;
+  double dropout_p = 0.0;
+  uint64_t seed = 0;
+  at::Tensor seed_dev;     // the seed when it lives on the GPU
+};
+
+Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& kv_lengths,
+                 const std::optional<at::Tensor>& attn_mask, double scale, double dropout_p,
+                 const std::optional<at::Tensor>& dropout_seed, at::ScalarType float_mask_type) {
+  check_inputs(q, k, v);
+  Prepared p;
+  p.B = q.size(0), p.H = q.size(1), p.Lq = q.size(2), p.Lk = k.size(2), p.E = q.size(3), p.Ev = v.size(3);
+  p.scale = scale;
+  if (key_padding_mask.has_value()) {
+    const auto& m = *key_padding_mask;
+    MMK_CHECK_ARG(m.scalar_type() == at::kBool, "key_padding_mask", "expected a bool tensor (True = ignore), got ",
+                  m.scalar_type());
+    MMK_CHECK_ARG(m.dim() == 2 && m.size(0) == p.B && m.size(1) == p.Lk, "key_padding_mask", "expected shape (",
+                  p.B, ", ", p.Lk, "), got ", m.sizes());
+    MMK_CHECK_ARG(m.device() == q.device(), "key_padding_mask", "expected device ", q.device(), ", got ", m.device());
+    p.kpm = m.contiguous();
+  }
+  if (kv_lengths.has_value()) {
+    const auto& len = *kv_lengths;
+    MMK_CHECK_ARG(len.scalar_type() == at::kInt || len.scalar_type() == at::kLong, "kv_lengths",
+                  "expected an int32 or int64 tensor, got ", len.scalar_type());
+    MMK_CHECK_ARG(len.dim() == 1 && len.size(0) == p.B, "kv_lengths", "expected shape (", p.B, "), got ",
+                  len.sizes());
+    // A CPU kv_lengths is accepted too (copied over); values are clamped to [0, Lk] on the device.
+    p.lengths = len.to(q.device(), at::kInt, /*non_blocking=*/false).contiguous();
+  }
+  if (attn_mask.has_value()) {
+    const auto& m = *attn_mask;
+    MMK_CHECK_ARG(m.scalar_type() == at::kBool || at::isFloatingType(m.scalar_type()), "attn_mask",
+                  "expected a bool (True = may attend) or floating (additive) tensor, got ", m.scalar_type());
+    MMK_CHECK_ARG(m.device() == q.device(), "attn_mask", "expected device ", q.device(), ", got ", m.device());
+    MMK_CHECK_ARG(m.dim() >= 2 && m.dim() <= 4, "attn_mask", "expected 2 to 4 dims broadcastable to (B, H, Lq, Lk) = (",
+                  p.B, ", ", p.H, ", ", p.Lq, ", ", p.Lk, "), got shape ", m.sizes());
+    const int64_t full[4] = {p.B, p.H, p.Lq, p.Lk};
+    for (int64_t d = 0; d < m.dim(); ++d) {
+      const int64_t want = full[4 - m.dim() + d];
+      MMK_CHECK_ARG(m.size(d) == want || m.size(d) == 1, "attn_mask", "expected a shape broadcastable to (", p.B,
+                    ", ", p.H, ", ", p.Lq, ", ", p.Lk, "), got ", m.sizes());
+    }
+    // A float mask is converted (in its own, unexpanded shape) to the type its reader wants.
+    const at::Tensor mm = m.scalar_type() == at::kBool ? m : m.to(float_mask_type);
+    p.mask = mm.expand({p.B, p.H, p.Lq, p.Lk});
+  }
+  MMK_CHECK_ARG(dropout_p >= 0.0 && dropout_p <= 1.0, "dropout_p", "expected a probability in [0, 1], got ",
+                dropout_p);
+  if (dropout_p > 0.0) {
+    MMK_CHECK_ARG(dropout_seed.has_value(), "dropout_seed", "expected a seed tensor when dropout_p > 0");
+    const auto& s = *dropout_seed;
+    MMK_CHECK_ARG(s.numel() == 1 && s.scalar_type() == at::kLong, "dropout_seed",
+                  "expected a one-element int64 tensor, got ", s.scalar_type(), " of shape ", s.sizes());
+    p.dropout = true;
+    p.dropout_p = dropout_p;
+    if (s.is_cuda()) {
+      p.seed_dev = s.reshape({1}).contiguous();  // read by the kernels: no device-to-host sync
+    } else {
+      p.seed = static_cast<uint64_t>(s.item<int64_t>());
+    }
+  }
+  return p;
+}
+
+// The fields of AttnParams that do not depend on q / k / v layouts. kv_range: device int32 (B, 2) or undefined.
+void fill_common(AttnParams& a, const Prepared& p, const at::Tensor& kv_range) {
+  a.B = static_cast<int32_t>(p.B), a.H = static_cast<int32_t>(p.H);
+  a.Lq = static_cast<int32_t>(p.Lq), a.Lk = static_cast<int32_t>(p.Lk);
+  a.scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
+  a.kv_range = kv_range.defined() ? kv_range.data_ptr<int32_t>() : nullptr;
+  a.kpm = p.kpm.defined() ? reinterpret_cast<const uint8_t*>(p.kpm.const_data_ptr<bool>()) : nullptr;
+  a.mask_kind = attn::kMaskNone;
+  a.mask = nullptr;
+  a.m_sb = a.m_sh = a.m_sl = a.m_sk = 0;
+  if (p.mask.defined()) {
+    a.mask_kind = p.mask.scalar_type() == at::kBool ? attn::kMaskBool : attn::kMaskFloat;
+    a.mask = p.mask.const_data_ptr();
+    a.m_sb = p.mask.stride(0), a.m_sh = p.mask.stride(1), a.m_sl = p.mask.stride(2), a.m_sk = p.mask.stride(3);
+  }
+  a.dropout = p.dropout ? 1 : 0;
+  a.threshold = p.dropout ? dropout_threshold(p.dropout_p) : 0u;
+  a.inv_keep = p.dropout && p.dropout_p < 1.0 ? static_cast<float>(1.0 / (1.0 - p.dropout_p)) : 0.0f;
+  a.seed = p.seed;
+  a.seed_ptr = p.seed_dev.defined() ? p.seed_dev.const_data_ptr<int64_t>() : nullptr;
+}
+
+// The visible key range per batch, computed on the device from kv_lengths / key_padding_mask.
+at::Tensor key_ranges(const Prepared& p, const at::Tensor& like, cudaStream_t stream) {
+  if (!p.kpm.defined() && !p.lengths.defined()) return {};
+  at::Tensor r = at::empty({p.B, 2}, like.options().dtype(at::kInt));
+  if (p.B > 0) {
+    attn::launch_key_ranges(p.lengths.defined() ? p.lengths.const_data_ptr<int32_t>() : nullptr,
+                            p.kpm.defined() ? reinterpret_cast<const uint8_t*>(p.kpm.const_data_ptr<bool>()) : nullptr,
+                            static_cast<int32_t>(p.B), static_cast<int32_t>(p.Lk), r.data_ptr<int32_t>(), stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return r;
+}
+
+// ------------------------------------------------------------------------------------------ path choice
+
+enum class Path { TensorCore, FallbackDtype, FallbackHeadDim, FallbackArch };
+
+Path choose_path(const at::Tensor& q, const Prepared& p) {
+  const auto dt = q.scalar_type();
+  if (dt != at::kHalf && dt != at::kBFloat16) return Path::FallbackDtype;
+  if (p.E != p.Ev || (p.E != 32 && p.E != 64 && p.E != 128)) return Path::FallbackHeadDim;
+  if (at::cuda::getDeviceProperties(q.device().index())->major < 8) return Path::FallbackArch;
+  return Path::TensorCore;
+}
+
+void warn_fallback(Path path, const at::Tensor& q, const Prepared& p) {
+  // One warning per reason, once per process.
+  switch (path) {
+    case Path::FallbackDtype:
+      TORCH_WARN_ONCE("mmkernels.cross_modal_attention (CUDA): ", q.scalar_type(),
+                      " inputs take the ATen fallback path (cuBLAS GEMMs over chunks of query rows), not the "
+                      "tensor-core kernel, which covers float16 / bfloat16 only.");
+      break;
+    case Path::FallbackHeadDim:
+      TORCH_WARN_ONCE("mmkernels.cross_modal_attention (CUDA): head dims E=", p.E, ", Ev=", p.Ev,
+                      " take the ATen fallback path (cuBLAS GEMMs over chunks of query rows), not the tensor-core "
+                      "kernel, which covers E = Ev in {32, 64, 128}.");
+      break;
+    case Path::FallbackArch:
+      TORCH_WARN_ONCE("mmkernels.cross_modal_attention (CUDA): this device is older than sm_80; the ATen fallback "
+                      "path (cuBLAS GEMMs over chunks of query rows) runs instead of the tensor-core kernel.");
+      break;
+    case Path::TensorCore:
+      break;
+  }
+}
+
+// Last dim contiguous and every other stride (and the base) 16-byte aligned, as the cp.async tile
+// loads need; otherwise a contiguous copy.
+at::Tensor kernel_layout(const at::Tensor& x) {
+  const bool ok = x.stride(3) == 1 && x.stride(0) % 8 == 0 && x.stride(1) % 8 == 0 && x.stride(2) % 8 == 0 &&
+                  reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 == 0;
+  return ok ? x : x.contiguous();
+}
+
+void set_qkv(AttnParams& a, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  a.q = q.const_data_ptr(), a.k = k.const_data_ptr(), a.v = v.const_data_ptr();
+  a.q_sb = q.stride(0), a.q_sh = q.stride(1), a.q_sl = q.stride(2);
+  a.k_sb = k.stride(0), a.k_sh = k.stride(1), a.k_sl = k.stride(2);
+  a.v_sb = v.stride(0), a.v_sh = v.stride(1), a.v_sl = v.stride(2);
+}
+
+// The instantiation for the runtime (E, dtype); E is 32, 64 or 128 here (choose_path).
+void run_fwd(const FwdParams& fp, int64_t E, bool bf16, cudaStream_t stream) {
+  if (E == 32) {
+    bf16 ? attn::launch_fwd<32, true>(fp, stream) : attn::launch_fwd<32, false>(fp, stream);
+  } else if (E == 64) {
+    bf16 ? attn::launch_fwd<64, true>(fp, stream) : attn::launch_fwd<64, false>(fp, stream);
+  } else {
+    bf16 ? attn::launch_fwd<128, true>(fp, stream) : attn::launch_fwd<128, false>(fp, stream);
+  }
+}
+
+void run_bwd(const BwdParams& bp, int64_t E, bool bf16, cudaStream_t stream) {
+  if (E == 32) {
+    bf16 ? attn::launch_bwd<32, true>(bp, stream) : attn::launch_bwd<32, false>(bp, stream);
+  } else if (E == 64) {
+    bf16 ? attn::launch_bwd<64, true>(bp, stream) : attn::launch_bwd<64, false>(bp, stream);
+  } else {
+    bf16 ? attn::launch_bwd<128, true>(bp, stream) : attn::launch_bwd<128, false>(bp, stream);
+  }
+}
+
+// ------------------------------------------------------------------------------------------ fallback
+
+// The dtype the fallback computes in.
+at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Scores of query rows [i0, i1) in the compute type, scaled and masked (-inf where not visible).
+at::Tensor masked_scores(const Prepared& p, const at::Tensor& qf, const at::Tensor& kf, const at::Tensor& visible,
+                         int64_t i0, int64_t i1) {
+  at::Tensor s = at::matmul(qf.slice(2, i0, i1), kf.transpose(-1, -2)).mul_(p.scale);
+  if (visible.defined()) s.masked_fill_(visible.logical_not(), -std::numeric_limits<double>::infinity());
+  if (p.mask.defined()) {
+    const at::Tensor m = p.mask.slice(2, i0, i1);
+    if (m.scalar_type() == at::kBool) {
+      s.masked_fill_(m.logical_not(), -std::numeric_limits<double>::infinity());
+    } else {
+      s.add_(m);
+    }
+  }
+  return s;
+}
+
+// (B, 1, 1, Lk) bool: keys left visible by kv_lengths and key_padding_mask; undefined if neither.
+at::Tensor visible_keys(const Prepared& p, const at::Tensor& like) {
+  if (!p.kpm.defined() && !p.lengths.defined()) return {};
+  at::Tensor vis = at::ones({p.B, p.Lk}, like.options().dtype(at::kBool));
+  if (p.kpm.defined()) vis = vis.logical_and(p.kpm.logical_not());
+  if (p.lengths.defined()) {
+    const at::Tensor keys = at::arange(p.Lk, like.options().dtype(at::kInt));
+    vis = vis.logical_and(keys.view({1, p.Lk}).lt(p.lengths.view({p.B, 1})));
+  }
+  return vis.view({p.B, 1, 1, p.Lk});
+}
+
+// Dropout factors (inv_keep or 0) of rows [i0, i1), (B, H, i1 - i0, Lk) in the compute type.
+at::Tensor dropout_factors(const Prepared& p, const at::Tensor& like, int64_t i0, int64_t i1, cudaStream_t stream) {
+  at::Tensor z = at::empty({p.B, p.H, i1 - i0, p.Lk}, like.options());
+  AttnParams a{};
+  fill_common(a, p, at::Tensor());
+  attn::launch_dropout_factors(a, static_cast<int32_t>(i0), static_cast<int32_t>(i1 - i0), z.data_ptr(),
+                               like.scalar_type() == at::kDouble, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return z.mul_(p.dropout_p < 1.0 ? 1.0 / (1.0 - p.dropout_p) : 0.0);
+}
+
+int64_t chunk_rows(const Prepared& p) {
+  const int64_t per_row = std::max<int64_t>(1, p.B * p.H * p.Lk);
+  return std::clamp<int64_t>((int64_t{1} << 26) / per_row, 1, std::max<int64_t>(p.Lq, 1));
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_fallback(const Prepared& p, const at::Tensor& q, const at::Tensor& k,
+                                                    const at::Tensor& v, cudaStream_t stream) {
+  const auto ct = compute_type(q.scalar_type());
+  const at::Tensor qf = q.to(ct), kf = k.to(ct), vf = v.to(ct);
+  at::Tensor out = at::empty({p.B, p.H, p.Lq, p.Ev}, q.options().dtype(ct));
+  at::Tensor lse = at::empty({p.B, p.H, p.Lq}, q.options().dtype(ct));
+  const at::Tensor visible = visible_keys(p, q);
+  const double inf = std::numeric_limits<double>::infinity();
+  for (int64_t i0 = 0, step = chunk_rows(p); i0 < p.Lq; i0 += step) {
+    const int64_t i1 = std::min(p.Lq, i0 + step);
+    at::Tensor s = masked_scores(p, qf, kf, visible, i0, i1);
+    at::Tensor m = std::get<0>(s.max(-1, /*keepdim=*/true));
+    m.masked_fill_(m.eq(-inf), 0.0);  // a row with no visible key: exp(-inf - 0) = 0, never NaN
+    at::Tensor e = s.sub_(m).exp_();
+    at::Tensor l = e.sum(-1, /*keepdim=*/true);
+    const at::Tensor seen = l.gt(0);
+    lse.slice(2, i0, i1).copy_(at::where(seen, m + l.log(), inf).squeeze(-1));
+    at::Tensor prob = e.div_(at::where(seen, l, 1.0));
+    if (p.dropout) prob.mul_(dropout_factors(p, prob, i0, i1, stream));
+    out.slice(2, i0, i1).copy_(at::matmul(prob, vf));
+  }
+  return {out.to(q.scalar_type()), ct == at::kDouble ? lse : lse.to(at::kFloat)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_fallback(const Prepared& p, const at::Tensor& grad_out,
+                                                                 const at::Tensor& q, const at::Tensor& k,
+                                                                 const at::Tensor& v, const at::Tensor& out,
+                                                                 const at::Tensor& lse, cudaStream_t stream) {
+  const auto ct = compute_type(q.scalar_type());
+  const at::Tensor qf = q.to(ct), kf = k.to(ct), vf = v.to(ct), dof = grad_out.to(ct);
+  const at::Tensor lsef = lse.to(ct);
+  const at::Tensor D = (dof * out.to(ct)).sum(-1);  // rowsum(dO * O): O already carries the dropout
+  at::Tensor dq = at::empty({p.B, p.H, p.Lq, p.E}, q.options().dtype(ct));
+  at::Tensor dk = at::zeros({p.B, p.H, p.Lk, p.E}, q.options().dtype(ct));
+  at::Tensor dv = at::zeros({p.B, p.H, p.Lk, p.Ev}, q.options().dtype(ct));
+  const at::Tensor visible = visible_keys(p, q);
+  for (int64_t i0 = 0, step = chunk_rows(p); i0 < p.Lq; i0 += step) {
+    const int64_t i1 = std::min(p.Lq, i0 + step);
+    at::Tensor s = masked_scores(p, qf, kf, visible, i0, i1);
+    // P from the saved lse: a row with lse = +inf (no visible key) gets exactly 0.
+    const at::Tensor prob = s.sub_(lsef.slice(2, i0, i1).unsqueeze(-1)).exp_();
+    const at::Tensor dout_c = dof.slice(2, i0, i1);
+    at::Tensor dp = at::matmul(dout_c, vf.transpose(-1, -2));
+    at::Tensor pz = prob;
+    if (p.dropout) {
+      const at::Tensor z = dropout_factors(p, prob, i0, i1, stream);
+      pz = prob * z;
+      dp.mul_(z);
+    }
+    dv.add_(at::matmul(pz.transpose(-1, -2), dout_c));
+    const at::Tensor ds = dp.sub_(D.slice(2, i0, i1).unsqueeze(-1)).mul_(prob).mul_(p.scale);
+    dq.slice(2, i0, i1).copy_(at::matmul(ds, kf));
+    dk.add_(at::matmul(ds.transpose(-1, -2), qf.slice(2, i0, i1)));
+  }
+  const auto dt = q.scalar_type();
+  return {dq.to(dt), dk.to(dt), dv.to(dt)};
+}
+
+// ------------------------------------------------------------------------------------------ ops
+
+std::tuple<at::Tensor, at::Tensor> cross_modal_attention_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& kv_lengths, const std::optional<at::Tensor>& attn_mask, double scale,
+    double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
+  check_inputs(q, k, v);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const bool fast_dtype = q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16;
+  const at::ScalarType mask_type = fast_dtype ? at::kFloat : compute_type(q.scalar_type());
+  const Prepared p = prepare(q, k, v, key_padding_mask, kv_lengths, attn_mask, scale, dropout_p, dropout_seed, mask_type);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const Path path = choose_path(q, p);
+  if (p.B * p.H * p.Lq == 0 || p.Lk == 0) {
+    // Nothing to attend to (or nobody asking): zeros, lse = +inf.
+    const auto lse_t = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    return {at::zeros({p.B, p.H, p.Lq, p.Ev}, q.options()),
+            at::full({p.B, p.H, p.Lq}, std::numeric_limits<double>::infinity(), q.options().dtype(lse_t))};
+  }
+  if (path != Path::TensorCore) {
+    warn_fallback(path, q, p);
+    return forward_fallback(p, q, k, v, stream);
+  }
+  const at::Tensor qc = kernel_layout(q), kc = kernel_layout(k), vc = kernel_layout(v);
+  at::Tensor out = at::empty({p.B, p.H, p.Lq, p.E}, q.options());
+  at::Tensor lse = at::empty({p.B, p.H, p.Lq}, q.options().dtype(at::kFloat));
+  const at::Tensor range = key_ranges(p, q, stream);
+  FwdParams fp{};
+  fill_common(fp, p, range);
+  set_qkv(fp, qc, kc, vc);
+  fp.out = out.data_ptr();
+  fp.lse = lse.data_ptr<float>();
+  run_fwd(fp, p.E, q.scalar_type() == at::kBFloat16, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_modal_attention_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& kv_lengths, const std::optional<at::Tensor>& attn_mask, double scale,
+    double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
+  check_inputs(q, k, v);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const bool fast_dtype = q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16;
+  const at::ScalarType mask_type = fast_dtype ? at::kFloat : compute_type(q.scalar_type());
+  const Prepared p = prepare(q, k, v, key_padding_mask, kv_lengths, attn_mask, scale, dropout_p, dropout_seed, mask_type);
+  MMK_CHECK_ARG(grad_out.sizes() == at::IntArrayRef({p.B, p.H, p.Lq, p.Ev}), "grad_out", "expected shape (", p.B,
+                ", ", p.H, ", ", p.Lq, ", ", p.Ev, "), got ", grad_out.sizes());
+  check_same_device_dtype(grad_out, q, "grad_out");
+  MMK_CHECK_ARG(out.sizes() == grad_out.sizes(), "out", "expected shape ", grad_out.sizes(), ", got ", out.sizes());
+  check_same_device_dtype(out, q, "out");
+  MMK_CHECK_ARG(lse.sizes() == at::IntArrayRef({p.B, p.H, p.Lq}), "lse", "expected shape (", p.B, ", ", p.H, ", ",
+                p.Lq, "), got ", lse.sizes());
+  MMK_CHECK_ARG(lse.device() == q.device(), "lse", "expected device ", q.device(), ", got ", lse.device());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const Path path = choose_path(q, p);
+  if (p.B * p.H * p.Lq == 0 || p.Lk == 0) {
+    return {at::zeros_like(q, at::MemoryFormat::Contiguous), at::zeros_like(k, at::MemoryFormat::Contiguous),
+            at::zeros_like(v, at::MemoryFormat::Contiguous)};
+  }
+  if (path != Path::TensorCore) {
+    warn_fallback(path, q, p);
+    return backward_fallback(p, grad_out, q, k, v, out, lse, stream);
+  }
+  const at::Tensor qc = kernel_layout(q), kc = kernel_layout(k), vc = kernel_layout(v);
+  const at::Tensor doc = kernel_layout(grad_out);
+  const at::Tensor oc = out.contiguous();
+  const at::Tensor lsec = lse.to(at::kFloat).contiguous();
+  const bool bf16 = q.scalar_type() == at::kBFloat16;
+  at::Tensor dsum = at::empty({p.B, p.H, p.Lq}, q.options().dtype(at::kFloat));
+  attn::launch_dot_rows(doc.const_data_ptr(), doc.stride(0), doc.stride(1), doc.stride(2), oc.const_data_ptr(),
+                        static_cast<int32_t>(p.B), static_cast<int32_t>(p.H), static_cast<int32_t>(p.Lq),
+                        static_cast<int32_t>(p.E), bf16, dsum.data_ptr<float>(), stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor dq_accum = at::zeros({p.B, p.H, p.Lq, p.E}, q.options().dtype(at::kFloat));
+  at::Tensor dk = at::empty({p.B, p.H, p.Lk, p.E}, q.options());
+  at::Tensor dv = at::empty({p.B, p.H, p.Lk, p.E}, q.options());
+  const at::Tensor range = key_ranges(p, q, stream);
+  BwdParams bp{};
+  fill_common(bp, p, range);
+  set_qkv(bp, qc, kc, vc);
+  bp.dout = doc.const_data_ptr();
+  bp.do_sb = doc.stride(0), bp.do_sh = doc.stride(1), bp.do_sl = doc.stride(2);
+  bp.lse = lsec.const_data_ptr<float>();
+  bp.dsum = dsum.const_data_ptr<float>();
+  bp.dq_accum = dq_accum.data_ptr<float>();
+  bp.dk = dk.data_ptr();
+  bp.dv = dv.data_ptr();
+  run_bwd(bp, p.E, bf16, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor dq = at::empty({p.B, p.H, p.Lq, p.E}, q.options());
+  attn::launch_finish_dq(dq_accum.const_data_ptr<float>(), static_cast<float>(p.scale), dq.data_ptr(),
+                         dq.numel(), bf16, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mmkernels, CUDA, m) {
+  m.impl("cross_modal_attention", &cross_modal_attention_cuda);
+  m.impl("cross_modal_attention_backward", &cross_modal_attention_backward_cuda);
+}
+
+}  // namespace mmkernels::cuda

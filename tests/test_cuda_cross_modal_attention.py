@@ -1,0 +1,387 @@
+"""CUDA kernels of cross_modal_attention against mmkernels/reference.py and SDPA, in float64.
+
+Marked `cuda` and skipped where no GPU is present. As of the commit that added this file, no GPU has
+run it: the tensor-core kernels (csrc/cuda/attention/) are compiled but unverified. Tolerances below
+are first guesses from the arithmetic (16-bit P and dS operands, float32 accumulation) and may need
+tuning on the first GPU run.
+
+Covered: every head dim (32 / 64 / 128: tensor cores; 16, 48, Ev != E: fallback), float16 /
+bfloat16 (tensor cores) and float32 / float64 (fallback), every mask kind and combinations, sizes
+that are not multiples of the 64-row tiles (1, 17, 123, 1000), fully-masked rows, Lq = 1, a grid
+larger than 65535 blocks, non-contiguous and misaligned inputs, gradients of q, k, v (and of a
+float mask that requires grad, through the wrapper's reference path), dropout (keep rate, the same
+mask as the CPU kernel for the same seed, reproducibility), streams, opcheck and torch.compile.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mmkernels
+from mmkernels import reference
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+OP = torch.ops.mmkernels.cross_modal_attention.default
+BWD = torch.ops.mmkernels.cross_modal_attention_backward.default
+TC_DTYPES = [torch.float16, torch.bfloat16]
+HEAD_DIMS = [32, 64, 128]
+# (atol, rtol) for outputs and for gradients, relative to max(1, max |expected|): 16-bit P / dS
+# operands with float32 accumulation.
+TOL = {
+    torch.float16: ((4e-3, 4e-3), (1e-2, 1e-2)),
+    torch.bfloat16: ((3e-2, 3e-2), (6e-2, 6e-2)),
+    torch.float32: ((1e-5, 1e-4), (1e-4, 1e-4)),
+    torch.float64: ((1e-10, 1e-8), (1e-10, 1e-8)),
+}
+MASK_KINDS = ["none", "kpm", "len32", "len64", "bool2d", "bool4d", "float3d", "float4d", "kpm+len32+bool2d", "holes"]
+
+
+def make_qkv(B, H, Lq, Lk, E, Ev, dtype, requires_grad=True, gen=None):
+    q = torch.randn(B, H, Lq, E, generator=gen, device="cuda").to(dtype)
+    k = torch.randn(B, H, Lk, E, generator=gen, device="cuda").to(dtype)
+    v = torch.randn(B, H, Lk, Ev, generator=gen, device="cuda").to(dtype)
+    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+def make_masks(kind, B, H, Lq, Lk):
+    """Masks by name (on the GPU); several names joined with '+' combine."""
+    masks = {}
+    dev = "cuda"
+    for part in kind.split("+"):
+        if part == "none":
+            continue
+        if part == "kpm":  # random holes, plus half the batches padded on the right
+            m = torch.rand(B, Lk, device=dev) < 0.2
+            m[: B // 2, Lk // 2 :] = True
+            masks["key_padding_mask"] = m
+        elif part == "holes":  # a padded block in the middle (a whole key tile skipped per element)
+            m = torch.zeros(B, Lk, dtype=torch.bool, device=dev)
+            m[:, Lk // 4 : Lk // 4 + 70] = True
+            masks["key_padding_mask"] = m
+        elif part == "len32":
+            masks["kv_lengths"] = torch.randint(0, Lk + 1, (B,), dtype=torch.int32, device=dev)
+        elif part == "len64":
+            masks["kv_lengths"] = torch.randint(1, Lk + 1, (B,), dtype=torch.int64, device=dev)
+        elif part == "bool2d":
+            masks["attn_mask"] = torch.rand(Lq, Lk, device=dev) < 0.7
+        elif part == "bool4d":  # broadcast over heads and queries
+            masks["attn_mask"] = torch.rand(B, 1, 1, Lk, device=dev) < 0.7
+        elif part == "float3d":  # (H, Lq, Lk), broadcast over batch, with some -inf
+            m = torch.randn(H, Lq, Lk, device=dev)
+            masks["attn_mask"] = m.masked_fill(torch.rand(H, Lq, Lk, device=dev) < 0.2, float("-inf"))
+        elif part == "float4d":
+            masks["attn_mask"] = torch.randn(B, H, Lq, Lk, device=dev).to(torch.bfloat16)
+        else:
+            raise ValueError(part)
+    return masks
+
+
+def run_reference(q, k, v, masks, **kw):
+    """The float64 reference on upcast copies, so that the only rounding measured is ours."""
+    up = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    m = {n: (t.double() if t.is_floating_point() else t) for n, t in masks.items()}
+    return reference.cross_modal_attention(*up, **m, **kw), up
+
+
+def assert_close(actual, expected, tol, what=""):
+    atol, rtol = tol
+    scale = max(expected.abs().max().item(), 1.0) if expected.numel() else 1.0
+    assert not torch.isnan(actual).any(), f"{what}: NaN"
+    torch.testing.assert_close(actual.double(), expected, atol=atol * scale, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+def check_against_reference(q, k, v, masks, dtype, grads=True, **kw):
+    out = mmkernels.cross_modal_attention(q, k, v, **masks, **kw)
+    ref, leaves = run_reference(q, k, v, masks, **kw)
+    assert out.dtype == q.dtype and out.shape == ref.shape
+    assert_close(out, ref, TOL[dtype][0], "out")
+    if not grads:
+        return
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    want = torch.autograd.grad(ref, leaves, g.double())
+    for name, a, b in zip("qkv", got, want):
+        assert_close(a, b, TOL[dtype][1], f"grad {name}")
+
+
+# --------------------------------------------------------------------------- tensor-core path
+
+
+@pytest.mark.parametrize("kind", MASK_KINDS)
+@pytest.mark.parametrize("E", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
+def test_tensor_core_matches_reference(dtype, E, kind):
+    B, H, Lq, Lk = 3, 2, 123, 200
+    q, k, v = make_qkv(B, H, Lq, Lk, E, E, dtype)
+    check_against_reference(q, k, v, make_masks(kind, B, H, Lq, Lk), dtype)
+
+
+@pytest.mark.parametrize("Lq,Lk", [(1, 1), (1, 17), (17, 1), (17, 17), (123, 1000), (1000, 123), (1000, 1000), (1, 1000)])
+@pytest.mark.parametrize("E", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
+def test_tile_edges(dtype, E, Lq, Lk):
+    q, k, v = make_qkv(2, 2, Lq, Lk, E, E, dtype)
+    check_against_reference(q, k, v, make_masks("kpm", 2, 2, Lq, Lk), dtype)
+
+
+@pytest.mark.parametrize("E", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
+@pytest.mark.parametrize("mask", ["bool", "float"])
+def test_matches_sdpa_float64(dtype, E, mask):
+    """Against F.scaled_dot_product_attention run in float64 on the upcast inputs (no fully-masked
+    rows here: SDPA returns NaN for those)."""
+    B, H, Lq, Lk = 2, 3, 77, 300
+    q, k, v = make_qkv(B, H, Lq, Lk, E, E, dtype)
+    if mask == "bool":
+        m = torch.rand(B, 1, Lq, Lk, device="cuda") < 0.8
+        m[..., 0] = True
+    else:
+        m = torch.randn(B, 1, Lq, Lk, device="cuda")
+    out = mmkernels.cross_modal_attention(q, k, v, attn_mask=m, scale=0.3)
+    up = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*up, attn_mask=m if mask == "bool" else m.double(), scale=0.3)
+    assert_close(out, ref, TOL[dtype][0], "out")
+    g = torch.randn_like(out)
+    for name, a, b in zip("qkv", torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, up, g.double())):
+        assert_close(a, b, TOL[dtype][1], f"grad {name}")
+
+
+@pytest.mark.parametrize("E", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
+def test_fully_masked_rows_give_zeros_and_zero_grad(dtype, E):
+    B, H, Lq, Lk = 3, 2, 70, 130
+    q, k, v = make_qkv(B, H, Lq, Lk, E, E, dtype)
+    kpm = torch.zeros(B, Lk, dtype=torch.bool, device="cuda")
+    kpm[0] = True  # batch 0 sees nothing at all
+    lengths = torch.tensor([Lk, 0, 5], dtype=torch.int32, device="cuda")  # batch 1 neither
+    attn = torch.ones(Lq, Lk, dtype=torch.bool, device="cuda")
+    attn[3] = False  # query row 3 of every batch sees nothing
+    out, lse = OP(q, k, v, kpm, lengths, attn, E**-0.5, 0.0, None)
+    assert torch.isinf(lse[:2]).all() and (lse[:2] > 0).all()
+    assert torch.isinf(lse[:, :, 3]).all()
+    assert (out[:2] == 0).all() and (out[:, :, 3] == 0).all()
+    out = mmkernels.cross_modal_attention(q, k, v, key_padding_mask=kpm, kv_lengths=lengths, attn_mask=attn)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    for t in (dq, dk, dv):
+        assert not torch.isnan(t).any()
+    assert (dq[:2] == 0).all() and (dq[:, :, 3] == 0).all()
+    assert (dk[:2] == 0).all() and (dv[:2] == 0).all()
+    assert (dk[2, :, 5:] == 0).all() and (dv[2, :, 5:] == 0).all()  # keys past kv_lengths
+
+
+def test_decoding_lq1_and_large_grid():
+    # Lq = 1 (decoding) with B * H * tiles > 65535 blocks (the grid is flat in x).
+    B, H, Lq, Lk, E = 70, 1000, 1, 17, 32
+    q, k, v = make_qkv(B, H, Lq, Lk, E, E, torch.float16)
+    check_against_reference(q, k, v, {}, torch.float16)
+    q, k, v = make_qkv(64, 12, 1, 1024, 64, 64, torch.bfloat16)
+    check_against_reference(q, k, v, make_masks("len32", 64, 12, 1, 1024), torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
+def test_non_contiguous_and_misaligned_inputs(dtype):
+    B, H, Lq, Lk, E = 2, 4, 50, 90, 64
+    # The nn.MultiheadAttention layout: (B, L, H, E) viewed as (B, H, L, E).
+    q = torch.randn(B, Lq, H, E, device="cuda", dtype=dtype).transpose(1, 2).requires_grad_()
+    k = torch.randn(B, Lk, H, E, device="cuda", dtype=dtype).transpose(1, 2).requires_grad_()
+    # Rows not 16-byte aligned (a stride of 65 elements): the op copies to a kernel layout.
+    v = torch.randn(B, H, Lk, E + 1, device="cuda", dtype=dtype)[..., 1:].requires_grad_()
+    check_against_reference(q, k, v, make_masks("kpm+bool2d", B, H, Lq, Lk), dtype)
+
+
+def test_honours_current_stream():
+    q, k, v = make_qkv(4, 4, 300, 500, 64, 64, torch.bfloat16, requires_grad=False)
+    expected = mmkernels.cross_modal_attention(q, k, v)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        out = mmkernels.cross_modal_attention(q, k, v)
+    torch.cuda.current_stream().wait_stream(s)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_other_device_index():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    q, k, v = (t.to("cuda:1") for t in make_qkv(2, 2, 40, 60, 64, 64, torch.float16, requires_grad=False))
+    out = mmkernels.cross_modal_attention(q, k, v)
+    ref, _ = run_reference(q, k, v, {})
+    assert out.device == q.device
+    assert_close(out, ref, TOL[torch.float16][0], "out")
+
+
+# --------------------------------------------------------------------------- fallback path
+
+
+@pytest.mark.parametrize(
+    "dtype,E,Ev",
+    [(torch.float32, 64, 64), (torch.float32, 17, 5), (torch.float64, 8, 8), (torch.float16, 48, 48),
+     (torch.bfloat16, 64, 32), (torch.float16, 16, 16)],
+    ids=str,
+)
+@pytest.mark.parametrize("kind", ["none", "kpm+len32+float3d", "bool4d"])
+def test_fallback_matches_reference(dtype, E, Ev, kind):
+    B, H, Lq, Lk = 2, 3, 33, 70
+    q, k, v = make_qkv(B, H, Lq, Lk, E, Ev, dtype)
+    masks = make_masks(kind, B, H, Lq, Lk)
+    if "attn_mask" in masks and masks["attn_mask"].is_floating_point():
+        masks["attn_mask"] = masks["attn_mask"].to(dtype)
+    check_against_reference(q, k, v, masks, dtype)
+
+
+def test_fallback_warns_once_naming_the_path():
+    code = (
+        "import warnings, torch, mmkernels\n"
+        "warnings.simplefilter('always')\n"
+        "q = torch.randn(1, 1, 4, 8, device='cuda')\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    mmkernels.cross_modal_attention(q, q, q); mmkernels.cross_modal_attention(q, q, q)\n"
+        "msgs = [str(x.message) for x in w if 'cross_modal_attention' in str(x.message)]\n"
+        "print(len(msgs)); print(msgs[0] if msgs else '')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert res.returncode == 0, res.stderr
+    count, msg = res.stdout.strip().split("\n", 1)
+    assert count == "1", res.stdout
+    assert "fallback" in msg and "float" in msg, msg
+
+
+def test_gradcheck_fallback_float64():
+    q, k, v = make_qkv(1, 2, 5, 7, 4, 3, torch.float64)
+    masks = make_masks("kpm+float3d", 1, 2, 5, 7)
+    masks["attn_mask"] = masks["attn_mask"].double()
+
+    def f(q, k, v):
+        return mmkernels.cross_modal_attention(q, k, v, **masks)
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+def test_float_mask_requiring_grad_gets_its_gradient():
+    q, k, v = make_qkv(2, 2, 20, 30, 64, 64, torch.float32)
+    m = torch.randn(20, 30, device="cuda", requires_grad=True)
+    out = mmkernels.cross_modal_attention(q, k, v, attn_mask=m)
+    (gm,) = torch.autograd.grad(out.sum(), (m,))
+    m2 = m.detach().double().requires_grad_()
+    ref = reference.cross_modal_attention(q.double(), k.double(), v.double(), attn_mask=m2)
+    (gm2,) = torch.autograd.grad(ref.sum(), (m2,))
+    torch.testing.assert_close(gm.double(), gm2, atol=1e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- dropout
+
+
+def recover_keep_mask(B, H, Lq, Lk, p, seed, device, dtype):
+    """The kernel's keep mask for this seed: with uniform attention (q = k = 0) and v = I (Lk = E),
+    each output element is keep / ((1 - p) Lk)."""
+    q = torch.zeros(B, H, Lq, Lk, dtype=dtype, device=device)
+    v = torch.eye(Lk, dtype=dtype, device=device).expand(B, H, Lk, Lk)
+    out = OP(q, q[:, :, :1].expand(B, H, Lk, Lk), v, None, None, None, 1.0, p, torch.tensor(seed))[0]
+    return (out > 0).cpu()
+
+
+@pytest.mark.parametrize("dtype", TC_DTYPES + [torch.float32], ids=str)
+def test_dropout_keep_rate_and_same_mask_as_cpu(dtype):
+    B, H, Lq, Lk = 2, 3, 150, 64  # Lk = E = 64: the tensor-core kernel for 16-bit dtypes
+    for p in (0.1, 0.5, 0.9):
+        keep = recover_keep_mask(B, H, Lq, Lk, p, 11, "cuda", dtype)
+        rate = keep.double().mean().item()
+        assert abs(rate - (1 - p)) < 5 * (p * (1 - p) / keep.numel()) ** 0.5, (p, rate)
+        # The same counter-based hash as the CPU kernel: the same elements are dropped.
+        assert torch.equal(keep, recover_keep_mask(B, H, Lq, Lk, p, 11, "cpu", torch.float64))
+    assert not recover_keep_mask(B, H, Lq, Lk, 1.0, 3, "cuda", dtype).any()
+
+
+@pytest.mark.parametrize("E", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
+def test_dropout_gradients_match_reference_with_the_same_mask(dtype, E):
+    B, H, Lq, Lk, p = 2, 2, 70, 64, 0.3
+    q, k, v = make_qkv(B, H, Lq, Lk, E, E, dtype)
+    keep = recover_keep_mask(B, H, Lq, Lk, p, 99, "cpu", torch.float64).cuda()
+    masks = make_masks("kpm+bool2d", B, H, Lq, Lk)
+    out = OP(q, k, v, masks["key_padding_mask"], None, masks["attn_mask"], E**-0.5, p, torch.tensor(99))[0]
+    ref, leaves = run_reference(q, k, v, masks, dropout_p=p, dropout_mask=keep)
+    assert_close(out, ref, TOL[dtype][0], "out")
+    g = torch.randn_like(out)
+    for name, a, b in zip("qkv", torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, leaves, g.double())):
+        assert_close(a, b, TOL[dtype][1], f"grad {name}")
+
+
+def test_dropout_same_seed_same_result():
+    q, k, v = make_qkv(2, 2, 100, 130, 64, 64, torch.bfloat16)
+
+    def run(seed):
+        torch.manual_seed(seed)
+        out = mmkernels.cross_modal_attention(q, k, v, dropout_p=0.4)
+        return (out, *torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
+
+    a, b, c = run(5), run(5), run(6)
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
+    for x, y in zip(a[2:], b[2:]):  # dk, dv: deterministic; dq sums with atomics (order varies)
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    torch.testing.assert_close(a[1], b[1], rtol=1e-2, atol=1e-2)
+    assert not torch.equal(a[0], c[0])
+
+
+# --------------------------------------------------------------------------- opcheck, compile
+
+
+def _opcheck_cases():
+    dev = "cuda"
+    cases = []
+    for dtype, E in ((torch.float16, 64), (torch.bfloat16, 32), (torch.bfloat16, 128), (torch.float32, 24)):
+        q = torch.randn(2, 2, 9, E, device=dev, dtype=dtype, requires_grad=True)
+        k = torch.randn(2, 2, 13, E, device=dev, dtype=dtype, requires_grad=True)
+        v = torch.randn(2, 2, 13, E, device=dev, dtype=dtype, requires_grad=True)
+        kpm = torch.rand(2, 13, device=dev) < 0.3
+        lengths = torch.tensor([13, 7], dtype=torch.int32, device=dev)
+        m = torch.rand(9, 13, device=dev) < 0.8
+        cases.append((q, k, v, None, None, None, E**-0.5, 0.0, None))
+        cases.append((q, k, v, kpm, lengths, m, 0.3, 0.0, None))
+        cases.append((q, k, v, kpm, None, None, 0.3, 0.25, torch.tensor(7)))
+    return cases
+
+
+@pytest.mark.parametrize("i", range(12))
+def test_opcheck(i):
+    args = _opcheck_cases()[i]
+    torch.library.opcheck(OP, args)
+
+
+def test_opcheck_backward():
+    q, k, v = make_qkv(2, 2, 9, 13, 64, 64, torch.float16, requires_grad=False)
+    out, lse = OP(q, k, v, None, None, None, 0.125, 0.0, None)
+    torch.library.opcheck(BWD, (torch.randn_like(out), q, k, v, out, lse, None, None, None, 0.125, 0.0, None))
+
+
+def test_compile_fullgraph_forward_backward():
+    q, k, v = make_qkv(2, 4, 100, 150, 64, 64, torch.bfloat16)
+    kpm = torch.rand(2, 150, device="cuda") < 0.3
+
+    def f(q, k, v):
+        return mmkernels.cross_modal_attention(q, k, v, key_padding_mask=kpm, dropout_p=0.0).float().square().sum()
+
+    cf = torch.compile(f, fullgraph=True)
+    loss = cf(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    loss_e = f(q, k, v)
+    grads_e = torch.autograd.grad(loss_e, (q, k, v))
+    torch.testing.assert_close(loss, loss_e, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(grads[1], grads_e[1], rtol=0, atol=0)  # dk: deterministic kernel
+    torch.testing.assert_close(grads[0], grads_e[0], rtol=2e-2, atol=2e-2)
+
+
+def test_dropout_seed_on_the_gpu_reads_the_same_seed():
+    q, k, v = make_qkv(2, 2, 40, 64, 64, 64, torch.float16, requires_grad=False)
+    a = OP(q, k, v, None, None, None, 0.125, 0.5, torch.tensor(1234))[0]
+    b = OP(q, k, v, None, None, None, 0.125, 0.5, torch.tensor(1234, device="cuda"))[0]
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
