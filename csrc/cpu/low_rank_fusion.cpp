@@ -137,7 +137,9 @@ at::Tensor low_rank_fusion_cpu(at::TensorList inputs, at::TensorList factors, co
 // Gradients. With P_m = [x_m, 1] @ F_m[k] and dP_m = g * w[k] * prod_{j != m} P_j (prefix and suffix
 // products, no division, so zeros are fine):
 //   grad x_m += dP_m @ F_m[k, :D].T     grad F_m[k] = [x_m, 1].T @ dP_m     grad w[k] = <g, prod_m P_m>
-// Blocks of rows run in turn (grad F and grad w sum over rows); the ATen ops inside use every thread.
+// Blocks of rows as in forward: with enough blocks threads take whole blocks, summing grad F and
+// grad w into per-thread accumulators reduced at the end; otherwise blocks run in turn and the ATen
+// ops inside use every thread. w[k] rides on the GEMMs' alpha, so no scaled copy of g is made.
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor> low_rank_fusion_backward_cpu(
     const at::Tensor& grad_out, at::TensorList inputs, at::TensorList factors, const at::Tensor& rank_weight,
     const c10::List<bool>& inputs_need_grad, const c10::List<bool>& factors_need_grad, bool rank_weight_needs_grad,
@@ -156,56 +158,86 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Ten
   // Accumulators in the compute type; cast to the parameter dtype at the end.
   std::vector<at::Tensor> gx(M), gf(M);
   for (size_t m = 0; m < M; ++m) {
-    if (inputs_need_grad[m]) gx[m] = at::empty({p.rows, p.x[m].size(1)}, opts);
+    if (inputs_need_grad[m]) gx[m] = at::zeros({p.rows, p.x[m].size(1)}, opts);
     if (factors_need_grad[m]) gf[m] = at::zeros({p.R, p.x[m].size(1) + 1, p.N}, opts);
   }
   std::vector<double> gw(p.R, 0.0);
   const bool any_factor_or_input = std::any_of(gx.begin(), gx.end(), [](auto& t) { return t.defined(); }) ||
                                    std::any_of(gf.begin(), gf.end(), [](auto& t) { return t.defined(); });
 
-  const int64_t rows = block_rows(p, int64_t(1) << 17);
-  for (int64_t r0 = 0; r0 < p.rows && (any_factor_or_input || rank_weight_needs_grad); r0 += rows) {
-    const int64_t rn = std::min(rows, p.rows - r0);
+  auto run_block = [&](int64_t r0, int64_t rn, std::vector<at::Tensor>& gf_acc, double* gw_acc) {
     const at::Tensor g = g_all.narrow(0, r0, rn).to(p.acc).contiguous();
+    auto buf = [&] { return at::empty({rn, p.N}, opts); };
     std::vector<at::Tensor> xb(M), P(M), pre(M);
     for (size_t m = 0; m < M; ++m) {
       xb[m] = p.x[m].narrow(0, r0, rn).to(p.acc);
-      P[m] = at::empty({rn, p.N}, opts);
+      P[m] = buf();
+      if (m >= 2) pre[m] = buf();
     }
+    at::Tensor full = M > 1 ? buf() : at::Tensor(), dP = buf(), suffix = M > 1 ? buf() : at::Tensor();
     for (int64_t k = 0; k < p.R; ++k) {
+      const double wk = p.w[k];
       for (size_t m = 0; m < M; ++m) project(P[m], p, xb[m], m, k);
-      // pre[m] = prod_{j < m} P_j (pre[0] is the empty product, left undefined)
-      for (size_t m = 1; m < M; ++m) pre[m] = m == 1 ? P[0] : pre[m - 1] * P[m - 1];
+      // pre[m] = prod_{j < m} P_j (pre[0], the empty product, is never used)
+      if (M > 1) pre[1] = P[0];
+      for (size_t m = 2; m < M; ++m) at::mul_out(pre[m], pre[m - 1], P[m - 1]);
       if (rank_weight_needs_grad) {
-        const at::Tensor full = M == 1 ? P[0] : pre[M - 1] * P[M - 1];
-        gw[k] += at::dot(g.view(-1), full.reshape(-1)).item<double>();
+        const at::Tensor& prod = M == 1 ? P[0] : at::mul_out(full, pre[M - 1], P[M - 1]);
+        gw_acc[k] += at::dot(g.view(-1), prod.view(-1)).item<double>();
       }
       if (!any_factor_or_input) continue;
-      const at::Tensor gk = g * p.w[k];
-      at::Tensor suffix;  // prod_{j > m} P_j
+      bool have_suffix = false;  // suffix = prod_{j > m} P_j
       for (size_t m = M; m-- > 0;) {
-        at::Tensor dP = gk;
-        if (m > 0) dP = dP * pre[m];
-        if (suffix.defined()) dP = dP * suffix;
-        if (gx[m].defined()) {
-          at::Tensor blk = gx[m].narrow(0, r0, rn);
-          if (k == 0) at::mm_out(blk, dP, p.fw[m][k].t()); else blk.addmm_(dP, p.fw[m][k].t());
+        // dP_m / w[k] = g * pre[m] * suffix
+        if (m > 0 && have_suffix) {
+          at::mul_out(dP, pre[m], suffix).mul_(g);
+        } else if (m > 0) {
+          at::mul_out(dP, g, pre[m]);
+        } else if (have_suffix) {
+          at::mul_out(dP, g, suffix);
         }
-        if (gf[m].defined()) {
-          const int64_t d = p.x[m].size(1);
-          gf[m][k].narrow(0, 0, d).addmm_(xb[m].t(), dP);
-          gf[m][k][d].add_(dP.sum(0));
+        const at::Tensor& d = (m == 0 && !have_suffix) ? g : dP;  // M == 1: dP / w[k] = g
+        if (gx[m].defined()) gx[m].narrow(0, r0, rn).addmm_(d, p.fw[m][k].t(), 1, wk);
+        if (gf_acc[m].defined()) {
+          const int64_t dm = p.x[m].size(1);
+          gf_acc[m][k].narrow(0, 0, dm).addmm_(xb[m].t(), d, 1, wk);
+          gf_acc[m][k][dm].add_(d.sum(0), wk);
         }
-        if (m > 0) suffix = suffix.defined() ? suffix * P[m] : P[m];
+        if (m > 0) {
+          if (have_suffix) suffix.mul_(P[m]); else suffix.copy_(P[m]);
+          have_suffix = true;
+        }
       }
     }
+  };
+
+  const int64_t rows = block_rows(p, int64_t(1) << 15);
+  const int64_t nblocks = (any_factor_or_input || rank_weight_needs_grad) ? (p.rows + rows - 1) / rows : 0;
+  const int64_t nthreads = at::get_num_threads();
+  if (nblocks >= 2 * nthreads) {
+    std::vector<std::vector<at::Tensor>> gf_t(nthreads, std::vector<at::Tensor>(M));
+    std::vector<std::vector<double>> gw_t(nthreads, std::vector<double>(p.R, 0.0));
+    const at::ThreadLocalState state;  // see forward
+    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+      at::ThreadLocalStateGuard guard(state);
+      const int t = at::get_thread_num();
+      for (size_t m = 0; m < M; ++m)
+        if (gf[m].defined() && !gf_t[t][m].defined()) gf_t[t][m] = at::zeros_like(gf[m]);
+      for (int64_t b = b0; b < b1; ++b) run_block(b * rows, std::min(rows, p.rows - b * rows), gf_t[t], gw_t[t].data());
+    });
+    for (int64_t t = 0; t < nthreads; ++t) {
+      for (size_t m = 0; m < M; ++m)
+        if (gf_t[t][m].defined()) gf[m].add_(gf_t[t][m]);
+      for (int64_t k = 0; k < p.R; ++k) gw[k] += gw_t[t][k];
+    }
+  } else {
+    for (int64_t b = 0; b < nblocks; ++b) run_block(b * rows, std::min(rows, p.rows - b * rows), gf, gw.data());
   }
 
   const auto dt = rank_weight.scalar_type();
   const at::Tensor empty = at::empty({0}, rank_weight.options());
   std::vector<at::Tensor> grad_inputs, grad_factors;
   for (size_t m = 0; m < M; ++m) {
-    if (gx[m].defined() && p.R == 0) gx[m].zero_();  // no rank: the loop above never wrote it
     grad_inputs.push_back(gx[m].defined() ? gx[m].to(dt).view(inputs[m].sizes()) : empty);
     grad_factors.push_back(gf[m].defined() ? gf[m].to(dt) : empty);
   }
