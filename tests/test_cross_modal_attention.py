@@ -405,3 +405,16 @@ def test_op_checks_in_cpp(name, pos, value):
     args[pos] = value
     with pytest.raises(RuntimeError, match=f"argument '{name}'"):
         OP(*args)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_thread_counts_agree(threads):
+    # Few heads and many key blocks: backward splits key blocks over threads (per-thread dQ).
+    q, k, v = make_qkv(1, 2, 70, 700, 16, 8, torch.float64)
+    masks = {"kv_lengths": torch.tensor([650])}
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        check_against_reference(q, k, v, masks, torch.float64)
+    finally:
+        torch.set_num_threads(old)

@@ -39,27 +39,66 @@ namespace {
 
 // ------------------------------------------------------------------------------------------ GEMM
 
-// C (M x N, ldc) (+)= A (M x K, lda) * B (K x N, ldb), all row-major.
-void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-          int64_t ldc, bool accumulate) {
+// The BLAS that torch links (MKL on x86 wheels) exports the Fortran GEMMs. Calling them directly
+// takes transposed operands for free (the BLAS packs its operands anyway) with no dispatcher
+// overhead per block. Weak, so that a torch without them still loads: then transposed operands
+// are packed here and the GEMM goes through cpublas::brgemm (float) or plain loops (double).
+extern "C" {
+void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
+
+template <typename T>
+void pack_transposed(const T* src, int64_t ld, int64_t rows, int64_t cols, std::vector<T>& dst) {
+  // dst (cols x rows, row-major) = src (rows x cols, leading dim ld) transposed.
+  dst.resize(static_cast<size_t>(rows * cols));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[r * ld + c];
+}
+
+// Row-major C (M x N, ldc) (+)= op(A) op(B), op(A) M x K and op(B) K x N. With ta, A is stored
+// K x M (row-major, lda) and used transposed; likewise tb for B.
+template <typename T>
+void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
+          T* C, int64_t ldc, bool accumulate) {
   if (M == 0 || N == 0) return;
   if (K == 0) {
     if (!accumulate)
-      for (int64_t m = 0; m < M; ++m) std::fill_n(C + m * ldc, N, 0.0f);
+      for (int64_t m = 0; m < M; ++m) std::fill_n(C + m * ldc, N, T(0));
     return;
   }
-  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, /*is_vnni=*/false);
-}
-
-void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B, int64_t ldb, double* C,
-          int64_t ldc, bool accumulate) {
-  for (int64_t m = 0; m < M; ++m) {
-    double* c = C + m * ldc;
-    if (!accumulate) std::fill_n(c, N, 0.0);
-    for (int64_t k = 0; k < K; ++k) {
-      const double a = A[m * lda + k];
-      const double* b = B + k * ldb;
-      for (int64_t n = 0; n < N; ++n) c[n] += a * b[n];
+  constexpr bool is_float = std::is_same_v<T, float>;
+  const bool have_blas = is_float ? sgemm_ != nullptr : dgemm_ != nullptr;
+  if (have_blas) {
+    // Column-major view: C^T (N x M) = op(B)^T op(A)^T.
+    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+    const T one = 1, beta = accumulate ? 1 : 0;
+    if constexpr (is_float) {
+      sgemm_(tb ? "T" : "N", ta ? "T" : "N", &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
+    } else {
+      dgemm_(tb ? "T" : "N", ta ? "T" : "N", &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
+    }
+    return;
+  }
+  thread_local std::vector<T> a_buf, b_buf;
+  if (ta) pack_transposed(A, lda, K, M, a_buf), A = a_buf.data(), lda = K;
+  if (tb) pack_transposed(B, ldb, N, K, b_buf), B = b_buf.data(), ldb = N;
+  if constexpr (is_float) {
+    at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, /*is_vnni=*/false);
+  } else {
+    for (int64_t m = 0; m < M; ++m) {
+      T* c = C + m * ldc;
+      if (!accumulate) std::fill_n(c, N, T(0));
+      for (int64_t kk = 0; kk < K; ++kk) {
+        const T a = A[m * lda + kk];
+        const T* b = B + kk * ldb;
+        for (int64_t n = 0; n < N; ++n) c[n] += a * b[n];
+      }
     }
   }
 }
@@ -236,23 +275,24 @@ constexpr int64_t kBwdBlockK = 128;
 
 // ------------------------------------------------------------------------------------------ forward
 
-// q, v: last dim contiguous; kT: contiguous (B, H, E, Lk). out: contiguous (B, H, Lq, Ev), lse (B, H, Lq).
+// q, k, v: last dim contiguous, any other strides. out: contiguous (B, H, Lq, Ev), lse (B, H, Lq).
 template <typename T>
-void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& kT, const at::Tensor& v,
+void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     at::Tensor& out, at::Tensor& lse) {
   const int64_t BQ = std::min(kFwdBlockQ, p.Lq), BK = std::min(kFwdBlockK, std::max<int64_t>(p.Lk, 1));
   const int64_t nqb = (p.Lq + BQ - 1) / BQ;
   const T* qd = q.const_data_ptr<T>();
-  const T* kd = kT.const_data_ptr<T>();
+  const T* kd = k.const_data_ptr<T>();
   const T* vd = v.const_data_ptr<T>();
   T* od = out.data_ptr<T>();
   T* ld = lse.data_ptr<T>();
   const T scale = static_cast<T>(p.scale);
   const T inv_keep = static_cast<T>(p.inv_keep);
   const int64_t qs0 = q.stride(0), qs1 = q.stride(1), qs2 = q.stride(2);
+  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
   const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
   const int64_t nthreads = at::get_num_threads();
-  // Per-thread scratch: scores, output accumulator, row max / sum, one bias row, dropout keys.
+  // Per-thread scratch: scores, output accumulator, row max / sum, one bias row, dropout factors.
   const int64_t per_thread = BQ * BK + BQ * p.Ev + 2 * BQ + BK + BK;
   std::vector<T> scratch(static_cast<size_t>(per_thread * nthreads));
   parallel_tasks(p.B * p.H * nqb, [&](int64_t task, int tid) {
@@ -268,11 +308,11 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& kT,
     std::fill_n(m, nq, -std::numeric_limits<T>::infinity());
     std::fill_n(l, nq, T(0));
     const T* qb = qd + b * qs0 + h * qs1 + i0 * qs2;
-    const T* kb = kd + bh * p.E * p.Lk;
+    const T* kb = kd + b * ks0 + h * ks1;
     const T* vb = vd + b * vs0 + h * vs1;
     for (int64_t j0 = p.kbeg[b]; j0 < p.kend[b]; j0 += BK) {
       const int64_t nk = std::min(BK, p.kend[b] - j0);
-      gemm(nq, nk, p.E, qb, qs2, kb + j0, p.Lk, S, BK, false);
+      gemm(false, true, nq, nk, p.E, qb, qs2, kb + j0 * ks2, ks2, S, BK, false);  // S = Q_i K_j^T
       for (int64_t r = 0; r < nq; ++r) {
         T* s = S + r * BK;
         const T* brow = bias_for_row(p, b, h, i0 + r, j0, nk, bias);
@@ -294,14 +334,14 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& kT,
           rows::mul(s, z, nk);
         }
       }
-      gemm(nq, p.Ev, nk, S, BK, vb + j0 * vs2, vs2, acc, p.Ev, true);
+      gemm(false, false, nq, p.Ev, nk, S, BK, vb + j0 * vs2, vs2, acc, p.Ev, true);  // O_i += P V_j
     }
     T* ob = od + (bh * p.Lq + i0) * p.Ev;
     T* lb = ld + bh * p.Lq + i0;
     for (int64_t r = 0; r < nq; ++r) {
       if (l[r] > T(0)) {
-        const T inv = T(1) / l[r];
-        for (int64_t c = 0; c < p.Ev; ++c) ob[r * p.Ev + c] = acc[r * p.Ev + c] * inv;
+        rows::scale(acc + r * p.Ev, p.Ev, T(1) / l[r]);
+        std::copy_n(acc + r * p.Ev, p.Ev, ob + r * p.Ev);
         lb[r] = m[r] + std::log(l[r]);
       } else {  // no visible key: zeros, and lse = +inf so that backward's probabilities are 0
         std::fill_n(ob + r * p.Ev, p.Ev, T(0));
@@ -313,13 +353,34 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& kT,
 
 // ------------------------------------------------------------------------------------------ backward
 
-// k, v, q, dout: last dim contiguous. kT (B,H,E,Lk), qT (B,H,E,Lq), doT (B,H,Ev,Lq), lse and D
-// (B,H,Lq): contiguous. dq_t (threads or 1, B, H, E, Lq) zeroed; dk, dv contiguous and zeroed.
+// D_i = rowsum(dO_i * O_i) (= sum_j P_ij dP_ij, with dropout too: O already carries the mask).
+template <typename T>
+at::Tensor row_dot(const at::Tensor& dout, const at::Tensor& out, const Problem& p) {
+  at::Tensor D = at::empty({p.B, p.H, p.Lq}, out.options());
+  const T* a = dout.const_data_ptr<T>();
+  const T* o = out.const_data_ptr<T>();
+  T* d = D.data_ptr<T>();
+  const int64_t as0 = dout.stride(0), as1 = dout.stride(1), as2 = dout.stride(2);
+  const int64_t os0 = out.stride(0), os1 = out.stride(1), os2 = out.stride(2);
+  at::parallel_for(0, p.B * p.H * p.Lq, 1024, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t i = r % p.Lq, bh = r / p.Lq, b = bh / p.H, h = bh % p.H;
+      const T* x = a + b * as0 + h * as1 + i * as2;
+      const T* y = o + b * os0 + h * os1 + i * os2;
+      T s = 0;
+      for (int64_t c = 0; c < p.Ev; ++c) s += x[c] * y[c];
+      d[r] = s;
+    }
+  });
+  return D;
+}
+
+// q, k, v, dout: last dim contiguous. lse and D (B, H, Lq) contiguous. dq_acc (threads or 1, B, H,
+// Lq, E) zeroed; dk, dv contiguous (every row is written).
 template <typename T>
 void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const at::Tensor& dout, const at::Tensor& kT, const at::Tensor& qT, const at::Tensor& doT,
-                     const at::Tensor& lse, const at::Tensor& D, at::Tensor& dq_t, at::Tensor& dk, at::Tensor& dv,
-                     int64_t nkb_per_task, bool per_thread_dq) {
+                     const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& D, at::Tensor& dq_acc,
+                     at::Tensor& dk, at::Tensor& dv, int64_t nkb_per_task, bool per_thread_dq) {
   const int64_t BQ = std::min(kBwdBlockQ, std::max<int64_t>(p.Lq, 1)), BK = kBwdBlockK;
   const int64_t nkb = (p.Lk + BK - 1) / BK;
   const int64_t nchunks = (nkb + nkb_per_task - 1) / nkb_per_task;
@@ -329,16 +390,14 @@ void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k,
   const T* kd = k.const_data_ptr<T>();
   const T* vd = v.const_data_ptr<T>();
   const T* dod = dout.const_data_ptr<T>();
-  const T* kTd = kT.const_data_ptr<T>();
-  const T* qTd = qT.const_data_ptr<T>();
-  const T* doTd = doT.const_data_ptr<T>();
   const T* lsed = lse.const_data_ptr<T>();
   const T* Dd = D.const_data_ptr<T>();
-  T* dqd = dq_t.data_ptr<T>();
+  T* dqd = dq_acc.data_ptr<T>();
   T* dkd = dk.data_ptr<T>();
   T* dvd = dv.data_ptr<T>();
+  const int64_t qs2 = q.stride(2), ks2 = k.stride(2), vs2 = v.stride(2), dos2 = dout.stride(2);
   const int64_t nthreads = at::get_num_threads();
-  const int64_t bhsize = p.B * p.H * p.E * p.Lq;
+  const int64_t dq_size = p.B * p.H * p.Lq * p.E;
   // Per-thread scratch: P^T, dP^T / dS^T, dropout factors, dK and dV accumulators, bias column.
   const int64_t per_thread = 3 * BK * BQ + BK * p.E + BK * p.Ev + BQ;
   std::vector<T> scratch(static_cast<size_t>(per_thread * nthreads));
@@ -353,29 +412,35 @@ void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k,
     T* dVa = dKa + BK * p.E;
     T* bias = dVa + BK * p.Ev;
     uint64_t* keys = keys_all.data() + tid * BQ;
-    T* dqT = dqd + (per_thread_dq ? tid * bhsize : 0) + bh * p.E * p.Lq;
+    T* dqb = dqd + (per_thread_dq ? tid * dq_size : 0) + bh * p.Lq * p.E;
     const T* qb = qd + b * q.stride(0) + h * q.stride(1);
     const T* dob = dod + b * dout.stride(0) + h * dout.stride(1);
-    const T* kTb = kTd + bh * p.E * p.Lk;
-    const T* qTb = qTd + bh * p.E * p.Lq;
-    const T* doTb = doTd + bh * p.Ev * p.Lq;
     const T* lseb = lsed + bh * p.Lq;
     const T* Db = Dd + bh * p.Lq;
     for (int64_t kb = kb_first; kb < std::min(nkb, kb_first + nkb_per_task); ++kb) {
-      // This key block, clipped to the batch's visible key range.
-      const int64_t j0 = std::max(kb * BK, p.kbeg[b]);
-      const int64_t j1 = std::min((kb + 1) * BK, p.kend[b]);
-      if (j0 >= j1) continue;
+      // This key block; only its part inside the batch's visible key range is computed, the rest
+      // of its gradient rows are zero.
+      const int64_t a0 = kb * BK, a1 = std::min(p.Lk, a0 + BK);
+      const int64_t j0 = std::min(std::max(a0, p.kbeg[b]), a1), j1 = std::max(j0, std::min(a1, p.kend[b]));
       const int64_t nk = j1 - j0;
-      const T* kr = kd + b * k.stride(0) + h * k.stride(1) + j0 * k.stride(2);
-      const T* vr = vd + b * v.stride(0) + h * v.stride(1) + j0 * v.stride(2);
+      T* dk_out = dkd + bh * p.Lk * p.E;
+      T* dv_out = dvd + bh * p.Lk * p.Ev;
+      std::fill(dk_out + a0 * p.E, dk_out + j0 * p.E, T(0));
+      std::fill(dk_out + j1 * p.E, dk_out + a1 * p.E, T(0));
+      std::fill(dv_out + a0 * p.Ev, dv_out + j0 * p.Ev, T(0));
+      std::fill(dv_out + j1 * p.Ev, dv_out + a1 * p.Ev, T(0));
+      if (nk == 0) continue;
+      const T* kr = kd + b * k.stride(0) + h * k.stride(1) + j0 * ks2;
+      const T* vr = vd + b * v.stride(0) + h * v.stride(1) + j0 * vs2;
       const T* kpm_bias = p.kpm_bias.defined() ? p.kpm_bias.const_data_ptr<T>() + b * p.Lk + j0 : nullptr;
       std::fill_n(dKa, nk * p.E, T(0));
       std::fill_n(dVa, nk * p.Ev, T(0));
       for (int64_t i0 = 0; i0 < p.Lq; i0 += BQ) {
         const int64_t nq = std::min(BQ, p.Lq - i0);
+        const T* qi = qb + i0 * qs2;
+        const T* doi = dob + i0 * dos2;
         // S^T = K_j Q_i^T, then P^T row by row (one key per row, queries along it).
-        gemm(nk, nq, p.E, kr, k.stride(2), qTb + i0, p.Lq, PT, BQ, false);
+        gemm(false, true, nk, nq, p.E, kr, ks2, qi, qs2, PT, BQ, false);
         for (int64_t r = 0; r < nk; ++r) {
           T* row = PT + r * BQ;
           if (kpm_bias != nullptr && kpm_bias[r] != T(0)) {  // padded key: no probability anywhere
@@ -397,18 +462,17 @@ void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k,
           }
           PZ = DS;
         }
-        gemm(nk, p.Ev, nq, PZ, BQ, dob + i0 * dout.stride(2), dout.stride(2), dVa, p.Ev, true);
-        // dP^T = V_j dO_i^T, then dS^T = P^T (dP^T Z - D) scale.
-        gemm(nk, nq, p.Ev, vr, v.stride(2), doTb + i0, p.Lq, DS, BQ, false);
+        gemm(false, false, nk, p.Ev, nq, PZ, BQ, doi, dos2, dVa, p.Ev, true);  // dV_j += (P Z)^T dO_i
+        gemm(false, true, nk, nq, p.Ev, vr, vs2, doi, dos2, DS, BQ, false);    // dP^T = V_j dO_i^T
         for (int64_t r = 0; r < nk; ++r) {
           if (p.dropout) rows::mul(DS + r * BQ, Z + r * BQ, nq);
-          rows::dscore(DS + r * BQ, PT + r * BQ, DS + r * BQ, Db + i0, nq, scale);
+          rows::dscore(DS + r * BQ, PT + r * BQ, DS + r * BQ, Db + i0, nq, scale);  // dS^T, scaled
         }
-        gemm(nk, p.E, nq, DS, BQ, qb + i0 * q.stride(2), q.stride(2), dKa, p.E, true);
-        gemm(p.E, nq, nk, kTb + j0, p.Lk, DS, BQ, dqT + i0, p.Lq, true);
+        gemm(false, false, nk, p.E, nq, DS, BQ, qi, qs2, dKa, p.E, true);                  // dK_j += dS^T Q_i
+        gemm(true, false, nq, p.E, nk, DS, BQ, kr, ks2, dqb + i0 * p.E, p.E, true);        // dQ_i += dS K_j
       }
-      std::copy_n(dKa, nk * p.E, dkd + (bh * p.Lk + j0) * p.E);
-      std::copy_n(dVa, nk * p.Ev, dvd + (bh * p.Lk + j0) * p.Ev);
+      std::copy_n(dKa, nk * p.E, dk_out + j0 * p.E);
+      std::copy_n(dVa, nk * p.Ev, dv_out + j0 * p.Ev);
     }
   });
 }
@@ -425,15 +489,15 @@ std::tuple<at::Tensor, at::Tensor> cross_modal_attention_cpu(
   const auto ct = compute_type(q.scalar_type());
   Problem p = make_problem(q, k, v, key_padding_mask, kv_lengths, attn_mask, scale, dropout_p, dropout_seed, ct);
   const at::Tensor qc = last_dim_contiguous(q.to(ct));
+  const at::Tensor kc = last_dim_contiguous(k.to(ct));
   const at::Tensor vc = last_dim_contiguous(v.to(ct));
-  const at::Tensor kT = k.to(ct).transpose(2, 3).contiguous();
   at::Tensor out = at::empty({p.B, p.H, p.Lq, p.Ev}, q.options().dtype(ct));
   at::Tensor lse = at::empty({p.B, p.H, p.Lq}, q.options().dtype(ct));
-  if (out.numel() > 0 || lse.numel() > 0) {
+  if (lse.numel() > 0) {
     if (ct == at::kDouble) {
-      forward_kernel<double>(p, qc, kT, vc, out, lse);
+      forward_kernel<double>(p, qc, kc, vc, out, lse);
     } else {
-      forward_kernel<float>(p, qc, kT, vc, out, lse);
+      forward_kernel<float>(p, qc, kc, vc, out, lse);
     }
   }
   return {out.to(q.scalar_type()), lse};
@@ -456,33 +520,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_modal_attention_backward_cp
   const at::Tensor kc = last_dim_contiguous(k.to(ct));
   const at::Tensor vc = last_dim_contiguous(v.to(ct));
   const at::Tensor doc = last_dim_contiguous(grad_out.to(ct));
-  const at::Tensor kT = kc.transpose(2, 3).contiguous();
-  const at::Tensor qT = qc.transpose(2, 3).contiguous();
-  const at::Tensor doT = doc.transpose(2, 3).contiguous();
+  const at::Tensor oc = last_dim_contiguous(out.to(ct));
   const at::Tensor lsec = lse.to(ct).contiguous();
-  // D_i = rowsum(dO_i * O_i) = sum_j P_ij dP_ij, also with dropout (O already carries the mask).
-  const at::Tensor D = (doc * out.to(ct)).sum(-1).contiguous();
-  at::Tensor dk = at::zeros({p.B, p.H, p.Lk, p.E}, q.options().dtype(ct));
-  at::Tensor dv = at::zeros({p.B, p.H, p.Lk, p.Ev}, q.options().dtype(ct));
+  at::Tensor dk = at::empty({p.B, p.H, p.Lk, p.E}, q.options().dtype(ct));
+  at::Tensor dv = at::empty({p.B, p.H, p.Lk, p.Ev}, q.options().dtype(ct));
   // Key blocks of one head on one task when there are enough heads to keep every thread busy;
-  // otherwise each key block is a task and dQ^T is accumulated per thread, then summed.
+  // otherwise each key block is a task and dQ is accumulated per thread, then summed.
   const int64_t nthreads = at::get_num_threads();
   const int64_t nkb = (p.Lk + kBwdBlockK - 1) / kBwdBlockK;
-  int64_t per_task = nkb;
+  int64_t per_task = std::max<int64_t>(nkb, 1);
   if (p.B * p.H > 0 && p.B * p.H < 4 * nthreads && nthreads > 1) {
     const int64_t want_chunks = (4 * nthreads + p.B * p.H - 1) / (p.B * p.H);
     per_task = std::max<int64_t>(1, (nkb + want_chunks - 1) / want_chunks);
   }
   const bool per_thread_dq = per_task < nkb && nthreads > 1;
-  at::Tensor dq_t = at::zeros({per_thread_dq ? nthreads : 1, p.B, p.H, p.E, p.Lq}, q.options().dtype(ct));
-  if (p.B * p.H * p.Lq * p.Lk > 0) {
+  at::Tensor dq_acc = at::zeros({per_thread_dq ? nthreads : 1, p.B, p.H, p.Lq, p.E}, q.options().dtype(ct));
+  if (p.B * p.H * p.Lk > 0) {
     if (ct == at::kDouble) {
-      backward_kernel<double>(p, qc, kc, vc, doc, kT, qT, doT, lsec, D, dq_t, dk, dv, per_task, per_thread_dq);
+      const at::Tensor D = row_dot<double>(doc, oc, p);
+      backward_kernel<double>(p, qc, kc, vc, doc, lsec, D, dq_acc, dk, dv, per_task, per_thread_dq);
     } else {
-      backward_kernel<float>(p, qc, kc, vc, doc, kT, qT, doT, lsec, D, dq_t, dk, dv, per_task, per_thread_dq);
+      const at::Tensor D = row_dot<float>(doc, oc, p);
+      backward_kernel<float>(p, qc, kc, vc, doc, lsec, D, dq_acc, dk, dv, per_task, per_thread_dq);
     }
   }
-  at::Tensor dq = (per_thread_dq ? dq_t.sum(0) : dq_t[0]).transpose(2, 3).contiguous();
+  const at::Tensor dq = per_thread_dq ? dq_acc.sum(0) : dq_acc[0];
   const auto dt = q.scalar_type();
   return {dq.to(dt), dk.to(dt), dv.to(dt)};
 }
