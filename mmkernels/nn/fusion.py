@@ -79,8 +79,8 @@ class ConcatFusion(nn.Module):
 class GatedMultimodalUnit(nn.Module):
     """GMU (Arevalo et al. 2017) generalised to k >= 2 modalities.
 
-    ``h_i = tanh(W_i x_i + b_i)`` (one fused GEMM + tanh each); the gate reads every input through one
-    ``fused_concat_linear`` (no concatenation). k = 2 keeps the paper's form: ``z = sigmoid(.)`` (N gate
+    ``h_i = tanh(W_i x_i + b_i)`` (plain nn.Linear: one input, nothing to fuse); the gate reads every
+    input through one ``fused_concat_linear`` (no concatenation). k = 2 keeps the paper's form: ``z = sigmoid(.)`` (N gate
     units, the sigmoid fused into the kernel), ``h = z * h_0 + (1 - z) * h_1``. k > 2 uses a softmax over
     the modalities of a ``(k, N)`` gate, so the weights stay a convex combination as with k = 2.
     """
@@ -91,16 +91,14 @@ class GatedMultimodalUnit(nn.Module):
         self.out_features = int(out_features)
         k = len(self.in_features)
         factory = {"device": device, "dtype": dtype}
-        self.projections = nn.ModuleList(
-            FusedConcatLinear([d], self.out_features, bias=bias, activation="tanh", **factory) for d in self.in_features
-        )
+        self.projections = nn.ModuleList(nn.Linear(d, self.out_features, bias=bias, **factory) for d in self.in_features)
         gate_out = self.out_features if k == 2 else k * self.out_features
         self.gate = FusedConcatLinear(self.in_features, gate_out, bias=bias,
                                       activation="sigmoid" if k == 2 else "none", **factory)
 
     def forward(self, *inputs) -> torch.Tensor:
         xs = _gather("GatedMultimodalUnit", self.names, self.in_features, inputs)
-        hs = [proj([x]) for proj, x in zip(self.projections, xs)]
+        hs = [torch.tanh(proj(x)) for proj, x in zip(self.projections, xs)]
         z = self.gate(xs)
         if len(hs) == 2:
             return torch.lerp(hs[1], hs[0], z)  # z * h_0 + (1 - z) * h_1

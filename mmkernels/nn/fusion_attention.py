@@ -12,7 +12,6 @@ from torch import nn
 
 from .. import ops
 from .cross_modal_attention import CrossModalAttention
-from .fused_concat_linear import FusedConcatLinear
 
 
 class GatedCrossAttention(nn.Module):
@@ -23,8 +22,11 @@ class GatedCrossAttention(nn.Module):
 
     Both gates start at 0, so a fresh block is the identity and can be inserted into a pretrained
     language model without changing it. ``x`` is (B, L, dim); ``media`` (B, M, media_dim);
-    ``media_key_padding_mask`` bool (B, M), True = padding (ignored). The FFW's first Linear and GELU
-    are one fused GEMM + epilogue (FusedConcatLinear).
+    ``media_key_padding_mask`` bool (B, M), True = padding (ignored).
+
+    The FFW stays nn.Linear + GELU: it has a single input, so fused_concat_linear has no concatenation
+    to save, and its GELU epilogue measured slower than ATen's (1 thread, 1024x512 -> 2048: 81 vs
+    59 ms forward).
     """
 
     def __init__(self, dim: int, num_heads: int, media_dim: int | None = None, ff_mult: int = 4,
@@ -40,7 +42,7 @@ class GatedCrossAttention(nn.Module):
                                         vdim=self.media_dim, batch_first=True, **factory)
         self.attn_gate = nn.Parameter(torch.zeros(1, **factory))
         self.ff_norm = nn.LayerNorm(self.dim, **factory)
-        self.ff_in = FusedConcatLinear([self.dim], self.dim * int(ff_mult), bias=bias, activation="gelu", **factory)
+        self.ff_in = nn.Linear(self.dim, self.dim * int(ff_mult), bias=bias, **factory)
         self.ff_out = nn.Linear(self.dim * int(ff_mult), self.dim, bias=bias, **factory)
         self.ff_gate = nn.Parameter(torch.zeros(1, **factory))
 
@@ -66,7 +68,7 @@ class GatedCrossAttention(nn.Module):
         a, _ = self.attn(self.attn_norm(x), media, media, key_padding_mask=media_key_padding_mask,
                          need_weights=False)
         x = x + torch.tanh(self.attn_gate) * a
-        return x + torch.tanh(self.ff_gate) * self.ff_out(self.ff_in([self.ff_norm(x)]))
+        return x + torch.tanh(self.ff_gate) * self.ff_out(F.gelu(self.ff_in(self.ff_norm(x))))
 
 
 class ModalityGraphAttention(nn.Module):
