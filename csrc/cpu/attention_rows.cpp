@@ -101,6 +101,14 @@ MMK_CLONES void mul(float* x, const float* z, int64_t n) {
   for (int64_t c = 0; c < n; ++c) x[c] *= z[c];
 }
 
+MMK_CLONES void to_bf16(const float* src, uint16_t* dst, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) {
+    uint32_t u;
+    std::memcpy(&u, src + c, sizeof(u));
+    dst[c] = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  }
+}
+
 // ------------------------------------------------------------------------------------------ double
 
 double scale_bias_max(double* s, const double* bias, int64_t n, double scale) {

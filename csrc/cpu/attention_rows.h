@@ -26,6 +26,8 @@ void dropout_factors_col(float* z, const uint64_t* key, uint32_t j, int64_t n, u
 void dropout_factors_row(float* z, uint64_t key, uint32_t j0, int64_t n, uint32_t threshold, float inv_keep);
 // x *= z
 void mul(float* x, const float* z, int64_t n);
+// dst = bfloat16(src), round to nearest even (bit patterns; src finite).
+void to_bf16(const float* src, uint16_t* dst, int64_t n);
 
 // Double versions: the same contracts, plain loops (gradcheck shapes only).
 double scale_bias_max(double* s, const double* bias, int64_t n, double scale);

@@ -275,16 +275,59 @@ constexpr int64_t kBwdBlockK = 128;
 
 // ------------------------------------------------------------------------------------------ forward
 
-// q, k, v: last dim contiguous, any other strides. out: contiguous (B, H, Lq, Ev), lse (B, H, Lq).
-template <typename T>
+// bfloat16 operands for cpublas::brgemm (oneDNN; AVX512-BF16 / AMX where present): B operands
+// in VNNI-2 layout, pairs of reduction rows interleaved, the reduction dim padded to even.
+// K -> (B, H, E/2, Lkp, 2): element (e, n) of K_bh^T at [e/2][n][e%2].
+at::Tensor pack_kT_vnni(const at::Tensor& k, int64_t Lkp) {
+  const int64_t B = k.size(0), H = k.size(1), Lk = k.size(2), E = k.size(3);
+  at::Tensor out = at::zeros({B, H, E / 2, Lkp, 2}, k.options());
+  const auto* src = reinterpret_cast<const uint16_t*>(k.const_data_ptr<at::BFloat16>());
+  auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const int64_t s0 = k.stride(0), s1 = k.stride(1), s2 = k.stride(2);
+  at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t bh = t0; bh < t1; ++bh) {
+      const uint16_t* sb = src + (bh / H) * s0 + (bh % H) * s1;
+      uint16_t* db = dst + bh * E * Lkp;
+      for (int64_t n = 0; n < Lk; ++n)
+        for (int64_t e = 0; e < E; ++e) db[((e >> 1) * Lkp + n) * 2 + (e & 1)] = sb[n * s2 + e];
+    }
+  });
+  return out;
+}
+
+// V -> (B, H, Lkp/2, Ev, 2): element (n, c) of V_bh at [n/2][c][n%2].
+at::Tensor pack_v_vnni(const at::Tensor& v, int64_t Lkp) {
+  const int64_t B = v.size(0), H = v.size(1), Lk = v.size(2), Ev = v.size(3);
+  at::Tensor out = at::zeros({B, H, Lkp / 2, Ev, 2}, v.options());
+  const auto* src = reinterpret_cast<const uint16_t*>(v.const_data_ptr<at::BFloat16>());
+  auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const int64_t s0 = v.stride(0), s1 = v.stride(1), s2 = v.stride(2);
+  at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t bh = t0; bh < t1; ++bh) {
+      const uint16_t* sb = src + (bh / H) * s0 + (bh % H) * s1;
+      uint16_t* db = dst + bh * Lkp * Ev;
+      for (int64_t n = 0; n < Lk; ++n)
+        for (int64_t c = 0; c < Ev; ++c) db[((n >> 1) * Ev + c) * 2 + (n & 1)] = sb[n * s2 + c];
+    }
+  });
+  return out;
+}
+
+// T: accumulation type (float, double); In: operand type (T, or bfloat16 with T = float).
+// q: last dim contiguous, any other strides. With In = T, k and v likewise; with bfloat16, k and v
+// are pack_kT_vnni / pack_v_vnni. out: contiguous (B, H, Lq, Ev) in In, lse (B, H, Lq) in T.
+template <typename T, typename In>
 void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     at::Tensor& out, at::Tensor& lse) {
+  constexpr bool kBf16 = std::is_same_v<In, at::BFloat16>;
   const int64_t BQ = std::min(kFwdBlockQ, p.Lq), BK = std::min(kFwdBlockK, std::max<int64_t>(p.Lk, 1));
+  const int64_t BKp = (BK + 1) & ~int64_t(1);  // P's row length, even for the VNNI reduction
+  const int64_t Lkp = (p.Lk + 1) & ~int64_t(1);
   const int64_t nqb = (p.Lq + BQ - 1) / BQ;
-  const T* qd = q.const_data_ptr<T>();
-  const T* kd = k.const_data_ptr<T>();
-  const T* vd = v.const_data_ptr<T>();
-  T* od = out.data_ptr<T>();
+  const In* qd = q.const_data_ptr<In>();
+  const In* kd = k.const_data_ptr<In>();
+  const In* vd = v.const_data_ptr<In>();
+  In* od = out.data_ptr<In>();
   T* ld = lse.data_ptr<T>();
   const T scale = static_cast<T>(p.scale);
   const T inv_keep = static_cast<T>(p.inv_keep);
@@ -292,8 +335,9 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
   const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
   const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
   const int64_t nthreads = at::get_num_threads();
-  // Per-thread scratch: scores, output accumulator, row max / sum, one bias row, dropout factors.
-  const int64_t per_thread = BQ * BK + BQ * p.Ev + 2 * BQ + BK + BK;
+  // Per-thread scratch: scores, output accumulator, row max / sum, one bias row, dropout factors,
+  // and (bfloat16) P rounded for the second GEMM.
+  const int64_t per_thread = BQ * BK + BQ * p.Ev + 2 * BQ + BK + BK + (kBf16 ? (BQ * BKp + 1) / 2 : 0);
   std::vector<T> scratch(static_cast<size_t>(per_thread * nthreads));
   parallel_tasks(p.B * p.H * nqb, [&](int64_t task, int tid) {
     const int64_t bh = task / nqb, b = bh / p.H, h = bh % p.H;
@@ -304,15 +348,20 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
     T* l = m + BQ;
     T* bias = l + BQ;
     T* z = bias + BK;
+    uint16_t* Pb = reinterpret_cast<uint16_t*>(z + BK);
     std::fill_n(acc, nq * p.Ev, T(0));
     std::fill_n(m, nq, -std::numeric_limits<T>::infinity());
     std::fill_n(l, nq, T(0));
-    const T* qb = qd + b * qs0 + h * qs1 + i0 * qs2;
-    const T* kb = kd + b * ks0 + h * ks1;
-    const T* vb = vd + b * vs0 + h * vs1;
-    for (int64_t j0 = p.kbeg[b]; j0 < p.kend[b]; j0 += BK) {
+    const In* qb = qd + b * qs0 + h * qs1 + i0 * qs2;
+    // VNNI blocks start at even keys; a key moved into range this way is padding (masked).
+    const int64_t jstart = kBf16 ? (p.kbeg[b] & ~int64_t(1)) : p.kbeg[b];
+    for (int64_t j0 = jstart; j0 < p.kend[b]; j0 += BK) {
       const int64_t nk = std::min(BK, p.kend[b] - j0);
-      gemm(false, true, nq, nk, p.E, qb, qs2, kb + j0 * ks2, ks2, S, BK, false);  // S = Q_i K_j^T
+      if constexpr (kBf16) {  // S = Q_i K_j^T
+        at::native::cpublas::brgemm(nq, nk, p.E, qs2, Lkp, BK, false, qb, kd + bh * p.E * Lkp + j0 * 2, S, true);
+      } else {
+        gemm(false, true, nq, nk, p.E, qb, qs2, kd + b * ks0 + h * ks1 + j0 * ks2, ks2, S, BK, false);
+      }
       for (int64_t r = 0; r < nq; ++r) {
         T* s = S + r * BK;
         const T* brow = bias_for_row(p, b, h, i0 + r, j0, nk, bias);
@@ -320,32 +369,47 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
         const T mnew = std::max(m[r], mx);
         if (mnew == -std::numeric_limits<T>::infinity()) {  // nothing visible yet in this row
           std::fill_n(s, nk, T(0));
-          continue;
+        } else {
+          const T sum = rows::exp_sum(s, nk, mnew);
+          const T alpha = std::exp(m[r] - mnew);  // 0 on the first visible block
+          if (alpha != T(1)) rows::scale(acc + r * p.Ev, p.Ev, alpha);
+          l[r] = l[r] * alpha + sum;
+          m[r] = mnew;
+          if (p.dropout) {
+            // The row sum above is of the undropped probabilities; only P V sees the mask.
+            rows::dropout_factors_row(z, dropout_row_key(p.seed, bh, p.Lq, i0 + r), static_cast<uint32_t>(j0), nk,
+                                      p.threshold, inv_keep);
+            rows::mul(s, z, nk);
+          }
         }
-        const T sum = rows::exp_sum(s, nk, mnew);
-        const T alpha = std::exp(m[r] - mnew);  // 0 on the first visible block
-        if (alpha != T(1)) rows::scale(acc + r * p.Ev, p.Ev, alpha);
-        l[r] = l[r] * alpha + sum;
-        m[r] = mnew;
-        if (p.dropout) {
-          // The row sum above is of the undropped probabilities; only P V sees the mask.
-          rows::dropout_factors_row(z, dropout_row_key(p.seed, bh, p.Lq, i0 + r), static_cast<uint32_t>(j0), nk,
-                                    p.threshold, inv_keep);
-          rows::mul(s, z, nk);
+        if constexpr (kBf16) {
+          rows::to_bf16(s, Pb + r * BKp, nk);
+          if (nk & 1) Pb[r * BKp + nk] = 0;  // the pad of the last VNNI pair
         }
       }
-      gemm(false, false, nq, p.Ev, nk, S, BK, vb + j0 * vs2, vs2, acc, p.Ev, true);  // O_i += P V_j
+      if constexpr (kBf16) {  // O_i += P V_j
+        at::native::cpublas::brgemm(nq, p.Ev, (nk + 1) & ~int64_t(1), BKp, p.Ev, p.Ev, true,
+                                    reinterpret_cast<const at::BFloat16*>(Pb), vd + bh * Lkp * p.Ev + j0 * p.Ev,
+                                    acc, true);
+      } else {
+        gemm(false, false, nq, p.Ev, nk, S, BK, vd + b * vs0 + h * vs1 + j0 * vs2, vs2, acc, p.Ev, true);
+      }
     }
-    T* ob = od + (bh * p.Lq + i0) * p.Ev;
+    if constexpr (kBf16) at::native::cpublas::brgemm_release(true);
+    In* ob = od + (bh * p.Lq + i0) * p.Ev;
     T* lb = ld + bh * p.Lq + i0;
     for (int64_t r = 0; r < nq; ++r) {
       if (l[r] > T(0)) {
         rows::scale(acc + r * p.Ev, p.Ev, T(1) / l[r]);
-        std::copy_n(acc + r * p.Ev, p.Ev, ob + r * p.Ev);
         lb[r] = m[r] + std::log(l[r]);
       } else {  // no visible key: zeros, and lse = +inf so that backward's probabilities are 0
-        std::fill_n(ob + r * p.Ev, p.Ev, T(0));
+        std::fill_n(acc + r * p.Ev, p.Ev, T(0));
         lb[r] = std::numeric_limits<T>::infinity();
+      }
+      if constexpr (kBf16) {
+        rows::to_bf16(acc + r * p.Ev, reinterpret_cast<uint16_t*>(ob + r * p.Ev), p.Ev);
+      } else {
+        std::copy_n(acc + r * p.Ev, p.Ev, ob + r * p.Ev);
       }
     }
   });
@@ -488,16 +552,27 @@ std::tuple<at::Tensor, at::Tensor> cross_modal_attention_cpu(
   check_inputs(q, k, v);
   const auto ct = compute_type(q.scalar_type());
   Problem p = make_problem(q, k, v, key_padding_mask, kv_lengths, attn_mask, scale, dropout_p, dropout_seed, ct);
+  at::Tensor lse = at::empty({p.B, p.H, p.Lq}, q.options().dtype(ct));
+  if (q.scalar_type() == at::kBFloat16 && p.E % 2 == 0) {
+    // bfloat16 GEMMs straight from the inputs (float32 accumulation); K and V packed once.
+    at::Tensor out = at::empty({p.B, p.H, p.Lq, p.Ev}, q.options());
+    if (lse.numel() > 0) {
+      const int64_t Lkp = (p.Lk + 1) & ~int64_t(1);
+      const at::Tensor qc = last_dim_contiguous(q);
+      forward_kernel<float, at::BFloat16>(p, qc, pack_kT_vnni(last_dim_contiguous(k), Lkp),
+                                          pack_v_vnni(last_dim_contiguous(v), Lkp), out, lse);
+    }
+    return {out, lse};
+  }
   const at::Tensor qc = last_dim_contiguous(q.to(ct));
   const at::Tensor kc = last_dim_contiguous(k.to(ct));
   const at::Tensor vc = last_dim_contiguous(v.to(ct));
   at::Tensor out = at::empty({p.B, p.H, p.Lq, p.Ev}, q.options().dtype(ct));
-  at::Tensor lse = at::empty({p.B, p.H, p.Lq}, q.options().dtype(ct));
   if (lse.numel() > 0) {
     if (ct == at::kDouble) {
-      forward_kernel<double>(p, qc, kc, vc, out, lse);
+      forward_kernel<double, double>(p, qc, kc, vc, out, lse);
     } else {
-      forward_kernel<float>(p, qc, kc, vc, out, lse);
+      forward_kernel<float, float>(p, qc, kc, vc, out, lse);
     }
   }
   return {out.to(q.scalar_type()), lse};
