@@ -72,6 +72,7 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads) attn_fwd_kernel(const 
   uint64_t row_key[2] = {0, 0};
   if (p.dropout) {
     const uint64_t seed = dropout_seed(p);
+#pragma unroll
     for (int r = 0; r < 2; ++r) row_key[r] = dropout_row_key(seed, bh, p.Lq, row[r]);
   }
 
@@ -181,8 +182,10 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads) attn_fwd_kernel(const 
     }
     __syncthreads();  // every warp is done with this buffer before the next iteration refills it
   }
-  cp_async_wait<0>();  // (no key tile at all: the Q copy is still in flight)
-  __syncwarp();
+  // With no key tile at all the Q copy may still be in flight, and other threads' copies land in
+  // this warp's rows of sQ, which the epilogue reuses: wait for all of them block-wide.
+  cp_async_wait<0>();
+  __syncthreads();
 
   // Epilogue: O / l through this warp's own 16 rows of sQ (no other warp reads them), then
   // 16-byte coalesced stores.
