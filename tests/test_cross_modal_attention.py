@@ -418,3 +418,22 @@ def test_thread_counts_agree(threads):
         check_against_reference(q, k, v, masks, torch.float64)
     finally:
         torch.set_num_threads(old)
+
+
+def test_without_blas_symbols():
+    # A torch whose BLAS does not export sgemm_/dgemm_ takes the packing + brgemm path: run the
+    # float32 and float64 checks in a subprocess that forces it.
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, sys; sys.path.insert(0, 'tests');"
+        "import test_cross_modal_attention as t;"
+        "[t.check_against_reference(*t.make_qkv(2, 2, 70, 300, 8, 5, d), t.make_masks('kpm+bool2d', 2, 2, 70, 300, d), d)"
+        " for d in (torch.float32, torch.float64)]"
+    )
+    env = dict(os.environ, MMKERNELS_NO_BLAS_SYMBOLS="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]

@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <vector>
 
@@ -72,7 +73,9 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int64_t
     return;
   }
   constexpr bool is_float = std::is_same_v<T, float>;
-  const bool have_blas = is_float ? sgemm_ != nullptr : dgemm_ != nullptr;
+  // MMKERNELS_NO_BLAS_SYMBOLS=1 takes the path of a torch without them (tested that way).
+  static const bool force_fallback = std::getenv("MMKERNELS_NO_BLAS_SYMBOLS") != nullptr;
+  const bool have_blas = !force_fallback && (is_float ? sgemm_ != nullptr : dgemm_ != nullptr);
   if (have_blas) {
     // Column-major view: C^T (N x M) = op(B)^T op(A)^T.
     const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
