@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import time
 
@@ -220,6 +221,10 @@ def main(argv=None) -> dict:
     print(f"training step, batch 256, {args.threads} threads, median of {repeats}: fused "
           f"{times['fused'] * 1e3:.2f} ms, reference {times['reference'] * 1e3:.2f} ms "
           f"({times['reference'] / times['fused']:.2f}x)")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load > (os.cpu_count() or 1):
+        print(f"  (load average {load:.1f} on {os.cpu_count()} cores: other processes share the CPUs, so these "
+              "timings are noisy)")
     return results
 
 

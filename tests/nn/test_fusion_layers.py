@@ -4,6 +4,8 @@ import warnings
 import pytest
 import torch
 
+from torch import nn
+
 import mmkernels
 from mmkernels import ops, reference
 from mmkernels.nn import ConcatFusion, FiLM, GatedMultimodalUnit, LowRankFusion
@@ -256,6 +258,24 @@ def test_low_rank_fusion_module_compiles_without_graph_breaks():
     assert xs[0].grad is not None
 
 
+def test_fusion_layers_export():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lmf, self.gmu = LowRankFusion([3, 5], 7, rank=2), GatedMultimodalUnit([3, 5], 7)
+            self.film, self.concat = FiLM(7, 3), ConcatFusion([3, 5], 4, activation="relu")
+
+        def forward(self, a, b):
+            return self.film(self.lmf(a, b) + self.gmu(a, b), a), self.concat(a, b)
+
+    model, a, b = Model(), torch.randn(4, 3), torch.randn(4, 5)
+    exported = torch.export.export(model, (a, b))
+    targets = {str(n.target) for n in exported.graph.nodes}
+    assert "mmkernels.low_rank_fusion.default" in targets and "mmkernels.fused_concat_linear.default" in targets
+    for x, y in zip(exported.module()(a, b), model(a, b)):
+        torch.testing.assert_close(x, y)
+
+
 def film_ref(dim):
     def ref(x, p):
         x, *conds = x
@@ -299,7 +319,6 @@ def test_film_per_token_condition_and_errors():
 
 # --------------------------------------------------------------------------- attention fusion layers
 
-from torch import nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from mmkernels.nn import GatedCrossAttention, ModalityGraphAttention  # noqa: E402
