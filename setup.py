@@ -39,6 +39,25 @@ def write_build_info(with_cuda: bool) -> None:
         f.write(f"CUDA_ARCH_LIST = {(os.environ.get('TORCH_CUDA_ARCH_LIST') if with_cuda else None)!r}\n")
 
 
+def cublas_link_args() -> list:
+    """Linker flags for cuBLAS (the large-shape path calls cublasGemmEx directly).
+
+    The toolkit at CUDA_HOME may lack cuBLAS (this project's machines have only nvcc and cudart
+    there); pip-installed CUDA torch ships it as nvidia/cu13/lib/libcublas.so.13 (or
+    nvidia/cublas/lib), already loaded by torch at run time, so we link against that file by name.
+    """
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    dirs = [os.path.join(CUDA_HOME, "lib64"), os.path.join(CUDA_HOME, "lib")]
+    dirs += sorted(glob.glob(os.path.join(site, "nvidia", "cu*", "lib"))) + [os.path.join(site, "nvidia", "cublas", "lib")]
+    for d in dirs:
+        if os.path.exists(os.path.join(d, "libcublas.so")):
+            return [f"-L{d}", "-lcublas"]
+        versioned = sorted(glob.glob(os.path.join(d, "libcublas.so.[0-9]*")), key=len)
+        if versioned:
+            return [f"-L{d}", f"-l:{os.path.basename(versioned[0])}"]
+    raise RuntimeError(f"MMKERNELS_CUDA: libcublas not found in any of {dirs}")
+
+
 def extensions():
     with_cuda = want_cuda()
     write_build_info(with_cuda)
@@ -79,7 +98,7 @@ def extensions():
             sources,
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx + ["-DMMKERNELS_WITH_CUDA"], "nvcc": nvcc},
-            extra_link_args=link,
+            extra_link_args=link + cublas_link_args(),
         )
     ]
 

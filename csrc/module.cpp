@@ -3,6 +3,12 @@
 #include <Python.h>
 #include <torch/headeronly/version.h>
 
+#ifdef MMKERNELS_WITH_CUDA
+#include <cuda_runtime_api.h>  // CUDART_VERSION, e.g. 13000 for 13.0
+
+#include <cstdio>
+#endif
+
 #define MMK_STR2(x) #x
 #define MMK_STR(x) MMK_STR2(x)
 
@@ -16,6 +22,10 @@ PyMODINIT_FUNC PyInit__C(void) {
                                  TORCH_VERSION_PATCH));
 #ifdef MMKERNELS_WITH_CUDA
   PyModule_AddIntConstant(m, "with_cuda", 1);
+  // The CUDA toolkit the kernels were compiled with (e.g. "13.0"), compared with torch's at import.
+  char cuda_version[16];
+  std::snprintf(cuda_version, sizeof(cuda_version), "%d.%d", CUDART_VERSION / 1000, (CUDART_VERSION % 1000) / 10);
+  PyModule_AddStringConstant(m, "cuda_version", cuda_version);
 #else
   PyModule_AddIntConstant(m, "with_cuda", 0);
 #endif
