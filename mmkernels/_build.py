@@ -22,7 +22,8 @@ def load_library():
             f"is installed. Rebuild it against the installed torch. {_BUILD_HINT}"
         )
     if _C.with_cuda:
-        built_cuda = build_info()["cuda_version"]
+        # The library's own record (compiled in) first; the generated _build_info.py as a fallback.
+        built_cuda = getattr(_C, "cuda_version", None) or build_info()["cuda_version"]
         if torch.version.cuda is None:
             raise ImportError(
                 f"mmkernels: this build has CUDA {built_cuda} kernels but the installed torch is a CPU-only "

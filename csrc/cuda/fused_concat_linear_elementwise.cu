@@ -27,9 +27,16 @@ __global__ void __launch_bounds__(kThreads)
                     int64_t N) {
   using op_t = at::opmath_type<T>;
   const int64_t total = M * N;
-  for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < total; i += int64_t(gridDim.x) * kThreads) {
+  const int64_t stride = int64_t(gridDim.x) * kThreads;
+  int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  // The bias column follows i incrementally: one 64-bit modulo per thread, not one per element.
+  int64_t col = i % N;
+  const int64_t col_step = stride % N;
+  for (; i < total; i += stride) {
     op_t z = static_cast<op_t>(acc[i]);
-    if (bias != nullptr) z += static_cast<op_t>(bias[i % N]);
+    if (bias != nullptr) z += static_cast<op_t>(bias[col]);
+    col += col_step;
+    if (col >= N) col -= N;
     if (preact != nullptr) preact[i] = static_cast<T>(z);
     out[i] = static_cast<T>(activate<A, op_t>(z));  // acc may alias out: read before write, same thread
   }
