@@ -1,11 +1,13 @@
 """A short CUDA workload for compute-sanitizer (memcheck, racecheck): both forward paths of
 fused_concat_linear (fused tensor-core kernel and per-segment cuBLAS), every CUDA dtype, odd and
-aligned segment widths, tails in M and N, and the backward. Small shapes: under the sanitizer every
-access is checked, so this must stay quick.
+aligned segment widths, tails in M and N, and the backward; then the attention cases of
+benchmarks/attention_sanitizer_cases.py. Small shapes: under the sanitizer every access is checked,
+so this must stay quick.
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python3 benchmarks/cuda_sanitize_case.py
 """
 import os
+import runpy
 import sys
 
 import torch
@@ -35,6 +37,11 @@ def main() -> int:
                 failures += not ok
                 print(f"{path:6} {str(dtype):15} {lead} {widths} N={n}: max err {err:.2e} {'ok' if ok else 'WRONG'}")
     torch.cuda.synchronize()
+    # The attention kernels' cases too, so that one sanitizer process (one torch start-up, the slow
+    # part under the sanitizer) covers every kernel of ours.
+    attention_cases = os.path.join(os.path.dirname(os.path.abspath(__file__)), "attention_sanitizer_cases.py")
+    if os.path.exists(attention_cases):
+        runpy.run_path(attention_cases)
     return 1 if failures else 0
 
 

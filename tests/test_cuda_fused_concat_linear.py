@@ -157,8 +157,13 @@ def test_gradcheck_float64(act):
     assert torch.autograd.gradcheck(f, (*xs, w, b))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_opcheck(path, dtype):
+# opcheck and torch.compile are slow (seconds per case): one run per path, not the full cross product.
+PATH_DTYPES = [("fused", torch.bfloat16), ("cublas", torch.float16), ("auto", torch.float32)]
+
+
+@pytest.mark.parametrize("forced,dtype", PATH_DTYPES, ids=lambda v: str(v))
+def test_opcheck(monkeypatch, forced, dtype):
+    monkeypatch.setenv("MMKERNELS_FCL_CUDA_PATH", forced)
     for act in ["relu", "gelu"]:
         xs, w, b = make_case((2, 9), (8, 17), 24, dtype, requires_grad=True)
         torch.library.opcheck(torch.ops.mmkernels.fused_concat_linear.default, (xs, w, b, act))
@@ -170,8 +175,9 @@ def test_opcheck(path, dtype):
         )
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_torch_compile_fullgraph(path, dtype):
+@pytest.mark.parametrize("forced,dtype", PATH_DTYPES, ids=lambda v: str(v))
+def test_torch_compile_fullgraph(monkeypatch, forced, dtype):
+    monkeypatch.setenv("MMKERNELS_FCL_CUDA_PATH", forced)
     torch._dynamo.reset()
 
     def f(a, c, w, b):

@@ -12,8 +12,6 @@ import sys
 KNOWN_MISSING = {
     "low_rank_fusion": "CPU kernel only so far; on CUDA the Python wrapper falls back to the reference",
     "low_rank_fusion_backward": "CPU kernel only so far (see low_rank_fusion)",
-    "cross_modal_attention": "CUDA kernel not landed yet (in progress); the wrapper falls back to the reference",
-    "cross_modal_attention_backward": "CUDA kernel not landed yet (see cross_modal_attention)",
 }
 
 
