@@ -1,23 +1,27 @@
 // CPU kernels of fused_concat_linear: act(cat(inputs, -1) @ W.T + b) without the concatenation.
 //
 // Forward walks the output in row blocks. For each block every segment's GEMM accumulates into the
-// block (x_s @ W[:, cols_s].T, BLAS through ATen), then bias + activation run over the block while
-// it is still in cache. Enough blocks: threads take whole blocks (single-threaded GEMMs, no
-// synchronisation); too few: blocks run in turn and each GEMM uses every thread.
-// Backward forms gz = grad_out * act'(.) once, then writes each input's gradient (gz @ W[:, cols_s])
-// and each column block of grad_weight (gz.T @ x_s) directly: no concatenation, no split.
+// block (x_s @ W[:, cols_s].T, BLAS through ATen, bias folded in through beta = 1), then the
+// activation runs over the block while it is still in cache. Enough blocks: threads take whole
+// blocks (single-threaded GEMMs, no synchronisation); too few: blocks run in turn and each GEMM
+// uses every thread.
+// Backward, in row blocks too: gz = grad_out * act'(.) and its column sums (grad_bias) per block;
+// where W is small each block then also writes its rows of every input's gradient (gz @ W[:, cols_s])
+// and adds gz.T @ x_s into per-thread partial sums of grad_weight, so gz never exists in full.
+// Where W is large, gz is formed in full and whole-M GEMMs write each input's gradient and each
+// column block of grad_weight. No concatenation, no split, in either direction, except under the
+// few-rows heuristic (concat_is_cheaper) where the concatenation is smaller than W.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
-#include <ATen/cpu/vec/functional.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <string>
 #include <vector>
 
-#include "activation_vec.h"
+#include "activation.h"
 #include "checks.h"
 
 namespace mmkernels::cpu {
@@ -85,6 +89,24 @@ int64_t block_rows(const Problem& p) {
   return rows;
 }
 
+// Shape heuristic: few rows. Then every GEMM is bound by streaming W, and the concatenation
+// (M x K) is small next to W (N x K): one GEMM on a concatenated copy of the inputs costs less
+// than one GEMM per segment (fewer BLAS calls and parallel regions, the same W traffic), and in
+// bfloat16 it rounds once instead of once per segment. The fused path wins where M*K is large,
+// which is where the concatenation costs memory and time. Measured on the issue-2 shapes (see
+// benchmarks/RESULTS.md): (32, (2048, 1024), 512) lost to eager fused and takes this path; every
+// other shape has M >= 8 N.
+bool concat_is_cheaper(const Problem& p) { return p.rows.size() > 1 && p.M * 8 <= p.N; }
+
+// The same problem with the inputs concatenated into one segment (used where concat_is_cheaper).
+Problem concatenated(const Problem& p, const at::Tensor& weight) {
+  Problem c;
+  c.M = p.M, c.N = p.N, c.K = p.K, c.lead = p.lead;
+  c.rows = {at::cat(p.rows, 1)};
+  c.weight_t = {weight.t()};
+  return c;
+}
+
 // Runs fn(row_begin, row_count) over row blocks: in parallel across blocks when there are enough,
 // otherwise in turn (ATen ops inside then use every thread).
 template <typename F>
@@ -103,21 +125,33 @@ void for_each_row_block(int64_t M, int64_t rows, F&& fn) {
   }
 }
 
-// acc (rows x N, compute type T) += bias; preact = acc; acc = act(acc); out = acc. acc may alias out.
-template <Activation A, typename T, typename out_t>
-void epilogue(T* acc, out_t* out, out_t* preact, const T* bias, int64_t rows, int64_t N) {
-  constexpr int64_t W = Vec<T>::size();
-  for (int64_t r = 0; r < rows; ++r) {
-    T* a = acc + r * N;
-    if (bias != nullptr) at::vec::map2<T>([](Vec<T> x, Vec<T> b) { return x + b; }, a, a, bias, N);
-    if (preact != nullptr) at::vec::convert(a, preact + r * N, N);
-    if constexpr (A != Activation::None) {
-      for (int64_t j = 0; j < N; j += W) {
-        const int64_t n = std::min(W, N - j);
-        activate_vec<A, T>(Vec<T>::loadu(a + j, n)).store(a + j, n);
-      }
-    }
-    if (static_cast<void*>(a) != static_cast<void*>(out + r * N)) at::vec::convert(a, out + r * N, N);
+// act(block) in place. ATen's unary kernels are vectorised for the CPU it runs on (AVX-512 here),
+// which this file, built without -march flags, could not be; on a block that is still in cache
+// each is a cheap pass.
+void activate_(at::Tensor& block, Activation act) {
+  switch (act) {
+    case Activation::None: break;
+    case Activation::Relu: block.relu_(); break;
+    case Activation::Gelu: at::gelu_(block); break;
+    case Activation::GeluTanh: at::gelu_(block, "tanh"); break;
+    case Activation::Silu: at::silu_(block); break;
+    case Activation::Tanh: block.tanh_(); break;
+    case Activation::Sigmoid: block.sigmoid_(); break;
+  }
+}
+
+// gz = grad_out * act'(.), from the pre-activation z or the output y: the same ATen kernels eager
+// autograd runs, so the numbers match it.
+void activation_backward_out(at::Tensor& gz, const at::Tensor& g, const at::Tensor& z, const at::Tensor& y,
+                             Activation act) {
+  switch (act) {
+    case Activation::None: gz.copy_(g); break;
+    case Activation::Relu: at::threshold_backward_out(gz, g, y, 0); break;
+    case Activation::Gelu: at::gelu_backward_out(gz, g, z, "none"); break;
+    case Activation::GeluTanh: at::gelu_backward_out(gz, g, z, "tanh"); break;
+    case Activation::Silu: at::silu_backward_out(gz, g, z); break;
+    case Activation::Tanh: at::tanh_backward_out(gz, g, y); break;
+    case Activation::Sigmoid: at::sigmoid_backward_out(gz, g, y); break;
   }
 }
 
@@ -126,6 +160,7 @@ std::tuple<at::Tensor, at::Tensor> fused_concat_linear_cpu(at::TensorList inputs
                                                            c10::string_view activation) {
   const Activation act = parse_activation(std::string_view(activation.data(), activation.size()));
   Problem p = make_problem(inputs, weight, bias);
+  if (concat_is_cheaper(p)) p = concatenated(p, weight);
   const bool keep_preact = needs_preactivation(act);
   at::Tensor out = at::empty({p.M, p.N}, weight.options());
   at::Tensor preact = at::empty({keep_preact ? p.M : 0, keep_preact ? p.N : 0}, weight.options());
@@ -134,54 +169,132 @@ std::tuple<at::Tensor, at::Tensor> fused_concat_linear_cpu(at::TensorList inputs
   };
   if (p.M == 0 || p.N == 0) return result();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "fused_concat_linear_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;  // float for bfloat16/float16
-    constexpr bool low_precision = !std::is_same_v<acc_t, scalar_t>;
-    at::Tensor bias_acc = bias.has_value() ? bias->to(c10::CppTypeToScalarType<acc_t>::value).contiguous() : at::Tensor();
-    const acc_t* bias_ptr = bias_acc.defined() ? bias_acc.data_ptr<acc_t>() : nullptr;
-    scalar_t* out_ptr = out.data_ptr<scalar_t>();
-    scalar_t* pre_ptr = keep_preact ? preact.data_ptr<scalar_t>() : nullptr;
-    dispatch_activation(act, [&](auto act_c) {
-      constexpr Activation A = decltype(act_c)::value;
-      for_each_row_block(p.M, block_rows(p), [&](int64_t r0, int64_t rn) {
-        at::Tensor block = out.narrow(0, r0, rn);
-        at::Tensor acc = block;
-        if constexpr (low_precision) {
-          // Each segment's GEMM accumulates in float32 inside the BLAS; segments sum in float32 here.
-          acc = at::mm(p.rows[0].narrow(0, r0, rn), p.weight_t[0]).to(at::kFloat);
-          for (size_t s = 1; s < p.rows.size(); ++s) acc.add_(at::mm(p.rows[s].narrow(0, r0, rn), p.weight_t[s]));
-        } else {
-          at::mm_out(block, p.rows[0].narrow(0, r0, rn), p.weight_t[0]);
-          for (size_t s = 1; s < p.rows.size(); ++s) block.addmm_(p.rows[s].narrow(0, r0, rn), p.weight_t[s]);
-        }
-        epilogue<A, acc_t, scalar_t>(acc.data_ptr<acc_t>(), out_ptr + r0 * p.N,
-                                     pre_ptr ? pre_ptr + r0 * p.N : nullptr, bias_ptr, rn, p.N);
-      });
-    });
+  const auto acc_type = at::toOpMathType(weight.scalar_type());  // float for bfloat16/float16
+  const bool low_precision = acc_type != weight.scalar_type();
+  const at::Tensor bias_row = bias.has_value() ? bias->to(acc_type).view({1, p.N}) : at::Tensor();
+  for_each_row_block(p.M, block_rows(p), [&](int64_t r0, int64_t rn) {
+    at::Tensor block = out.narrow(0, r0, rn);
+    at::Tensor acc = block;
+    if (low_precision) {
+      // Each segment's GEMM accumulates in float32 inside the BLAS; segments sum in float32 here.
+      acc = at::mm(p.rows[0].narrow(0, r0, rn), p.weight_t[0]).to(acc_type);
+      for (size_t s = 1; s < p.rows.size(); ++s) acc.add_(at::mm(p.rows[s].narrow(0, r0, rn), p.weight_t[s]));
+      if (bias_row.defined()) acc.add_(bias_row);
+    } else if (bias_row.defined()) {
+      at::addmm_out(block, bias_row, p.rows[0].narrow(0, r0, rn), p.weight_t[0]);  // bias via beta = 1
+    } else {
+      at::mm_out(block, p.rows[0].narrow(0, r0, rn), p.weight_t[0]);
+    }
+    if (!low_precision) {
+      for (size_t s = 1; s < p.rows.size(); ++s) block.addmm_(p.rows[s].narrow(0, r0, rn), p.weight_t[s]);
+    }
+    if (keep_preact) preact.narrow(0, r0, rn).copy_(acc);
+    activate_(acc, act);
+    if (low_precision) block.copy_(acc);
   });
   return result();
 }
 
-// gz = grad_out * act'(preact or out), in row blocks across threads (compute in acc_t).
-template <Activation A, typename scalar_t>
-void activation_backward(const scalar_t* g, const scalar_t* z, const scalar_t* y, scalar_t* gz, int64_t M, int64_t N) {
-  using acc_t = at::opmath_type<scalar_t>;
-  constexpr int64_t W = Vec<acc_t>::size();
-  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)), [&](int64_t r0, int64_t r1) {
-    std::vector<acc_t> gb(N), zb(N), yb(N);
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t o = r * N;
-      at::vec::convert(g + o, gb.data(), N);
-      if (z != nullptr) at::vec::convert(z + o, zb.data(), N);
-      if (y != nullptr) at::vec::convert(y + o, yb.data(), N);
-      for (int64_t j = 0; j < N; j += W) {
-        const int64_t n = std::min(W, N - j);
-        auto d = activation_grad_vec<A, acc_t>(Vec<acc_t>::loadu(zb.data() + j, n), Vec<acc_t>::loadu(yb.data() + j, n));
-        (Vec<acc_t>::loadu(gb.data() + j, n) * d).store(gb.data() + j, n);
+// Backward keeps per-thread partial sums of grad_weight (and of grad_bias) when they are small: then
+// each row block does all its work while its gz is in cache (gz, grad_bias, grad_inputs, grad_weight)
+// and gz never exists in full. Above this many weight elements the partials would not fit in cache
+// (and the reduction would cost more than it saves): gz is formed in full, then large GEMMs follow.
+constexpr int64_t kFusedBackwardMaxWeight = int64_t(1) << 18;
+
+struct Grads {
+  std::vector<at::Tensor> inputs;  // (M, D_s) each, or undefined where not needed
+  at::Tensor weight, bias;         // undefined where not needed
+};
+
+// The backward of one Problem: g is grad_out as (M, N); z/y the saved pre-activation/output.
+Grads backward(const Problem& p, const at::Tensor& g, const at::Tensor& z_saved, const at::Tensor& y_saved,
+               const at::Tensor& weight, Activation act, const std::vector<bool>& inputs_need_grad,
+               bool weight_needs_grad, bool bias_needs_grad) {
+  const size_t S = p.rows.size();
+  const bool from_pre = needs_preactivation(act);
+  const at::Tensor z = from_pre ? z_saved.reshape({p.M, p.N}).contiguous() : at::Tensor();
+  const at::Tensor y = (act != Activation::None && !from_pre) ? y_saved.reshape({p.M, p.N}).contiguous() : at::Tensor();
+  const auto acc_type = at::toOpMathType(weight.scalar_type());
+  const bool low_precision = acc_type != weight.scalar_type();
+
+  std::vector<at::Tensor> grad_inputs(S);
+  std::vector<int64_t> offsets(S + 1, 0);
+  for (size_t s = 0; s < S; ++s) {
+    offsets[s + 1] = offsets[s] + p.rows[s].size(1);
+    if (inputs_need_grad[s]) grad_inputs[s] = at::empty({p.M, p.rows[s].size(1)}, weight.options());
+  }
+  at::Tensor grad_weight = weight_needs_grad ? at::empty({p.N, p.K}, weight.options()) : at::Tensor();
+  const int64_t rows = block_rows(p);
+  const int64_t nthreads = at::get_num_threads();
+  const bool fused = p.N * p.K <= kFusedBackwardMaxWeight && (p.M + rows - 1) / rows >= 2 * nthreads;
+  // Per-thread partial sums, in the accumulation type: [thread][segment] for grad_weight, [thread] for bias.
+  std::vector<at::Tensor> weight_parts(fused && weight_needs_grad ? nthreads * S : 0);
+  std::vector<at::Tensor> bias_parts(bias_needs_grad ? nthreads : 0);
+  at::Tensor gz_full = fused ? at::Tensor() : (act == Activation::None ? g : at::empty_like(g));
+
+  if (p.M > 0) {
+    for_each_row_block(p.M, rows, [&](int64_t r0, int64_t rn) {
+      const int64_t t = at::in_parallel_region() ? at::get_thread_num() : 0;
+      at::Tensor gz = g.narrow(0, r0, rn);
+      if (act != Activation::None) {
+        at::Tensor dst = fused ? at::empty({rn, p.N}, g.options()) : gz_full.narrow(0, r0, rn);
+        activation_backward_out(dst, gz, from_pre ? z.narrow(0, r0, rn) : z, from_pre ? y : y.narrow(0, r0, rn), act);
+        gz = dst;
       }
-      at::vec::convert(gb.data(), gz + o, N);
+      if (bias_needs_grad) {
+        at::Tensor part = at::sum(gz, {0}, false, acc_type);
+        bias_parts[t] = bias_parts[t].defined() ? bias_parts[t].add_(part) : part;
+      }
+      if (!fused) return;
+      for (size_t s = 0; s < S; ++s) {
+        const at::Tensor w_s = weight.narrow(1, offsets[s], offsets[s + 1] - offsets[s]);
+        if (inputs_need_grad[s]) {
+          at::Tensor gx = grad_inputs[s].narrow(0, r0, rn);
+          at::mm_out(gx, gz, w_s);
+        }
+        if (!weight_needs_grad) continue;
+        at::Tensor& part = weight_parts[t * S + s];
+        const at::Tensor x = p.rows[s].narrow(0, r0, rn);
+        if (!part.defined()) {
+          part = at::mm(gz.t(), x).to(acc_type);
+        } else if (low_precision) {
+          part.add_(at::mm(gz.t(), x));
+        } else {
+          part.addmm_(gz.t(), x);
+        }
+      }
+    });
+  }
+
+  if (!fused) {
+    // Large W: whole-M GEMMs (the BLAS parallelises each one) into each input's gradient and into
+    // each column block of grad_weight (written in place, row stride K): no concatenation, no split.
+    for (size_t s = 0; s < S; ++s) {
+      const int64_t d = offsets[s + 1] - offsets[s];
+      if (inputs_need_grad[s]) at::mm_out(grad_inputs[s], gz_full, weight.narrow(1, offsets[s], d));
+      if (weight_needs_grad) {
+        at::Tensor cols = grad_weight.narrow(1, offsets[s], d);
+        at::mm_out(cols, gz_full.t(), p.rows[s]);
+      }
     }
-  });
+  } else if (weight_needs_grad) {
+    for (size_t s = 0; s < S; ++s) {
+      at::Tensor sum;
+      for (int64_t t = 0; t < nthreads; ++t) {
+        const at::Tensor& part = weight_parts[t * S + s];
+        if (part.defined()) sum = sum.defined() ? sum.add_(part) : part;
+      }
+      at::Tensor cols = grad_weight.narrow(1, offsets[s], offsets[s + 1] - offsets[s]);
+      if (sum.defined()) cols.copy_(sum); else cols.zero_();
+    }
+  }
+  at::Tensor grad_bias;
+  if (bias_needs_grad) {
+    grad_bias = at::zeros({p.N}, weight.options().dtype(acc_type));
+    for (const auto& part : bias_parts) if (part.defined()) grad_bias.add_(part);
+    grad_bias = grad_bias.to(weight.scalar_type());
+  }
+  return {std::move(grad_inputs), std::move(grad_weight), std::move(grad_bias)};
 }
 
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> fused_concat_linear_backward_cpu(
@@ -195,48 +308,28 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> fused_concat_linear_
   MMK_CHECK_ARG(grad_out.sizes().equals(out_shape(p)), "grad_out", "expected shape ", at::IntArrayRef(out_shape(p)),
                 ", got ", grad_out.sizes());
   check_same_device_dtype(grad_out, weight, "grad_out");
-  at::Tensor g = grad_out.reshape({p.M, p.N}).contiguous();
-
-  at::Tensor gz = g;
-  if (act != Activation::None && p.M * p.N > 0) {
-    const bool from_pre = needs_preactivation(act);
-    at::Tensor src = (from_pre ? preact : out).reshape({p.M, p.N}).contiguous();
-    gz = at::empty_like(g);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "fused_concat_linear_backward_cpu", [&] {
-      const scalar_t* s = src.data_ptr<scalar_t>();
-      dispatch_activation(act, [&](auto act_c) {
-        activation_backward<decltype(act_c)::value, scalar_t>(g.data_ptr<scalar_t>(), from_pre ? s : nullptr,
-                                                             from_pre ? nullptr : s, gz.data_ptr<scalar_t>(), p.M, p.N);
-      });
-    });
-  }
-
+  const at::Tensor g = grad_out.reshape({p.M, p.N}).contiguous();
+  std::vector<bool> need(inputs_need_grad.begin(), inputs_need_grad.end());
   const auto empty = at::empty({0}, weight.options());
-  std::vector<at::Tensor> grad_inputs;
-  int64_t offset = 0;
-  for (size_t s = 0; s < inputs.size(); ++s) {
-    const int64_t d = inputs[s].size(-1);
-    if (inputs_need_grad[s]) {
-      grad_inputs.push_back(at::mm(gz, weight.narrow(1, offset, d)).view(inputs[s].sizes()));
-    } else {
-      grad_inputs.push_back(empty);
+  std::vector<at::Tensor> grad_inputs(inputs.size(), empty);
+  Grads gr;
+  if (concat_is_cheaper(p)) {
+    // As the forward did: one segment, its gradient split (copied: M*K is small here) per input.
+    const bool any = std::any_of(need.begin(), need.end(), [](bool b) { return b; });
+    gr = backward(concatenated(p, weight), g, preact, out, weight, act, {any}, weight_needs_grad, bias_needs_grad);
+    for (int64_t s = 0, off = 0; s < int64_t(inputs.size()); off += inputs[s].size(-1), ++s) {
+      if (need[s]) grad_inputs[s] = gr.inputs[0].narrow(1, off, inputs[s].size(-1)).contiguous();
     }
-    offset += d;
-  }
-  at::Tensor grad_weight = empty;
-  if (weight_needs_grad) {
-    grad_weight = at::empty({p.N, p.K}, weight.options());
-    at::Tensor gz_t = gz.t();
-    offset = 0;
+  } else {
+    gr = backward(p, g, preact, out, weight, act, need, weight_needs_grad, bias_needs_grad);
     for (size_t s = 0; s < inputs.size(); ++s) {
-      const int64_t d = inputs[s].size(-1);
-      at::Tensor cols = grad_weight.narrow(1, offset, d);
-      at::mm_out(cols, gz_t, p.rows[s]);  // writes the column block in place (row stride K)
-      offset += d;
+      if (need[s]) grad_inputs[s] = gr.inputs[s];
     }
   }
-  at::Tensor grad_bias = bias_needs_grad ? at::sum(gz, {0}, false, gz.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).to(weight.scalar_type()) : empty;
-  return {std::move(grad_inputs), std::move(grad_weight), std::move(grad_bias)};
+  for (size_t s = 0; s < inputs.size(); ++s) {
+    if (need[s]) grad_inputs[s] = grad_inputs[s].view(inputs[s].sizes());
+  }
+  return {std::move(grad_inputs), gr.weight.defined() ? gr.weight : empty, gr.bias.defined() ? gr.bias : empty};
 }
 
 }  // namespace
