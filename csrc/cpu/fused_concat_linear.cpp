@@ -169,28 +169,30 @@ std::tuple<at::Tensor, at::Tensor> fused_concat_linear_cpu(at::TensorList inputs
   };
   if (p.M == 0 || p.N == 0) return result();
 
-  const auto acc_type = at::toOpMathType(weight.scalar_type());  // float for bfloat16/float16
-  const bool low_precision = acc_type != weight.scalar_type();
-  const at::Tensor bias_row = bias.has_value() ? bias->to(acc_type).view({1, p.N}) : at::Tensor();
+  // bfloat16/float16: ATen has no CPU GEMM with a float32 output, so summing per-segment products
+  // would round each one to 8 bits and move pre-activations across relu's kink far more often than
+  // eager does. Instead each row block's segments are staged side by side (rows x K, one block per
+  // thread, never the whole concatenation) and one GEMM accumulates all of K in float32 and rounds
+  // once, exactly as eager's linear does.
+  const bool stage = at::toOpMathType(weight.scalar_type()) != weight.scalar_type() && p.rows.size() > 1;
+  const at::Tensor weight_t = weight.t();
+  const at::Tensor bias_row = bias.has_value() ? bias->view({1, p.N}) : at::Tensor();
   for_each_row_block(p.M, block_rows(p), [&](int64_t r0, int64_t rn) {
     at::Tensor block = out.narrow(0, r0, rn);
-    at::Tensor acc = block;
-    if (low_precision) {
-      // Each segment's GEMM accumulates in float32 inside the BLAS; segments sum in float32 here.
-      acc = at::mm(p.rows[0].narrow(0, r0, rn), p.weight_t[0]).to(acc_type);
-      for (size_t s = 1; s < p.rows.size(); ++s) acc.add_(at::mm(p.rows[s].narrow(0, r0, rn), p.weight_t[s]));
-      if (bias_row.defined()) acc.add_(bias_row);
-    } else if (bias_row.defined()) {
-      at::addmm_out(block, bias_row, p.rows[0].narrow(0, r0, rn), p.weight_t[0]);  // bias via beta = 1
+    auto gemm = [&](const at::Tensor& x, const at::Tensor& w_t, bool first) {
+      if (!first) block.addmm_(x, w_t);
+      else if (bias_row.defined()) at::addmm_out(block, bias_row, x, w_t);  // bias through beta = 1
+      else at::mm_out(block, x, w_t);
+    };
+    if (stage) {
+      std::vector<at::Tensor> parts;
+      for (const auto& x : p.rows) parts.push_back(x.narrow(0, r0, rn));
+      gemm(at::cat(parts, 1), weight_t, true);
     } else {
-      at::mm_out(block, p.rows[0].narrow(0, r0, rn), p.weight_t[0]);
+      for (size_t s = 0; s < p.rows.size(); ++s) gemm(p.rows[s].narrow(0, r0, rn), p.weight_t[s], s == 0);
     }
-    if (!low_precision) {
-      for (size_t s = 1; s < p.rows.size(); ++s) block.addmm_(p.rows[s].narrow(0, r0, rn), p.weight_t[s]);
-    }
-    if (keep_preact) preact.narrow(0, r0, rn).copy_(acc);
-    activate_(acc, act);
-    if (low_precision) block.copy_(acc);
+    if (keep_preact) preact.narrow(0, r0, rn).copy_(block);
+    activate_(block, act);
   });
   return result();
 }
