@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from mmkernels.bench.core import OURS, Case, rel_error
+from mmkernels.bench.core import OURS, Case, rel_error, seed
 
 torch.set_num_threads(int(os.environ.get("MMKERNELS_BENCH_THREADS", "2")))
 
@@ -23,6 +23,7 @@ def case_params(cases: list[Case]) -> list:
 
 def bench_case(benchmark, case: Case, contender: str) -> None:
     torch._dynamo.reset()
+    seed(case.id)
     built = case.build(torch.device("cpu"))
     steps = {c.name: c for c in built.contenders}
     if steps[contender].step is None:

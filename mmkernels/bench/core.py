@@ -8,6 +8,7 @@ contender named by ``Built.oracle`` is the reference its result is checked again
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -89,6 +90,11 @@ def _load_suites() -> None:
 # ----------------------------------------------------------------------------- step helpers
 
 
+def seed(case_id: str) -> None:
+    """Seeds torch from the case, so every run of a case draws the same inputs."""
+    torch.manual_seed(zlib.crc32(case_id.encode()))
+
+
 def randn(*shape, dtype, device, scale=1.0, requires_grad=False) -> torch.Tensor:
     """Random normal inputs (never zeros), so no kernel can take a shortcut on the data."""
     t = torch.randn(*shape, device=device, dtype=torch.float32).mul_(scale).to(dtype)
@@ -123,9 +129,13 @@ def compiled(fn: Callable, name: str = "compile") -> tuple[Callable | None, str]
 
 
 def tol_for(dtype: torch.dtype) -> float:
-    # Tolerance on rel_error: float32 differs only by summation order; bfloat16 rounds every output to
-    # 8 mantissa bits and the eager oracle rounds its intermediates too.
-    return {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}[dtype]
+    # Tolerance on rel_error. Rounding alone gives ~1e-6 in float32, ~4e-3 in bfloat16. What sets
+    # it is relu's kink: where two correct summation orders put a pre-activation on opposite sides
+    # of 0, one element of gz differs by |grad_out| ~ 1, which moves grad_bias (and gz) by about
+    # 1/sqrt(M*N/2) in this norm: ~1e-3 for the 2M-element outputs here, and float32 does meet such
+    # elements (|z| < 1e-6 among millions). A wrong kernel (a segment, the bias or a block missing or
+    # mixed up) is off by 1e-2 or more.
+    return {torch.float64: 1e-10, torch.float32: 3e-3, torch.bfloat16: 2e-2, torch.float16: 2e-2}[dtype]
 
 
 def rel_error(a, b) -> float:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .core import OURS, Case, rel_error
+from .core import OURS, Case, rel_error, seed
 from .memory import peak_extra_bytes
 from .timing import Budget, Stats, measure
 
@@ -40,6 +40,7 @@ def _reason(err: BaseException) -> str:
 def run_case(case: Case, device: torch.device, budget: Budget, with_memory: bool = True) -> Result:
     res = Result(case, device.type)
     torch._dynamo.reset()  # a fresh compile per case: static shapes, no recompile limit
+    seed(case.id)
     built = case.build(device)
     steps = {}
     for c in built.contenders:
