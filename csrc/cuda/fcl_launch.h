@@ -22,8 +22,8 @@ struct SegmentTable {
   int64_t x_stride[kMaxSegments];
   int32_t width[kMaxSegments];
   int32_t w_offset[kMaxSegments];
-  // Bit s set: segment s (input and weight columns) allows 16-byte loads (aligned base, row stride
-  // and width multiples of 8 elements). Unset segments take the element-wise loader.
+  // Bit s set: segment s (input and weight columns) allows 16-byte loads (16-byte aligned base,
+  // row stride and first weight column multiples of 8 elements). Unset: the element-wise loader.
   uint32_t vec_mask;
   int32_t count;
   int32_t k_tiles;  // sum over segments of ceil(width / kTileK): the length of the fused K loop

@@ -161,9 +161,10 @@ SegmentTable make_table(const Problem& p) {
     t.width[i] = static_cast<int32_t>(d);
     t.w_offset[i] = static_cast<int32_t>(p.offset[s]);
     t.k_tiles += static_cast<int32_t>((d + kTileK - 1) / kTileK);
-    // 16-byte copies need 8-element alignment of every address the loader forms.
-    const bool vec = reinterpret_cast<uintptr_t>(t.x[i]) % 16 == 0 && p.ld[s] % 8 == 0 && d % 8 == 0 &&
-                     w_addr % 16 == 0 && w_stride % 8 == 0 && p.offset[s] % 8 == 0;
+    // 16-byte copies need every chunk address the loader forms (row start + a multiple of 8
+    // elements) 16-byte aligned; the width may be anything (a partial chunk is zero-filled).
+    const bool vec = reinterpret_cast<uintptr_t>(t.x[i]) % 16 == 0 && p.ld[s] % 8 == 0 && w_addr % 16 == 0 &&
+                     w_stride % 8 == 0 && p.offset[s] % 8 == 0;
     if (vec) t.vec_mask |= (1u << i);
   }
   return t;
