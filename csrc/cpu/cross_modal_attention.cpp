@@ -271,10 +271,12 @@ const T* bias_for_key(const Problem& p, int64_t b, int64_t h, int64_t j, int64_t
   return buf;
 }
 
+// Block sizes, measured on the suite's shapes (float32, AVX-512 CPU, MKL): the forward's long key
+// blocks keep P V's reduction deep; in backward, 256 keys x 128 queries beat 128 x 128 by 3-10%.
 constexpr int64_t kFwdBlockQ = 128;
 constexpr int64_t kFwdBlockK = 512;
 constexpr int64_t kBwdBlockQ = 128;
-constexpr int64_t kBwdBlockK = 128;
+constexpr int64_t kBwdBlockK = 256;
 
 // ------------------------------------------------------------------------------------------ forward
 
