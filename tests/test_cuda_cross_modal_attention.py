@@ -336,22 +336,29 @@ def test_dropout_same_seed_same_result():
 
 
 def _opcheck_cases():
+    # opcheck takes seconds per case (it runs the op under several tracing modes): one case per
+    # kernel family and mask / dropout path, not the cross product (benchmarks/gpu_check.sh has a
+    # time budget for every CUDA test).
     dev = "cuda"
     cases = []
-    for dtype, E in ((torch.float16, 64), (torch.bfloat16, 32), (torch.bfloat16, 128), (torch.float32, 24)):
+    for dtype, E, variant in ((torch.float16, 64, "plain"), (torch.bfloat16, 32, "masks"),
+                              (torch.bfloat16, 128, "dropout"), (torch.float32, 24, "masks")):
         q = torch.randn(2, 2, 9, E, device=dev, dtype=dtype, requires_grad=True)
         k = torch.randn(2, 2, 13, E, device=dev, dtype=dtype, requires_grad=True)
         v = torch.randn(2, 2, 13, E, device=dev, dtype=dtype, requires_grad=True)
         kpm = torch.rand(2, 13, device=dev) < 0.3
         lengths = torch.tensor([13, 7], dtype=torch.int32, device=dev)
         m = torch.rand(9, 13, device=dev) < 0.8
-        cases.append((q, k, v, None, None, None, E**-0.5, 0.0, None))
-        cases.append((q, k, v, kpm, lengths, m, 0.3, 0.0, None))
-        cases.append((q, k, v, kpm, None, None, 0.3, 0.25, torch.tensor(7)))
+        if variant == "plain":
+            cases.append((q, k, v, None, None, None, E**-0.5, 0.0, None))
+        elif variant == "masks":
+            cases.append((q, k, v, kpm, lengths, m, 0.3, 0.0, None))
+        else:
+            cases.append((q, k, v, kpm, None, None, 0.3, 0.25, torch.tensor(7)))
     return cases
 
 
-@pytest.mark.parametrize("i", range(12))
+@pytest.mark.parametrize("i", range(4))
 def test_opcheck(i):
     args = _opcheck_cases()[i]
     torch.library.opcheck(OP, args)
@@ -370,7 +377,9 @@ def test_compile_fullgraph_forward_backward():
     def f(q, k, v):
         return mmkernels.cross_modal_attention(q, k, v, key_padding_mask=kpm, dropout_p=0.0).float().square().sum()
 
-    cf = torch.compile(f, fullgraph=True)
+    # aot_eager: traces through dynamo (fullgraph: no graph break), the fake kernels and the
+    # registered autograd, like inductor, without inductor's minutes of codegen in the GPU check.
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
     loss = cf(q, k, v)
     grads = torch.autograd.grad(loss, (q, k, v))
     loss_e = f(q, k, v)
