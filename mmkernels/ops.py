@@ -113,11 +113,17 @@ def _fused_concat_linear_setup(ctx, inputs, output):
     ctx.inputs_need_grad = [x.requires_grad for x in xs]
     ctx.weight_needs_grad = weight.requires_grad
     ctx.bias_needs_grad = bias is not None and bias.requires_grad
-    ctx.num_inputs = len(xs)
-    ctx.save_for_backward(*xs, weight, out, preact)
+    # preact's gradient is never used: don't let autograd allocate zeros for it.
+    ctx.set_materialize_grads(False)
+    # Keep the output only where the activation's derivative is read from it (relu, tanh, sigmoid),
+    # so that otherwise it can be freed before backward, as with eager F.linear.
+    keep_out = activation not in _NEEDS_PREACT and activation != "none"
+    ctx.save_for_backward(*xs, weight, out if keep_out else weight.new_empty(0), preact)
 
 
 def _fused_concat_linear_backward(ctx, grad_out, _grad_preact):
+    if grad_out is None:  # only the (internal) pre-activation output was used
+        return [None] * len(ctx.inputs_need_grad), None, None, None
     *xs, weight, out, preact = ctx.saved_tensors
     grad_inputs, grad_weight, grad_bias = torch.ops.mmkernels.fused_concat_linear_backward.default(
         grad_out.contiguous(),

@@ -29,8 +29,8 @@ inline bool needs_preactivation(Activation a) {
   return a == Activation::Gelu || a == Activation::GeluTanh || a == Activation::Silu;
 }
 
-// Scalar math, templated on the compute type (float, or double for gradcheck); the CUDA kernels use
-// it directly, the CPU kernels use the vectorised twin in csrc/cpu/activation_vec.h.
+// Scalar math, templated on the compute type (float, or double for gradcheck), used by the CUDA
+// kernels (the CPU kernels run ATen's own vectorised activations on cache-hot blocks).
 template <typename T>
 struct ActConst {
   static constexpr T sqrt1_2 = T(0.70710678118654752440);

@@ -3,7 +3,9 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <gtest/gtest.h>
 
-#include "cpu/activation_vec.h"
+#include <torch/csrc/autograd/autograd.h>
+
+#include "activation.h"
 
 namespace {
 
@@ -57,25 +59,26 @@ TEST(FusedConcatLinearErrors, NamesTheArgument) {
   EXPECT_THROW(fused_concat_linear(xs, at::randn({5, 5}), std::nullopt, "swish"), c10::Error);
 }
 
-// The vectorised activations used by the CPU epilogue agree with the scalar ones used by CUDA.
-TEST(ActivationMath, VectorMatchesScalar) {
+// The scalar activation math of activation.h (what the CUDA kernels run) agrees with ATen's.
+TEST(ActivationMath, ScalarMatchesATen) {
   using namespace mmkernels;
-  using V = cpu::Vec<float>;
-  float z[V::size()], y[V::size()];
-  for (int i = 0; i < V::size(); ++i) z[i] = -4.f + 8.f * i / (V::size() - 1);
-  auto check = [&](auto act_c) {
-    constexpr Activation A = decltype(act_c)::value;
-    cpu::activate_vec<A, float>(V::loadu(z)).store(y);
-    float g[V::size()];
-    cpu::activation_grad_vec<A, float>(V::loadu(z), V::loadu(y)).store(g);
-    for (int i = 0; i < V::size(); ++i) {
-      EXPECT_NEAR(y[i], (activate<A, float>(z[i])), 1e-5f) << static_cast<int>(A);
-      EXPECT_NEAR(g[i], (activation_grad<A, float>(z[i], y[i])), 1e-5f) << static_cast<int>(A);
-    }
-  };
-  for (auto a : {Activation::None, Activation::Relu, Activation::Gelu, Activation::GeluTanh, Activation::Silu,
-                 Activation::Tanh, Activation::Sigmoid})
-    dispatch_activation(a, check);
+  const at::Tensor z = at::linspace(-6.0, 6.0, 241, at::kDouble);
+  const std::vector<std::string> names = {"none", "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid"};
+  for (const auto& name : names) {
+    const at::Tensor y_aten = reference({z.unsqueeze(-1)}, at::ones({1, 1}, at::kDouble), at::zeros({1}, at::kDouble),
+                                        name).squeeze(-1);
+    const at::Tensor zg = z.unsqueeze(-1).clone().requires_grad_();
+    at::Tensor yg = reference({zg}, at::ones({1, 1}, at::kDouble), at::zeros({1}, at::kDouble), name);
+    const at::Tensor dy_aten = torch::autograd::grad({yg.sum()}, {zg})[0].squeeze(-1);
+    dispatch_activation(parse_activation(name), [&](auto act_c) {
+      constexpr Activation A = decltype(act_c)::value;
+      for (int64_t i = 0; i < z.numel(); ++i) {
+        const double zi = z[i].item<double>(), yi = y_aten[i].item<double>();
+        EXPECT_NEAR(yi, (activate<A, double>(zi)), 1e-12) << name << " at " << zi;
+        EXPECT_NEAR(dy_aten[i].item<double>(), (activation_grad<A, double>(zi, yi)), 1e-12) << name << " at " << zi;
+      }
+    });
+  }
 }
 
 }  // namespace
