@@ -63,6 +63,8 @@ def test_outputs(tmp_path):
     assert "16x(3,4)->5" in text and "eager ms (x)" in text and "peak MB" in text
     summary = report.summary_text(results)
     assert "geomean" in summary and "vs eager" in summary
+    md = report.markdown(results)
+    assert md.count("`16x(3,4)->5`") == 2 and "| mode |" in md
     report.write_json(tmp_path / "r.json", results, {"threads": 2})
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["meta"]["threads"] == 2 and len(data["results"]) == 2

@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--csv", metavar="FILE")
+    p.add_argument("--markdown", metavar="FILE.md", help="the tables as markdown (for benchmarks/RESULTS.md)")
     p.add_argument("--plot", metavar="FILE.png", help="bar chart of speed-ups per case (matplotlib)")
     p.add_argument("--list", action="store_true", help="list the selected cases and exit")
     return p
@@ -187,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         report.write_csv(args.csv, results)
     if args.plot:
         report.plot(args.plot, results)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(report.markdown(results) + "\n\n" + report.summary_text(results) + "\n")
     failed = [r for r in results if r.error]
     if failed:
         print(f"\nFAILED: {len(failed)} case(s) gave a wrong result or raised; see ERROR lines above.")

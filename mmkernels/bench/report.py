@@ -64,6 +64,28 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines + notes)
 
 
+def markdown(results: list[Result]) -> str:
+    """The table (times in ms, speed-ups, peak MB) as GitHub markdown, one table per (suite, device)."""
+    out = []
+    for (suite, device), rs in groups(results).items():
+        baselines = list(dict.fromkeys(b for r in rs for b in r.case.baselines))
+        head = ["mode", "dtype", "shape", f"{OURS} ms"] + [f"{b} ms (x)" for b in baselines]
+        head += [f"peak MB {n}" for n in [OURS] + baselines]
+        out += [f"**{suite} on {device}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in rs:
+            row = [r.case.mode, r.case.dtype_name, f"`{r.case.shape}`"]
+            if r.error:
+                out.append("| " + " | ".join(row + [f"ERROR: {r.error}"] + [""] * (len(head) - 4)) + " |")
+                continue
+            row.append(_ms(r.times[OURS].median_s))
+            row += [f"{_ms(r.times[b].median_s)} ({r.speedup(b):.2f}x)" if b in r.times else
+                    ("n/a" if b in r.case.baselines else "-") for b in baselines]
+            row += [f"{r.memory[n] / MB:.1f}" if n in r.memory else "-" for n in [OURS] + baselines]
+            out.append("| " + " | ".join(row) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def geomean(xs: list[float]) -> float:
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
 
