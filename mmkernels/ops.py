@@ -56,6 +56,8 @@ def _check_concat_linear(inputs, weight, bias, activation) -> None:
             f"got shape {tuple(weight.shape)}"
         )
     if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise ValueError(f"mmkernels: argument 'bias': expected a tensor or None, got {type(bias).__name__}")
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"mmkernels: argument 'bias': expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
         if bias.dtype != weight.dtype or bias.device != weight.device:
@@ -88,8 +90,17 @@ def fused_concat_linear(
     return out
 
 
+def _fake_check_same_device(ref: torch.Tensor, **named) -> None:
+    # The fake (Meta) kernel is also what the dispatcher picks when a meta tensor is mixed with real
+    # ones, so it must refuse mixed devices itself, or the raw op would return a meta tensor silently.
+    for name, t in named.items():
+        if t is not None and t.device != ref.device:
+            raise RuntimeError(f"mmkernels: argument '{name}': expected device {ref.device}, got {t.device}")
+
+
 @torch.library.register_fake("mmkernels::fused_concat_linear")
 def _fused_concat_linear_fake(inputs, weight, bias, activation):
+    _fake_check_same_device(weight, **{f"inputs[{i}]": x for i, x in enumerate(inputs)}, bias=bias)
     shape = (*inputs[0].shape[:-1], weight.shape[0])
     preact = weight.new_empty(shape) if activation in _NEEDS_PREACT else weight.new_empty(0)
     return weight.new_empty(shape), preact
@@ -99,6 +110,8 @@ def _fused_concat_linear_fake(inputs, weight, bias, activation):
 def _fused_concat_linear_backward_fake(
     grad_out, inputs, weight, out, preact, activation, inputs_need_grad, weight_needs_grad, bias_needs_grad
 ):
+    _fake_check_same_device(weight, grad_out=grad_out, **{f"inputs[{i}]": x for i, x in enumerate(inputs)},
+                            out=out, preact=preact)
     empty = weight.new_empty(0)
     grad_inputs = [x.new_empty(x.shape) if need else empty for x, need in zip(inputs, inputs_need_grad)]
     grad_weight = weight.new_empty(weight.shape) if weight_needs_grad else empty

@@ -56,7 +56,8 @@ C10_HOST_DEVICE inline T activate(T z) {
 template <Activation A, typename T>
 C10_HOST_DEVICE inline T activation_grad(T z, T y) {
   using C = ActConst<T>;
-  if constexpr (A == Activation::Relu) return y > T(0) ? T(1) : T(0);
+  // PyTorch's threshold_backward: 0 where y <= 0, else 1, so a NaN output passes the gradient.
+  if constexpr (A == Activation::Relu) return y <= T(0) ? T(0) : T(1);
   if constexpr (A == Activation::Tanh) return T(1) - y * y;
   if constexpr (A == Activation::Sigmoid) return y * (T(1) - y);
   if constexpr (A == Activation::Gelu)

@@ -37,6 +37,8 @@ class FusedConcatLinear(nn.Module):
             raise ValueError(
                 f"FusedConcatLinear: argument 'activation': expected one of {ops.ACTIVATIONS}, got {activation!r}"
             )
+        if int(out_features) < 0:
+            raise ValueError(f"FusedConcatLinear: argument 'out_features': expected a size >= 0, got {out_features}")
         self.in_features = in_features
         self.out_features = int(out_features)
         self.activation = activation
@@ -70,6 +72,8 @@ class FusedConcatLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, in_features: Sequence[int], activation: str = "none") -> "FusedConcatLinear":
         """A FusedConcatLinear that shares ``linear``'s parameters (no copy)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"FusedConcatLinear.from_linear: argument 'linear': expected nn.Linear, got {type(linear).__name__}")
         if sum(in_features) != linear.in_features:
             raise ValueError(
                 f"FusedConcatLinear.from_linear: argument 'in_features': sizes {tuple(in_features)} sum to "

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# ASan + UBSan: build the CPU kernels with -fsanitize=address,undefined in a copy of the tree (so the
+# normal build is untouched) and run the CPU tests against that build. Any sanitizer report aborts
+# the Python process, which fails pytest, which fails CI.
+#
+# Python and torch are not instrumented: the ASan runtime is LD_PRELOADed so that it comes first,
+# and leak detection is off (the interpreter "leaks" by design at exit).
+#   MMKERNELS_ASAN_TESTS   pytest arguments (default: the CPU suite minus torch.compile/export,
+#                          which spend their time in the compiler, not in our kernels)
+#   MMKERNELS_ASAN_DEBUG=1 build -O0 -g instead of -O3 (slower, exact line numbers)
+set -euo pipefail
+ROOT=$(pwd)
+PY=${PY:-$ROOT/.venv/bin/python}
+t0=$(date +%s)
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/mmkernels-asan.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+# Tracked and untracked-but-not-ignored files: the sources, never the normal build's outputs.
+git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -xf - -C "$WORK"
+
+cd "$WORK"
+echo "building the sanitized kernels in $WORK"
+MMKERNELS_CUDA=0 MMKERNELS_SANITIZE=address,undefined MMKERNELS_DEBUG=${MMKERNELS_ASAN_DEBUG:-0} \
+  MAX_JOBS=${MAX_JOBS:-2} "$PY" setup.py -q build_ext --inplace >build.log 2>&1 || { tail -50 build.log; exit 1; }
+SO=$(ls mmkernels/_C*.so)
+# The library must really be instrumented (else this step would pass vacuously).
+nm -D --undefined-only "$SO" | grep -q __asan_report || { echo "error: $SO is not instrumented by ASan"; exit 1; }
+echo "built in $(( $(date +%s) - t0 ))s"
+
+export LD_PRELOAD="$(gcc -print-file-name=libasan.so)"
+export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1"
+export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
+
+# The runtime must be live and fatal: a canary overflow has to kill a child process.
+# (4 KiB: large enough that Python allocates it with malloc, which ASan guards, not from its arenas.)
+if "$PY" -c "import ctypes; b = ctypes.create_string_buffer(4096); ctypes.memset(ctypes.addressof(b), 0, 8192)" 2>/dev/null; then
+  echo "error: ASan did not catch the canary overflow; is LD_PRELOAD=$LD_PRELOAD working?"
+  exit 1
+fi
+# And the tests must import the sanitized copy, not the normal build.
+"$PY" -c "import mmkernels, sys; f = mmkernels.__file__; print('testing', f); sys.exit(not f.startswith('$WORK'))"
+
+if [ -n "${MMKERNELS_ASAN_TESTS:-}" ]; then
+  read -ra ARGS <<<"$MMKERNELS_ASAN_TESTS"
+else
+  ARGS=(tests -m "not slow and not cuda" -k "not compile and not export")
+fi
+"$PY" -m pytest -q -p no:cacheprovider "${ARGS[@]}"
+echo "sanitizer step done in $(( $(date +%s) - t0 ))s"

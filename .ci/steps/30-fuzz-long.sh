@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The long differential-fuzzing profile: fresh random cases for every op and module (thousands of
+# them in all; MMKERNELS_FUZZ_EXAMPLES per op), and the bad-input matrix again. A failure prints the
+# falsifying case and a @reproduce_failure blob to replay it.
+set -euo pipefail
+PY=${PY:-$(pwd)/.venv/bin/python}
+t0=$(date +%s)
+MMKERNELS_FUZZ_PROFILE=long MMKERNELS_FUZZ_EXAMPLES=${MMKERNELS_FUZZ_EXAMPLES:-1000} \
+  "$PY" -m pytest -q -p no:cacheprovider tests/hardening/test_fuzz.py
+echo "long fuzz profile done in $(( $(date +%s) - t0 ))s"

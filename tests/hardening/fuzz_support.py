@@ -1,0 +1,167 @@
+"""Shared machinery of the differential fuzz tests: Hypothesis profiles, tensor builders that vary
+layout and values, and the comparison against the float64 reference.
+
+Profiles (MMKERNELS_FUZZ_PROFILE):
+  fast (default)  a few dozen derandomised cases per op, so the default test run stays quick and
+                  never flakes;
+  long            thousands of fresh random cases per op (MMKERNELS_FUZZ_EXAMPLES, default 2000),
+                  run by .ci/steps/30-fuzz-long.sh.
+The settings are applied per test (not with load_profile) so other Hypothesis tests keep theirs.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+
+PROFILE = os.environ.get("MMKERNELS_FUZZ_PROFILE", "fast")
+_HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+
+if PROFILE == "long":
+    FUZZ = settings(
+        max_examples=int(os.environ.get("MMKERNELS_FUZZ_EXAMPLES", "2000")),
+        deadline=None,
+        suppress_health_check=_HEALTH,
+        print_blob=True,  # a failure prints the @reproduce_failure blob to replay it
+    )
+elif PROFILE == "fast":
+    FUZZ = settings(
+        max_examples=int(os.environ.get("MMKERNELS_FUZZ_EXAMPLES", "30")),
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=_HEALTH,
+    )
+else:
+    raise ValueError(f"MMKERNELS_FUZZ_PROFILE: expected 'fast' or 'long', got {PROFILE!r}")
+
+# Per-dtype tolerances against the float64 reference: (atol relative to the output's scale, rtol).
+# The same numbers as tests/conftest.py and the README's table.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-8),
+    torch.float32: (2e-5, 1e-4),
+    torch.bfloat16: (3e-2, 2e-2),
+}
+
+LAYOUTS = ("contiguous", "strided", "transposed", "expanded", "offset")
+SPECIALS = (math.nan, math.inf, -math.inf)
+
+
+# --------------------------------------------------------------------------- strategies
+
+# Sizes biased towards the edges: empty, one, odd, just past a vector width.
+small_size = st.sampled_from([0, 1, 1, 2, 3, 5, 7, 8, 9, 17])
+positive_size = st.sampled_from([1, 1, 2, 3, 5, 7, 8, 9, 16, 17, 33])
+dtypes = st.sampled_from([torch.float64, torch.float64, torch.float64, torch.float32, torch.bfloat16])
+# Magnitude of the values: ordinary, tiny (denormal range for float32) or huge but finite.
+scales = st.sampled_from([1.0, 1.0, 1.0, 1e-30, 1e-3, 1e3, 1e15])
+
+
+@st.composite
+def specials(draw, max_count=3):
+    """A list of (position in [0, 1), value) NaN/Inf injections; usually empty."""
+    if not draw(st.booleans()) or not draw(st.booleans()):
+        return []
+    n = draw(st.integers(1, max_count))
+    return [(draw(st.floats(0, 1, exclude_max=True)), draw(st.sampled_from(SPECIALS))) for _ in range(n)]
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+def make_tensor(shape, dtype, *, layout="contiguous", scale=1.0, inject=(), seed=0, requires_grad=False):
+    """A tensor of `shape` and `dtype` whose memory layout is `layout`; values ~ N(0, scale^2) from
+    `seed`, with NaN/Inf written at the fractional positions of `inject`.
+
+    The values are built contiguous in float64 first, so every layout of the same seed holds the
+    same numbers. The result is a leaf (detached view), so gradients are taken w.r.t. the strided
+    tensor itself.
+    """
+    shape = tuple(shape)
+    gen = torch.Generator().manual_seed(seed)
+    vals = torch.randn(shape, generator=gen, dtype=torch.float64) * scale
+    if layout == "expanded" and len(shape) >= 1:
+        # Stride 0 along the first non-empty dim: the same row seen several times.
+        d = next((i for i, s in enumerate(shape) if s > 1), None)
+        if d is not None:
+            vals = vals.narrow(d, 0, 1)
+    flat = vals.reshape(-1)
+    for frac, value in inject:
+        if flat.numel():
+            flat[int(frac * flat.numel())] = value
+    vals = flat.reshape(vals.shape).to(dtype)
+    if layout == "expanded":
+        t = vals.expand(shape)
+    elif layout == "strided" and shape:
+        base = torch.zeros(tuple(2 * s for s in shape), dtype=dtype)
+        index = tuple(slice(None, None, 2) for _ in shape)
+        base[index] = vals
+        t = base[index]
+    elif layout == "transposed" and len(shape) >= 2:
+        perm = tuple(reversed(range(len(shape))))
+        t = vals.permute(perm).contiguous().permute(perm)  # column-major strides
+    elif layout == "offset":
+        base = torch.zeros(vals.numel() + 3, dtype=dtype)
+        base[3:] = vals.reshape(-1)
+        t = base[3:].view(shape)  # non-zero storage offset
+    else:
+        t = vals.contiguous()
+    assert t.shape == shape
+    return t.detach().requires_grad_(requires_grad)
+
+
+def to_reference(t, requires_grad=None):
+    """A float64 copy of `t` (same values), as a fresh leaf for the reference's autograd."""
+    if t is None:
+        return None
+    rg = t.requires_grad if requires_grad is None else requires_grad
+    return t.detach().to(torch.float64).requires_grad_(rg)
+
+
+# --------------------------------------------------------------------------- comparison
+
+
+def _classes(x):
+    """0 finite, 1 NaN, 2 +Inf, 3 -Inf, per element."""
+    c = torch.zeros(x.shape, dtype=torch.int8)
+    c[torch.isnan(x)] = 1
+    c[x == math.inf] = 2
+    c[x == -math.inf] = 3
+    return c
+
+
+def assert_matches(actual, expected, dtype, what="output", expected_same_dtype=None):
+    """`actual` (any dtype) against the float64 `expected`.
+
+    NaN, +Inf and -Inf must sit exactly where the float64 reference puts them (IEEE propagation does
+    not depend on summation order as long as finite partial sums do not overflow, which the
+    generators keep true), or where the reference evaluated in the case's own dtype puts them
+    (`expected_same_dtype`: PyTorch's float32 gelu(+Inf) is NaN, for one, while float64's is +Inf).
+    Finite elements must agree with the float64 reference within the dtype's tolerance, the
+    absolute part scaled by the largest finite magnitude of the expected tensor.
+    """
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a = actual.detach().to(torch.float64)
+    e = expected.detach().to(torch.float64)
+    ca, ce = _classes(a), _classes(e)
+    ok = ca == ce
+    if expected_same_dtype is not None:
+        ok |= ca == _classes(expected_same_dtype.detach().to(torch.float64))
+    if not ok.all():
+        bad = tuple((~ok).nonzero()[:5].T)
+        raise AssertionError(
+            f"{what}: NaN/Inf positions differ from the reference at {torch.stack(bad, -1).tolist()}: "
+            f"ours {a[bad].tolist()}, float64 reference {e[bad].tolist()}"
+        )
+    finite = (ca == 0) & (ce == 0)
+    if not finite.any():
+        return
+    atol, rtol = TOLERANCES[dtype]
+    # Scale-relative, without a floor of 1: the generators also produce tiny (1e-30) values.
+    scale = e[finite].abs().max().item() or 1.0
+    torch.testing.assert_close(
+        a[finite], e[finite], atol=atol * scale, rtol=rtol, msg=lambda m: f"{what} ({dtype}): {m}"
+    )
