@@ -312,6 +312,11 @@ def _check_attention(q, k, v, key_padding_mask, kv_lengths, attn_mask, dropout_p
         raise ValueError(f"mmkernels: argument 'k': expected head dim {E} (that of q), got {k.shape[3]}")
     if v.shape[2] != Lk:
         raise ValueError(f"mmkernels: argument 'v': expected {Lk} keys (Lk of k), got {v.shape[2]}")
+    for name, t in (("key_padding_mask", key_padding_mask), ("kv_lengths", kv_lengths), ("attn_mask", attn_mask)):
+        # Before any look at their values: a mask on another device would otherwise send the raw op
+        # to another backend (meta: a silent meta result) or fail with a message naming nothing.
+        if isinstance(t, torch.Tensor) and t.device != q.device:
+            raise ValueError(f"mmkernels: argument '{name}': expected a tensor on {q.device} (as q), got {t.device}")
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
             got = key_padding_mask.dtype if isinstance(key_padding_mask, torch.Tensor) else type(key_padding_mask)
@@ -416,6 +421,7 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @torch.library.register_fake("mmkernels::cross_modal_attention")
 def _cross_modal_attention_fake(q, k, v, key_padding_mask, kv_lengths, attn_mask, scale, dropout_p, dropout_seed):
+    _fake_check_same_device(q, k=k, v=v, key_padding_mask=key_padding_mask, kv_lengths=kv_lengths, attn_mask=attn_mask)
     B, H, Lq, _ = q.shape
     out = q.new_empty((B, H, Lq, v.shape[-1]))
     lse = q.new_empty((B, H, Lq), dtype=_lse_dtype(q.dtype))
@@ -426,6 +432,8 @@ def _cross_modal_attention_fake(q, k, v, key_padding_mask, kv_lengths, attn_mask
 def _cross_modal_attention_backward_fake(
     grad_out, q, k, v, out, lse, key_padding_mask, kv_lengths, attn_mask, scale, dropout_p, dropout_seed
 ):
+    _fake_check_same_device(q, grad_out=grad_out, k=k, v=v, out=out, lse=lse, key_padding_mask=key_padding_mask,
+                            kv_lengths=kv_lengths, attn_mask=attn_mask)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 

@@ -13,8 +13,14 @@ ROOT=$(pwd)
 PY=${PY:-$ROOT/.venv/bin/python}
 t0=$(date +%s)
 
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/mmkernels-asan.XXXXXX")
-trap 'rm -rf "$WORK"' EXIT
+if [ -n "${MMKERNELS_ASAN_DIR:-}" ]; then
+  # A kept directory (for local iterations: ninja then rebuilds only what changed).
+  WORK=$MMKERNELS_ASAN_DIR
+  mkdir -p "$WORK"
+else
+  WORK=$(mktemp -d "${TMPDIR:-/tmp}/mmkernels-asan.XXXXXX")
+  trap 'rm -rf "$WORK"' EXIT
+fi
 # Tracked and untracked-but-not-ignored files: the sources, never the normal build's outputs.
 git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -xf - -C "$WORK"
 
@@ -24,7 +30,8 @@ MMKERNELS_CUDA=0 MMKERNELS_SANITIZE=address,undefined MMKERNELS_DEBUG=${MMKERNEL
   MAX_JOBS=${MAX_JOBS:-2} "$PY" setup.py -q build_ext --inplace >build.log 2>&1 || { tail -50 build.log; exit 1; }
 SO=$(ls mmkernels/_C*.so)
 # The library must really be instrumented (else this step would pass vacuously).
-nm -D --undefined-only "$SO" | grep -q __asan_report || { echo "error: $SO is not instrumented by ASan"; exit 1; }
+# (No grep -q: it would close the pipe early and pipefail would report nm's SIGPIPE.)
+nm -D --undefined-only "$SO" | grep __asan_report >/dev/null || { echo "error: $SO is not instrumented by ASan"; exit 1; }
 echo "built in $(( $(date +%s) - t0 ))s"
 
 export LD_PRELOAD="$(gcc -print-file-name=libasan.so)"

@@ -75,11 +75,14 @@ MMK_CLONES void scale(float* x, int64_t n, float a) {
   for (int64_t c = 0; c < n; ++c) x[c] *= a;
 }
 
+// lse = +inf marks a row that saw no key (forward): its probabilities are exactly 0, even where the
+// score is NaN (a NaN score alone does not make a key visible, as in the reference).
 MMK_CLONES void probs_from_lse(float* s, const float* bias, const float* lse, int64_t n, float scale) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
   if (bias != nullptr) {
-    for (int64_t c = 0; c < n; ++c) s[c] = exp_approx(s[c] * scale + bias[c] - lse[c]);
+    for (int64_t c = 0; c < n; ++c) s[c] = lse[c] == kInf ? 0.0f : exp_approx(s[c] * scale + bias[c] - lse[c]);
   } else {
-    for (int64_t c = 0; c < n; ++c) s[c] = exp_approx(s[c] * scale - lse[c]);
+    for (int64_t c = 0; c < n; ++c) s[c] = lse[c] == kInf ? 0.0f : exp_approx(s[c] * scale - lse[c]);
   }
 }
 
@@ -134,7 +137,9 @@ void scale(double* x, int64_t n, double a) {
 }
 
 void probs_from_lse(double* s, const double* bias, const double* lse, int64_t n, double scale) {
-  for (int64_t c = 0; c < n; ++c) s[c] = std::exp(s[c] * scale + (bias != nullptr ? bias[c] : 0.0) - lse[c]);
+  constexpr double kInf = std::numeric_limits<double>::infinity();
+  for (int64_t c = 0; c < n; ++c)
+    s[c] = lse[c] == kInf ? 0.0 : std::exp(s[c] * scale + (bias != nullptr ? bias[c] : 0.0) - lse[c]);
 }
 
 void dscore(double* ds, const double* p, const double* dp, const double* d, int64_t n, double scale) {

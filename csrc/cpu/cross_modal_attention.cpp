@@ -404,7 +404,9 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
     In* ob = od + (bh * p.Lq + i0) * p.Ev;
     T* lb = ld + bh * p.Lq + i0;
     for (int64_t r = 0; r < nq; ++r) {
-      if (l[r] > T(0)) {
+      // l is exactly 0 only when no key was visible; a NaN score makes it NaN, which must reach the
+      // output (as in the reference) rather than be mistaken for "no visible key" by a `> 0` test.
+      if (l[r] != T(0)) {
         rows::scale(acc + r * p.Ev, p.Ev, T(1) / l[r]);
         lb[r] = m[r] + std::log(l[r]);
       } else {  // no visible key: zeros, and lse = +inf so that backward's probabilities are 0

@@ -34,6 +34,13 @@ def check_inputs(module, query, key, value, key_padding_mask, attn_mask, is_caus
     for arg, t in (("key", key), ("value", value)):
         if t.dim() != query.dim():
             _fail(arg, f"expected a {query.dim()}-D tensor like query, got {t.dim()}-D")
+    ref = module.out_proj.weight
+    # Under autocast other dtypes are legitimate (the projections cast them).
+    autocast = query.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(query.device.type)
+    if not autocast:
+        for arg, t in (("query", query), ("key", key), ("value", value)):
+            if t.dtype != ref.dtype or t.device != ref.device:
+                _fail(arg, f"expected {ref.dtype} on {ref.device} (the module's parameters), got {t.dtype} on {t.device}")
     for arg, t, dim in (("query", query, module.embed_dim), ("key", key, module.kdim), ("value", value, module.vdim)):
         if t.shape[-1] != dim:
             _fail(arg, f"expected last dimension {dim}, got shape {tuple(t.shape)}")

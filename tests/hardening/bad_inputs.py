@@ -170,3 +170,126 @@ _register("nn.FusedConcatLinear.from_linear", [
     ("activation-unknown", "activation", _set(activation="swish")),
     ("linear-not-linear", "linear", lambda a: a.update(linear=torch.nn.Conv1d(5, 5, 1)), TYPE_OK),
 ], _from_linear, lambda: {"linear": torch.nn.Linear(5, 4), "in_features": (3, 2), "activation": "relu"})
+
+
+# --------------------------------------------------------------------------- cross_modal_attention
+
+
+def attention_args():
+    b, h, lq, lk, e = 2, 3, 4, 5, 8
+    return {"q": torch.randn(b, h, lq, e), "k": torch.randn(b, h, lk, e), "v": torch.randn(b, h, lk, 6),
+            "key_padding_mask": torch.zeros(b, lk, dtype=torch.bool), "kv_lengths": torch.tensor([5, 3]),
+            "attn_mask": torch.ones(lq, lk, dtype=torch.bool), "scale": None, "dropout_p": 0.0}
+
+
+def _attention(a):
+    a = dict(a)
+    return mmkernels.cross_modal_attention(a.pop("q"), a.pop("k"), a.pop("v"), **a)
+
+
+def _attention_raw(a):
+    seed = torch.tensor(0) if a["dropout_p"] > 0 else None
+    scale = a["q"].shape[-1] ** -0.5 if a["scale"] is None else a["scale"]
+    return torch.ops.mmkernels.cross_modal_attention(a["q"], a["k"], a["v"], a["key_padding_mask"], a["kv_lengths"],
+                                                     a["attn_mask"], scale, a["dropout_p"], seed)
+
+
+def _t(name, fn):
+    return lambda a: a.update({name: fn(a[name])})
+
+
+ATTENTION_ROWS = [
+    ("q-3d", r"'q'", _t("q", lambda t: t[0])),
+    ("k-5d", r"'k'", _t("k", lambda t: t[None])),
+    ("v-2d", r"'v'", _t("v", lambda t: t[0, 0])),
+    ("k-batch", r"'k'", _t("k", lambda t: t[:1])),
+    ("v-batch", r"'v'", _t("v", lambda t: t[:1])),
+    ("k-heads", r"'k'", _t("k", lambda t: t[:, :2])),
+    ("k-head-dim", r"'k'", _t("k", lambda t: t[..., :7])),
+    ("v-keys", r"'v'", _t("v", lambda t: t[:, :, :4])),
+    ("q-integer", r"'q'", lambda a: a.update(q=a["q"].long(), k=a["k"].long(), v=a["v"].long())),
+    ("k-dtype", r"'k'", _t("k", lambda t: t.double())),
+    ("v-dtype", r"'v'", _t("v", lambda t: t.double())),
+    ("k-device", r"'k'", _t("k", lambda t: t.to("meta"))),
+    ("v-device", r"'v'", _t("v", lambda t: t.to("meta"))),
+    ("q-device", r"'q'|'k'", _t("q", lambda t: t.to("meta"))),
+    ("key_padding_mask-dtype", "key_padding_mask", _t("key_padding_mask", lambda t: t.int())),
+    ("key_padding_mask-shape", "key_padding_mask", _t("key_padding_mask", lambda t: t[:, :4])),
+    ("key_padding_mask-3d", "key_padding_mask", _t("key_padding_mask", lambda t: t[None])),
+    ("key_padding_mask-device", "key_padding_mask", _t("key_padding_mask", lambda t: t.to("meta"))),
+    ("kv_lengths-dtype", "kv_lengths", _t("kv_lengths", lambda t: t.float())),
+    ("kv_lengths-shape", "kv_lengths", _t("kv_lengths", lambda t: t[:1])),
+    ("kv_lengths-too-long", "kv_lengths", _set(kv_lengths=torch.tensor([6, 3]))),
+    ("kv_lengths-negative", "kv_lengths", _set(kv_lengths=torch.tensor([-1, 3]))),
+    ("kv_lengths-device", "kv_lengths", _t("kv_lengths", lambda t: t.to("meta"))),
+    ("attn_mask-dtype", "attn_mask", _t("attn_mask", lambda t: t.int())),
+    ("attn_mask-1d", "attn_mask", _t("attn_mask", lambda t: t[0])),
+    ("attn_mask-5d", "attn_mask", _t("attn_mask", lambda t: t[None, None, None])),
+    ("attn_mask-shape", "attn_mask", _t("attn_mask", lambda t: t[:, :4])),
+    ("attn_mask-not-broadcastable", "attn_mask", _set(attn_mask=torch.ones(3, 1, 4, 5, dtype=torch.bool))),
+    ("attn_mask-device", "attn_mask", _t("attn_mask", lambda t: t.to("meta"))),
+    ("dropout_p-negative", "dropout_p", _set(dropout_p=-0.1)),
+    ("dropout_p-above-1", "dropout_p", _set(dropout_p=1.5)),
+    ("dropout_p-nan", "dropout_p", _set(dropout_p=float("nan"))),
+]
+_register("cross_modal_attention", ATTENTION_ROWS, _attention, attention_args)
+_register("ops.cross_modal_attention", ATTENTION_ROWS, _attention_raw, attention_args)
+
+
+# --------------------------------------------------------------------------- nn.CrossModalAttention
+
+
+def mha_args():
+    lq, lk, b = 4, 5, 2
+    return {"init": {"embed_dim": 8, "num_heads": 2}, "query": torch.randn(lq, b, 8), "key": torch.randn(lk, b, 8),
+            "value": torch.randn(lk, b, 8), "kw": {"key_padding_mask": torch.zeros(b, lk, dtype=torch.bool),
+                                                   "attn_mask": torch.zeros(lq, lk, dtype=torch.bool)}}
+
+
+def _mha(a):
+    from mmkernels.nn import CrossModalAttention
+
+    module = CrossModalAttention(**a["init"])
+    return module(a["query"], a["key"], a["value"], **a["kw"])
+
+
+def _init(**kw):
+    return lambda a: a["init"].update(kw)
+
+
+def _kw(**kw):
+    return lambda a: a["kw"].update(kw)
+
+
+_register("nn.CrossModalAttention", [
+    ("heads-not-dividing", "embed_dim|num_heads", _init(num_heads=3)),
+    ("heads-zero", "num_heads", _init(num_heads=0)),
+    ("embed_dim-zero", "embed_dim", _init(embed_dim=0)),
+    ("dropout-above-1", "dropout", _init(dropout=1.5)),
+    ("query-4d", "query", _t("query", lambda t: t[None])),
+    ("key-rank", "key", _t("key", lambda t: t[0])),
+    ("query-features", "query", _t("query", lambda t: t[..., :6])),
+    ("key-features", "key", _t("key", lambda t: t[..., :6])),
+    ("key-batch", "key", _t("key", lambda t: t[:, :1])),
+    ("value-length", "value", _t("value", lambda t: t[:4])),
+    ("query-dtype", "query", _t("query", lambda t: t.double())),
+    ("key-dtype", "key", _t("key", lambda t: t.double())),
+    ("query-device", "query", _t("query", lambda t: t.to("meta"))),
+    ("key_padding_mask-shape", "key_padding_mask", _kw(key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))),
+    ("key_padding_mask-dtype", "key_padding_mask", _kw(key_padding_mask=torch.zeros(2, 5, dtype=torch.int64))),
+    ("attn_mask-shape", "attn_mask", _kw(attn_mask=torch.zeros(4, 4, dtype=torch.bool))),
+    ("attn_mask-3d-shape", "attn_mask", _kw(attn_mask=torch.zeros(3, 4, 5, dtype=torch.bool))),
+    ("attn_mask-dtype", "attn_mask", _kw(attn_mask=torch.zeros(4, 5, dtype=torch.int32))),
+    ("is_causal-without-mask", "is_causal", _kw(attn_mask=None, is_causal=True)),
+], _mha, mha_args)
+
+
+def _mha_from_module(a):
+    from mmkernels.nn import CrossModalAttention
+
+    return CrossModalAttention.from_module(a["mha"])
+
+
+_register("nn.CrossModalAttention.from_module", [
+    ("mha-not-mha", "mha", _set(mha=torch.nn.Linear(4, 4)), TYPE_OK),
+], _mha_from_module, lambda: {"mha": torch.nn.MultiheadAttention(8, 2)})

@@ -168,3 +168,89 @@ SPECS = [
     FuzzSpec("fused_concat_linear", fcl_cases(), fcl_run, fcl_forward_only),
     FuzzSpec("nn.FusedConcatLinear", fcl_module_cases(), fcl_module_run),
 ]
+
+
+# --------------------------------------------------------------------------- cross_modal_attention
+
+
+@st.composite
+def attention_cases(draw):
+    b, h = draw(st.sampled_from([0, 1, 1, 2, 3])), draw(st.sampled_from([1, 1, 2, 3]))
+    lq, lk = draw(small_size), draw(small_size)
+    e, ev = draw(positive_size), draw(positive_size)
+    full = (b, h, lq, lk)
+    mask = None
+    kind = draw(st.sampled_from(["none", "bool", "float", "float-inf"]))
+    if kind != "none":
+        # A broadcastable shape: rank 2..4, each kept dim either full or 1.
+        rank = draw(st.integers(2, 4))
+        shape = [s if draw(st.booleans()) else 1 for s in full[4 - rank:]]
+        mask = {"kind": kind, "shape": shape, "density": draw(st.sampled_from([0.0, 0.3, 0.8, 1.0]))}
+    kpm = draw(st.none() | st.sampled_from([0.0, 0.3, 1.0]))
+    lengths = draw(st.none() | st.sampled_from(["int32", "int64"]))
+    # NaN/Inf only where every key is visible: masked-out keys are never read by the kernel, while
+    # the reference multiplies them by a zero probability (0 * NaN = NaN). See the README.
+    inject = mask is None and kpm is None and lengths is None
+    return {
+        "dtype": draw(dtypes),
+        "shape": [b, h, lq, lk, e, ev],
+        "seed": draw(st.integers(0, 2**31 - 1)),
+        # Large q scales make large logits (softmax stability); tiny ones nearly uniform attention.
+        "q": draw(tensor_spec(scale=draw(st.sampled_from([1.0, 1.0, 1e-3, 30.0, 1e3])), inject=inject)),
+        "k": draw(tensor_spec(scale=1.0, inject=inject)),
+        "v": draw(tensor_spec(inject=inject)),
+        "key_padding_mask": kpm,
+        "kv_lengths": lengths,
+        "attn_mask": mask,
+        "scale": draw(st.none() | st.sampled_from([0.0, 1e-3, 0.5, 10.0])),
+        "dropout_p": draw(st.sampled_from([0.0, 0.0, 0.0, 1.0])),
+    }
+
+
+def attention_tensors(case, dtype):
+    b, h, lq, lk, e, ev = case["shape"]
+    s = case["seed"]
+    g = torch.Generator().manual_seed(s + 3)
+
+    def tensor(name, shape, offset):
+        t = case[name]
+        return make_tensor(shape, dtype, layout=t["layout"], scale=t["scale"], inject=t["inject"], seed=s + offset,
+                           requires_grad=t["grad"])
+
+    q, k, v = tensor("q", (b, h, lq, e), 1), tensor("k", (b, h, lk, e), 2), tensor("v", (b, h, lk, ev), 4)
+    kpm = None
+    if case["key_padding_mask"] is not None:
+        kpm = torch.rand(b, lk, generator=g) < case["key_padding_mask"]
+    lengths = None
+    if case["kv_lengths"] is not None:
+        lengths = torch.randint(0, lk + 1, (b,), generator=g, dtype=getattr(torch, case["kv_lengths"]))
+    mask = None
+    m = case["attn_mask"]
+    if m is not None:
+        hidden = torch.rand(m["shape"], generator=g) < m["density"]
+        if m["kind"] == "bool":
+            mask = ~hidden  # True = may attend
+        else:
+            mask = torch.randn(m["shape"], generator=g, dtype=torch.float64) * 3
+            if m["kind"] == "float-inf":
+                mask = mask.masked_fill(hidden, float("-inf"))
+            mask = mask.to(dtype)
+    return q, k, v, kpm, lengths, mask
+
+
+def attention_run(case, impl, dtype):
+    q, k, v, kpm, lengths, mask = attention_tensors(case, case["dtype"])
+    kwargs = {"key_padding_mask": kpm, "kv_lengths": lengths, "scale": case["scale"], "dropout_p": case["dropout_p"]}
+    if impl == "reference":
+        q, k, v = _cast(q, dtype), _cast(k, dtype), _cast(v, dtype)
+        if mask is not None and mask.dtype != torch.bool:
+            mask = mask.to(dtype)
+        if case["dropout_p"] == 1.0:  # everything dropped: the reference's explicit keep-mask of zeros
+            kwargs["dropout_mask"] = torch.zeros((), dtype=torch.bool)
+        out = reference.cross_modal_attention(q, k, v, attn_mask=mask, **kwargs)
+    else:
+        out = mmkernels.cross_modal_attention(q, k, v, attn_mask=mask, **kwargs)
+    return {"out": out, **_grads(out, [("q", q), ("k", k), ("v", v)], case["seed"])}
+
+
+SPECS.append(FuzzSpec("cross_modal_attention", attention_cases(), attention_run))
