@@ -198,6 +198,8 @@ def _check_low_rank_fusion(inputs, factors, rank_weight, bias) -> None:
                 f"mmkernels: argument 'factors[{i}]': expected shape ({rank}, {x.shape[-1] + 1}, {n}) = "
                 f"(rank, inputs[{i}].size(-1) + 1, out_features), got {tuple(f.shape)}"
             )
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise ValueError(f"mmkernels: argument 'bias': expected a tensor or None, got {type(bias).__name__}")
     if bias is not None and (bias.shape != (n,) or bias.dtype != dtype or bias.device != device):
         raise ValueError(
             f"mmkernels: argument 'bias': expected shape ({n},), {dtype} on {device}; "
@@ -230,6 +232,8 @@ def low_rank_fusion(
 
 @torch.library.register_fake("mmkernels::low_rank_fusion")
 def _low_rank_fusion_fake(inputs, factors, rank_weight, bias):
+    _fake_check_same_device(rank_weight, **{f"inputs[{i}]": x for i, x in enumerate(inputs)},
+                            **{f"factors[{i}]": f for i, f in enumerate(factors)}, bias=bias)
     return rank_weight.new_empty((*inputs[0].shape[:-1], factors[0].shape[2]))
 
 
@@ -237,6 +241,8 @@ def _low_rank_fusion_fake(inputs, factors, rank_weight, bias):
 def _low_rank_fusion_backward_fake(
     grad_out, inputs, factors, rank_weight, inputs_need_grad, factors_need_grad, rank_weight_needs_grad, bias_needs_grad
 ):
+    _fake_check_same_device(rank_weight, grad_out=grad_out, **{f"inputs[{i}]": x for i, x in enumerate(inputs)},
+                            **{f"factors[{i}]": f for i, f in enumerate(factors)})
     empty = rank_weight.new_empty(0)
     grad_inputs = [x.new_empty(x.shape) if need else empty for x, need in zip(inputs, inputs_need_grad)]
     grad_factors = [f.new_empty(f.shape) if need else empty for f, need in zip(factors, factors_need_grad)]

@@ -271,6 +271,20 @@ const T* bias_for_key(const Problem& p, int64_t b, int64_t h, int64_t j, int64_t
   return buf;
 }
 
+// Per-thread scratch whose every slice starts on a 64-byte boundary (at::empty's alignment, slices
+// rounded up): the BLAS may round differently with the alignment of its operands, and tasks land on
+// threads dynamically, so unaligned slices made results vary run to run.
+template <typename T>
+int64_t aligned_slice(int64_t n) {
+  constexpr int64_t a = 64 / static_cast<int64_t>(sizeof(T));
+  return (n + a - 1) / a * a;
+}
+
+template <typename T>
+at::Tensor aligned_scratch(int64_t n) {
+  return at::empty({n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+}
+
 // Block sizes, measured on the suite's shapes (float32, AVX-512 CPU, MKL): the forward's long key
 // blocks keep P V's reduction deep; in backward, 256 keys x 128 queries beat 128 x 128 by 3-10%.
 constexpr int64_t kFwdBlockQ = 128;
@@ -342,12 +356,14 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
   const int64_t nthreads = at::get_num_threads();
   // Per-thread scratch: scores, output accumulator, row max / sum, one bias row, dropout factors,
   // and (bfloat16) P rounded for the second GEMM.
-  const int64_t per_thread = BQ * BK + BQ * p.Ev + 2 * BQ + BK + BK + (kBf16 ? (BQ * BKp + 1) / 2 : 0);
-  std::vector<T> scratch(static_cast<size_t>(per_thread * nthreads));
+  const int64_t per_thread =
+      aligned_slice<T>(BQ * BK + BQ * p.Ev + 2 * BQ + BK + BK + (kBf16 ? (BQ * BKp + 1) / 2 : 0));
+  const at::Tensor scratch_t = aligned_scratch<T>(per_thread * nthreads);
+  T* const scratch = scratch_t.data_ptr<T>();
   parallel_tasks(p.B * p.H * nqb, [&](int64_t task, int tid) {
     const int64_t bh = task / nqb, b = bh / p.H, h = bh % p.H;
     const int64_t i0 = (task % nqb) * BQ, nq = std::min(BQ, p.Lq - i0);
-    T* S = scratch.data() + tid * per_thread;
+    T* S = scratch + tid * per_thread;
     T* acc = S + BQ * BK;
     T* m = acc + BQ * p.Ev;
     T* l = m + BQ;
@@ -470,20 +486,23 @@ void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k,
   const int64_t nthreads = at::get_num_threads();
   const int64_t dq_size = p.B * p.H * p.Lq * p.E;
   // Per-thread scratch: P^T, dP^T / dS^T, dropout factors, dK and dV accumulators, bias column.
-  const int64_t per_thread = 3 * BK * BQ + BK * p.E + BK * p.Ev + BQ;
-  std::vector<T> scratch(static_cast<size_t>(per_thread * nthreads));
+  const int64_t per_thread = aligned_slice<T>(3 * BK * BQ + BK * p.E + BK * p.Ev + BQ);
+  const at::Tensor scratch_t = aligned_scratch<T>(per_thread * nthreads);
+  T* const scratch = scratch_t.data_ptr<T>();
   std::vector<uint64_t> keys_all(static_cast<size_t>(BQ * nthreads));
   parallel_tasks(p.B * p.H * nchunks, [&](int64_t task, int tid) {
     const int64_t bh = task / nchunks, b = bh / p.H, h = bh % p.H;
     const int64_t kb_first = (task % nchunks) * nkb_per_task;
-    T* PT = scratch.data() + tid * per_thread;
+    T* PT = scratch + tid * per_thread;
     T* DS = PT + BK * BQ;
     T* Z = DS + BK * BQ;
     T* dKa = Z + BK * BQ;
     T* dVa = dKa + BK * p.E;
     T* bias = dVa + BK * p.Ev;
     uint64_t* keys = keys_all.data() + tid * BQ;
-    T* dqb = dqd + (per_thread_dq ? tid * dq_size : 0) + bh * p.Lq * p.E;
+    // dQ partial sums per key chunk, not per thread: tasks go to threads dynamically, so a
+    // per-thread sum would add in a run-dependent order; per chunk, the final sum's order is fixed.
+    T* dqb = dqd + (per_thread_dq ? (task % nchunks) * dq_size : 0) + bh * p.Lq * p.E;
     const T* qb = qd + b * q.stride(0) + h * q.stride(1);
     const T* dob = dod + b * dout.stride(0) + h * dout.stride(1);
     const T* lseb = lsed + bh * p.Lq;
@@ -616,7 +635,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_modal_attention_backward_cp
     per_task = std::max<int64_t>(1, (nkb + want_chunks - 1) / want_chunks);
   }
   const bool per_thread_dq = per_task < nkb && nthreads > 1;
-  at::Tensor dq_acc = at::zeros({per_thread_dq ? nthreads : 1, p.B, p.H, p.Lq, p.E}, q.options().dtype(ct));
+  // One dQ accumulator per key chunk (about 4 * threads / (B * H) of them): bitwise deterministic.
+  const int64_t nchunks = (nkb + per_task - 1) / per_task;
+  at::Tensor dq_acc = at::zeros({per_thread_dq ? nchunks : 1, p.B, p.H, p.Lq, p.E}, q.options().dtype(ct));
   if (p.B * p.H * p.Lk > 0) {
     if (ct == at::kDouble) {
       const at::Tensor D = row_dot<double>(doc, oc, p);

@@ -293,3 +293,54 @@ def _mha_from_module(a):
 _register("nn.CrossModalAttention.from_module", [
     ("mha-not-mha", "mha", _set(mha=torch.nn.Linear(4, 4)), TYPE_OK),
 ], _mha_from_module, lambda: {"mha": torch.nn.MultiheadAttention(8, 2)})
+
+
+# --------------------------------------------------------------------------- low_rank_fusion
+
+
+def lrf_args():
+    r, n = 3, 4
+    return {"inputs": [torch.randn(5, 2), torch.randn(5, 3)], "factors": [torch.randn(r, 3, n), torch.randn(r, 4, n)],
+            "rank_weight": torch.randn(r), "bias": torch.randn(n)}
+
+
+def _lrf(a):
+    return mmkernels.low_rank_fusion(a["inputs"], a["factors"], a["rank_weight"], a["bias"])
+
+
+def _lrf_raw(a):
+    return torch.ops.mmkernels.low_rank_fusion(a["inputs"], a["factors"], a["rank_weight"], a["bias"])
+
+
+def _item(name, i, fn):
+    def mutate(a):
+        a[name] = list(a[name])
+        a[name][i] = fn(a[name][i])
+    return mutate
+
+
+LRF_ROWS = [
+    ("inputs-empty", "inputs", _set(inputs=[], factors=[])),
+    ("factors-count", "factors", lambda a: a.update(factors=a["factors"][:1])),
+    ("inputs-lead-dims", r"inputs\[1\]", _item("inputs", 1, lambda t: t[:4])),
+    ("inputs-0d", r"inputs\[1\]", _item("inputs", 1, lambda t: t[0, 0])),
+    ("inputs-dtype", r"inputs\[1\]", _item("inputs", 1, lambda t: t.double())),
+    ("inputs-device", r"inputs\[0\]", _item("inputs", 0, lambda t: t.to("meta"))),
+    ("factors-rank-dim", r"factors\[1\]", _item("factors", 1, lambda t: t[:2])),
+    ("factors-in-dim", r"factors\[1\]", _item("factors", 1, lambda t: t[:, :3])),
+    ("factors-out-dim", r"factors\[1\]", _item("factors", 1, lambda t: t[..., :3])),
+    ("factors-2d", r"factors\[0\]", _item("factors", 0, lambda t: t[0])),
+    ("factors-dtype", r"factors\[1\]", _item("factors", 1, lambda t: t.double())),
+    ("factors-device", r"factors\[1\]", _item("factors", 1, lambda t: t.to("meta"))),
+    ("rank_weight-2d", "rank_weight", lambda a: a.update(rank_weight=a["rank_weight"][None])),
+    ("rank_weight-dtype", "rank_weight|inputs|factors", lambda a: a.update(rank_weight=a["rank_weight"].double())),
+    ("integer-dtype", "rank_weight|inputs|factors",
+     lambda a: a.update(inputs=[x.long() for x in a["inputs"]], factors=[f.long() for f in a["factors"]],
+                        rank_weight=a["rank_weight"].long(), bias=a["bias"].long())),
+    ("bias-shape", "bias", lambda a: a.update(bias=a["bias"][:3])),
+    ("bias-dtype", "bias", lambda a: a.update(bias=a["bias"].double())),
+    ("bias-device", "bias", lambda a: a.update(bias=a["bias"].to("meta"))),
+    ("bias-not-tensor", "bias", _set(bias=1.0), TYPE_OK),
+]
+_register("low_rank_fusion", LRF_ROWS, _lrf, lrf_args)
+_register("ops.low_rank_fusion", LRF_ROWS, _lrf_raw, lrf_args)

@@ -61,12 +61,12 @@ scales = st.sampled_from([1.0, 1.0, 1.0, 1e-30, 1e-3, 1e3, 1e15])
 
 
 @st.composite
-def specials(draw, max_count=3):
+def specials(draw, max_count=3, values=SPECIALS):
     """A list of (position in [0, 1), value) NaN/Inf injections; usually empty."""
     if not draw(st.booleans()) or not draw(st.booleans()):
         return []
     n = draw(st.integers(1, max_count))
-    return [(draw(st.floats(0, 1, exclude_max=True)), draw(st.sampled_from(SPECIALS))) for _ in range(n)]
+    return [(draw(st.floats(0, 1, exclude_max=True)), draw(st.sampled_from(values))) for _ in range(n)]
 
 
 # --------------------------------------------------------------------------- tensors
@@ -133,7 +133,27 @@ def _classes(x):
     return c
 
 
-def assert_matches(actual, expected, dtype, what="output", expected_same_dtype=None):
+def case_magnitude(case) -> float:
+    """The smallest value scale a case draws (its tensors' "scale" entries), at most 1: the floor of
+    the absolute tolerance's scale, so that an exactly-cancelling result (a true 0 computed as 1e-18)
+    is judged against the size of its terms, not against 0."""
+    found = [1.0]
+
+    def walk(x):
+        if isinstance(x, dict):
+            if isinstance(x.get("scale"), float) and "layout" in x:
+                found.append(x["scale"])
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+
+    walk(case)
+    return min(found)
+
+
+def assert_matches(actual, expected, dtype, what="output", expected_same_dtype=None, floor=0.0):
     """`actual` (any dtype) against the float64 `expected`.
 
     NaN, +Inf and -Inf must sit exactly where the float64 reference puts them (IEEE propagation does
@@ -160,8 +180,9 @@ def assert_matches(actual, expected, dtype, what="output", expected_same_dtype=N
     if not finite.any():
         return
     atol, rtol = TOLERANCES[dtype]
-    # Scale-relative, without a floor of 1: the generators also produce tiny (1e-30) values.
-    scale = e[finite].abs().max().item() or 1.0
+    # Scale-relative, with the case's smallest value scale as the floor (not 1: the generators also
+    # produce tiny, 1e-30, values).
+    scale = max(e[finite].abs().max().item(), floor) or 1.0
     torch.testing.assert_close(
         a[finite], e[finite], atol=atol * scale, rtol=rtol, msg=lambda m: f"{what} ({dtype}): {m}"
     )

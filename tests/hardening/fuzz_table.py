@@ -21,7 +21,9 @@ import mmkernels
 from mmkernels import reference
 from mmkernels.nn import FusedConcatLinear
 
-from fuzz_support import LAYOUTS, dtypes, make_tensor, positive_size, scales, small_size, specials
+import math
+
+from fuzz_support import LAYOUTS, case_magnitude, dtypes, make_tensor, positive_size, scales, small_size, specials
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,8 @@ class FuzzSpec:
     run: Callable  # run(case, impl, dtype) -> dict[str, Tensor]
     # Results compared in forward only for these dtypes (e.g. relu's mask in bfloat16, see README).
     forward_only: Callable = lambda case: False
+    # Floor of the absolute tolerance's scale (see fuzz_support.case_magnitude).
+    magnitude: Callable = case_magnitude
 
 
 def _grads(out, named_inputs, seed):
@@ -55,10 +59,12 @@ def _cast(t, dtype):
 
 @st.composite
 def tensor_spec(draw, scale=None, inject=True):
+    """inject: True (NaN and +-Inf), "nan" (NaN only) or False."""
+    values = (math.nan,) if inject == "nan" else (math.nan, math.inf, -math.inf)
     return {
         "layout": draw(st.sampled_from(LAYOUTS)),
         "scale": draw(scales) if scale is None else scale,
-        "inject": draw(specials()) if inject else [],
+        "inject": draw(specials(values=values)) if inject else [],
         "grad": draw(st.booleans()) or draw(st.booleans()),
     }
 
@@ -253,4 +259,147 @@ def attention_run(case, impl, dtype):
     return {"out": out, **_grads(out, [("q", q), ("k", k), ("v", v)], case["seed"])}
 
 
-SPECS.append(FuzzSpec("cross_modal_attention", attention_cases(), attention_run))
+def attention_magnitude(case):
+    # Backward cancels dP - D, both of size |dO| |v|, then multiplies by q or k: rounding residues of
+    # that size are the honest absolute error of grad_q / grad_k (a single visible key has a true
+    # gradient of 0 but computes as eps * |v| |q|).
+    return math.prod(max(1.0, case[n]["scale"]) for n in ("q", "k", "v"))
+
+
+SPECS.append(FuzzSpec("cross_modal_attention", attention_cases(), attention_run, magnitude=attention_magnitude))
+
+
+# --------------------------------------------------------------------------- low_rank_fusion
+
+
+@st.composite
+def lrf_cases(draw):
+    nmod = draw(st.integers(1, 4))
+    widths = draw(st.lists(small_size, min_size=nmod, max_size=nmod))
+    return {
+        "dtype": draw(dtypes),
+        "lead": draw(st.lists(small_size, max_size=2)),
+        "widths": widths,
+        "n": draw(small_size),
+        "rank": draw(st.sampled_from([1, 1, 2, 3, 4, 8, 17])),
+        "seed": draw(st.integers(0, 2**31 - 1)),
+        # Products of several projections: keep magnitudes moderate so the product stays in range.
+        # NaN only: the kernel factors the rank weights out of sums, (a + b) * inf where the
+        # reference has a * inf + b * inf, so an Inf may legitimately come out as NaN or the reverse.
+        "inputs": [draw(tensor_spec(scale=draw(st.sampled_from([1.0, 1e-3, 10.0])), inject="nan")) for _ in widths],
+        "factors": [draw(tensor_spec(scale=0.5, inject="nan")) for _ in widths],
+        "rank_weight": draw(tensor_spec(scale=1.0, inject="nan")),
+        "bias": draw(st.none() | tensor_spec(scale=1.0, inject="nan")),
+    }
+
+
+def lrf_run(case, impl, dtype):
+    s, r, n = case["seed"], case["rank"], case["n"]
+
+    def tensor(spec, shape, offset):
+        return make_tensor(shape, case["dtype"], layout=spec["layout"], scale=spec["scale"], inject=spec["inject"],
+                           seed=s + offset, requires_grad=spec["grad"])
+
+    xs = [tensor(t, (*case["lead"], d), 10 * i) for i, (d, t) in enumerate(zip(case["widths"], case["inputs"]))]
+    fs = [tensor(t, (r, d + 1, n), 10 * i + 1) for i, (d, t) in enumerate(zip(case["widths"], case["factors"]))]
+    w = tensor(case["rank_weight"], (r,), 7)
+    b = None if case["bias"] is None else tensor(case["bias"], (n,), 5)
+    if impl == "reference":
+        xs, fs, w, b = [_cast(x, dtype) for x in xs], [_cast(f, dtype) for f in fs], _cast(w, dtype), _cast(b, dtype)
+        out = reference.low_rank_fusion(xs, fs, w, b)
+    else:
+        out = mmkernels.low_rank_fusion(xs, fs, w, b)
+    named = ([(f"inputs[{i}]", x) for i, x in enumerate(xs)] + [(f"factors[{i}]", f) for i, f in enumerate(fs)]
+             + [("rank_weight", w), ("bias", b)])
+    return {"out": out, **_grads(out, named, s)}
+
+
+SPECS.append(FuzzSpec("low_rank_fusion", lrf_cases(), lrf_run))
+
+
+# --------------------------------------------------------------------------- nn.CrossModalAttention
+
+
+@st.composite
+def mha_cases(draw):
+    heads = draw(st.sampled_from([1, 2, 3]))
+    return {
+        "dtype": draw(st.sampled_from([torch.float64, torch.float32])),
+        "heads": heads,
+        "head_dim": draw(st.sampled_from([1, 2, 5, 8])),
+        "kdim": draw(st.none() | positive_size),
+        "vdim": draw(st.none() | positive_size),
+        "bias": draw(st.booleans()),
+        "add_bias_kv": draw(st.booleans()),
+        "add_zero_attn": draw(st.booleans()),
+        "batch_first": draw(st.booleans()),
+        "batch": draw(st.sampled_from([None, 1, 2, 3])),  # None: unbatched (L, E) inputs
+        "lq": draw(positive_size),
+        "lk": draw(positive_size),
+        "kpm": draw(st.sampled_from([None, "bool", "float"])),
+        "attn_mask": draw(st.sampled_from([None, "bool-2d", "float-2d", "bool-3d", "float-3d"])),
+        "need_weights": draw(st.booleans()),
+        "average": draw(st.booleans()),
+        "seed": draw(st.integers(0, 2**31 - 1)),
+    }
+
+
+def mha_run(case, impl, dtype):
+    from mmkernels.nn import CrossModalAttention
+
+    e = case["heads"] * case["head_dim"]
+    kdim = case["kdim"] or e
+    vdim = case["vdim"] or e
+    cfg = {"embed_dim": e, "num_heads": case["heads"], "bias": case["bias"], "add_bias_kv": case["add_bias_kv"],
+           "add_zero_attn": case["add_zero_attn"], "kdim": kdim, "vdim": vdim, "batch_first": case["batch_first"]}
+    torch.manual_seed(case["seed"])
+    ours = CrossModalAttention(**cfg, dtype=case["dtype"]).eval()
+    g = torch.Generator().manual_seed(case["seed"] + 1)
+    bsz, lq, lk = case["batch"], case["lq"], case["lk"]
+
+    def seq(n, d):
+        if bsz is None:
+            shape = (n, d)
+        else:
+            shape = (bsz, n, d) if case["batch_first"] else (n, bsz, d)
+        return torch.randn(shape, generator=g, dtype=case["dtype"]).requires_grad_()
+
+    query, key, value = seq(lq, e), seq(lk, kdim), seq(lk, vdim)
+    b = bsz or 1
+    kw = {"need_weights": case["need_weights"], "average_attn_weights": case["average"]}
+    # Masks never hide key 0, so every query row sees a key: nn.MultiheadAttention returns NaN for
+    # rows that see none, where we return zeros by design (see the README).
+    if case["kpm"] is not None:
+        hide = torch.rand(b, lk, generator=g) < 0.4
+        hide[:, 0] = False
+        kpm = hide if case["kpm"] == "bool" else torch.zeros(b, lk, dtype=case["dtype"]).masked_fill(hide, -1e4)
+        kw["key_padding_mask"] = kpm if bsz is not None else kpm[0]
+    if case["attn_mask"] is not None:
+        kind, rank = case["attn_mask"].split("-")
+        shape = (lq, lk) if rank == "2d" else (b * case["heads"], lq, lk)
+        if kind == "bool":
+            m = torch.rand(shape, generator=g) < 0.4  # True = NOT allowed (MHA's convention)
+            m[..., 0] = False
+        else:
+            m = torch.randn(shape, generator=g, dtype=case["dtype"])
+        if rank == "3d" and bsz is None:
+            m = m[: case["heads"]]
+        kw["attn_mask"] = m
+
+    if impl == "reference":
+        module = nn.MultiheadAttention(**cfg, dtype=dtype).eval()
+        module.load_state_dict(ours.state_dict())
+        query, key, value = _cast(query, dtype), _cast(key, dtype), _cast(value, dtype)
+        kw = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in kw.items()}
+    else:
+        module = ours
+    out, weights = module(query, key, value, **kw)
+    result = {"out": out}
+    if weights is not None:
+        result["weights"] = weights.detach()
+    named = [("query", query), ("key", key), ("value", value)] + sorted(module.named_parameters())
+    result.update(_grads(out, named, case["seed"]))
+    return result
+
+
+SPECS.append(FuzzSpec("nn.CrossModalAttention", mha_cases(), mha_run))

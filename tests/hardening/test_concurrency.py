@@ -33,11 +33,47 @@ def _fcl_case(dtype, activation):
     return run
 
 
+def _attention_case(dtype):
+    g = torch.Generator().manual_seed(2)
+    # Several query blocks and key blocks per head, a padding mask and a broadcast float mask.
+    q = torch.randn(2, 3, 300, 40, generator=g, dtype=dtype)
+    k = torch.randn(2, 3, 700, 40, generator=g, dtype=dtype)
+    v = torch.randn(2, 3, 700, 24, generator=g, dtype=dtype)
+    kpm = torch.rand(2, 700, generator=g) < 0.2
+    mask = torch.randn(1, 3, 300, 700, generator=g, dtype=dtype)
+    grad = torch.randn(2, 3, 300, 24, generator=g, dtype=dtype)
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = mmkernels.cross_modal_attention(*leaves, key_padding_mask=kpm, attn_mask=mask)
+        return (out.detach(), *torch.autograd.grad(out, leaves, grad))
+
+    return run
+
+
+def _lrf_case(dtype):
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(2000, d, generator=g, dtype=dtype) for d in (16, 7)]
+    fs = [torch.randn(4, d + 1, 32, generator=g, dtype=dtype) / 4 for d in (16, 7)]
+    w, b = torch.randn(4, generator=g, dtype=dtype), torch.randn(32, generator=g, dtype=dtype)
+    grad = torch.randn(2000, 32, generator=g, dtype=dtype)
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (*xs, *fs, w, b)]
+        out = mmkernels.low_rank_fusion(leaves[:2], leaves[2:4], leaves[4], leaves[5])
+        return (out.detach(), *torch.autograd.grad(out, leaves, grad))
+
+    return run
+
+
 # name -> factory of a no-argument callable returning a tuple of tensors (output and gradients).
 CASES = {
     "fcl-float32-gelu": lambda: _fcl_case(torch.float32, "gelu"),
     "fcl-bfloat16-relu": lambda: _fcl_case(torch.bfloat16, "relu"),
     "fcl-float64-sigmoid": lambda: _fcl_case(torch.float64, "sigmoid"),
+    "attention-float32": lambda: _attention_case(torch.float32),
+    "attention-bfloat16": lambda: _attention_case(torch.bfloat16),
+    "low_rank_fusion-float32": lambda: _lrf_case(torch.float32),
 }
 
 
