@@ -310,6 +310,14 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> fused_concat_linear_
   MMK_CHECK_ARG(grad_out.sizes().equals(out_shape(p)), "grad_out", "expected shape ", at::IntArrayRef(out_shape(p)),
                 ", got ", grad_out.sizes());
   check_same_device_dtype(grad_out, weight, "grad_out");
+  if (act != Activation::None) {  // the saved tensor the activation's derivative is read from
+    const bool from_pre = needs_preactivation(act);
+    const at::Tensor& saved = from_pre ? preact : out;
+    const char* name = from_pre ? "preact" : "out";
+    MMK_CHECK_ARG(saved.sizes().equals(out_shape(p)), name, "expected shape ", at::IntArrayRef(out_shape(p)),
+                  " for activation '", std::string(activation), "', got ", saved.sizes());
+    check_same_device_dtype(saved, weight, name);
+  }
   const at::Tensor g = grad_out.reshape({p.M, p.N}).contiguous();
   std::vector<bool> need(inputs_need_grad.begin(), inputs_need_grad.end());
   const auto empty = at::empty({0}, weight.options());
