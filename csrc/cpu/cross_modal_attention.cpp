@@ -128,20 +128,10 @@ struct Problem {
 };
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  MMK_CHECK_ARG(q.dim() == 4, "q", "expected a 4-D (batch, heads, Lq, E) tensor, got shape ", q.sizes());
-  MMK_CHECK_ARG(k.dim() == 4, "k", "expected a 4-D (batch, heads, Lk, E) tensor, got shape ", k.sizes());
-  MMK_CHECK_ARG(v.dim() == 4, "v", "expected a 4-D (batch, heads, Lk, Ev) tensor, got shape ", v.sizes());
-  const auto dt = q.scalar_type();
-  MMK_CHECK_ARG(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16, "q",
-                "expected float32, float64 or bfloat16 on the CPU, got ", dt);
-  check_same_device_dtype(k, q, "k");
-  check_same_device_dtype(v, q, "v");
-  MMK_CHECK_ARG(k.size(0) == q.size(0), "k", "expected batch size ", q.size(0), " (that of q), got ", k.size(0));
-  MMK_CHECK_ARG(v.size(0) == q.size(0), "v", "expected batch size ", q.size(0), " (that of q), got ", v.size(0));
-  MMK_CHECK_ARG(k.size(1) == q.size(1), "k", "expected ", q.size(1), " heads (those of q), got ", k.size(1));
-  MMK_CHECK_ARG(v.size(1) == q.size(1), "v", "expected ", q.size(1), " heads (those of q), got ", v.size(1));
-  MMK_CHECK_ARG(k.size(3) == q.size(3), "k", "expected head dim ", q.size(3), " (that of q), got ", k.size(3));
-  MMK_CHECK_ARG(v.size(2) == k.size(2), "v", "expected ", k.size(2), " keys (Lk of k), got ", v.size(2));
+  check_attention_ranks(q, k, v);
+  check_device_and_dtypes(q, "q", c10::DeviceType::CPU, {at::kFloat, at::kDouble, at::kBFloat16},
+                          "float32, float64 or bfloat16 on the CPU");
+  check_attention_qkv(q, k, v);
 }
 
 Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -35,37 +35,15 @@ struct Problem {
 };
 
 Problem make_problem(at::TensorList inputs, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  MMK_CHECK_ARG(!inputs.empty(), "inputs", "expected at least one tensor, got an empty list");
-  MMK_CHECK_ARG(weight.dim() == 2, "weight", "expected a 2-D (out_features, in_features) tensor, got ",
-                weight.dim(), "-D");
-  const auto dt = weight.scalar_type();
-  MMK_CHECK_ARG(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf, "weight",
-                "expected float32, float64, bfloat16 or float16, got ", dt);
+  check_device_and_dtypes(weight, "weight", c10::DeviceType::CPU, {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf},
+                          "float32, float64, bfloat16 or float16");
+  auto lead = check_concat_linear(inputs, weight, bias);
   Problem p;
   p.N = weight.size(0);
-  auto lead = inputs[0].sizes().vec();
-  MMK_CHECK_ARG(!lead.empty(), "inputs[0]", "expected at least 1 dimension (..., features), got a 0-D tensor");
-  lead.pop_back();
-  int64_t offset = 0;
-  for (size_t s = 0; s < inputs.size(); ++s) {
-    const auto& x = inputs[s];
-    const std::string name = "inputs[" + std::to_string(s) + "]";
-    MMK_CHECK_ARG(x.dim() >= 1, name, "expected at least 1 dimension (..., features), got a 0-D tensor");
-    check_same_device_dtype(x, weight, name.c_str());
-    MMK_CHECK_ARG(x.sizes().slice(0, x.dim() - 1).equals(lead), name, "expected leading dims ", at::IntArrayRef(lead),
-                  " (those of inputs[0]), got ", x.sizes().slice(0, x.dim() - 1));
-    offset += x.size(-1);
-  }
-  MMK_CHECK_ARG(offset == weight.size(1), "weight", "expected ", offset,
-                " columns (the sum of the inputs' feature sizes), got shape ", weight.sizes());
-  if (bias.has_value()) {
-    MMK_CHECK_ARG(bias->dim() == 1 && bias->size(0) == p.N, "bias", "expected shape (", p.N, "), got ", bias->sizes());
-    check_same_device_dtype(*bias, weight, "bias");
-  }
-  p.K = offset;
+  p.K = weight.size(1);
   p.M = c10::multiply_integers(lead);
   p.lead = std::move(lead);
-  offset = 0;
+  int64_t offset = 0;
   for (const auto& x : inputs) {
     const int64_t d = x.size(-1);
     p.rows.push_back(x.reshape({p.M, d}));  // a view unless the leading dims cannot be flattened

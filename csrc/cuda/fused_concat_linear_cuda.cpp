@@ -53,36 +53,12 @@ struct Problem {
 };
 
 Problem make_problem(at::TensorList inputs, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  MMK_CHECK_ARG(!inputs.empty(), "inputs", "expected at least one tensor, got an empty list");
-  MMK_CHECK_ARG(weight.dim() == 2, "weight", "expected a 2-D (out_features, in_features) tensor, got ",
-                weight.dim(), "-D");
-  MMK_CHECK_ARG(weight.is_cuda(), "weight", "expected a CUDA tensor, got device ", weight.device());
-  const auto dt = weight.scalar_type();
-  MMK_CHECK_ARG(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf, "weight",
-                "expected float16, bfloat16, float32 or float64, got ", dt);
+  check_device_and_dtypes(weight, "weight", c10::DeviceType::CUDA, {at::kHalf, at::kBFloat16, at::kFloat, at::kDouble},
+                          "float16, bfloat16, float32 or float64");
+  auto lead = check_concat_linear(inputs, weight, bias);
   Problem p;
   p.N = weight.size(0);
-  auto lead = inputs[0].sizes().vec();
-  MMK_CHECK_ARG(!lead.empty(), "inputs[0]", "expected at least 1 dimension (..., features), got a 0-D tensor");
-  lead.pop_back();
-  int64_t total = 0;
-  for (size_t s = 0; s < inputs.size(); ++s) {
-    const auto& x = inputs[s];
-    const std::string name = "inputs[" + std::to_string(s) + "]";
-    MMK_CHECK_ARG(x.dim() >= 1, name, "expected at least 1 dimension (..., features), got a 0-D tensor");
-    check_same_device_dtype(x, weight, name.c_str());
-    MMK_CHECK_ARG(x.sizes().slice(0, x.dim() - 1).equals(lead), name, "expected leading dims ",
-                  at::IntArrayRef(lead), " (those of inputs[0]), got ", x.sizes().slice(0, x.dim() - 1));
-    total += x.size(-1);
-  }
-  MMK_CHECK_ARG(total == weight.size(1), "weight", "expected ", total,
-                " columns (the sum of the inputs' feature sizes), got shape ", weight.sizes());
-  if (bias.has_value()) {
-    MMK_CHECK_ARG(bias->dim() == 1 && bias->size(0) == p.N, "bias", "expected shape (", p.N, "), got ",
-                  bias->sizes());
-    check_same_device_dtype(*bias, weight, "bias");
-  }
-  p.K = total;
+  p.K = weight.size(1);
   p.M = c10::multiply_integers(lead);
   p.lead = std::move(lead);
   // Strided inputs are used in place when each row is contiguous and rows do not overlap (what both

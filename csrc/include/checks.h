@@ -3,6 +3,11 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <initializer_list>
+#include <optional>
+#include <string>
+#include <vector>
+
 #define MMK_CHECK_ARG(cond, arg, ...) TORCH_CHECK(cond, "mmkernels: argument '", arg, "': ", __VA_ARGS__)
 
 namespace mmkernels {
@@ -11,6 +16,66 @@ inline void check_same_device_dtype(const at::Tensor& t, const at::Tensor& ref, 
   MMK_CHECK_ARG(t.device() == ref.device(), arg, "expected device ", ref.device(), ", got ", t.device());
   MMK_CHECK_ARG(t.scalar_type() == ref.scalar_type(), arg, "expected dtype ", ref.scalar_type(), ", got ",
                 t.scalar_type());
+}
+
+// `t` is on `device` and of one of `dtypes` (described for the message as `dtype_names`).
+inline void check_device_and_dtypes(const at::Tensor& t, const char* arg, c10::DeviceType device,
+                                    std::initializer_list<at::ScalarType> dtypes, const char* dtype_names) {
+  MMK_CHECK_ARG(t.device().type() == device, arg, "expected a ", c10::DeviceTypeName(device, true),
+                " tensor, got device ", t.device());
+  bool ok = false;
+  for (auto dt : dtypes) ok = ok || t.scalar_type() == dt;
+  MMK_CHECK_ARG(ok, arg, "expected ", dtype_names, ", got ", t.scalar_type());
+}
+
+// fused_concat_linear's inputs, weight and bias, the same on every backend (the weight's device type and
+// dtype are the backend's to check first). Returns the inputs' common leading dims.
+inline std::vector<int64_t> check_concat_linear(at::TensorList inputs, const at::Tensor& weight,
+                                                const std::optional<at::Tensor>& bias) {
+  MMK_CHECK_ARG(!inputs.empty(), "inputs", "expected at least one tensor, got an empty list");
+  MMK_CHECK_ARG(weight.dim() == 2, "weight", "expected a 2-D (out_features, in_features) tensor, got ",
+                weight.dim(), "-D");
+  auto lead = inputs[0].sizes().vec();
+  MMK_CHECK_ARG(!lead.empty(), "inputs[0]", "expected at least 1 dimension (..., features), got a 0-D tensor");
+  lead.pop_back();
+  int64_t total = 0;
+  for (size_t s = 0; s < inputs.size(); ++s) {
+    const auto& x = inputs[s];
+    const std::string name = "inputs[" + std::to_string(s) + "]";
+    MMK_CHECK_ARG(x.dim() >= 1, name, "expected at least 1 dimension (..., features), got a 0-D tensor");
+    check_same_device_dtype(x, weight, name.c_str());
+    MMK_CHECK_ARG(x.sizes().slice(0, x.dim() - 1).equals(lead), name, "expected leading dims ",
+                  at::IntArrayRef(lead), " (those of inputs[0]), got ", x.sizes().slice(0, x.dim() - 1));
+    total += x.size(-1);
+  }
+  MMK_CHECK_ARG(total == weight.size(1), "weight", "expected ", total,
+                " columns (the sum of the inputs' feature sizes), got shape ", weight.sizes());
+  if (bias.has_value()) {
+    MMK_CHECK_ARG(bias->dim() == 1 && bias->size(0) == weight.size(0), "bias", "expected shape (", weight.size(0),
+                  "), got ", bias->sizes());
+    check_same_device_dtype(*bias, weight, "bias");
+  }
+  return lead;
+}
+
+// cross_modal_attention's q, k, v: ranks, and the sizes, device and dtype they must share (q's device
+// type and dtype are the backend's to check first).
+inline void check_attention_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  check_same_device_dtype(k, q, "k");
+  check_same_device_dtype(v, q, "v");
+  MMK_CHECK_ARG(k.size(0) == q.size(0), "k", "expected batch size ", q.size(0), " (that of q), got ", k.size(0));
+  MMK_CHECK_ARG(v.size(0) == q.size(0), "v", "expected batch size ", q.size(0), " (that of q), got ", v.size(0));
+  MMK_CHECK_ARG(k.size(1) == q.size(1), "k", "expected ", q.size(1), " heads (those of q), got ", k.size(1));
+  MMK_CHECK_ARG(v.size(1) == q.size(1), "v", "expected ", q.size(1), " heads (those of q), got ", v.size(1));
+  MMK_CHECK_ARG(k.size(3) == q.size(3), "k", "expected head dim ", q.size(3), " (that of q), got ", k.size(3));
+  MMK_CHECK_ARG(v.size(2) == k.size(2), "v", "expected ", k.size(2), " keys (Lk of k), got ", v.size(2));
+}
+
+// The ranks of q, k, v (checked before anything reads their sizes).
+inline void check_attention_ranks(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  MMK_CHECK_ARG(q.dim() == 4, "q", "expected a 4-D (batch, heads, Lq, E) tensor, got shape ", q.sizes());
+  MMK_CHECK_ARG(k.dim() == 4, "k", "expected a 4-D (batch, heads, Lk, E) tensor, got shape ", k.sizes());
+  MMK_CHECK_ARG(v.dim() == 4, "v", "expected a 4-D (batch, heads, Lk, Ev) tensor, got shape ", v.sizes());
 }
 
 }  // namespace mmkernels
