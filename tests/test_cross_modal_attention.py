@@ -149,6 +149,22 @@ def test_broadcast_masks_are_not_expanded():
     torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6)
 
 
+def test_stride_zero_keys_and_values():
+    # An expanded (stride-0) value or key tensor: BLAS rejects a leading dimension of 0, so the kernel
+    # must copy it (found by the long fuzz profile: MKL refused the call and the output was garbage).
+    q = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    k0 = torch.randn(1, 1, 1, 4, dtype=torch.float64, requires_grad=True)
+    v0 = torch.randn(1, 1, 1, 1, dtype=torch.float64, requires_grad=True)
+    k, v = k0.expand(2, 3, 7, 4), v0.expand(2, 3, 7, 1)
+    m = torch.rand(1, 7) < 0.5
+    got = mmkernels.cross_modal_attention(q, k, v, attn_mask=m)
+    want = reference.cross_modal_attention(q, k, v, attn_mask=m)
+    torch.testing.assert_close(got, want)
+    g = torch.randn_like(got)
+    for a, b in zip(torch.autograd.grad(got, (q, k0, v0), g), torch.autograd.grad(want, (q, k0, v0), g)):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_fully_masked_rows(dtype):
     B, H, Lq, Lk, E, Ev = 3, 2, 6, 140, 8, 5

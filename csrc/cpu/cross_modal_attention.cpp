@@ -210,8 +210,13 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   return p;
 }
 
-// Row-major (stride 1 in the last dim) view of x, copying only if needed.
-at::Tensor last_dim_contiguous(const at::Tensor& x) { return x.stride(-1) == 1 ? x : x.contiguous(); }
+// Rows BLAS can address: unit stride along the last dim and a row stride (the leading dimension) of at
+// least the row length; BLAS rejects anything else (e.g. a stride-0 expanded dim). A fresh contiguous
+// copy otherwise: .contiguous() would keep the stride of a size-1 dim, which BLAS checks too.
+at::Tensor last_dim_contiguous(const at::Tensor& x) {
+  const bool blas_ok = x.stride(-1) == 1 && x.stride(-2) >= std::max<int64_t>(1, x.size(-1));
+  return blas_ok ? x : x.clone(at::MemoryFormat::Contiguous);
+}
 
 // Calls fn(task, thread) for task in [0, n) with dynamic scheduling: threads take tasks from a
 // shared counter, so blocks of uneven cost (kv_lengths, masks) still balance.

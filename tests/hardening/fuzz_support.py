@@ -5,7 +5,7 @@ Profiles (MMKERNELS_FUZZ_PROFILE):
   fast (default)  a few dozen derandomised cases per op, so the default test run stays quick and
                   never flakes;
   long            thousands of fresh random cases per op (MMKERNELS_FUZZ_EXAMPLES, default 2000),
-                  run by .ci/steps/30-fuzz-long.sh.
+                  run by tests/hardening/long/run_long_fuzz.sh (not yet part of CI: see that file).
 The settings are applied per test (not with load_profile) so other Hypothesis tests keep theirs.
 """
 from __future__ import annotations
