@@ -8,6 +8,11 @@ Differences from nn.MultiheadAttention, all deliberate:
 - ``is_causal`` is a hint, as in nn.MultiheadAttention: ``attn_mask`` must be given and is what is used.
 - Dropout masks come from the op's own generator draw, so they differ from nn.MultiheadAttention's
   for the same seed when ``need_weights=False`` (same distribution; the same seed reproduces ours).
+- With ``need_weights=False`` and a bool ``key_padding_mask`` that hides at least 1/8 of the keys,
+  the padded key/value rows are not projected at all (the K/V projections run on the visible rows
+  only, forward and backward; eager mode, see ``_visible_key_rows``). The numbers are the same, but
+  what padded rows hold is then never read: a NaN there does not reach the output, while
+  nn.MultiheadAttention returns NaN for every query.
 """
 from __future__ import annotations
 
@@ -116,7 +121,7 @@ class CrossModalAttention(nn.Module):
 
     # ------------------------------------------------------------------ projections
 
-    def _project(self, query, key, value):
+    def _project(self, query, key, value, key_rows=None):
         """Input projections, each (batch/seq leading dims as given, embed_dim).
 
         One GEMM serves several projections where they share a source tensor and the packed weight
@@ -124,6 +129,9 @@ class CrossModalAttention(nn.Module):
         nn.MultiheadAttention; its result is split into column views, not copied. Packed
         parameters are cut with split(), whose backward is one cat: slicing would give each piece
         a zero-filled full-size gradient to add up.
+
+        ``key_rows`` (from _visible_key_rows): project only these rows of the flattened key/value
+        and leave the others zero; the op masks them, so they are never read.
         """
         e = self.embed_dim
         w, b = self.in_proj_weight, self.in_proj_bias
@@ -131,19 +139,40 @@ class CrossModalAttention(nn.Module):
         def cut(t, sizes):
             return (None,) * len(sizes) if t is None else t.split(sizes)
 
+        def kv_linear(x, weight, bias):
+            if key_rows is None:
+                return F.linear(x, weight, bias)
+            rows = F.linear(x.reshape(-1, x.shape[-1]).index_select(0, key_rows), weight, bias)
+            full = rows.new_zeros(x.shape[:-1].numel(), rows.shape[-1]).index_copy(0, key_rows, rows)
+            return full.view(*x.shape[:-1], rows.shape[-1])
+
         if not self._qkv_same_embed_dim:
             bq, bk, bv = cut(b, [e, e, e])
             wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
-        elif key is value and query is key:
+        elif key is value and query is key and key_rows is None:
             q, k, v = F.linear(query, w, b).split(e, dim=-1)
             return q, k, v
         elif key is value:
             (wq, wkv), (bq, bkv) = w.split([e, 2 * e]), cut(b, [e, 2 * e])
-            k, v = F.linear(key, wkv, bkv).split(e, dim=-1)
+            k, v = kv_linear(key, wkv, bkv).split(e, dim=-1)
             return F.linear(query, wq, bq), k, v
         else:
             (wq, wk, wv), (bq, bk, bv) = w.split(e), cut(b, [e, e, e])
-        return F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+        return F.linear(query, wq, bq), kv_linear(key, wk, bk), kv_linear(value, wv, bv)
+
+    @staticmethod
+    def _visible_key_rows(key_padding_mask, seq_dim: int):
+        """Indices of the visible rows of the flattened (B*Lk or Lk*B) key, or None where skipping
+        the padded rows would not pay: a bool mask hiding at least 1/8 of the keys. Not under
+        torch.compile / export or CUDA graph capture, whose graphs cannot hold the data-dependent
+        row count (they project every row, as nn.MultiheadAttention does)."""
+        if key_padding_mask is None or key_padding_mask.dtype != torch.bool or torch.compiler.is_compiling():
+            return None
+        if key_padding_mask.is_cuda and torch.cuda.is_current_stream_capturing():
+            return None
+        visible = key_padding_mask.logical_not()
+        rows = (visible if seq_dim == 1 else visible.t()).reshape(-1).nonzero().squeeze(1)
+        return rows if rows.numel() * 8 <= visible.numel() * 7 else None
 
     def _extend_keys(self, k, v, seq_dim: int):
         """Append the learned bias key/value, then the zero key/value, along the sequence dim
@@ -193,7 +222,9 @@ class CrossModalAttention(nn.Module):
         batch = query.shape[1 - seq_dim]
         len_q = query.shape[seq_dim]
 
-        q, k, v = self._project(query, key, value)
+        # need_weights=True materialises the weights of every key, as nn.MultiheadAttention does.
+        key_rows = None if need_weights else self._visible_key_rows(key_padding_mask, seq_dim)
+        q, k, v = self._project(query, key, value, key_rows)
         k, v, added = self._extend_keys(k, v, seq_dim)
         q, k, v = (self._split_heads(t, seq_dim) for t in (q, k, v))
         dropout_p = self.dropout if self.training else 0.0

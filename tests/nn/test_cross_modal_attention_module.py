@@ -331,6 +331,46 @@ def test_fully_masked_rows_with_weights_give_zeros_where_mha_gives_nan(how):
     assert (inputs[0].grad[dead] == 0).all()
 
 
+# --------------------------------------------------------------------------- padded keys skipped
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("cfg,sharing", [({}, "kv"), ({}, "self"), ({}, "distinct"), (dict(kdim=7, vdim=5), "distinct")])
+def test_padded_key_rows_are_never_projected(batch_first, cfg, sharing):
+    # Every other key padded (not a suffix, so the op's key-range trimming cannot hide it): the K/V
+    # projections run on the visible rows only. NaN in the padded rows must not reach anything, and
+    # everything else must equal nn.MultiheadAttention on the same input with those rows zeroed.
+    mha, cma = make_pair(batch_first=batch_first, **cfg)
+    B, L = 3, 10
+    kpm = torch.zeros(B, L, dtype=torch.bool)
+    kpm[:, 1::2] = True
+    clean = make_inputs(mha, B, L, L, sharing=sharing)
+    pad = kpm if batch_first else kpm.t()  # True where a row of key/value is padding
+    dirty = []
+    for t in clean:
+        d = t.detach().clone()
+        if t is not clean[0] or sharing == "self":
+            d[pad] = float("nan")
+        dirty.append(d.requires_grad_())
+    dirty = dirty[:1] * 3 if sharing == "self" else ([dirty[0], dirty[1], dirty[1]] if sharing == "kv" else dirty)
+    out, _ = cma(*dirty, key_padding_mask=kpm, need_weights=False)
+    if sharing == "self":
+        # Padded positions are also queries here: their rows are NaN, as their input is; the rest must be clean.
+        out = out.masked_fill(pad.unsqueeze(-1), 0.0)
+    assert torch.isfinite(out).all()
+    zeroed = [t.detach().masked_fill(pad.unsqueeze(-1), 0.0).requires_grad_() if t is not clean[0] or sharing == "self"
+              else t.detach().clone().requires_grad_() for t in clean]
+    zeroed = zeroed[:1] * 3 if sharing == "self" else ([zeroed[0], zeroed[1], zeroed[1]] if sharing == "kv" else zeroed)
+    ref, _ = mha(*zeroed, key_padding_mask=kpm, need_weights=False)
+    if sharing == "self":
+        ref = ref.masked_fill(pad.unsqueeze(-1), 0.0)
+    torch.testing.assert_close(out, ref, **TOL[torch.float64])
+    if sharing != "self":
+        out.sum().backward()
+        for t in dirty[1:]:
+            assert torch.isfinite(t.grad).all() and (t.grad[pad] == 0).all()
+
+
 # --------------------------------------------------------------------------- dropout
 
 
