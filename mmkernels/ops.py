@@ -429,7 +429,8 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 def _cross_modal_attention_fake(q, k, v, key_padding_mask, kv_lengths, attn_mask, scale, dropout_p, dropout_seed):
     _fake_check_same_device(q, k=k, v=v, key_padding_mask=key_padding_mask, kv_lengths=kv_lengths, attn_mask=attn_mask)
     B, H, Lq, _ = q.shape
-    out = q.new_empty((B, H, Lq, v.shape[-1]))
+    # The kernels' layouts (csrc/include/attention_layout.h): out is stored as (B, Lq, H, Ev).
+    out = q.new_empty((B, Lq, H, v.shape[-1])).permute(0, 2, 1, 3)
     lse = q.new_empty((B, H, Lq), dtype=_lse_dtype(q.dtype))
     return out, lse
 
@@ -440,7 +441,13 @@ def _cross_modal_attention_backward_fake(
 ):
     _fake_check_same_device(q, grad_out=grad_out, k=k, v=v, out=out, lse=lse, key_padding_mask=key_padding_mask,
                             kv_lengths=kv_lengths, attn_mask=attn_mask)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    return _empty_grad_like(q), _empty_grad_like(k), _empty_grad_like(v)
+
+
+def _empty_grad_like(x: torch.Tensor) -> torch.Tensor:
+    """The kernels' gradient layout (csrc/include/attention_layout.h): x's, if its last dim stays contiguous."""
+    t = torch.empty_like(x)
+    return t if t.stride(-1) == 1 else x.new_empty(x.shape)
 
 
 def _cross_modal_attention_setup(ctx, inputs, output):

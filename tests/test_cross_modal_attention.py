@@ -136,6 +136,24 @@ def test_non_contiguous_inputs(dtype):
     check_against_reference(q, k, v, masks, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_result_layouts(dtype):
+    # csrc/include/attention_layout.h: out is stored (B, Lq, H, Ev), so merging heads is a view;
+    # gradients take their input's layout (here q, k as head-split views of projections, v contiguous).
+    B, H, Lq, Lk, E = 2, 3, 5, 7, 4
+    q = torch.randn(B, Lq, H * E, dtype=dtype).unflatten(-1, (H, E)).transpose(1, 2).requires_grad_()
+    k = torch.randn(B, Lk, H * E, dtype=dtype).unflatten(-1, (H, E)).transpose(1, 2).requires_grad_()
+    v = torch.randn(B, H, Lk, E, dtype=dtype, requires_grad=True)
+    out = mmkernels.cross_modal_attention(q, k, v)
+    assert out.stride() == (Lq * H * E, E, H * E, 1)
+    merged = out.transpose(1, 2).reshape(B, Lq, H * E)
+    assert merged.is_contiguous() and merged.data_ptr() == out.data_ptr()  # a view, no copy
+    merged.backward(torch.randn_like(merged))
+    assert q.grad.stride() == q.stride() and k.grad.stride() == k.stride() and v.grad.stride() == v.stride()
+    want, _ = run_reference(q, k, v, {})
+    assert_close(out, want, dtype, "out")
+
+
 def test_broadcast_masks_are_not_expanded():
     # A stride-0 expanded view is read through its strides and gives the same as the compact mask
     # (to rounding: MKL's GEMM may take a differently vectorised path for differently aligned scratch).

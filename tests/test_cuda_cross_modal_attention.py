@@ -123,6 +123,23 @@ def test_tensor_core_matches_reference(dtype, E, kind):
     check_against_reference(q, k, v, make_masks(kind, B, H, Lq, Lk), dtype)
 
 
+@pytest.mark.parametrize("E", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
+def test_tensor_core_result_layouts(dtype, E):
+    # csrc/include/attention_layout.h: out stored (B, Lq, H, E); dq, dk, dv in q's, k's, v's layout
+    # (the kernels write out, dK, dV and the dQ accumulator through these strides).
+    B, H, Lq, Lk = 2, 3, 77, 130
+    def head_split(L):
+        return torch.randn(B, L, H * E, device="cuda", dtype=dtype).unflatten(-1, (H, E)).transpose(1, 2).requires_grad_()
+    q, k = head_split(Lq), head_split(Lk)
+    v = torch.randn(B, H, Lk, E, device="cuda", dtype=dtype, requires_grad=True)
+    out = mmkernels.cross_modal_attention(q, k, v)
+    assert out.stride() == (Lq * H * E, E, H * E, 1)
+    check_against_reference(q, k, v, make_masks("kpm", B, H, Lq, Lk), dtype)
+    out.backward(torch.randn_like(out))
+    assert q.grad.stride() == q.stride() and k.grad.stride() == k.stride() and v.grad.stride() == v.stride()
+
+
 @pytest.mark.parametrize("Lq,Lk", [(1, 1), (1, 17), (17, 1), (17, 17), (123, 1000), (1000, 123), (1000, 1000), (1, 1000)])
 @pytest.mark.parametrize("E", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)

@@ -31,6 +31,7 @@
 #include <limits>
 #include <vector>
 
+#include "attention_layout.h"
 #include "attention_rows.h"
 #include "checks.h"
 #include "dropout_hash.h"
@@ -329,7 +330,8 @@ at::Tensor pack_v_vnni(const at::Tensor& v, int64_t Lkp) {
 
 // T: accumulation type (float, double); In: operand type (T, or bfloat16 with T = float).
 // q: last dim contiguous, any other strides. With In = T, k and v likewise; with bfloat16, k and v
-// are pack_kT_vnni / pack_v_vnni. out: contiguous (B, H, Lq, Ev) in In, lse (B, H, Lq) in T.
+// are pack_kT_vnni / pack_v_vnni. out: (B, H, Lq, Ev) in In, last dim contiguous; lse (B, H, Lq)
+// contiguous in T.
 template <typename T, typename In>
 void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     at::Tensor& out, at::Tensor& lse) {
@@ -348,6 +350,7 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
   const int64_t qs0 = q.stride(0), qs1 = q.stride(1), qs2 = q.stride(2);
   const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
   const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
+  const int64_t os0 = out.stride(0), os1 = out.stride(1), os2 = out.stride(2);
   const int64_t nthreads = at::get_num_threads();
   // Per-thread scratch: scores, output accumulator, row max / sum, one bias row, dropout factors,
   // and (bfloat16) P rounded for the second GEMM.
@@ -412,7 +415,7 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
       }
     }
     if constexpr (kBf16) at::native::cpublas::brgemm_release(true);
-    In* ob = od + (bh * p.Lq + i0) * p.Ev;
+    In* ob = od + b * os0 + h * os1 + i0 * os2;
     T* lb = ld + bh * p.Lq + i0;
     for (int64_t r = 0; r < nq; ++r) {
       // l is exactly 0 only when no key was visible; a NaN score makes it NaN, which must reach the
@@ -425,9 +428,9 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
         lb[r] = std::numeric_limits<T>::infinity();
       }
       if constexpr (kBf16) {
-        rows::to_bf16(acc + r * p.Ev, reinterpret_cast<uint16_t*>(ob + r * p.Ev), p.Ev);
+        rows::to_bf16(acc + r * p.Ev, reinterpret_cast<uint16_t*>(ob + r * os2), p.Ev);
       } else {
-        std::copy_n(acc + r * p.Ev, p.Ev, ob + r * p.Ev);
+        std::copy_n(acc + r * p.Ev, p.Ev, ob + r * os2);
       }
     }
   });
@@ -457,8 +460,8 @@ at::Tensor row_dot(const at::Tensor& dout, const at::Tensor& out, const Problem&
   return D;
 }
 
-// q, k, v, dout: last dim contiguous. lse and D (B, H, Lq) contiguous. dq_acc (threads or 1, B, H,
-// Lq, E) zeroed; dk, dv contiguous (every row is written).
+// q, k, v, dout: last dim contiguous. lse and D (B, H, Lq) contiguous. dq_acc (key chunks or 1, B,
+// H, Lq, E) zeroed, last dim contiguous; dk, dv last dim contiguous (every row is written).
 template <typename T>
 void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& D, at::Tensor& dq_acc,
@@ -477,9 +480,10 @@ void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k,
   T* dqd = dq_acc.data_ptr<T>();
   T* dkd = dk.data_ptr<T>();
   T* dvd = dv.data_ptr<T>();
+  const int64_t dks2 = dk.stride(2), dvs2 = dv.stride(2);
   const int64_t qs2 = q.stride(2), ks2 = k.stride(2), vs2 = v.stride(2), dos2 = dout.stride(2);
   const int64_t nthreads = at::get_num_threads();
-  const int64_t dq_size = p.B * p.H * p.Lq * p.E;
+  const int64_t dqs2 = dq_acc.stride(3);
   // Per-thread scratch: P^T, dP^T / dS^T, dropout factors, dK and dV accumulators, bias column.
   const int64_t per_thread = aligned_slice<T>(3 * BK * BQ + BK * p.E + BK * p.Ev + BQ);
   const at::Tensor scratch_t = aligned_scratch<T>(per_thread * nthreads);
@@ -497,7 +501,8 @@ void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k,
     uint64_t* keys = keys_all.data() + tid * BQ;
     // dQ partial sums per key chunk, not per thread: tasks go to threads dynamically, so a
     // per-thread sum would add in a run-dependent order; per chunk, the final sum's order is fixed.
-    T* dqb = dqd + (per_thread_dq ? (task % nchunks) * dq_size : 0) + bh * p.Lq * p.E;
+    T* dqb = dqd + (per_thread_dq ? (task % nchunks) * dq_acc.stride(0) : 0) + b * dq_acc.stride(1) +
+             h * dq_acc.stride(2);
     const T* qb = qd + b * q.stride(0) + h * q.stride(1);
     const T* dob = dod + b * dout.stride(0) + h * dout.stride(1);
     const T* lseb = lsed + bh * p.Lq;
@@ -508,12 +513,13 @@ void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k,
       const int64_t a0 = kb * BK, a1 = std::min(p.Lk, a0 + BK);
       const int64_t j0 = std::min(std::max(a0, p.kbeg[b]), a1), j1 = std::max(j0, std::min(a1, p.kend[b]));
       const int64_t nk = j1 - j0;
-      T* dk_out = dkd + bh * p.Lk * p.E;
-      T* dv_out = dvd + bh * p.Lk * p.Ev;
-      std::fill(dk_out + a0 * p.E, dk_out + j0 * p.E, T(0));
-      std::fill(dk_out + j1 * p.E, dk_out + a1 * p.E, T(0));
-      std::fill(dv_out + a0 * p.Ev, dv_out + j0 * p.Ev, T(0));
-      std::fill(dv_out + j1 * p.Ev, dv_out + a1 * p.Ev, T(0));
+      T* dk_out = dkd + b * dk.stride(0) + h * dk.stride(1);
+      T* dv_out = dvd + b * dv.stride(0) + h * dv.stride(1);
+      for (int64_t j = a0; j < a1; ++j) {  // rows outside the visible range: zero gradient
+        if (j >= j0 && j < j1) continue;
+        std::fill_n(dk_out + j * dks2, p.E, T(0));
+        std::fill_n(dv_out + j * dvs2, p.Ev, T(0));
+      }
       if (nk == 0) continue;
       const T* kr = kd + b * k.stride(0) + h * k.stride(1) + j0 * ks2;
       const T* vr = vd + b * v.stride(0) + h * v.stride(1) + j0 * vs2;
@@ -554,10 +560,12 @@ void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k,
           rows::dscore(DS + r * BQ, PT + r * BQ, DS + r * BQ, Db + i0, nq, scale);  // dS^T, scaled
         }
         gemm(false, false, nk, p.E, nq, DS, BQ, qi, qs2, dKa, p.E, true);                  // dK_j += dS^T Q_i
-        gemm(true, false, nq, p.E, nk, DS, BQ, kr, ks2, dqb + i0 * p.E, p.E, true);        // dQ_i += dS K_j
+        gemm(true, false, nq, p.E, nk, DS, BQ, kr, ks2, dqb + i0 * dqs2, dqs2, true);      // dQ_i += dS K_j
       }
-      std::copy_n(dKa, nk * p.E, dk_out + j0 * p.E);
-      std::copy_n(dVa, nk * p.Ev, dv_out + j0 * p.Ev);
+      for (int64_t r = 0; r < nk; ++r) {
+        std::copy_n(dKa + r * p.E, p.E, dk_out + (j0 + r) * dks2);
+        std::copy_n(dVa + r * p.Ev, p.Ev, dv_out + (j0 + r) * dvs2);
+      }
     }
   });
 }
@@ -576,7 +584,7 @@ std::tuple<at::Tensor, at::Tensor> cross_modal_attention_cpu(
   at::Tensor lse = at::empty({p.B, p.H, p.Lq}, q.options().dtype(ct));
   if (q.scalar_type() == at::kBFloat16 && p.E % 2 == 0) {
     // bfloat16 GEMMs straight from the inputs (float32 accumulation); K and V packed once.
-    at::Tensor out = at::empty({p.B, p.H, p.Lq, p.Ev}, q.options());
+    at::Tensor out = empty_attention_out(p.B, p.H, p.Lq, p.Ev, q.options());
     if (lse.numel() > 0) {
       const int64_t Lkp = (p.Lk + 1) & ~int64_t(1);
       const at::Tensor qc = last_dim_contiguous(q);
@@ -588,7 +596,7 @@ std::tuple<at::Tensor, at::Tensor> cross_modal_attention_cpu(
   const at::Tensor qc = last_dim_contiguous(q.to(ct));
   const at::Tensor kc = last_dim_contiguous(k.to(ct));
   const at::Tensor vc = last_dim_contiguous(v.to(ct));
-  at::Tensor out = at::empty({p.B, p.H, p.Lq, p.Ev}, q.options().dtype(ct));
+  at::Tensor out = empty_attention_out(p.B, p.H, p.Lq, p.Ev, q.options().dtype(ct));
   if (lse.numel() > 0) {
     if (ct == at::kDouble) {
       forward_kernel<double, double>(p, qc, kc, vc, out, lse);
@@ -618,8 +626,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_modal_attention_backward_cp
   const at::Tensor doc = last_dim_contiguous(grad_out.to(ct));
   const at::Tensor oc = last_dim_contiguous(out.to(ct));
   const at::Tensor lsec = lse.to(ct).contiguous();
-  at::Tensor dk = at::empty({p.B, p.H, p.Lk, p.E}, q.options().dtype(ct));
-  at::Tensor dv = at::empty({p.B, p.H, p.Lk, p.Ev}, q.options().dtype(ct));
+  at::Tensor dk = empty_grad_like(k, ct);
+  at::Tensor dv = empty_grad_like(v, ct);
   // Key blocks of one head on one task when there are enough heads to keep every thread busy;
   // otherwise each key block is a task and dQ is accumulated per thread, then summed.
   const int64_t nthreads = at::get_num_threads();
@@ -632,7 +640,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_modal_attention_backward_cp
   const bool per_thread_dq = per_task < nkb && nthreads > 1;
   // One dQ accumulator per key chunk (about 4 * threads / (B * H) of them): bitwise deterministic.
   const int64_t nchunks = (nkb + per_task - 1) / per_task;
-  at::Tensor dq_acc = at::zeros({per_thread_dq ? nchunks : 1, p.B, p.H, p.Lq, p.E}, q.options().dtype(ct));
+  // With one accumulator it is dq itself, in dq's layout.
+  at::Tensor dq_acc = per_thread_dq ? at::zeros({nchunks, p.B, p.H, p.Lq, p.E}, q.options().dtype(ct))
+                                    : empty_grad_like(q, ct).zero_().unsqueeze(0);
   if (p.B * p.H * p.Lk > 0) {
     if (ct == at::kDouble) {
       const at::Tensor D = row_dot<double>(doc, oc, p);
@@ -642,8 +652,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_modal_attention_backward_cp
       backward_kernel<float>(p, qc, kc, vc, doc, lsec, D, dq_acc, dk, dv, per_task, per_thread_dq);
     }
   }
-  const at::Tensor dq = per_thread_dq ? dq_acc.sum(0) : dq_acc[0];
   const auto dt = q.scalar_type();
+  at::Tensor dq;
+  if (per_thread_dq) {
+    dq = empty_grad_like(q, ct);
+    at::sum_out(dq, dq_acc, 0);
+  } else {
+    dq = dq_acc[0];
+  }
   return {dq.to(dt), dk.to(dt), dv.to(dt)};
 }
 

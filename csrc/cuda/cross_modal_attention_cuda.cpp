@@ -31,6 +31,7 @@
 #include <optional>
 
 #include "attention/attn_params.h"
+#include "attention_layout.h"
 #include "checks.h"
 #include "dropout_hash.h"
 
@@ -285,7 +286,7 @@ std::tuple<at::Tensor, at::Tensor> forward_fallback(const Prepared& p, const at:
                                                     const at::Tensor& v, cudaStream_t stream) {
   const auto ct = compute_type(q.scalar_type());
   const at::Tensor qf = q.to(ct), kf = k.to(ct), vf = v.to(ct);
-  at::Tensor out = at::empty({p.B, p.H, p.Lq, p.Ev}, q.options().dtype(ct));
+  at::Tensor out = empty_attention_out(p.B, p.H, p.Lq, p.Ev, q.options().dtype(ct));
   at::Tensor lse = at::empty({p.B, p.H, p.Lq}, q.options().dtype(ct));
   const at::Tensor visible = visible_keys(p, q);
   const double inf = std::numeric_limits<double>::infinity();
@@ -313,9 +314,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_fallback(const Prepared&
   const at::Tensor qf = q.to(ct), kf = k.to(ct), vf = v.to(ct), dof = grad_out.to(ct);
   const at::Tensor lsef = lse.to(ct);
   const at::Tensor D = (dof * out.to(ct)).sum(-1);  // rowsum(dO * O): O already carries the dropout
-  at::Tensor dq = at::empty({p.B, p.H, p.Lq, p.E}, q.options().dtype(ct));
-  at::Tensor dk = at::zeros({p.B, p.H, p.Lk, p.E}, q.options().dtype(ct));
-  at::Tensor dv = at::zeros({p.B, p.H, p.Lk, p.Ev}, q.options().dtype(ct));
+  at::Tensor dq = empty_grad_like(q, ct);
+  at::Tensor dk = empty_grad_like(k, ct).zero_();
+  at::Tensor dv = empty_grad_like(v, ct).zero_();
   const at::Tensor visible = visible_keys(p, q);
   for (int64_t i0 = 0, step = chunk_rows(p); i0 < p.Lq; i0 += step) {
     const int64_t i1 = std::min(p.Lq, i0 + step);
@@ -355,7 +356,7 @@ std::tuple<at::Tensor, at::Tensor> cross_modal_attention_cuda(
   if (p.B * p.H * p.Lq == 0 || p.Lk == 0) {
     // Nothing to attend to (or nobody asking): zeros, lse = +inf.
     const auto lse_t = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    return {at::zeros({p.B, p.H, p.Lq, p.Ev}, q.options()),
+    return {empty_attention_out(p.B, p.H, p.Lq, p.Ev, q.options()).zero_(),
             at::full({p.B, p.H, p.Lq}, std::numeric_limits<double>::infinity(), q.options().dtype(lse_t))};
   }
   if (path != Path::TensorCore) {
@@ -363,13 +364,14 @@ std::tuple<at::Tensor, at::Tensor> cross_modal_attention_cuda(
     return forward_fallback(p, q, k, v, stream);
   }
   const at::Tensor qc = kernel_layout(q), kc = kernel_layout(k), vc = kernel_layout(v);
-  at::Tensor out = at::empty({p.B, p.H, p.Lq, p.E}, q.options());
+  at::Tensor out = empty_attention_out(p.B, p.H, p.Lq, p.E, q.options());
   at::Tensor lse = at::empty({p.B, p.H, p.Lq}, q.options().dtype(at::kFloat));
   const at::Tensor range = key_ranges(p, q, stream);
   FwdParams fp{};
   fill_common(fp, p, range);
   set_qkv(fp, qc, kc, vc);
   fp.out = out.data_ptr();
+  fp.o_sb = out.stride(0), fp.o_sh = out.stride(1), fp.o_sl = out.stride(2);
   fp.lse = lse.data_ptr<float>();
   run_fwd(fp, p.E, q.scalar_type() == at::kBFloat16, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -397,8 +399,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_modal_attention_backward_cu
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const Path path = choose_path(q, p);
   if (p.B * p.H * p.Lq == 0 || p.Lk == 0) {
-    return {at::zeros_like(q, at::MemoryFormat::Contiguous), at::zeros_like(k, at::MemoryFormat::Contiguous),
-            at::zeros_like(v, at::MemoryFormat::Contiguous)};
+    return {empty_grad_like(q, q.scalar_type()).zero_(), empty_grad_like(k, k.scalar_type()).zero_(),
+            empty_grad_like(v, v.scalar_type()).zero_()};
   }
   if (path != Path::TensorCore) {
     warn_fallback(path, q, p);
@@ -406,17 +408,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_modal_attention_backward_cu
   }
   const at::Tensor qc = kernel_layout(q), kc = kernel_layout(k), vc = kernel_layout(v);
   const at::Tensor doc = kernel_layout(grad_out);
-  const at::Tensor oc = out.contiguous();
+  const at::Tensor oc = kernel_layout(out);
   const at::Tensor lsec = lse.to(at::kFloat).contiguous();
   const bool bf16 = q.scalar_type() == at::kBFloat16;
   at::Tensor dsum = at::empty({p.B, p.H, p.Lq}, q.options().dtype(at::kFloat));
   attn::launch_dot_rows(doc.const_data_ptr(), doc.stride(0), doc.stride(1), doc.stride(2), oc.const_data_ptr(),
-                        static_cast<int32_t>(p.B), static_cast<int32_t>(p.H), static_cast<int32_t>(p.Lq),
+                        oc.stride(0), oc.stride(1), oc.stride(2), static_cast<int32_t>(p.B), static_cast<int32_t>(p.H), static_cast<int32_t>(p.Lq),
                         static_cast<int32_t>(p.E), bf16, dsum.data_ptr<float>(), stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  at::Tensor dq_accum = at::zeros({p.B, p.H, p.Lq, p.E}, q.options().dtype(at::kFloat));
-  at::Tensor dk = at::empty({p.B, p.H, p.Lk, p.E}, q.options());
-  at::Tensor dv = at::empty({p.B, p.H, p.Lk, p.E}, q.options());
+  // dq and its float32 accumulator share one dense layout (dq's), which finish_dq relies on.
+  at::Tensor dq = empty_grad_like(q, q.scalar_type());
+  at::Tensor dq_accum = at::zeros_like(dq, dq.options().dtype(at::kFloat));
+  at::Tensor dk = empty_grad_like(k, k.scalar_type());
+  at::Tensor dv = empty_grad_like(v, v.scalar_type());
   const at::Tensor range = key_ranges(p, q, stream);
   BwdParams bp{};
   fill_common(bp, p, range);
@@ -426,11 +430,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_modal_attention_backward_cu
   bp.lse = lsec.const_data_ptr<float>();
   bp.dsum = dsum.const_data_ptr<float>();
   bp.dq_accum = dq_accum.data_ptr<float>();
+  bp.dq_sb = dq_accum.stride(0), bp.dq_sh = dq_accum.stride(1), bp.dq_sl = dq_accum.stride(2);
   bp.dk = dk.data_ptr();
+  bp.dk_sb = dk.stride(0), bp.dk_sh = dk.stride(1), bp.dk_sl = dk.stride(2);
   bp.dv = dv.data_ptr();
+  bp.dv_sb = dv.stride(0), bp.dv_sh = dv.stride(1), bp.dv_sl = dv.stride(2);
   run_bwd(bp, p.E, bf16, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  at::Tensor dq = at::empty({p.B, p.H, p.Lq, p.E}, q.options());
+  TORCH_INTERNAL_ASSERT(dq.is_non_overlapping_and_dense() && dq.strides() == dq_accum.strides());
   attn::launch_finish_dq(dq_accum.const_data_ptr<float>(), static_cast<float>(p.scale), dq.data_ptr(),
                          dq.numel(), bf16, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

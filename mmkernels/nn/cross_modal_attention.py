@@ -236,7 +236,8 @@ class CrossModalAttention(nn.Module):
             out = ops.cross_modal_attention(q, k, v, key_padding_mask=kpm, attn_mask=mask, dropout_p=dropout_p)
             weights = None
 
-        # (B, H, Lq, D) -> the caller's layout with heads merged; reshape copies only if it must.
+        # (B, H, Lq, D) -> the caller's layout with heads merged. The op stores its output as
+        # (B, Lq, H, D), so with batch_first this is a view; seq-first, out_proj's input is strided.
         if seq_dim == 0:
             out = out.permute(2, 0, 1, 3).reshape(len_q, batch, self.embed_dim)
         else:

@@ -38,13 +38,14 @@ __global__ void key_ranges_kernel(const int32_t* lengths, const uint8_t* kpm, in
 // One warp per row (b, h, i): D = sum_d dO[d] * O[d] in float32.
 template <bool kBF16>
 __global__ void dot_rows_kernel(const uint16_t* dout, int64_t do_sb, int64_t do_sh, int64_t do_sl,
-                                const uint16_t* out, int32_t H, int32_t Lq, int32_t E, int64_t rows, float* dsum) {
+                                const uint16_t* out, int64_t o_sb, int64_t o_sh, int64_t o_sl, int32_t H, int32_t Lq,
+                                int32_t E, int64_t rows, float* dsum) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (r >= rows) return;
   const int64_t i = r % Lq, bh = r / Lq, b = bh / H, h = bh % H;
   const uint16_t* a = dout + b * do_sb + h * do_sh + i * do_sl;
-  const uint16_t* o = out + r * E;
+  const uint16_t* o = out + b * o_sb + h * o_sh + i * o_sl;
   float acc = 0.0f;
   for (int d = 2 * lane; d < E; d += 64) {  // E is even: pairs of 16-bit values
     const float2 x = unpack2<kBF16>(*reinterpret_cast<const uint32_t*>(a + d));
@@ -91,16 +92,17 @@ void launch_key_ranges(const int32_t* lengths, const uint8_t* kpm, int32_t B, in
   key_ranges_kernel<<<B, 256, 0, stream>>>(lengths, kpm, Lk, kv_range);
 }
 
-void launch_dot_rows(const void* dout, int64_t do_sb, int64_t do_sh, int64_t do_sl, const void* out, int32_t B,
-                     int32_t H, int32_t Lq, int32_t E, bool bf16, float* dsum, cudaStream_t stream) {
+void launch_dot_rows(const void* dout, int64_t do_sb, int64_t do_sh, int64_t do_sl, const void* out, int64_t o_sb,
+                     int64_t o_sh, int64_t o_sl, int32_t B, int32_t H, int32_t Lq, int32_t E, bool bf16, float* dsum,
+                     cudaStream_t stream) {
   const int64_t rows = static_cast<int64_t>(B) * H * Lq;
   const int grid = static_cast<int>((rows + 7) / 8);  // 8 warps per block
   auto d = static_cast<const uint16_t*>(dout);
   auto o = static_cast<const uint16_t*>(out);
   if (bf16) {
-    dot_rows_kernel<true><<<grid, 256, 0, stream>>>(d, do_sb, do_sh, do_sl, o, H, Lq, E, rows, dsum);
+    dot_rows_kernel<true><<<grid, 256, 0, stream>>>(d, do_sb, do_sh, do_sl, o, o_sb, o_sh, o_sl, H, Lq, E, rows, dsum);
   } else {
-    dot_rows_kernel<false><<<grid, 256, 0, stream>>>(d, do_sb, do_sh, do_sl, o, H, Lq, E, rows, dsum);
+    dot_rows_kernel<false><<<grid, 256, 0, stream>>>(d, do_sb, do_sh, do_sl, o, o_sb, o_sh, o_sl, H, Lq, E, rows, dsum);
   }
 }
 

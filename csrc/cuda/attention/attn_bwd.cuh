@@ -61,16 +61,16 @@ __global__ void __launch_bounds__(BwdTraits<D>::kThreads) attn_bwd_kernel(const 
 
   int kbeg = 0, kend = p.Lk;
   if (p.kv_range != nullptr) kbeg = p.kv_range[2 * b], kend = p.kv_range[2 * b + 1];
-  uint16_t* dkg = static_cast<uint16_t*>(p.dk) + (static_cast<int64_t>(bh) * p.Lk) * D;
-  uint16_t* dvg = static_cast<uint16_t*>(p.dv) + (static_cast<int64_t>(bh) * p.Lk) * D;
+  uint16_t* dkg = static_cast<uint16_t*>(p.dk) + b * p.dk_sb + h * p.dk_sh;
+  uint16_t* dvg = static_cast<uint16_t*>(p.dv) + b * p.dv_sb + h * p.dv_sh;
 
   if (j0 + kBc <= kbeg || j0 >= kend || p.Lq == 0) {
     // No visible key in this tile (or no query): zero gradients, nothing to compute.
     const int rows = min(kBc, p.Lk - j0);
     for (int idx = tid; idx < rows * (D / 8); idx += kThreads) {
-      const int64_t off = static_cast<int64_t>(j0 + idx / (D / 8)) * D + (idx % (D / 8)) * 8;
-      *reinterpret_cast<uint4*>(dkg + off) = make_uint4(0, 0, 0, 0);
-      *reinterpret_cast<uint4*>(dvg + off) = make_uint4(0, 0, 0, 0);
+      const int64_t j = j0 + idx / (D / 8), c = (idx % (D / 8)) * 8;
+      *reinterpret_cast<uint4*>(dkg + j * p.dk_sl + c) = make_uint4(0, 0, 0, 0);
+      *reinterpret_cast<uint4*>(dvg + j * p.dv_sl + c) = make_uint4(0, 0, 0, 0);
     }
     return;
   }
@@ -81,7 +81,7 @@ __global__ void __launch_bounds__(BwdTraits<D>::kThreads) attn_bwd_kernel(const 
   const uint16_t* dog = static_cast<const uint16_t*>(p.dout) + b * p.do_sb + h * p.do_sh;
   const float* lseg = p.lse + static_cast<int64_t>(bh) * p.Lq;
   const float* dsg = p.dsum + static_cast<int64_t>(bh) * p.Lq;
-  float* dqg = p.dq_accum + static_cast<int64_t>(bh) * p.Lq * D;
+  float* dqg = p.dq_accum + b * p.dq_sb + h * p.dq_sh;
 
   load_tile_async<D, kBc, kThreads>(sK, kg + j0 * p.k_sl, p.k_sl, p.Lk - j0, kg, tid);
   load_tile_async<D, kBc, kThreads>(sV, vg + j0 * p.v_sl, p.v_sl, p.Lk - j0, vg, tid);
@@ -234,8 +234,8 @@ __global__ void __launch_bounds__(BwdTraits<D>::kThreads) attn_bwd_kernel(const 
         for (int r = 0; r < 2; ++r) {
           const int i = i0 + mt * 16 + g + 8 * r;
           if (i < p.Lq) {
-            atomicAdd(dqg + static_cast<int64_t>(i) * D + col, dq[n][2 * r]);
-            atomicAdd(dqg + static_cast<int64_t>(i) * D + col + 1, dq[n][2 * r + 1]);
+            atomicAdd(dqg + i * p.dq_sl + col, dq[n][2 * r]);
+            atomicAdd(dqg + i * p.dq_sl + col + 1, dq[n][2 * r + 1]);
           }
         }
       }
@@ -264,9 +264,9 @@ __global__ void __launch_bounds__(BwdTraits<D>::kThreads) attn_bwd_kernel(const 
     const int kr = warp * 16 + idx / (D / 8), c = idx % (D / 8);
     const int j = j0 + kr;
     if (j < p.Lk) {
-      *reinterpret_cast<uint4*>(dkg + static_cast<int64_t>(j) * D + c * 8) =
+      *reinterpret_cast<uint4*>(dkg + j * p.dk_sl + c * 8) =
           *reinterpret_cast<const uint4*>(sK + swz<D>(kr, c));
-      *reinterpret_cast<uint4*>(dvg + static_cast<int64_t>(j) * D + c * 8) =
+      *reinterpret_cast<uint4*>(dvg + j * p.dv_sl + c * 8) =
           *reinterpret_cast<const uint4*>(sV + swz<D>(kr, c));
     }
   }

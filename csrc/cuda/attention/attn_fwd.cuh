@@ -205,14 +205,14 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads) attn_fwd_kernel(const 
     }
   }
   __syncwarp();
-  uint16_t* og = static_cast<uint16_t*>(p.out) + (static_cast<int64_t>(bh) * p.Lq) * D;
+  uint16_t* og = static_cast<uint16_t*>(p.out) + b * p.o_sb + h * p.o_sh;
 #pragma unroll
   for (int it = 0; it < 16 * (D / 8) / 32; ++it) {
     const int idx = lane + it * 32;
     const int rr = warp * 16 + idx / (D / 8), c = idx % (D / 8);
     const int i = i0 + rr;
     if (i < p.Lq) {
-      *reinterpret_cast<uint4*>(og + static_cast<int64_t>(i) * D + c * 8) =
+      *reinterpret_cast<uint4*>(og + i * p.o_sl + c * 8) =
           *reinterpret_cast<const uint4*>(sQ + swz<D>(rr, c));
     }
   }

@@ -47,7 +47,8 @@ struct AttnParams {
 };
 
 struct FwdParams : AttnParams {
-  void* out;   // (B, H, Lq, E) contiguous, q's dtype
+  void* out;   // (B, H, Lq, E), last dim contiguous, rows 16-byte aligned, q's dtype
+  int64_t o_sb, o_sh, o_sl;
   float* lse;  // (B, H, Lq) contiguous; +inf where a row sees no key
 };
 
@@ -56,9 +57,12 @@ struct BwdParams : AttnParams {
   int64_t do_sb, do_sh, do_sl;
   const float* lse;    // (B, H, Lq) contiguous
   const float* dsum;   // D = rowsum(dO * O), (B, H, Lq) contiguous
-  float* dq_accum;     // (B, H, Lq, E) contiguous float32, zeroed; receives sum_j dS_ij K_j (unscaled)
-  void* dk;            // (B, H, Lk, E) contiguous, q's dtype
-  void* dv;            // (B, H, Lk, E) contiguous, q's dtype
+  float* dq_accum;     // (B, H, Lq, E) float32 in dq's layout, zeroed; receives sum_j dS_ij K_j (unscaled)
+  int64_t dq_sb, dq_sh, dq_sl;
+  void* dk;            // (B, H, Lk, E), last dim contiguous, rows 16-byte aligned, q's dtype
+  int64_t dk_sb, dk_sh, dk_sl;
+  void* dv;            // likewise
+  int64_t dv_sb, dv_sh, dv_sl;
 };
 
 // The tensor-core kernels: head dim D in {32, 64, 128}; bf16 or fp16 operands. Each instantiation
@@ -72,10 +76,12 @@ void launch_bwd(const BwdParams& p, cudaStream_t stream);
 // kv_range[2b..2b+1] from kv_lengths (int32, may be null) and key_padding_mask (may be null).
 void launch_key_ranges(const int32_t* lengths, const uint8_t* kpm, int32_t B, int32_t Lk, int32_t* kv_range,
                        cudaStream_t stream);
-// dsum[r] = sum_d dout[r, d] * out[r, d] over rows r = (b, h, i); out contiguous (B, H, Lq, E).
-void launch_dot_rows(const void* dout, int64_t do_sb, int64_t do_sh, int64_t do_sl, const void* out, int32_t B,
-                     int32_t H, int32_t Lq, int32_t E, bool bf16, float* dsum, cudaStream_t stream);
-// dq[n] = dtype(dq_accum[n] * scale), n < count.
+// dsum[r] = sum_d dout[r, d] * out[r, d] over rows r = (b, h, i); both (B, H, Lq, E), last dim contiguous.
+void launch_dot_rows(const void* dout, int64_t do_sb, int64_t do_sh, int64_t do_sl, const void* out, int64_t o_sb,
+                     int64_t o_sh, int64_t o_sl, int32_t B, int32_t H, int32_t Lq, int32_t E, bool bf16, float* dsum,
+                     cudaStream_t stream);
+// dq[n] = dtype(dq_accum[n] * scale), n < count: element by element in memory, so any dense layout
+// works when dq and dq_accum share it.
 void launch_finish_dq(const float* dq_accum, float scale, void* dq, int64_t count, bool bf16, cudaStream_t stream);
 // z (B, H, rows, Lk) float or double: 1 where element (b, h, i0 + r, j) is kept by dropout, else 0 -
 // for the ATen fallback path, so that it drops exactly what the kernels drop.
