@@ -3,8 +3,11 @@
 Differences from nn.MultiheadAttention, all deliberate:
 - A query row that can see no key (every key padded or masked out) returns zeros and passes zero
   gradient; nn.MultiheadAttention returns NaN there (and, with need_weights=True, NaN weights).
-- ``need_weights=True`` materialises the (Lq, Lk) weights, as nn.MultiheadAttention does; it is the
-  slow path. Pass ``need_weights=False`` (what nn.Transformer* layers do) to get the fused op.
+- ``need_weights=True`` (nn.MultiheadAttention's default) still computes the output with the fused
+  op and computes the weights beside it (averaged one head at a time), so a caller that drops them
+  keeps nothing of them for backward. Only with dropout in training is the output made from
+  materialised, dropped weights, as nn.MultiheadAttention does (so that the returned weights are
+  the ones that made it): that is the slow path.
 - ``is_causal`` is a hint, as in nn.MultiheadAttention: ``attn_mask`` must be given and is what is used.
 - Dropout masks come from the op's own generator draw, so they differ from nn.MultiheadAttention's
   for the same seed when ``need_weights=False`` (same distribution; the same seed reproduces ours).
@@ -222,19 +225,27 @@ class CrossModalAttention(nn.Module):
         batch = query.shape[1 - seq_dim]
         len_q = query.shape[seq_dim]
 
-        # need_weights=True materialises the weights of every key, as nn.MultiheadAttention does.
-        key_rows = None if need_weights else self._visible_key_rows(key_padding_mask, seq_dim)
+        dropout_p = self.dropout if self.training else 0.0
+        # With dropout, need_weights=True returns the dropped weights that made the output, so the
+        # output must come from them (every key projected, as nn.MultiheadAttention does).
+        slow = need_weights and dropout_p > 0.0
+        key_rows = None if slow else self._visible_key_rows(key_padding_mask, seq_dim)
         q, k, v = self._project(query, key, value, key_rows)
         k, v, added = self._extend_keys(k, v, seq_dim)
         q, k, v = (self._split_heads(t, seq_dim) for t in (q, k, v))
-        dropout_p = self.dropout if self.training else 0.0
 
-        if need_weights:
+        weights = None
+        if slow:
             out, weights = self._attention_with_weights(q, k, v, key_padding_mask, attn_mask, added, dropout_p)
+            if average_attn_weights:
+                weights = weights.mean(dim=1)
         else:
             kpm, mask = op_masks(key_padding_mask, attn_mask, batch, self.num_heads, added, q.dtype)
             out = ops.cross_modal_attention(q, k, v, key_padding_mask=kpm, attn_mask=mask, dropout_p=dropout_p)
-            weights = None
+            if need_weights:
+                # Computed beside the output, not under it: if the caller drops them (`out, _ = mha(...)`),
+                # nothing of theirs is kept for backward.
+                weights = self._weights(q, k, key_padding_mask, attn_mask, added, average_attn_weights)
 
         # (B, H, Lq, D) -> the caller's layout with heads merged. The op stores its output as
         # (B, Lq, H, D), so with batch_first this is a view; seq-first, out_proj's input is strided.
@@ -246,27 +257,42 @@ class CrossModalAttention(nn.Module):
 
         if not batched:
             out = out.squeeze(0)
-        if weights is not None:
-            if average_attn_weights:
-                weights = weights.mean(dim=1)
-            if not batched:
-                weights = weights.squeeze(0)
+        if weights is not None and not batched:
+            weights = weights.squeeze(0)
         return out, weights
 
-    def _attention_with_weights(self, q, k, v, key_padding_mask, attn_mask, added, dropout_p):
-        """The need_weights=True path: materialises (B, H, Lq, Lk) scores as nn.MultiheadAttention
-        does, in the same order of operations (so dropout draws the same mask for the same seed),
-        except that rows with no visible key give zero weights instead of NaN."""
+    def _scores_to_weights(self, q, k, additive):
+        """softmax(q k^T scale + additive) in nn.MultiheadAttention's order of operations, except that
+        rows with no visible key give zero weights instead of NaN."""
         scale = math.sqrt(1.0 / float(self.head_dim))  # MHA's exact expression, for bitwise-equal scores
         scores = torch.matmul(q * scale, k.transpose(-2, -1))
-        additive = weights_path_mask(key_padding_mask, attn_mask, q.shape[0], self.num_heads, added, q.dtype)
         if additive is not None:
             scores = scores + additive
         dead = scores.amax(dim=-1, keepdim=True) == float("-inf")
-        weights = torch.softmax(scores.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
-        if dropout_p > 0.0:
-            weights = F.dropout(weights, p=dropout_p)
+        return torch.softmax(scores.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
+
+    def _attention_with_weights(self, q, k, v, key_padding_mask, attn_mask, added, dropout_p):
+        """need_weights=True with dropout: materialises (B, H, Lq, Lk) weights as
+        nn.MultiheadAttention does, in the same order (so dropout draws the same mask for the same
+        seed); the output is made from the dropped weights, which are returned."""
+        additive = weights_path_mask(key_padding_mask, attn_mask, q.shape[0], self.num_heads, added, q.dtype)
+        weights = F.dropout(self._scores_to_weights(q, k, additive), p=dropout_p)
         return torch.matmul(weights, v), weights
+
+    def _weights(self, q, k, key_padding_mask, attn_mask, added, average):
+        """The (B, H, Lq, Lk) attention weights, or their mean over heads computed one head at a
+        time (one (B, Lq, Lk) score block alive at once instead of H)."""
+        additive = weights_path_mask(key_padding_mask, attn_mask, q.shape[0], self.num_heads, added, q.dtype)
+        if not average:
+            return self._scores_to_weights(q, k, additive)
+        total = None
+        for h in range(self.num_heads):
+            mask_h = additive  # None, or (Lq, Lk), or 4-D with a head dim of H or 1
+            if additive is not None and additive.dim() == 4:
+                mask_h = additive[:, h if additive.shape[1] > 1 else 0]
+            w = self._scores_to_weights(q[:, h], k[:, h], mask_h)
+            total = w if total is None else total + w
+        return total / self.num_heads
 
     # ------------------------------------------------------------------ interop
 

@@ -331,6 +331,29 @@ def test_fully_masked_rows_with_weights_give_zeros_where_mha_gives_nan(how):
     assert (inputs[0].grad[dead] == 0).all()
 
 
+def test_need_weights_output_does_not_depend_on_the_weights_graph():
+    # MHA's default need_weights=True: the output comes from the fused op and the weights are
+    # computed beside it, so a caller that drops the weights keeps no (Lq, Lk) tensor for backward.
+    mha, cma = make_pair(batch_first=True)
+    inputs = make_inputs(mha, 2, 5, 7)
+    kpm = make_kpm("bool", 2, 7)
+    out, weights = cma(*inputs, key_padding_mask=kpm)
+    ref_out, ref_weights = mha(*inputs, key_padding_mask=kpm)
+    torch.testing.assert_close(weights, ref_weights, **TOL[torch.float64])
+    torch.testing.assert_close(out, ref_out, **TOL[torch.float64])
+
+    def graph_nodes(fn, seen):
+        if fn is not None and fn not in seen:
+            seen.add(fn)
+            for nxt, _ in fn.next_functions:
+                graph_nodes(nxt, seen)
+        return seen
+
+    names = {type(n).__name__ for n in graph_nodes(out.grad_fn, set())}
+    assert not any("Softmax" in n for n in names), names
+    assert any("Softmax" in type(n).__name__ for n in graph_nodes(weights.grad_fn, set()))
+
+
 # --------------------------------------------------------------------------- padded keys skipped
 
 

@@ -5,6 +5,8 @@ Both suites are skipped, with a note, while the attention API is not in this bui
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
@@ -79,7 +81,7 @@ def _build_op(B, Lq, Lk, E, H, padded, mode, dtype, device) -> Built:
     ], oracle="math", tol=tol_for(dtype))
 
 
-def _build_module(B, Lq, Lk, E, H, padded, mode, dtype, device) -> Built:
+def _build_module(B, Lq, Lk, E, H, padded, mode, dtype, device, need_weights=False) -> Built:
     grad = mode != "fwd"
     mha = torch.nn.MultiheadAttention(E, H, batch_first=True, device=device, dtype=dtype)
     ours = mmkernels.nn.CrossModalAttention.from_module(mha)
@@ -91,8 +93,8 @@ def _build_module(B, Lq, Lk, E, H, padded, mode, dtype, device) -> Built:
     pad = padding_mask(B, Lk, padded, device)
     g = randn(B, Lq, E, dtype=dtype, device=device) if grad else None
 
-    def run(m):
-        return lambda: m(query, memory, memory, key_padding_mask=pad, need_weights=False)[0]
+    def run(m):  # the output only: with need_weights=True the weights are computed, then dropped
+        return lambda: m(query, memory, memory, key_padding_mask=pad, need_weights=need_weights)[0]
 
     mha_c, why = compiled(mha)
     leaves = lambda m: [query, memory, *m.parameters()]  # noqa: E731
@@ -124,3 +126,7 @@ def _cases(suite, build, baselines, quick):
 register_suite("attention", _op_missing)(lambda quick: _cases("attention", _build_op, ("sdpa", "math", "compile"), quick))
 register_suite("attention_module", _module_missing)(
     lambda quick: _cases("attention_module", _build_module, ("mha", "compile"), quick))
+# nn.MultiheadAttention's default call, `out, _ = mha(q, k, v, key_padding_mask=m)`: need_weights=True
+# on both sides, the weights computed and dropped (MHA then takes its materialising path).
+register_suite("attention_module_default", _module_missing)(
+    lambda quick: _cases("attention_module_default", partial(_build_module, need_weights=True), ("mha", "compile"), quick))
