@@ -383,7 +383,9 @@ def cross_modal_attention(
 ) -> torch.Tensor:
     """Attention of q over (k, v) in the SDPA layout, without materialising the score matrix.
 
-    q (B, H, Lq, E), k (B, H, Lk, E), v (B, H, Lk, Ev) -> (B, H, Lq, Ev).
+    q (B, H, Lq, E), k (B, H, Lk, E), v (B, H, Lk, Ev) -> (B, H, Lq, Ev), stored as (B, Lq, H, Ev)
+    (``out.transpose(1, 2)`` is contiguous: merging the heads is a view). Gradients take the layout
+    of q, k, v where it keeps the last dim contiguous.
     key_padding_mask: bool (B, Lk), True = ignore that key. kv_lengths: int (B,), keys >= length ignored.
     attn_mask: bool (True = may attend) or float (added to the scores), broadcastable to (B, H, Lq, Lk).
     scale: defaults to 1/sqrt(E). dropout_p: dropout on the attention probabilities (pass 0.0 in eval);
