@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from attention_support import make_masks, make_qkv, run_reference
 from conftest import TOLERANCES
 
 import mmkernels
@@ -21,46 +22,6 @@ SHAPES = [
     (1, 1, 1, 1, 1, 1),
     (1, 2, 260, 600, 32, 24),
 ]
-
-
-def make_qkv(B, H, Lq, Lk, E, Ev, dtype, requires_grad=True):
-    q = torch.randn(B, H, Lq, E, dtype=dtype)
-    k = torch.randn(B, H, Lk, E, dtype=dtype)
-    v = torch.randn(B, H, Lk, Ev, dtype=dtype)
-    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
-
-
-def make_masks(kind, B, H, Lq, Lk, dtype):
-    """Masks by name; several names joined with '+' combine."""
-    masks = {}
-    for part in kind.split("+"):
-        if part == "none":
-            continue
-        if part == "kpm":
-            masks["key_padding_mask"] = torch.rand(B, Lk) < 0.3
-        elif part == "len32":
-            masks["kv_lengths"] = torch.randint(0, Lk + 1, (B,), dtype=torch.int32)
-        elif part == "len64":
-            masks["kv_lengths"] = torch.randint(1, Lk + 1, (B,), dtype=torch.int64)
-        elif part == "bool2d":
-            masks["attn_mask"] = torch.rand(Lq, Lk) < 0.7
-        elif part == "bool4d":  # broadcast over heads and queries: (B, 1, 1, Lk)
-            masks["attn_mask"] = torch.rand(B, 1, 1, Lk) < 0.7
-        elif part == "float3d":  # (H, Lq, Lk), broadcast over batch, with some -inf
-            m = torch.randn(H, Lq, Lk, dtype=dtype)
-            masks["attn_mask"] = m.masked_fill(torch.rand(H, Lq, Lk) < 0.2, float("-inf"))
-        elif part == "float4d":
-            masks["attn_mask"] = torch.randn(B, H, Lq, Lk, dtype=dtype)
-        else:
-            raise ValueError(part)
-    return masks
-
-
-def run_reference(q, k, v, masks, **kw):
-    """The float64 reference on upcast copies, so that the only rounding is ours."""
-    up = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    m = {n: (t.double() if t.is_floating_point() else t) for n, t in masks.items()}
-    return reference.cross_modal_attention(*up, **m, **kw), up
 
 
 def assert_close(actual, expected, dtype, what=""):

@@ -20,7 +20,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import attention_support
 import mmkernels
+from attention_support import run_reference
 from mmkernels import reference
 
 pytestmark = [
@@ -44,50 +46,12 @@ MASK_KINDS = ["none", "kpm", "len32", "len64", "bool2d", "bool4d", "float3d", "f
 
 
 def make_qkv(B, H, Lq, Lk, E, Ev, dtype, requires_grad=True, gen=None):
-    q = torch.randn(B, H, Lq, E, generator=gen, device="cuda").to(dtype)
-    k = torch.randn(B, H, Lk, E, generator=gen, device="cuda").to(dtype)
-    v = torch.randn(B, H, Lk, Ev, generator=gen, device="cuda").to(dtype)
-    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+    return attention_support.make_qkv(B, H, Lq, Lk, E, Ev, dtype, requires_grad, device="cuda", gen=gen)
 
 
 def make_masks(kind, B, H, Lq, Lk):
-    """Masks by name (on the GPU); several names joined with '+' combine."""
-    masks = {}
-    dev = "cuda"
-    for part in kind.split("+"):
-        if part == "none":
-            continue
-        if part == "kpm":  # random holes, plus half the batches padded on the right
-            m = torch.rand(B, Lk, device=dev) < 0.2
-            m[: B // 2, Lk // 2 :] = True
-            masks["key_padding_mask"] = m
-        elif part == "holes":  # a padded block in the middle (a whole key tile skipped per element)
-            m = torch.zeros(B, Lk, dtype=torch.bool, device=dev)
-            m[:, Lk // 4 : Lk // 4 + 70] = True
-            masks["key_padding_mask"] = m
-        elif part == "len32":
-            masks["kv_lengths"] = torch.randint(0, Lk + 1, (B,), dtype=torch.int32, device=dev)
-        elif part == "len64":
-            masks["kv_lengths"] = torch.randint(1, Lk + 1, (B,), dtype=torch.int64, device=dev)
-        elif part == "bool2d":
-            masks["attn_mask"] = torch.rand(Lq, Lk, device=dev) < 0.7
-        elif part == "bool4d":  # broadcast over heads and queries
-            masks["attn_mask"] = torch.rand(B, 1, 1, Lk, device=dev) < 0.7
-        elif part == "float3d":  # (H, Lq, Lk), broadcast over batch, with some -inf
-            m = torch.randn(H, Lq, Lk, device=dev)
-            masks["attn_mask"] = m.masked_fill(torch.rand(H, Lq, Lk, device=dev) < 0.2, float("-inf"))
-        elif part == "float4d":
-            masks["attn_mask"] = torch.randn(B, H, Lq, Lk, device=dev).to(torch.bfloat16)
-        else:
-            raise ValueError(part)
-    return masks
-
-
-def run_reference(q, k, v, masks, **kw):
-    """The float64 reference on upcast copies, so that the only rounding measured is ours."""
-    up = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    m = {n: (t.double() if t.is_floating_point() else t) for n, t in masks.items()}
-    return reference.cross_modal_attention(*up, **m, **kw), up
+    """On the GPU; float4d in bfloat16 whatever q's dtype (a mask dtype other than q's)."""
+    return attention_support.make_masks(kind, B, H, Lq, Lk, device="cuda", float4d_dtype=torch.bfloat16)
 
 
 def assert_close(actual, expected, tol, what=""):

@@ -145,14 +145,9 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   p.scale = scale;
   p.kbeg.assign(p.B, 0);
   p.kend.assign(p.B, p.Lk);
+  check_attention_options(q, k, key_padding_mask, kv_lengths, attn_mask, dropout_p, dropout_seed);
   if (kv_lengths.has_value()) {
-    const auto& len = *kv_lengths;
-    MMK_CHECK_ARG(len.scalar_type() == at::kInt || len.scalar_type() == at::kLong, "kv_lengths",
-                  "expected an int32 or int64 tensor, got ", len.scalar_type());
-    MMK_CHECK_ARG(len.dim() == 1 && len.size(0) == p.B, "kv_lengths", "expected shape (", p.B, "), got ",
-                  len.sizes());
-    MMK_CHECK_ARG(len.device().is_cpu(), "kv_lengths", "expected a CPU tensor, got ", len.device());
-    const at::Tensor l64 = len.to(at::kLong).contiguous();
+    const at::Tensor l64 = kv_lengths->to(at::kLong).contiguous();
     const int64_t* lp = l64.data_ptr<int64_t>();
     for (int64_t b = 0; b < p.B; ++b) {
       MMK_CHECK_ARG(lp[b] >= 0 && lp[b] <= p.Lk, "kv_lengths", "expected values in [0, ", p.Lk,
@@ -161,13 +156,7 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     }
   }
   if (key_padding_mask.has_value()) {
-    const auto& m = *key_padding_mask;
-    MMK_CHECK_ARG(m.scalar_type() == at::kBool, "key_padding_mask", "expected a bool tensor (True = ignore), got ",
-                  m.scalar_type());
-    MMK_CHECK_ARG(m.dim() == 2 && m.size(0) == p.B && m.size(1) == p.Lk, "key_padding_mask", "expected shape (",
-                  p.B, ", ", p.Lk, "), got ", m.sizes());
-    MMK_CHECK_ARG(m.device().is_cpu(), "key_padding_mask", "expected a CPU tensor, got ", m.device());
-    const at::Tensor mc = m.contiguous();
+    const at::Tensor mc = key_padding_mask->contiguous();
     const bool* mp = mc.data_ptr<bool>();
     for (int64_t b = 0; b < p.B; ++b) {
       const bool* row = mp + b * p.Lk;
@@ -180,31 +169,13 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   }
   if (attn_mask.has_value()) {
     const auto& m = *attn_mask;
-    MMK_CHECK_ARG(m.scalar_type() == at::kBool || at::isFloatingType(m.scalar_type()), "attn_mask",
-                  "expected a bool (True = may attend) or floating (additive) tensor, got ", m.scalar_type());
-    MMK_CHECK_ARG(m.device().is_cpu(), "attn_mask", "expected a CPU tensor, got ", m.device());
-    MMK_CHECK_ARG(m.dim() >= 2 && m.dim() <= 4, "attn_mask",
-                  "expected 2 to 4 dims broadcastable to (B, H, Lq, Lk) = (", p.B, ", ", p.H, ", ", p.Lq, ", ", p.Lk,
-                  "), got shape ", m.sizes());
-    const int64_t full[4] = {p.B, p.H, p.Lq, p.Lk};
-    for (int64_t d = 0; d < m.dim(); ++d) {
-      const int64_t want = full[4 - m.dim() + d];
-      MMK_CHECK_ARG(m.size(d) == want || m.size(d) == 1, "attn_mask", "expected a shape broadcastable to (", p.B,
-                    ", ", p.H, ", ", p.Lq, ", ", p.Lk, "), got ", m.sizes());
-    }
     at::Tensor mm = m.scalar_type() == at::kBool ? m : m.to(compute);
     p.mask = mm.expand({p.B, p.H, p.Lq, p.Lk});  // a view: stride 0 on broadcast dims
     p.mask_kind = m.scalar_type() == at::kBool ? MaskKind::Bool : MaskKind::Float;
   }
-  MMK_CHECK_ARG(dropout_p >= 0.0 && dropout_p <= 1.0, "dropout_p", "expected a probability in [0, 1], got ",
-                dropout_p);
   if (dropout_p > 0.0) {
-    MMK_CHECK_ARG(dropout_seed.has_value(), "dropout_seed", "expected a seed tensor when dropout_p > 0");
-    const auto& s = *dropout_seed;
-    MMK_CHECK_ARG(s.numel() == 1 && s.scalar_type() == at::kLong, "dropout_seed",
-                  "expected a one-element int64 tensor, got ", s.scalar_type(), " of shape ", s.sizes());
     p.dropout = true;
-    p.seed = static_cast<uint64_t>(s.to(at::kCPU).item<int64_t>());
+    p.seed = static_cast<uint64_t>(dropout_seed->to(at::kCPU).item<int64_t>());
     p.threshold = dropout_threshold(dropout_p);
     p.inv_keep = dropout_p >= 1.0 ? 0.0 : 1.0 / (1.0 - dropout_p);
   }

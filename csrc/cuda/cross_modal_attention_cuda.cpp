@@ -75,48 +75,18 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   Prepared p;
   p.B = q.size(0), p.H = q.size(1), p.Lq = q.size(2), p.Lk = k.size(2), p.E = q.size(3), p.Ev = v.size(3);
   p.scale = scale;
-  if (key_padding_mask.has_value()) {
-    const auto& m = *key_padding_mask;
-    MMK_CHECK_ARG(m.scalar_type() == at::kBool, "key_padding_mask", "expected a bool tensor (True = ignore), got ",
-                  m.scalar_type());
-    MMK_CHECK_ARG(m.dim() == 2 && m.size(0) == p.B && m.size(1) == p.Lk, "key_padding_mask", "expected shape (",
-                  p.B, ", ", p.Lk, "), got ", m.sizes());
-    MMK_CHECK_ARG(m.device() == q.device(), "key_padding_mask", "expected device ", q.device(), ", got ", m.device());
-    p.kpm = m.contiguous();
-  }
-  if (kv_lengths.has_value()) {
-    const auto& len = *kv_lengths;
-    MMK_CHECK_ARG(len.scalar_type() == at::kInt || len.scalar_type() == at::kLong, "kv_lengths",
-                  "expected an int32 or int64 tensor, got ", len.scalar_type());
-    MMK_CHECK_ARG(len.dim() == 1 && len.size(0) == p.B, "kv_lengths", "expected shape (", p.B, "), got ",
-                  len.sizes());
-    // A CPU kv_lengths is accepted too (copied over); values are clamped to [0, Lk] on the device.
-    p.lengths = len.to(q.device(), at::kInt, /*non_blocking=*/false).contiguous();
-  }
+  check_attention_options(q, k, key_padding_mask, kv_lengths, attn_mask, dropout_p, dropout_seed);
+  if (key_padding_mask.has_value()) p.kpm = key_padding_mask->contiguous();
+  // A CPU kv_lengths is copied over; values are clamped to [0, Lk] on the device.
+  if (kv_lengths.has_value()) p.lengths = kv_lengths->to(q.device(), at::kInt, /*non_blocking=*/false).contiguous();
   if (attn_mask.has_value()) {
-    const auto& m = *attn_mask;
-    MMK_CHECK_ARG(m.scalar_type() == at::kBool || at::isFloatingType(m.scalar_type()), "attn_mask",
-                  "expected a bool (True = may attend) or floating (additive) tensor, got ", m.scalar_type());
-    MMK_CHECK_ARG(m.device() == q.device(), "attn_mask", "expected device ", q.device(), ", got ", m.device());
-    MMK_CHECK_ARG(m.dim() >= 2 && m.dim() <= 4, "attn_mask", "expected 2 to 4 dims broadcastable to (B, H, Lq, Lk) = (",
-                  p.B, ", ", p.H, ", ", p.Lq, ", ", p.Lk, "), got shape ", m.sizes());
-    const int64_t full[4] = {p.B, p.H, p.Lq, p.Lk};
-    for (int64_t d = 0; d < m.dim(); ++d) {
-      const int64_t want = full[4 - m.dim() + d];
-      MMK_CHECK_ARG(m.size(d) == want || m.size(d) == 1, "attn_mask", "expected a shape broadcastable to (", p.B,
-                    ", ", p.H, ", ", p.Lq, ", ", p.Lk, "), got ", m.sizes());
-    }
     // A float mask is converted (in its own, unexpanded shape) to the type its reader wants.
+    const auto& m = *attn_mask;
     const at::Tensor mm = m.scalar_type() == at::kBool ? m : m.to(float_mask_type);
     p.mask = mm.expand({p.B, p.H, p.Lq, p.Lk});
   }
-  MMK_CHECK_ARG(dropout_p >= 0.0 && dropout_p <= 1.0, "dropout_p", "expected a probability in [0, 1], got ",
-                dropout_p);
   if (dropout_p > 0.0) {
-    MMK_CHECK_ARG(dropout_seed.has_value(), "dropout_seed", "expected a seed tensor when dropout_p > 0");
     const auto& s = *dropout_seed;
-    MMK_CHECK_ARG(s.numel() == 1 && s.scalar_type() == at::kLong, "dropout_seed",
-                  "expected a one-element int64 tensor, got ", s.scalar_type(), " of shape ", s.sizes());
     p.dropout = true;
     p.dropout_p = dropout_p;
     if (s.is_cuda()) {

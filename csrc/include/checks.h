@@ -78,4 +78,52 @@ inline void check_attention_ranks(const at::Tensor& q, const at::Tensor& k, cons
   MMK_CHECK_ARG(v.dim() == 4, "v", "expected a 4-D (batch, heads, Lk, Ev) tensor, got shape ", v.sizes());
 }
 
+// cross_modal_attention's masks, lengths and dropout arguments (after check_attention_qkv). Masks live
+// on q's device; kv_lengths may also be a CPU tensor. Values are the backend's to check.
+inline void check_attention_options(const at::Tensor& q, const at::Tensor& k,
+                                    const std::optional<at::Tensor>& key_padding_mask,
+                                    const std::optional<at::Tensor>& kv_lengths,
+                                    const std::optional<at::Tensor>& attn_mask, double dropout_p,
+                                    const std::optional<at::Tensor>& dropout_seed) {
+  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Lk = k.size(2);
+  if (key_padding_mask.has_value()) {
+    const auto& m = *key_padding_mask;
+    MMK_CHECK_ARG(m.scalar_type() == at::kBool, "key_padding_mask", "expected a bool tensor (True = ignore), got ",
+                  m.scalar_type());
+    MMK_CHECK_ARG(m.dim() == 2 && m.size(0) == B && m.size(1) == Lk, "key_padding_mask", "expected shape (", B, ", ",
+                  Lk, "), got ", m.sizes());
+    MMK_CHECK_ARG(m.device() == q.device(), "key_padding_mask", "expected device ", q.device(), ", got ", m.device());
+  }
+  if (kv_lengths.has_value()) {
+    const auto& len = *kv_lengths;
+    MMK_CHECK_ARG(len.scalar_type() == at::kInt || len.scalar_type() == at::kLong, "kv_lengths",
+                  "expected an int32 or int64 tensor, got ", len.scalar_type());
+    MMK_CHECK_ARG(len.dim() == 1 && len.size(0) == B, "kv_lengths", "expected shape (", B, "), got ", len.sizes());
+    MMK_CHECK_ARG(len.device() == q.device() || len.device().is_cpu(), "kv_lengths", "expected device ", q.device(),
+                  " or the CPU, got ", len.device());
+  }
+  if (attn_mask.has_value()) {
+    const auto& m = *attn_mask;
+    MMK_CHECK_ARG(m.scalar_type() == at::kBool || at::isFloatingType(m.scalar_type()), "attn_mask",
+                  "expected a bool (True = may attend) or floating (additive) tensor, got ", m.scalar_type());
+    MMK_CHECK_ARG(m.device() == q.device(), "attn_mask", "expected device ", q.device(), ", got ", m.device());
+    MMK_CHECK_ARG(m.dim() >= 2 && m.dim() <= 4, "attn_mask", "expected 2 to 4 dims broadcastable to (B, H, Lq, Lk) = (",
+                  B, ", ", H, ", ", Lq, ", ", Lk, "), got shape ", m.sizes());
+    const int64_t full[4] = {B, H, Lq, Lk};
+    for (int64_t d = 0; d < m.dim(); ++d) {
+      const int64_t want = full[4 - m.dim() + d];
+      MMK_CHECK_ARG(m.size(d) == want || m.size(d) == 1, "attn_mask", "expected a shape broadcastable to (", B, ", ",
+                    H, ", ", Lq, ", ", Lk, "), got ", m.sizes());
+    }
+  }
+  MMK_CHECK_ARG(dropout_p >= 0.0 && dropout_p <= 1.0, "dropout_p", "expected a probability in [0, 1], got ",
+                dropout_p);
+  if (dropout_p > 0.0) {
+    MMK_CHECK_ARG(dropout_seed.has_value(), "dropout_seed", "expected a seed tensor when dropout_p > 0");
+    const auto& s = *dropout_seed;
+    MMK_CHECK_ARG(s.numel() == 1 && s.scalar_type() == at::kLong, "dropout_seed",
+                  "expected a one-element int64 tensor, got ", s.scalar_type(), " of shape ", s.sizes());
+  }
+}
+
 }  // namespace mmkernels
