@@ -4,7 +4,7 @@ Differences from nn.MultiheadAttention, all deliberate:
 - A query row that can see no key (every key padded or masked out) returns zeros and passes zero
   gradient; nn.MultiheadAttention returns NaN there (and, with need_weights=True, NaN weights).
 - ``need_weights=True`` (nn.MultiheadAttention's default) still computes the output with the fused
-  op and computes the weights beside it (averaged one head at a time), so a caller that drops them
+  op and computes the weights beside it (averaged a few heads at a time), so a caller that drops them
   keeps nothing of them for backward. Only with dropout in training is the output made from
   materialised, dropped weights, as nn.MultiheadAttention does (so that the returned weights are
   the ones that made it): that is the slow path.
@@ -280,19 +280,22 @@ class CrossModalAttention(nn.Module):
         return torch.matmul(weights, v), weights
 
     def _weights(self, q, k, key_padding_mask, attn_mask, added, average):
-        """The (B, H, Lq, Lk) attention weights, or their mean over heads computed one head at a
-        time (one (B, Lq, Lk) score block alive at once instead of H)."""
+        """The (B, H, Lq, Lk) attention weights, or their mean over heads, computed a few heads at a
+        time so that about 4M scores are alive at once (not H times Lq * Lk per batch)."""
         additive = weights_path_mask(key_padding_mask, attn_mask, q.shape[0], self.num_heads, added, q.dtype)
         if not average:
             return self._scores_to_weights(q, k, additive)
+        B, H, Lq, _ = q.shape
+        step = max(1, (1 << 22) // max(1, B * Lq * k.shape[2]))
         total = None
-        for h in range(self.num_heads):
-            mask_h = additive  # None, or (Lq, Lk), or 4-D with a head dim of H or 1
-            if additive is not None and additive.dim() == 4:
-                mask_h = additive[:, h if additive.shape[1] > 1 else 0]
-            w = self._scores_to_weights(q[:, h], k[:, h], mask_h)
-            total = w if total is None else total + w
-        return total / self.num_heads
+        for h0 in range(0, H, step):
+            heads = slice(h0, h0 + step)
+            mask = additive  # None, (Lq, Lk), or 4-D with a head dim of H or 1
+            if additive is not None and additive.dim() == 4 and additive.shape[1] > 1:
+                mask = additive[:, heads]
+            part = self._scores_to_weights(q[:, heads], k[:, heads], mask).sum(dim=1)
+            total = part if total is None else total + part
+        return total / H
 
     # ------------------------------------------------------------------ interop
 
