@@ -133,4 +133,5 @@ def cross_modal_attention(
         p = p * dropout_mask.to(ct) / (1.0 - dropout_p) if dropout_p < 1.0 else p * 0.0
     elif dropout_p > 0.0:
         p = F.dropout(p, dropout_p)
-    return torch.matmul(p, v.to(ct)).to(q.dtype)
+    # A row that sees no key is zeros whatever the values hold (0 * NaN would be NaN): no key is read.
+    return torch.matmul(p, v.to(ct)).masked_fill(~any_visible, 0.0).to(q.dtype)

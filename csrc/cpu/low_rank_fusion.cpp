@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -139,7 +140,7 @@ at::Tensor low_rank_fusion_cpu(at::TensorList inputs, at::TensorList factors, co
 //   grad x_m += dP_m @ F_m[k, :D].T     grad F_m[k] = [x_m, 1].T @ dP_m     grad w[k] = <g, prod_m P_m>
 // Blocks of rows as in forward: with enough blocks threads take whole blocks, summing grad F and
 // grad w into per-thread accumulators reduced at the end; otherwise blocks run in turn and the ATen
-// ops inside use every thread. w[k] rides on the GEMMs' alpha, so no scaled copy of g is made.
+// ops inside use every thread. w[k] rides on the GEMMs' alpha, so no scaled copy of g is made (unless w[k] is not finite).
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor> low_rank_fusion_backward_cpu(
     const at::Tensor& grad_out, at::TensorList inputs, at::TensorList factors, const at::Tensor& rank_weight,
     const c10::List<bool>& inputs_need_grad, const c10::List<bool>& factors_need_grad, bool rank_weight_needs_grad,
@@ -196,12 +197,19 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Ten
         } else if (have_suffix) {
           at::mul_out(dP, g, suffix);
         }
-        const at::Tensor& d = (m == 0 && !have_suffix) ? g : dP;  // M == 1: dP / w[k] = g
-        if (gx[m].defined()) gx[m].narrow(0, r0, rn).addmm_(d, p.fw[m][k].t(), 1, wk);
+        const at::Tensor& d_unscaled = (m == 0 && !have_suffix) ? g : dP;  // M == 1: dP / w[k] = g
+        // A non-finite w[k] does not ride on alpha: ATen's float32 addmm ignores a NaN alpha (MKL
+        // computes it as 1, found by the long fuzz), and an Inf one would give +-Inf where the
+        // reference, summing +-Inf products, gives NaN. A scaled copy of dP keeps both as in the
+        // reference; it only costs anything for such (rare) weights.
+        const bool scaled = !std::isfinite(wk);
+        const at::Tensor d = scaled ? d_unscaled * wk : d_unscaled;
+        const double alpha = scaled ? 1.0 : wk;
+        if (gx[m].defined()) gx[m].narrow(0, r0, rn).addmm_(d, p.fw[m][k].t(), 1, alpha);
         if (gf_acc[m].defined()) {
           const int64_t dm = p.x[m].size(1);
-          gf_acc[m][k].narrow(0, 0, dm).addmm_(xb[m].t(), d, 1, wk);
-          gf_acc[m][k][dm].add_(d.sum(0), wk);
+          gf_acc[m][k].narrow(0, 0, dm).addmm_(xb[m].t(), d, 1, alpha);
+          gf_acc[m][k][dm].add_(d.sum(0), alpha);
         }
         if (m > 0) {
           if (have_suffix) suffix.mul_(P[m]); else suffix.copy_(P[m]);

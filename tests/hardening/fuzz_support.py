@@ -5,7 +5,7 @@ Profiles (MMKERNELS_FUZZ_PROFILE):
   fast (default)  a few dozen derandomised cases per op, so the default test run stays quick and
                   never flakes;
   long            thousands of fresh random cases per op (MMKERNELS_FUZZ_EXAMPLES, default 2000),
-                  run by tests/hardening/long/run_long_fuzz.sh (not yet part of CI: see that file).
+                  run by tests/hardening/long/run_long_fuzz.sh (.ci/steps/30-long-fuzz.sh in CI).
 The settings are applied per test (not with load_profile) so other Hypothesis tests keep theirs.
 """
 from __future__ import annotations
@@ -153,7 +153,26 @@ def case_magnitude(case) -> float:
     return min(found)
 
 
-def assert_matches(actual, expected, dtype, what="output", expected_same_dtype=None, floor=0.0):
+# How far ours may exceed the reference's own error in the case's dtype (see assert_matches).
+OWN_ERROR_FACTOR = 2.0
+# Per spec: cases drawn, results compared, and how many of those passed only thanks to the
+# reference's own error in their dtype (printed at the end of the run by conftest.py).
+STATS: dict = {}
+
+
+def reference_own_error(same_dtype, expected):
+    """The largest absolute error of the reference evaluated in the case's dtype (`same_dtype`)
+    against the float64 reference, over elements finite in both: what PyTorch's own code makes on
+    these inputs in that dtype."""
+    if same_dtype is None:
+        return 0.0
+    a = same_dtype.detach().to(torch.float64)
+    e = expected.detach().to(torch.float64)
+    both = torch.isfinite(a) & torch.isfinite(e)
+    return (a[both] - e[both]).abs().max().item() if both.any() else 0.0
+
+
+def assert_matches(actual, expected, dtype, what="output", expected_same_dtype=None, floor=0.0, stats=None):
     """`actual` (any dtype) against the float64 `expected`.
 
     NaN, +Inf and -Inf must sit exactly where the float64 reference puts them (IEEE propagation does
@@ -161,7 +180,13 @@ def assert_matches(actual, expected, dtype, what="output", expected_same_dtype=N
     generators keep true), or where the reference evaluated in the case's own dtype puts them
     (`expected_same_dtype`: PyTorch's float32 gelu(+Inf) is NaN, for one, while float64's is +Inf).
     Finite elements must agree with the float64 reference within the dtype's tolerance, the
-    absolute part scaled by the largest finite magnitude of the expected tensor.
+    absolute part scaled by the largest finite magnitude of the expected tensor -- or, where the
+    problem is ill-conditioned in the case's dtype, within OWN_ERROR_FACTOR times the error that
+    the reference itself makes in that dtype (`expected_same_dtype`; float32/bfloat16 only). The
+    case that needs it: a saturated tanh/sigmoid, whose gradient 1 - y*y (or y*(1 - y)) keeps no
+    relative precision once y rounds to +-1 (or 0/1) in float32, exactly as PyTorch's own
+    tanh_backward; the dtype's tolerance would fail PyTorch's own float32 result there. The bound
+    is per tensor, like the scaled absolute tolerance, and never narrower than the dtype's.
     """
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     a = actual.detach().to(torch.float64)
@@ -183,6 +208,18 @@ def assert_matches(actual, expected, dtype, what="output", expected_same_dtype=N
     # Scale-relative, with the case's smallest value scale as the floor (not 1: the generators also
     # produce tiny, 1e-30, values).
     scale = max(e[finite].abs().max().item(), floor) or 1.0
+    atol = atol * scale
+    own = reference_own_error(expected_same_dtype, expected) if dtype != torch.float64 else 0.0
+    stats = stats if stats is not None else {}
+    stats["results"] = stats.get("results", 0) + 1
+    if OWN_ERROR_FACTOR * own > atol:
+        try:
+            torch.testing.assert_close(a[finite], e[finite], atol=atol, rtol=rtol)
+        except AssertionError:  # counted: what only the reference's own error lets through
+            stats["widened"] = stats.get("widened", 0) + 1
+            stats.setdefault("examples", set()).add(f"{what} ({str(dtype).replace('torch.', '')})")
+        atol = OWN_ERROR_FACTOR * own
     torch.testing.assert_close(
-        a[finite], e[finite], atol=atol * scale, rtol=rtol, msg=lambda m: f"{what} ({dtype}): {m}"
+        a[finite], e[finite], atol=atol, rtol=rtol,
+        msg=lambda m: f"{what} ({dtype}): {m} (reference's own {dtype} error: {own:.3g})",
     )

@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import given
 
-from fuzz_support import FUZZ, assert_matches
+from fuzz_support import FUZZ, STATS, assert_matches
 from fuzz_table import SPECS
 
 
@@ -19,6 +19,7 @@ def test_matches_reference(spec):
     @FUZZ
     @given(case=spec.cases)
     def check(case):
+        STATS.setdefault(spec.name, {"cases": 0, "results": 0, "widened": 0})["cases"] += 1
         dtype = case["dtype"]
         ours = spec.run(case, "ours", dtype)
         want64 = spec.run(case, "reference", torch.float64)
@@ -30,6 +31,6 @@ def test_matches_reference(spec):
             assert got.dtype == dtype, f"{name}: dtype {got.dtype}, expected {dtype}"
             same = None if dtype == torch.float64 else want[name]
             assert_matches(got, want64[name], dtype, what=name, expected_same_dtype=same,
-                           floor=spec.magnitude(case))
+                           floor=spec.magnitude(case), stats=STATS[spec.name])
 
     check()

@@ -460,3 +460,27 @@ def test_modality_graph_attention_inputs_and_errors():
         ModalityGraphAttention(8, 2, 3, adjacency=torch.ones(2, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"'embed_dim'"):
         ModalityGraphAttention(7, 2, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("weight", [float("nan"), float("inf")])
+@pytest.mark.parametrize("widths", [(5,), (3, 4)])
+def test_low_rank_fusion_non_finite_rank_weight_reaches_gradients(dtype, weight, widths):
+    # Regression (long fuzz): backward carried w[k] on the GEMMs' alpha, and ATen's float32 addmm
+    # ignores a NaN alpha (computes it as 1), so the gradients of the factors and inputs came out
+    # finite where the reference's are NaN. A non-finite w[k] now scales dP itself, as the
+    # reference does.
+    xs, fs, w, b = lmf_case((2,), widths, 2, 17, dtype)
+    with torch.no_grad():
+        w[0] = weight
+    out = mmkernels.low_rank_fusion(xs, fs, w, b)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [*xs, *fs], g)
+    xs_r, fs_r, w_r, b_r = [up(x) for x in xs], [up(f) for f in fs], up(w), up(b)
+    ref = reference.low_rank_fusion(xs_r, fs_r, w_r, b_r)
+    grads_r = torch.autograd.grad(ref, [*xs_r, *fs_r], g.double())
+    for a, r in zip(grads, grads_r):
+        assert torch.equal(torch.isnan(a), torch.isnan(r))
+        assert torch.equal(torch.isposinf(a), torch.isposinf(r)) and torch.equal(torch.isneginf(a), torch.isneginf(r))
+    if weight != weight:  # NaN: every gradient of the factors of rank 0 is NaN
+        assert all(torch.isnan(gf[0]).all() for gf in grads[len(xs):])
