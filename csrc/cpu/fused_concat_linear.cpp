@@ -9,8 +9,8 @@
 // where W is small each block then also writes its rows of every input's gradient (gz @ W[:, cols_s])
 // and adds gz.T @ x_s into per-thread partial sums of grad_weight, so gz never exists in full.
 // Where W is large, gz is formed in full and whole-M GEMMs write each input's gradient and each
-// column block of grad_weight. No concatenation, no split, in either direction, except under the
-// few-rows heuristic (concat_is_cheaper) where the concatenation is smaller than W.
+// column block of grad_weight. No concatenation, no split, in either direction, except in the forward
+// under the few-rows heuristic (concat_is_cheaper) where the concatenation is smaller than W.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -90,14 +90,16 @@ Problem concatenated(const Problem& p, const at::Tensor& weight) {
 template <typename F>
 void for_each_row_block(int64_t M, int64_t rows, F&& fn) {
   const int64_t nblocks = (M + rows - 1) / rows;
-  // OpenMP workers do not inherit the caller's dispatcher state (we run below autograd): carry it over.
-  const at::ThreadLocalState state;
   auto run = [&](int64_t b0, int64_t b1) {
-    at::ThreadLocalStateGuard guard(state);
     for (int64_t b = b0; b < b1; ++b) fn(b * rows, std::min(rows, M - b * rows));
   };
   if (nblocks >= 2 * at::get_num_threads()) {
-    at::parallel_for(0, nblocks, 1, run);
+    // OpenMP workers do not inherit the caller's dispatcher state (we run below autograd): carry it over.
+    const at::ThreadLocalState state;
+    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+      at::ThreadLocalStateGuard guard(state);
+      run(b0, b1);
+    });
   } else {
     run(0, nblocks);
   }
@@ -270,9 +272,10 @@ Grads backward(const Problem& p, const at::Tensor& g, const at::Tensor& z_saved,
   }
   at::Tensor grad_bias;
   if (bias_needs_grad) {
-    grad_bias = at::zeros({p.N}, weight.options().dtype(acc_type));
-    for (const auto& part : bias_parts) if (part.defined()) grad_bias.add_(part);
-    grad_bias = grad_bias.to(weight.scalar_type());
+    for (const auto& part : bias_parts) {
+      if (part.defined()) grad_bias = grad_bias.defined() ? grad_bias.add_(part) : part;
+    }
+    grad_bias = grad_bias.defined() ? grad_bias.to(weight.scalar_type()) : at::zeros({p.N}, weight.options());
   }
   return {std::move(grad_inputs), std::move(grad_weight), std::move(grad_bias)};
 }
@@ -300,22 +303,12 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> fused_concat_linear_
   std::vector<bool> need(inputs_need_grad.begin(), inputs_need_grad.end());
   const auto empty = at::empty({0}, weight.options());
   std::vector<at::Tensor> grad_inputs(inputs.size(), empty);
-  Grads gr;
-  if (concat_is_cheaper(p)) {
-    // As the forward did: one segment, its gradient split (copied: M*K is small here) per input.
-    const bool any = std::any_of(need.begin(), need.end(), [](bool b) { return b; });
-    gr = backward(concatenated(p, weight), g, preact, out, weight, act, {any}, weight_needs_grad, bias_needs_grad);
-    for (int64_t s = 0, off = 0; s < int64_t(inputs.size()); off += inputs[s].size(-1), ++s) {
-      if (need[s]) grad_inputs[s] = gr.inputs[0].narrow(1, off, inputs[s].size(-1)).contiguous();
-    }
-  } else {
-    gr = backward(p, g, preact, out, weight, act, need, weight_needs_grad, bias_needs_grad);
-    for (size_t s = 0; s < inputs.size(); ++s) {
-      if (need[s]) grad_inputs[s] = gr.inputs[s];
-    }
-  }
+  // Per segment even where the forward concatenated (concat_is_cheaper): each input's gradient and each
+  // column block of grad_weight is its own GEMM output, so one GEMM per segment costs no extra rounding,
+  // and it saves concatenating the inputs again and splitting (copying) one (M, K) gradient per input.
+  Grads gr = backward(p, g, preact, out, weight, act, need, weight_needs_grad, bias_needs_grad);
   for (size_t s = 0; s < inputs.size(); ++s) {
-    if (need[s]) grad_inputs[s] = grad_inputs[s].view(inputs[s].sizes());
+    if (need[s]) grad_inputs[s] = gr.inputs[s].view(inputs[s].sizes());
   }
   return {std::move(grad_inputs), gr.weight.defined() ? gr.weight : empty, gr.bias.defined() ? gr.bias : empty};
 }
