@@ -259,3 +259,13 @@ def test_double_backward_is_a_clear_error():
     out = mmkernels.fused_concat_linear(xs, w, b, "tanh")
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(out.sum(), w, create_graph=True)
+
+
+def test_few_rows_non_contiguous_and_empty_segment():
+    base = [torch.randn(3, 2 * d) for d in (20, 0, 9)]
+    xs = [t[:, ::2].requires_grad_() for t in base]  # rows not contiguous: the cat/copy_ fallback
+    w = (torch.randn(48, 29) / 29 ** 0.5).requires_grad_()
+    b = torch.randn(48, requires_grad=True)
+    check_against_reference(xs, w, b, "relu")
+    xs = [torch.randn(3, d, requires_grad=True) for d in (20, 0, 9)]  # contiguous, one empty segment
+    check_against_reference(xs, w, b, "gelu")
