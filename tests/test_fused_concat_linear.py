@@ -220,3 +220,52 @@ def test_deterministic_and_thread_count_independent():
     finally:
         torch.set_num_threads(threads)
     torch.testing.assert_close(single, first, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_few_rows(activation, dtype):
+    # M * 8 <= N: the forward concatenates (concat_is_cheaper), the backward stays per segment.
+    xs, w, b = make_case((2, 3), (40, 1, 23), 64, dtype)
+    check_against_reference(xs, w, b, activation)
+
+
+@pytest.mark.parametrize("lead,n", [((2, 3), 64), ((50,), 6)])
+def test_eager_route_matches_the_registered_autograd(lead, n):
+    # mmkernels.fused_concat_linear takes a direct autograd.Function in plain eager; torch.ops callers,
+    # torch.compile and export get the register_autograd formula. Both must give the same numbers.
+    xs, w, b = make_case(lead, (7, 12), n, torch.float32)
+    xs[1].requires_grad_(False)
+    g = torch.randn(*lead, n)
+    for activation in ("relu", "silu"):
+        direct = mmkernels.fused_concat_linear(xs, w, b, activation)
+        assert type(direct.grad_fn).__name__ == "_FusedConcatLinearEagerBackward"
+        registered, _ = torch.ops.mmkernels.fused_concat_linear(xs, w, b, activation)
+        assert torch.equal(direct, registered)
+        for a, e in zip(torch.autograd.grad(direct, [xs[0], w, b], g), torch.autograd.grad(registered, [xs[0], w, b], g)):
+            assert torch.equal(a, e)
+
+
+def test_no_grad_call_records_no_graph():
+    xs, w, b = make_case((4,), (3, 2), 5, torch.float32)
+    with torch.no_grad():
+        assert mmkernels.fused_concat_linear(xs, w, b, "relu").grad_fn is None
+    xs, w, b = make_case((4,), (3, 2), 5, torch.float32, requires_grad=False)
+    assert mmkernels.fused_concat_linear(xs, w, b, "relu").grad_fn is None
+
+
+def test_double_backward_is_a_clear_error():
+    xs, w, b = make_case((4,), (3, 2), 5, torch.float64)
+    out = mmkernels.fused_concat_linear(xs, w, b, "tanh")
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.sum(), w, create_graph=True)
+
+
+def test_few_rows_non_contiguous_and_empty_segment():
+    base = [torch.randn(3, 2 * d) for d in (20, 0, 9)]
+    xs = [t[:, ::2].requires_grad_() for t in base]  # rows not contiguous: the cat/copy_ fallback
+    w = (torch.randn(48, 29) / 29 ** 0.5).requires_grad_()
+    b = torch.randn(48, requires_grad=True)
+    check_against_reference(xs, w, b, "relu")
+    xs = [torch.randn(3, d, requires_grad=True) for d in (20, 0, 9)]  # contiguous, one empty segment
+    check_against_reference(xs, w, b, "gelu")

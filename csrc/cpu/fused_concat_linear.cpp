@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -77,10 +78,53 @@ int64_t block_rows(const Problem& p) {
 bool concat_is_cheaper(const Problem& p) { return p.rows.size() > 1 && p.M * 8 <= p.N; }
 
 // The same problem with the inputs concatenated into one segment (used where concat_is_cheaper).
+Problem concatenated(const Problem& p, const at::Tensor& weight);
+
+// Copies between the (M, D_s) segments and one (M, K) row-major matrix holding them side by side:
+// parts -> whole (to_whole) or whole -> parts. One memcpy per row and segment, in parallel only over
+// chunks of at least 1 MB: at::cat and Tensor::copy_ open a parallel region above 32K elements, and
+// under load each region waits for a descheduled thread (this is the few-rows path, where the copies
+// are small next to W). Segments whose rows are not contiguous go through at::cat / copy_.
+void copy_segments(const at::Tensor& whole, const std::vector<at::Tensor>& parts, bool to_whole) {
+  const int64_t M = whole.size(0), K = whole.size(1);
+  bool rows_contiguous = whole.is_contiguous();
+  for (const auto& x : parts) rows_contiguous = rows_contiguous && x.stride(1) == 1 && x.scalar_type() == whole.scalar_type();
+  if (!rows_contiguous) {
+    if (to_whole) {
+      at::Tensor out = whole;
+      at::cat_out(out, parts, 1);
+    } else {
+      for (int64_t s = 0, off = 0; s < int64_t(parts.size()); off += parts[s].size(1), ++s) {
+        at::Tensor dst = parts[s];
+        dst.copy_(whole.narrow(1, off, parts[s].size(1)));
+      }
+    }
+    return;
+  }
+  const int64_t elem = whole.element_size();
+  char* base = static_cast<char*>(whole.data_ptr());
+  const int64_t grain = std::max<int64_t>(1, ((int64_t(1) << 20) / elem + K - 1) / std::max<int64_t>(K, 1));
+  at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
+    int64_t off = 0;
+    for (const auto& x : parts) {
+      const int64_t d = x.size(1);
+      if (d == 0) continue;
+      char* seg = static_cast<char*>(x.data_ptr());
+      for (int64_t r = r0; r < r1; ++r) {
+        char* w = base + (r * K + off) * elem;
+        char* v = seg + r * x.stride(0) * elem;
+        if (to_whole) std::memcpy(w, v, d * elem); else std::memcpy(v, w, d * elem);
+      }
+      off += d;
+    }
+  });
+}
+
 Problem concatenated(const Problem& p, const at::Tensor& weight) {
   Problem c;
   c.M = p.M, c.N = p.N, c.K = p.K, c.lead = p.lead;
-  c.rows = {at::cat(p.rows, 1)};
+  c.rows = {at::empty({p.M, p.K}, weight.options())};
+  copy_segments(c.rows[0], p.rows, true);
   c.weight_t = {weight.t()};
   return c;
 }
@@ -90,14 +134,16 @@ Problem concatenated(const Problem& p, const at::Tensor& weight) {
 template <typename F>
 void for_each_row_block(int64_t M, int64_t rows, F&& fn) {
   const int64_t nblocks = (M + rows - 1) / rows;
-  // OpenMP workers do not inherit the caller's dispatcher state (we run below autograd): carry it over.
-  const at::ThreadLocalState state;
   auto run = [&](int64_t b0, int64_t b1) {
-    at::ThreadLocalStateGuard guard(state);
     for (int64_t b = b0; b < b1; ++b) fn(b * rows, std::min(rows, M - b * rows));
   };
   if (nblocks >= 2 * at::get_num_threads()) {
-    at::parallel_for(0, nblocks, 1, run);
+    // OpenMP workers do not inherit the caller's dispatcher state (we run below autograd): carry it over.
+    const at::ThreadLocalState state;
+    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+      at::ThreadLocalStateGuard guard(state);
+      run(b0, b1);
+    });
   } else {
     run(0, nblocks);
   }
@@ -270,9 +316,10 @@ Grads backward(const Problem& p, const at::Tensor& g, const at::Tensor& z_saved,
   }
   at::Tensor grad_bias;
   if (bias_needs_grad) {
-    grad_bias = at::zeros({p.N}, weight.options().dtype(acc_type));
-    for (const auto& part : bias_parts) if (part.defined()) grad_bias.add_(part);
-    grad_bias = grad_bias.to(weight.scalar_type());
+    for (const auto& part : bias_parts) {
+      if (part.defined()) grad_bias = grad_bias.defined() ? grad_bias.add_(part) : part;
+    }
+    grad_bias = grad_bias.defined() ? grad_bias.to(weight.scalar_type()) : at::zeros({p.N}, weight.options());
   }
   return {std::move(grad_inputs), std::move(grad_weight), std::move(grad_bias)};
 }
@@ -302,11 +349,18 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> fused_concat_linear_
   std::vector<at::Tensor> grad_inputs(inputs.size(), empty);
   Grads gr;
   if (concat_is_cheaper(p)) {
-    // As the forward did: one segment, its gradient split (copied: M*K is small here) per input.
+    // As the forward did: one segment, so two GEMMs (two parallel regions) in all, as eager's backward;
+    // the (M, K) input gradient is then split into one fresh tensor per input (small here, and copied
+    // without a parallel region, see copy_segments).
     const bool any = std::any_of(need.begin(), need.end(), [](bool b) { return b; });
     gr = backward(concatenated(p, weight), g, preact, out, weight, act, {any}, weight_needs_grad, bias_needs_grad);
-    for (int64_t s = 0, off = 0; s < int64_t(inputs.size()); off += inputs[s].size(-1), ++s) {
-      if (need[s]) grad_inputs[s] = gr.inputs[0].narrow(1, off, inputs[s].size(-1)).contiguous();
+    if (any) {
+      std::vector<at::Tensor> parts;
+      for (size_t s = 0; s < inputs.size(); ++s) parts.push_back(at::empty({p.M, inputs[s].size(-1)}, weight.options()));
+      copy_segments(gr.inputs[0], parts, false);
+      for (size_t s = 0; s < inputs.size(); ++s) {
+        if (need[s]) grad_inputs[s] = parts[s];
+      }
     }
   } else {
     gr = backward(p, g, preact, out, weight, act, need, weight_needs_grad, bias_needs_grad);
