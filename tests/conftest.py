@@ -1,7 +1,26 @@
+import hashlib
+import os
+import tempfile
 import zlib
 
 import pytest
 import torch
+
+import mmkernels
+
+
+def _inductor_cache_for_this_build() -> None:
+    # torch.compile's on-disk caches are keyed on the traced code, not on our library's fake kernels:
+    # after a rebuild that changes an op's output strides, a shared cache replays graphs compiled for
+    # the old ones. One cache directory per build of the library keeps reuse within a build only.
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        return
+    lib = mmkernels._C.__file__
+    stamp = hashlib.sha1(f"{lib}:{os.path.getmtime(lib)}:{os.path.getsize(lib)}".encode()).hexdigest()[:12]
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), f"mmkernels-inductor-{stamp}")
+
+
+_inductor_cache_for_this_build()
 
 
 def pytest_collection_modifyitems(config, items):
