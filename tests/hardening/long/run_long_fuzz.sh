@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The long differential-fuzzing profile: fresh random cases for every op and module (thousands of
-# them in all; MMKERNELS_FUZZ_EXAMPLES per op), and the bad-input matrix again. A failure prints the
-# falsifying case and a @reproduce_failure blob to replay it.
+# The long differential-fuzzing profile: random cases for every op, module and convert() (thousands
+# of them in all; MMKERNELS_FUZZ_EXAMPLES per entry). A failure prints the falsifying case and a
+# @reproduce_failure blob to replay it.
 set -euo pipefail
 # Run by .ci/steps/30-long-fuzz.sh. Failures it found, and what became of them:
 #  - cross_modal_attention with stride-0 keys/values: MKL refused ld = 0 (a real bug, fixed, with a
