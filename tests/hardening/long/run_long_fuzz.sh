@@ -13,6 +13,13 @@ set -euo pipefail
 #    own error in its dtype (fuzz_support.assert_matches; the run prints how often that was needed);
 #  - cross_modal_attention, a query whose only key has a NaN score and a NaN value: the reference
 #    multiplied the value by a zero probability (NaN) where its contract says zeros; fixed there.
+# Not yet triaged (2026-11-26, commit 32c99c0, MMKERNELS_FUZZ_EXAMPLES=2000, the CI seed; 18 min on 2
+# busy cores): two entries fail beyond the 400 cases CI runs:
+#  - cross_modal_attention, float64, Lq = Lk = 1, the only key and its value NaN: our grad_k is NaN where
+#    the reference's is 0 (which side is right for a NaN score needs a decision, then a fix);
+#  - nn.GatedCrossAttention, float32: grad of attn.k_proj_weight off by 1.4e-4 where 9.5e-5 is allowed
+#    (probably the K/V projection on the visible rows only, a different float32 summation order).
+# So "thousands of cases per op" (issue 7) is not what CI runs yet: 400 per entry, 4800 in all.
 # Run from the repo root: bash tests/hardening/long/run_long_fuzz.sh
 PY=${PY:-$(pwd)/.venv/bin/python}
 t0=$(date +%s)
