@@ -4,6 +4,8 @@ from __future__ import annotations
 import warnings
 from typing import Sequence
 
+import math
+
 import torch
 
 from . import _build, reference
@@ -86,6 +88,12 @@ def fused_concat_linear(
             "(torch.cat + F.linear) instead.",
         )
         return reference.fused_concat_linear(inputs, weight, bias, activation)
+    if key == "CPU" and _few_rows(inputs, weight):
+        # Shape rule (issue 2, measured in benchmarks/RESULTS.md): with M * 8 <= N rows the
+        # concatenation is small next to W, so there is nothing to fuse away, and PyTorch's own
+        # cat + linear + activation beats any call into an op by its fixed cost. torch.ops callers
+        # still get the op, whose kernel takes the same concatenate-then-one-GEMM path.
+        return reference.fused_concat_linear(inputs, weight, bias, activation)
     if _plain_eager(inputs, weight, bias):
         if torch.is_grad_enabled() and (
             weight.requires_grad or (bias is not None and bias.requires_grad) or any(x.requires_grad for x in inputs)
@@ -100,6 +108,11 @@ def fused_concat_linear(
 _FCL = torch.ops.mmkernels.fused_concat_linear.default
 _FCL_BACKWARD = torch.ops.mmkernels.fused_concat_linear_backward.default
 _TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _few_rows(inputs, weight) -> bool:
+    """The kernels' concat_is_cheaper rule (csrc/cpu/fused_concat_linear.cpp): several inputs and M * 8 <= N."""
+    return len(inputs) > 1 and math.prod(inputs[0].shape[:-1]) * 8 <= weight.shape[0]
 
 
 def _plain_eager(inputs, weight, bias) -> bool:
