@@ -11,7 +11,7 @@ Differences from nn.MultiheadAttention, all deliberate:
 - ``is_causal`` is a hint, as in nn.MultiheadAttention: ``attn_mask`` must be given and is what is used.
 - Dropout masks come from the op's own generator draw, so they differ from nn.MultiheadAttention's
   for the same seed when ``need_weights=False`` (same distribution; the same seed reproduces ours).
-- With ``need_weights=False`` and a bool ``key_padding_mask`` that hides at least 1/8 of the keys,
+- With a bool ``key_padding_mask`` that hides at least 1/8 of the keys (except on the slow path),
   the padded key/value rows are not projected at all (the K/V projections run on the visible rows
   only, forward and backward; eager mode, see ``_visible_key_rows``). The numbers are the same, but
   what padded rows hold is then never read: a NaN there does not reach the output, while
