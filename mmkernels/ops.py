@@ -1,10 +1,9 @@
 """Thin Python wrappers over torch.ops.mmkernels.*, with their fake (meta) kernels and autograd."""
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Sequence
-
-import math
 
 import torch
 
@@ -217,7 +216,6 @@ class _FusedConcatLinearEager(torch.autograd.Function):
         with torch._C._AutoDispatchBelowAutograd():
             out, preact = _FCL(list(inputs), weight, bias, activation)
         ctx.activation = activation
-        ctx.num_inputs = len(inputs)
         keep_out = activation not in _NEEDS_PREACT and activation != "none"
         ctx.save_for_backward(*inputs, weight, out if keep_out else weight.new_empty(0), preact)
         return out

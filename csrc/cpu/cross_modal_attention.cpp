@@ -549,8 +549,7 @@ std::tuple<at::Tensor, at::Tensor> cross_modal_attention_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& kv_lengths, const std::optional<at::Tensor>& attn_mask, double scale,
     double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
-  check_inputs(q, k, v);
-  const auto ct = compute_type(q.scalar_type());
+  const auto ct = compute_type(q.scalar_type());  // make_problem checks q, k, v
   Problem p = make_problem(q, k, v, key_padding_mask, kv_lengths, attn_mask, scale, dropout_p, dropout_seed, ct);
   at::Tensor lse = at::empty({p.B, p.H, p.Lq}, q.options().dtype(ct));
   if (q.scalar_type() == at::kBFloat16 && p.E % 2 == 0) {
@@ -583,8 +582,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_modal_attention_backward_cp
     const at::Tensor& lse, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& kv_lengths, const std::optional<at::Tensor>& attn_mask, double scale,
     double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
-  check_inputs(q, k, v);
-  const auto ct = compute_type(q.scalar_type());
+  const auto ct = compute_type(q.scalar_type());  // make_problem checks q, k, v
   Problem p = make_problem(q, k, v, key_padding_mask, kv_lengths, attn_mask, scale, dropout_p, dropout_seed, ct);
   MMK_CHECK_ARG(grad_out.sizes() == at::IntArrayRef({p.B, p.H, p.Lq, p.Ev}), "grad_out", "expected shape (", p.B,
                 ", ", p.H, ", ", p.Lq, ", ", p.Ev, "), got ", grad_out.sizes());

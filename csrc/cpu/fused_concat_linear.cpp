@@ -77,9 +77,6 @@ int64_t block_rows(const Problem& p) {
 // other shape has M >= 8 N.
 bool concat_is_cheaper(const Problem& p) { return p.rows.size() > 1 && p.M * 8 <= p.N; }
 
-// The same problem with the inputs concatenated into one segment (used where concat_is_cheaper).
-Problem concatenated(const Problem& p, const at::Tensor& weight);
-
 // Copies between the (M, D_s) segments and one (M, K) row-major matrix holding them side by side:
 // parts -> whole (to_whole) or whole -> parts. One memcpy per row and segment, in parallel only over
 // chunks of at least 1 MB: at::cat and Tensor::copy_ open a parallel region above 32K elements, and
@@ -120,6 +117,7 @@ void copy_segments(const at::Tensor& whole, const std::vector<at::Tensor>& parts
   });
 }
 
+// The same problem with the inputs concatenated into one segment (used where concat_is_cheaper).
 Problem concatenated(const Problem& p, const at::Tensor& weight) {
   Problem c;
   c.M = p.M, c.N = p.N, c.K = p.K, c.lead = p.lead;

@@ -71,7 +71,7 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& kv_lengths,
                  const std::optional<at::Tensor>& attn_mask, double scale, double dropout_p,
                  const std::optional<at::Tensor>& dropout_seed, at::ScalarType float_mask_type) {
-  check_inputs(q, k, v);
+  // q, k, v were checked by the op, before its device guard.
   Prepared p;
   p.B = q.size(0), p.H = q.size(1), p.Lq = q.size(2), p.Lk = k.size(2), p.E = q.size(3), p.Ev = v.size(3);
   p.scale = scale;
