@@ -145,6 +145,24 @@ def test_stride_zero_keys_and_values():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_row_whose_only_score_is_nan_has_zero_gradient(dtype):
+    # A NaN score alone does not make a key visible, so a row whose every score is NaN sees no key:
+    # zeros, and zero dS even where the value is NaN too (found by the long fuzz profile: backward
+    # formed 0 * NaN for that row's dS, so all of grad_q was NaN). dQ = dS K still carries k's NaN
+    # feature (0 * NaN), in the reference too.
+    q = torch.randn(1, 1, 2, 2, dtype=dtype, requires_grad=True)
+    k = torch.tensor([[[[float("nan"), 1.0]]]], dtype=dtype, requires_grad=True)
+    v = torch.full((1, 1, 1, 3), float("nan"), dtype=dtype, requires_grad=True)
+    got = mmkernels.cross_modal_attention(q, k, v)
+    want = reference.cross_modal_attention(q, k, v)
+    g = torch.randn_like(got)
+    got_grads = torch.autograd.grad(got, (q, k, v), g)
+    for a, b in zip((got, *got_grads), (want, *torch.autograd.grad(want, (q, k, v), g))):
+        torch.testing.assert_close(a, b, equal_nan=True)
+    assert (got == 0).all() and (got_grads[0][..., 1] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_fully_masked_rows(dtype):
     B, H, Lq, Lk, E, Ev = 3, 2, 6, 140, 8, 5
     q, k, v = make_qkv(B, H, Lq, Lk, E, Ev, dtype)

@@ -86,8 +86,10 @@ MMK_CLONES void probs_from_lse(float* s, const float* bias, const float* lse, in
   }
 }
 
-MMK_CLONES void dscore(float* ds, const float* p, const float* dp, const float* d, int64_t n, float scale) {
-  for (int64_t c = 0; c < n; ++c) ds[c] = p[c] * (dp[c] - d[c]) * scale;
+MMK_CLONES void dscore(float* ds, const float* p, const float* dp, const float* d, const float* lse, int64_t n,
+                       float scale) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  for (int64_t c = 0; c < n; ++c) ds[c] = lse[c] == kInf ? 0.0f : p[c] * (dp[c] - d[c]) * scale;
 }
 
 MMK_CLONES void dropout_factors_col(float* z, const uint64_t* key, uint32_t j, int64_t n, uint32_t threshold,
@@ -142,8 +144,10 @@ void probs_from_lse(double* s, const double* bias, const double* lse, int64_t n,
     s[c] = lse[c] == kInf ? 0.0 : std::exp(s[c] * scale + (bias != nullptr ? bias[c] : 0.0) - lse[c]);
 }
 
-void dscore(double* ds, const double* p, const double* dp, const double* d, int64_t n, double scale) {
-  for (int64_t c = 0; c < n; ++c) ds[c] = p[c] * (dp[c] - d[c]) * scale;
+void dscore(double* ds, const double* p, const double* dp, const double* d, const double* lse, int64_t n,
+            double scale) {
+  constexpr double kInf = std::numeric_limits<double>::infinity();
+  for (int64_t c = 0; c < n; ++c) ds[c] = lse[c] == kInf ? 0.0 : p[c] * (dp[c] - d[c]) * scale;
 }
 
 void dropout_factors_col(double* z, const uint64_t* key, uint32_t j, int64_t n, uint32_t threshold, double inv_keep) {

@@ -17,8 +17,9 @@ float exp_sum(float* s, int64_t n, float m);
 void scale(float* x, int64_t n, float a);
 // p = exp(s * scale + bias - lse) (bias may be null), lse per column.
 void probs_from_lse(float* s, const float* bias, const float* lse, int64_t n, float scale);
-// ds = p * (dp - d) * scale, d per column; ds may alias dp.
-void dscore(float* ds, const float* p, const float* dp, const float* d, int64_t n, float scale);
+// ds = p * (dp - d) * scale, d and lse per column; ds may alias dp. 0 in a column with lse = +inf
+// (a row that saw no key), whatever dp holds: its gradient is zero even where a value is NaN.
+void dscore(float* ds, const float* p, const float* dp, const float* d, const float* lse, int64_t n, float scale);
 // z[c] = inv_keep where hash(key[c], j) >= threshold else 0: the dropout factors of one key j over
 // a run of query rows (their row keys in key[]).
 void dropout_factors_col(float* z, const uint64_t* key, uint32_t j, int64_t n, uint32_t threshold, float inv_keep);
@@ -34,7 +35,8 @@ double scale_bias_max(double* s, const double* bias, int64_t n, double scale);
 double exp_sum(double* s, int64_t n, double m);
 void scale(double* x, int64_t n, double a);
 void probs_from_lse(double* s, const double* bias, const double* lse, int64_t n, double scale);
-void dscore(double* ds, const double* p, const double* dp, const double* d, int64_t n, double scale);
+void dscore(double* ds, const double* p, const double* dp, const double* d, const double* lse, int64_t n,
+            double scale);
 void dropout_factors_col(double* z, const uint64_t* key, uint32_t j, int64_t n, uint32_t threshold, double inv_keep);
 void dropout_factors_row(double* z, uint64_t key, uint32_t j0, int64_t n, uint32_t threshold, double inv_keep);
 void mul(double* x, const double* z, int64_t n);

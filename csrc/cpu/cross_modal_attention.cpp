@@ -528,7 +528,7 @@ void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k,
         gemm(false, true, nk, nq, p.Ev, vr, vs2, doi, dos2, DS, BQ, false);    // dP^T = V_j dO_i^T
         for (int64_t r = 0; r < nk; ++r) {
           if (p.dropout) rows::mul(DS + r * BQ, Z + r * BQ, nq);
-          rows::dscore(DS + r * BQ, PT + r * BQ, DS + r * BQ, Db + i0, nq, scale);  // dS^T, scaled
+          rows::dscore(DS + r * BQ, PT + r * BQ, DS + r * BQ, Db + i0, lseb + i0, nq, scale);  // dS^T, scaled
         }
         gemm(false, false, nk, p.E, nq, DS, BQ, qi, qs2, dKa, p.E, true);                  // dK_j += dS^T Q_i
         gemm(true, false, nq, p.E, nk, DS, BQ, kr, ks2, dqb + i0 * dqs2, dqs2, true);      // dQ_i += dS K_j

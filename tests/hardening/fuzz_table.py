@@ -858,11 +858,14 @@ def convert_cases(draw):
 
 
 def convert_run(case, impl, dtype):
-    if case["heads"] * case["head_dim"] == 1:
-        # A LayerNorm over one feature (the transformer layers' norms with embed_dim 1) outputs
-        # (x - mean) / sqrt(eps) = rounding residue * 316: its weight's true gradient is 0, and any
-        # float32 evaluation is pure amplified noise (no attention there to compare). Width 1 is
-        # still fuzzed through the fusion and the attention, without the layer.
+    if case["heads"] * case["head_dim"] <= 2:
+        # A LayerNorm over one or two features (the transformer layers' norms with embed_dim 1 or 2)
+        # is degenerate: its normalised output is 0 or +-1 up to eps, so its backward is an exact
+        # cancellation whose rounding residue is amplified by |x| / std(x), without bound as the
+        # features approach each other (a CI run drew a row with std/|x| = 0.0023: PyTorch's own
+        # float32 gradients were off by 1e-3 there, ours by 2.8x that). Any float32 evaluation is
+        # amplified noise there. Widths 1 and 2 are still fuzzed through the fusion and the
+        # attention, without the layer.
         case = {**case, "layer": None}
     original = _build(lambda: _ConvertModel(case).to(case["dtype"]), case).train(case["train"])
     b, length, mlen = case["batch"], case["length"], case["media_length"]

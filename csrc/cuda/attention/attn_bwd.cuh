@@ -167,7 +167,8 @@ __global__ void __launch_bounds__(BwdTraits<D>::kThreads) attn_bwd_kernel(const 
           const float prob = exp2f(x - lse2);
           const float z = p.dropout ? dropout_factor(p, rk, key[r]) : 1.0f;
           st[n][e] = prob * z;
-          dpt[n][e] = prob * (dpt[n][e] * z - dsum);
+          // A row that saw no key (lse = +inf) gets zero gradient even where a value is NaN.
+          dpt[n][e] = lse2 == INFINITY ? 0.0f : prob * (dpt[n][e] * z - dsum);
         }
       }
     }
