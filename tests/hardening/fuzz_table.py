@@ -773,6 +773,14 @@ SPECS += [
 # need_weights=False) and optionally inside an nn.TransformerEncoderLayer / DecoderLayer. The
 # converted copy is compared with the original model evaluated in float64 on the same inputs, in
 # output and in the gradient of every input and parameter (same names: state_dict keys are kept).
+#
+# In float64 only: a rewritten model must compute the same function, which float64 decides. In
+# float32 a deep model's backward amplifies its forward rounding differently for every evaluation
+# order, so no bound on one evaluation's error holds: with every op of ours within PyTorch's own
+# float32 error (each is fuzzed in float32/bfloat16 in its own entry above), a post-norm encoder
+# layer behind a cross-attention on scale-10 media gave input gradients 15x further from float64
+# than PyTorch's own float32 evaluation (long profile, seed 4), where the two differ only in the
+# order of one linear's segment sums.
 
 _CONVERT_ACTIVATIONS = ["none", "nn.ReLU", "nn.GELU", "nn.GELU-tanh", "nn.SiLU", "nn.Tanh", "nn.Sigmoid",
                         "F.relu", "F.gelu", "torch.tanh", "torch.sigmoid", ".relu()", ".sigmoid()"]
@@ -832,7 +840,7 @@ class _ConvertModel(nn.Module):
 def convert_cases(draw):
     widths = draw(st.lists(positive_size, min_size=2, max_size=4))
     return {
-        "dtype": draw(module_dtypes),
+        "dtype": torch.float64,  # see the note above
         "widths": widths,
         "heads": draw(st.sampled_from([1, 2, 4])),
         "head_dim": draw(st.sampled_from([1, 2, 4])),
@@ -858,14 +866,11 @@ def convert_cases(draw):
 
 
 def convert_run(case, impl, dtype):
-    if case["heads"] * case["head_dim"] <= 2:
-        # A LayerNorm over one or two features (the transformer layers' norms with embed_dim 1 or 2)
-        # is degenerate: its normalised output is 0 or +-1 up to eps, so its backward is an exact
-        # cancellation whose rounding residue is amplified by |x| / std(x), without bound as the
-        # features approach each other (a CI run drew a row with std/|x| = 0.0023: PyTorch's own
-        # float32 gradients were off by 1e-3 there, ours by 2.8x that). Any float32 evaluation is
-        # amplified noise there. Widths 1 and 2 are still fuzzed through the fusion and the
-        # attention, without the layer.
+    if case["heads"] * case["head_dim"] == 1:
+        # A LayerNorm over one feature (the transformer layers' norms with embed_dim 1) outputs
+        # (x - mean) / sqrt(eps) = rounding residue * 316: its weight's true gradient is 0, and any
+        # evaluation is pure amplified noise (no attention there to compare). Width 1 is still
+        # fuzzed through the fusion and the attention, without the layer.
         case = {**case, "layer": None}
     original = _build(lambda: _ConvertModel(case).to(case["dtype"]), case).train(case["train"])
     b, length, mlen = case["batch"], case["length"], case["media_length"]
