@@ -93,7 +93,7 @@ def fused_concat_linear(
         # cat + linear + activation beats any call into an op by its fixed cost. torch.ops callers
         # still get the op, whose kernel takes the same concatenate-then-one-GEMM path.
         return reference.fused_concat_linear(inputs, weight, bias, activation)
-    if _plain_eager(inputs, weight, bias):
+    if _plain_eager(*inputs, weight, bias):
         if torch.is_grad_enabled() and (
             weight.requires_grad or (bias is not None and bias.requires_grad) or any(x.requires_grad for x in inputs)
         ):
@@ -114,16 +114,15 @@ def _few_rows(inputs, weight) -> bool:
     return len(inputs) > 1 and math.prod(inputs[0].shape[:-1]) * 8 <= weight.shape[0]
 
 
-def _plain_eager(inputs, weight, bias) -> bool:
-    """True for a plain eager call: plain tensors, no torch.compile/export tracing, no torch-function or
-    dispatch mode, no functorch transform. Only then does fused_concat_linear take its direct route (see
-    _FusedConcatLinearEager); anything else goes through the registered op and its register_autograd
-    formula, which every tracer and transform understands."""
+def _plain_eager(*tensors) -> bool:
+    """True for a plain eager call on `tensors` (None allowed): plain tensors, no torch.compile/export
+    tracing, no torch-function or dispatch mode, no functorch transform. Only then does
+    fused_concat_linear take its direct route (see _FusedConcatLinearEager), or CrossModalAttention
+    its recomputing weights; anything else goes through registered ops and formulas, which every
+    tracer and transform understands."""
     return (
         not torch.compiler.is_compiling()
-        and type(weight) in _TENSOR_TYPES
-        and (bias is None or type(bias) in _TENSOR_TYPES)
-        and all(type(x) in _TENSOR_TYPES for x in inputs)
+        and all(t is None or type(t) in _TENSOR_TYPES for t in tensors)
         and not torch._C._is_torch_function_mode_enabled()
         and torch._C._len_torch_dispatch_stack() == 0
         and torch._C._functorch.peek_interpreter_stack() is None

@@ -4,10 +4,11 @@ Differences from nn.MultiheadAttention, all deliberate:
 - A query row that can see no key (every key padded or masked out) returns zeros and passes zero
   gradient; nn.MultiheadAttention returns NaN there (and, with need_weights=True, NaN weights).
 - ``need_weights=True`` (nn.MultiheadAttention's default) still computes the output with the fused
-  op and computes the weights beside it (averaged a few heads at a time), so a caller that drops them
-  keeps nothing of them for backward. Only with dropout in training is the output made from
-  materialised, dropped weights, as nn.MultiheadAttention does (so that the returned weights are
-  the ones that made it): that is the slow path.
+  op and computes the weights beside it (averaged a few heads at a time, and recomputed so in their
+  backward: see _AveragedWeights), so a caller that drops them keeps nothing of them for backward.
+  Only with dropout in training is the output made from materialised, dropped weights, as
+  nn.MultiheadAttention does (so that the returned weights are the ones that made it): that is the
+  slow path.
 - ``is_causal`` is a hint, as in nn.MultiheadAttention: ``attn_mask`` must be given and is what is used.
 - Dropout masks come from the op's own generator draw, so they differ from nn.MultiheadAttention's
   for the same seed when ``need_weights=False`` (same distribution; the same seed reproduces ours).
@@ -262,14 +263,7 @@ class CrossModalAttention(nn.Module):
         return out, weights
 
     def _scores_to_weights(self, q, k, additive):
-        """softmax(q k^T scale + additive) in nn.MultiheadAttention's order of operations, except that
-        rows with no visible key give zero weights instead of NaN."""
-        scale = math.sqrt(1.0 / float(self.head_dim))  # MHA's exact expression, for bitwise-equal scores
-        scores = torch.matmul(q * scale, k.transpose(-2, -1))
-        if additive is not None:
-            scores = scores + additive
-        dead = scores.amax(dim=-1, keepdim=True) == float("-inf")
-        return torch.softmax(scores.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
+        return _scores_to_weights(q, k, additive, math.sqrt(1.0 / float(self.head_dim)))
 
     def _attention_with_weights(self, q, k, v, key_padding_mask, attn_mask, added, dropout_p):
         """need_weights=True with dropout: materialises (B, H, Lq, Lk) weights as
@@ -280,22 +274,18 @@ class CrossModalAttention(nn.Module):
         return torch.matmul(weights, v), weights
 
     def _weights(self, q, k, key_padding_mask, attn_mask, added, average):
-        """The (B, H, Lq, Lk) attention weights, or their mean over heads, computed a few heads at a
-        time so that about 4M scores are alive at once (not H times Lq * Lk per batch)."""
+        """The (B, H, Lq, Lk) attention weights, or their mean over heads computed a few heads at a
+        time (see _AveragedWeights)."""
         additive = weights_path_mask(key_padding_mask, attn_mask, q.shape[0], self.num_heads, added, q.dtype)
         if not average:
             return self._scores_to_weights(q, k, additive)
-        B, H, Lq, _ = q.shape
-        step = max(1, (1 << 22) // max(1, B * Lq * k.shape[2]))
-        total = None
-        for h0 in range(0, H, step):
-            heads = slice(h0, h0 + step)
-            mask = additive  # None, (Lq, Lk), or 4-D with a head dim of H or 1
-            if additive is not None and additive.dim() == 4 and additive.shape[1] > 1:
-                mask = additive[:, heads]
-            part = self._scores_to_weights(q[:, heads], k[:, heads], mask).sum(dim=1)
-            total = part if total is None else total + part
-        return total / H
+        scale = math.sqrt(1.0 / float(self.head_dim))
+        if ops._plain_eager(q, k, additive) and not (additive is not None and additive.requires_grad):
+            return _AveragedWeights.apply(q, k, additive, scale)
+        # Traced or transformed: plain autograd over the same chunks, which every tracer and transform
+        # understands (it keeps every chunk's probabilities for backward).
+        return sum(_scores_to_weights(q[:, h], k[:, h], m, scale).sum(dim=1)
+                   for h, m in _head_chunks(q, k, additive)) / q.shape[1]
 
     # ------------------------------------------------------------------ interop
 
@@ -332,6 +322,73 @@ class CrossModalAttention(nn.Module):
             extras.append("add_zero_attn=True")
         extras.append(f"batch_first={self.batch_first}")
         return ", ".join(extras)
+
+
+def _scores_to_weights(q, k, additive, scale):
+    """softmax(q k^T scale + additive) in nn.MultiheadAttention's order of operations (`scale` is its
+    exact expression, for bitwise-equal scores), except that rows with no visible key give zero
+    weights instead of NaN."""
+    scores = torch.matmul(q * scale, k.transpose(-2, -1))
+    if additive is not None:
+        scores = scores + additive
+    dead = scores.amax(dim=-1, keepdim=True) == float("-inf")
+    return torch.softmax(scores.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
+
+
+# Scores alive at once while the head-averaged weights are computed (16 MB of float32).
+_WEIGHTS_CHUNK_SCORES = 1 << 22
+
+
+def _head_chunks(q, k, additive):
+    """(head slice, its additive mask) covering q's heads a few at a time, at most
+    _WEIGHTS_CHUNK_SCORES scores each (or one head)."""
+    B, H, Lq, _ = q.shape
+    step = max(1, _WEIGHTS_CHUNK_SCORES // max(1, B * Lq * k.shape[2]))
+    for h0 in range(0, H, step):
+        heads = slice(h0, h0 + step)
+        mask = additive  # None, (Lq, Lk), or 4-D with a head dim of H or 1
+        if additive is not None and additive.dim() == 4 and additive.shape[1] > 1:
+            mask = additive[:, heads]
+        yield heads, mask
+
+
+class _AveragedWeights(torch.autograd.Function):
+    """The head-averaged attention weights (B, Lq, Lk), a few heads at a time, keeping nothing of
+    the per-head probabilities: backward recomputes each chunk's (activation checkpointing). So at
+    most one chunk's scores are alive at once, in forward and in backward, and a caller that drops
+    the weights (`out, _ = mha(...)`, `mha(...)[0]`) pays neither memory nor backward time for them;
+    differentiating autograd's own chunks would keep every chunk's probabilities until then."""
+
+    @staticmethod
+    def forward(ctx, q, k, additive, scale):
+        ctx.scale = scale
+        ctx.save_for_backward(q, k, additive)
+        total = None
+        for heads, mask in _head_chunks(q, k, additive):
+            part = _scores_to_weights(q[:, heads], k[:, heads], mask, scale).sum(dim=1)
+            total = part if total is None else total.add_(part)
+        return total.div_(q.shape[1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        q, k, additive = ctx.saved_tensors
+        need_q, need_k = ctx.needs_input_grad[:2]
+        dq = torch.zeros_like(q) if need_q else None
+        dk = torch.zeros_like(k) if need_k else None
+        grad = grad / q.shape[1]
+        for heads, mask in _head_chunks(q, k, additive):
+            with torch.enable_grad():
+                qh = q[:, heads].detach().requires_grad_(need_q)
+                kh = k[:, heads].detach().requires_grad_(need_k)
+                part = _scores_to_weights(qh, kh, mask, ctx.scale).sum(dim=1)
+                wrt = [t for t in (qh, kh) if t.requires_grad]
+                grads = iter(torch.autograd.grad(part, wrt, grad))
+            if need_q:
+                dq[:, heads] = next(grads)
+            if need_k:
+                dk[:, heads] = next(grads)
+        return dq, dk, None, None
 
 
 def _shell(cls, src):

@@ -333,7 +333,8 @@ def test_fully_masked_rows_with_weights_give_zeros_where_mha_gives_nan(how):
 
 def test_need_weights_output_does_not_depend_on_the_weights_graph():
     # MHA's default need_weights=True: the output comes from the fused op and the weights are
-    # computed beside it, so a caller that drops the weights keeps no (Lq, Lk) tensor for backward.
+    # computed beside it, so a caller that drops the weights keeps no (Lq, Lk) tensor for backward;
+    # the weights themselves keep none either (their backward recomputes them).
     mha, cma = make_pair(batch_first=True)
     inputs = make_inputs(mha, 2, 5, 7)
     kpm = make_kpm("bool", 2, 7)
@@ -351,8 +352,27 @@ def test_need_weights_output_does_not_depend_on_the_weights_graph():
 
     names = {type(n).__name__ for n in graph_nodes(out.grad_fn, set())}
     assert not any("Softmax" in n for n in names), names
-    assert any("Softmax" in type(n).__name__ for n in graph_nodes(weights.grad_fn, set()))
+    assert type(weights.grad_fn).__name__ == "_AveragedWeightsBackward"
+    saved = [t for t in weights.grad_fn.saved_tensors if t is not None]
+    assert saved and not any(t.shape[-2:] == (5, 7) for t in saved), [t.shape for t in saved]
 
+
+
+@pytest.mark.parametrize("kind", ["none", "kpm", "float-3d"])
+def test_averaged_weights_gradcheck_one_head_per_chunk(kind, monkeypatch):
+    # The head-averaged weights recompute their probabilities chunk by chunk in backward; one head
+    # per chunk here, so the chunking is exercised on small shapes.
+    from mmkernels.nn import cross_modal_attention as cma_module
+
+    monkeypatch.setattr(cma_module, "_WEIGHTS_CHUNK_SCORES", 1)
+    mha, cma = make_pair(batch_first=True)
+    inputs = make_inputs(mha, 2, 5, 7)
+    masks = {"none": {}, "kpm": {"key_padding_mask": make_kpm("bool", 2, 7)},
+             "float-3d": {"attn_mask": torch.randn(2 * mha.num_heads, 5, 7, dtype=torch.float64)}}[kind]
+    weights = cma(*inputs, **masks)[1]
+    assert type(weights.grad_fn).__name__ == "_AveragedWeightsBackward"
+    torch.testing.assert_close(weights, mha(*inputs, **masks)[1], **TOL[torch.float64])
+    torch.autograd.gradcheck(lambda q, k: cma(q, k, inputs[2], **masks)[1], inputs[:2])
 
 # --------------------------------------------------------------------------- padded keys skipped
 
