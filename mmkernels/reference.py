@@ -87,6 +87,21 @@ def film(x: torch.Tensor, cond: torch.Tensor, weight: torch.Tensor, bias: torch.
     return (gamma.reshape(shape) * xt + beta.reshape(shape)).movedim(-1, dim)
 
 
+def visible_keys(q, k, key_padding_mask=None, kv_lengths=None, attn_mask=None) -> torch.Tensor:
+    """Which keys each query may see under the bool masks (a float attn_mask hides nothing here):
+    bool, broadcastable to (B, H, Lq, Lk)."""
+    B, Lk = k.shape[0], k.shape[-2]
+    visible = torch.ones(B, 1, 1, Lk, dtype=torch.bool, device=q.device)
+    if key_padding_mask is not None:
+        visible = visible & ~key_padding_mask.view(B, 1, 1, Lk)
+    if kv_lengths is not None:
+        keys = torch.arange(Lk, device=q.device)
+        visible = visible & (keys.view(1, 1, 1, Lk) < kv_lengths.view(B, 1, 1, 1))
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        visible = visible & attn_mask
+    return visible
+
+
 def cross_modal_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -111,18 +126,9 @@ def cross_modal_attention(
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     s = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale
-    B, Lk = s.shape[0], s.shape[-1]
-    visible = torch.ones(B, 1, 1, Lk, dtype=torch.bool, device=q.device)
-    if key_padding_mask is not None:
-        visible = visible & ~key_padding_mask.view(B, 1, 1, Lk)
-    if kv_lengths is not None:
-        keys = torch.arange(Lk, device=q.device)
-        visible = visible & (keys.view(1, 1, 1, Lk) < kv_lengths.view(B, 1, 1, 1))
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            visible = visible & attn_mask
-        else:
-            s = s + attn_mask.to(ct)
+    visible = visible_keys(q, k, key_padding_mask, kv_lengths, attn_mask)
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        s = s + attn_mask.to(ct)
     s = s.masked_fill(~visible, float("-inf"))
     # Rows with no visible key: softmax of a finite stand-in (so no NaN reaches the gradient),
     # then zeroed.

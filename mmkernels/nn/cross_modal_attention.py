@@ -262,8 +262,11 @@ class CrossModalAttention(nn.Module):
             weights = weights.squeeze(0)
         return out, weights
 
+    def _weights_scale(self) -> float:
+        return math.sqrt(1.0 / float(self.head_dim))  # MHA's exact expression, for bitwise-equal scores
+
     def _scores_to_weights(self, q, k, additive):
-        return _scores_to_weights(q, k, additive, math.sqrt(1.0 / float(self.head_dim)))
+        return _scores_to_weights(q, k, additive, self._weights_scale())
 
     def _attention_with_weights(self, q, k, v, key_padding_mask, attn_mask, added, dropout_p):
         """need_weights=True with dropout: materialises (B, H, Lq, Lk) weights as
@@ -279,7 +282,7 @@ class CrossModalAttention(nn.Module):
         additive = weights_path_mask(key_padding_mask, attn_mask, q.shape[0], self.num_heads, added, q.dtype)
         if not average:
             return self._scores_to_weights(q, k, additive)
-        scale = math.sqrt(1.0 / float(self.head_dim))
+        scale = self._weights_scale()
         if ops._plain_eager(q, k, additive) and not (additive is not None and additive.requires_grad):
             return _AveragedWeights.apply(q, k, additive, scale)
         # Traced or transformed: plain autograd over the same chunks, which every tracer and transform

@@ -181,15 +181,7 @@ def flash_reference():
         if dropout_p > 0.0 or dropout_mask is not None:
             return materialised(q, k, v, key_padding_mask=key_padding_mask, kv_lengths=kv_lengths,
                                 attn_mask=attn_mask, scale=scale, dropout_p=dropout_p, dropout_mask=dropout_mask)
-        B, Lk = k.shape[0], k.shape[-2]
-        visible = torch.ones(B, 1, 1, Lk, dtype=torch.bool)
-        if key_padding_mask is not None:
-            visible = visible & ~key_padding_mask.view(B, 1, 1, Lk)
-        if kv_lengths is not None:
-            visible = visible & (torch.arange(Lk).view(1, 1, 1, Lk) < kv_lengths.view(B, 1, 1, 1))
-        if attn_mask is not None and attn_mask.dtype == torch.bool:
-            visible = visible & attn_mask
-        mask = visible
+        mask = visible = reference.visible_keys(q, k, key_padding_mask, kv_lengths, attn_mask)
         if attn_mask is not None and attn_mask.dtype != torch.bool:
             mask = attn_mask.to(q.dtype).masked_fill(~visible, -math.inf)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
