@@ -1,4 +1,6 @@
 """cross_modal_attention (the op) against the reference, SDPA, gradcheck, opcheck, compile and export."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -160,6 +162,34 @@ def test_row_whose_only_score_is_nan_has_zero_gradient(dtype):
     for a, b in zip((got, *got_grads), (want, *torch.autograd.grad(want, (q, k, v), g))):
         torch.testing.assert_close(a, b, equal_nan=True)
     assert (got == 0).all() and (got_grads[0][..., 1] == 0).all()
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 1, 3, 17), (1, 2, 130, 700, 64), (2, 1, 7, 300, 33)], ids=str)
+def test_backward_recomputes_the_forwards_probabilities(shape):
+    # Each query row sees one key, so its probability is exactly 1 if backward's recomputed score is
+    # the forward's to the bit; with logits of ~1e5 one ulp of difference is a 1% error in P, hence
+    # in grad_v (found by the long fuzz profile: backward formed K Q^T, the forward Q K^T).
+    B, H, Lq, Lk, E = shape
+    q = (torch.randn(B, H, Lq, E) * 1e3).requires_grad_()
+    k, v = torch.randn(B, H, Lk, E), torch.randn(B, H, Lk, 5, requires_grad=True)
+    allowed = torch.zeros(B, H, Lq, Lk, dtype=torch.bool)
+    allowed.scatter_(-1, torch.randint(0, Lk, (B, H, Lq, 1)), True)
+    out = mmkernels.cross_modal_attention(q, k, v, attn_mask=allowed, scale=10.0)
+    g = torch.randn_like(out)
+    (grad_v,) = torch.autograd.grad(out, v, g)
+    want = torch.einsum("bhqk,bhqe->bhke", allowed.double(), g.double())
+    torch.testing.assert_close(grad_v.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_subnormal_probability_is_not_flushed():
+    # exp(-95) is subnormal in float32 (5.5e-42): PyTorch's softmax keeps it, and so must the
+    # kernel's exp, else 5.5e-42 * 1e38 becomes 0 and 5.5e-42 * inf becomes 0 * inf = NaN.
+    q = torch.ones(1, 1, 1, 1)
+    k = torch.tensor([0.0, -95.0]).view(1, 1, 2, 1)
+    for big, want in ((1e38, math.exp(-95.0) * 1e38), (math.inf, math.inf)):
+        v = torch.tensor([0.0, big]).view(1, 1, 2, 1)
+        got = mmkernels.cross_modal_attention(q, k, v, scale=1.0).item()
+        assert got == pytest.approx(want, rel=2e-3), (big, got)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -19,9 +19,11 @@ namespace {
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // exp(x) for float: x = k ln2 + r, |r| <= ln2/2, exp(r) by a degree-6 polynomial (relative error
-// ~2e-7), 2^k through the exponent bits. Below -87 (including -inf) it returns exactly 0.
+// ~2e-7), 2^k through the exponent bits. Results below 2^-126 are formed as 2^(k+64) * 2^-64, so
+// they come out subnormal as std::exp's do (a probability of 1e-40 times an infinite value is
+// infinite, not NaN); below -104 (including -inf) it returns exactly 0.
 inline float exp_approx(float x) {
-  const float xc = std::min(std::max(x, -87.0f), 88.0f);
+  const float xc = std::min(std::max(x, -104.0f), 88.0f);
   const float t = xc * 1.44269504088896341f;
   const float kf = (t + 12582912.0f) - 12582912.0f;  // round to nearest without a call
   const float r = (xc - kf * 0.693145751953125f) - kf * 1.428606765330187e-06f;
@@ -32,10 +34,11 @@ inline float exp_approx(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(kf) + 127) << 23;
+  const bool tiny = kf < -125.0f;
+  const int32_t bits = (static_cast<int32_t>(kf) + (tiny ? 127 + 64 : 127)) << 23;
   float two_k;
   std::memcpy(&two_k, &bits, sizeof(float));
-  return x < -87.0f ? 0.0f : p * two_k;
+  return x < -104.0f ? 0.0f : p * two_k * (tiny ? 5.42101086242752217e-20f : 1.0f);  // 2^-64
 }
 
 }  // namespace
@@ -75,26 +78,20 @@ MMK_CLONES void scale(float* x, int64_t n, float a) {
   for (int64_t c = 0; c < n; ++c) x[c] *= a;
 }
 
-// lse = +inf marks a row that saw no key (forward): its probabilities are exactly 0, even where the
-// score is NaN (a NaN score alone does not make a key visible, as in the reference).
-MMK_CLONES void probs_from_lse(float* s, const float* bias, const float* lse, int64_t n, float scale) {
-  constexpr float kInf = std::numeric_limits<float>::infinity();
-  if (bias != nullptr) {
-    for (int64_t c = 0; c < n; ++c) s[c] = lse[c] == kInf ? 0.0f : exp_approx(s[c] * scale + bias[c] - lse[c]);
-  } else {
-    for (int64_t c = 0; c < n; ++c) s[c] = lse[c] == kInf ? 0.0f : exp_approx(s[c] * scale - lse[c]);
+MMK_CLONES void probs_from_lse(float* x, float lse, int64_t n) {
+  if (lse == std::numeric_limits<float>::infinity()) {
+    std::fill_n(x, n, 0.0f);
+    return;
   }
+  for (int64_t c = 0; c < n; ++c) x[c] = exp_approx(x[c] - lse);
 }
 
-MMK_CLONES void dscore(float* ds, const float* p, const float* dp, const float* d, const float* lse, int64_t n,
-                       float scale) {
-  constexpr float kInf = std::numeric_limits<float>::infinity();
-  for (int64_t c = 0; c < n; ++c) ds[c] = lse[c] == kInf ? 0.0f : p[c] * (dp[c] - d[c]) * scale;
-}
-
-MMK_CLONES void dropout_factors_col(float* z, const uint64_t* key, uint32_t j, int64_t n, uint32_t threshold,
-                                    float inv_keep) {
-  for (int64_t c = 0; c < n; ++c) z[c] = dropout_hash(key[c], j) >= threshold ? inv_keep : 0.0f;
+MMK_CLONES void dscore(float* ds, const float* p, const float* dp, float d, float lse, int64_t n, float scale) {
+  if (lse == std::numeric_limits<float>::infinity()) {
+    std::fill_n(ds, n, 0.0f);
+    return;
+  }
+  for (int64_t c = 0; c < n; ++c) ds[c] = p[c] * (dp[c] - d) * scale;
 }
 
 MMK_CLONES void dropout_factors_row(float* z, uint64_t key, uint32_t j0, int64_t n, uint32_t threshold,
@@ -138,20 +135,14 @@ void scale(double* x, int64_t n, double a) {
   for (int64_t c = 0; c < n; ++c) x[c] *= a;
 }
 
-void probs_from_lse(double* s, const double* bias, const double* lse, int64_t n, double scale) {
-  constexpr double kInf = std::numeric_limits<double>::infinity();
-  for (int64_t c = 0; c < n; ++c)
-    s[c] = lse[c] == kInf ? 0.0 : std::exp(s[c] * scale + (bias != nullptr ? bias[c] : 0.0) - lse[c]);
+void probs_from_lse(double* x, double lse, int64_t n) {
+  const bool none = lse == std::numeric_limits<double>::infinity();
+  for (int64_t c = 0; c < n; ++c) x[c] = none ? 0.0 : std::exp(x[c] - lse);
 }
 
-void dscore(double* ds, const double* p, const double* dp, const double* d, const double* lse, int64_t n,
-            double scale) {
-  constexpr double kInf = std::numeric_limits<double>::infinity();
-  for (int64_t c = 0; c < n; ++c) ds[c] = lse[c] == kInf ? 0.0 : p[c] * (dp[c] - d[c]) * scale;
-}
-
-void dropout_factors_col(double* z, const uint64_t* key, uint32_t j, int64_t n, uint32_t threshold, double inv_keep) {
-  for (int64_t c = 0; c < n; ++c) z[c] = dropout_hash(key[c], j) >= threshold ? inv_keep : 0.0;
+void dscore(double* ds, const double* p, const double* dp, double d, double lse, int64_t n, double scale) {
+  const bool none = lse == std::numeric_limits<double>::infinity();
+  for (int64_t c = 0; c < n; ++c) ds[c] = none ? 0.0 : p[c] * (dp[c] - d) * scale;
 }
 
 void dropout_factors_row(double* z, uint64_t key, uint32_t j0, int64_t n, uint32_t threshold, double inv_keep) {

@@ -15,14 +15,13 @@ float scale_bias_max(float* s, const float* bias, int64_t n, float scale);
 float exp_sum(float* s, int64_t n, float m);
 // x *= a
 void scale(float* x, int64_t n, float a);
-// p = exp(s * scale + bias - lse) (bias may be null), lse per column.
-void probs_from_lse(float* s, const float* bias, const float* lse, int64_t n, float scale);
-// ds = p * (dp - d) * scale, d and lse per column; ds may alias dp. 0 in a column with lse = +inf
-// (a row that saw no key), whatever dp holds: its gradient is zero even where a value is NaN.
-void dscore(float* ds, const float* p, const float* dp, const float* d, const float* lse, int64_t n, float scale);
-// z[c] = inv_keep where hash(key[c], j) >= threshold else 0: the dropout factors of one key j over
-// a run of query rows (their row keys in key[]).
-void dropout_factors_col(float* z, const uint64_t* key, uint32_t j, int64_t n, uint32_t threshold, float inv_keep);
+// x = exp(x - lse) for one query row's scaled, biased scores x (scale_bias_max's output, so that
+// they are the forward's to the bit); all 0 when lse = +inf (a row that saw no key), even where x is
+// NaN (a NaN score alone does not make a key visible, as in the reference).
+void probs_from_lse(float* x, float lse, int64_t n);
+// ds = p * (dp - d) * scale for one query row; ds may alias dp. All 0 when lse = +inf (a row that
+// saw no key), whatever dp holds: its gradient is zero even where a value is NaN.
+void dscore(float* ds, const float* p, const float* dp, float d, float lse, int64_t n, float scale);
 // z[c] = inv_keep where hash(key, j0 + c) >= threshold else 0: one query row over a run of keys.
 void dropout_factors_row(float* z, uint64_t key, uint32_t j0, int64_t n, uint32_t threshold, float inv_keep);
 // x *= z
@@ -34,10 +33,8 @@ void to_bf16(const float* src, uint16_t* dst, int64_t n);
 double scale_bias_max(double* s, const double* bias, int64_t n, double scale);
 double exp_sum(double* s, int64_t n, double m);
 void scale(double* x, int64_t n, double a);
-void probs_from_lse(double* s, const double* bias, const double* lse, int64_t n, double scale);
-void dscore(double* ds, const double* p, const double* dp, const double* d, const double* lse, int64_t n,
-            double scale);
-void dropout_factors_col(double* z, const uint64_t* key, uint32_t j, int64_t n, uint32_t threshold, double inv_keep);
+void probs_from_lse(double* x, double lse, int64_t n);
+void dscore(double* ds, const double* p, const double* dp, double d, double lse, int64_t n, double scale);
 void dropout_factors_row(double* z, uint64_t key, uint32_t j0, int64_t n, uint32_t threshold, double inv_keep);
 void mul(double* x, const double* z, int64_t n);
 

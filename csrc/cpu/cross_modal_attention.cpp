@@ -5,20 +5,21 @@
 // and sum in the accumulation type), then O_i += P V_j (a GEMM). Only the per-row log-sum-exp is
 // kept for backward: the extra memory is O(B*H*Lq) plus per-thread block scratch.
 //
-// Backward works in the transposed orientation, one task per (batch, head, key block) (or, when
-// there are many heads, per (batch, head)): for each query block it recomputes S^T = K_j Q_i^T,
-// P^T = exp(scale S^T + mask - lse), dV_j += P^T dO_i, dP^T = V_j dO_i^T, dS^T = P^T (dP^T - D),
-// dK_j += dS^T Q_i and dQ_i^T += K_j^T dS^T. Each GEMM then reads its operands row-major from the
-// inputs or from transposed copies made once (K^T, Q^T, dO^T), and no block is ever transposed.
-// dQ^T is accumulated per thread when key blocks of one head run on several threads.
+// Backward: one task per (batch, head, key block) (or, when there are many heads, per (batch, head)).
+// For each query block it recomputes S = Q_i K_j^T and P = exp(scale S + mask - lse) with the
+// forward's own GEMM and row kernel (so P is the forward's to the bit), then dV_j += P^T dO_i,
+// dP = dO_i V_j^T, dS = P (dP - D), dK_j += dS^T Q_i and dQ_i += dS K_j (the BLAS reads the
+// transposed operands in place). dQ is accumulated per key chunk when key blocks of one head run
+// on several threads, and the chunks summed in a fixed order.
 //
 // Masks: kv_lengths and key_padding_mask trim each batch's key range, so fully padded key blocks
 // are skipped; what is left of key_padding_mask and attn_mask (bool or additive float, broadcast
 // through stride-0 views, never expanded in memory) is added per row as a bias of 0 / -inf / value.
 // A query row that sees no key gets out = 0 and lse = +inf, so that backward's P is exactly 0.
 //
-// GEMMs go through at::native::cpublas::brgemm (oneDNN / MKL) in float, plain loops in double
-// (gradcheck). bfloat16 runs the float kernel on float copies and rounds the results.
+// GEMMs go to the BLAS that torch links (MKL), or without it cpublas::brgemm (float) and plain loops
+// (double). bfloat16: the forward multiplies bfloat16 operands on oneDNN (float accumulation); the
+// backward runs the float kernel on float copies and rounds the results.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -218,23 +219,6 @@ const T* bias_for_row(const Problem& p, int64_t b, int64_t h, int64_t i, int64_t
   }
   if (kpm != nullptr)
     for (int64_t c = 0; c < n; ++c) buf[c] += kpm[c];
-  return buf;
-}
-
-// The attn_mask bias of key j over query rows [i0, i0 + n) of (b, h), into buf; or null when none.
-// (Backward; key_padding_mask is handled per key row there.)
-template <typename T>
-const T* bias_for_key(const Problem& p, int64_t b, int64_t h, int64_t j, int64_t i0, int64_t n, T* buf) {
-  if (p.mask_kind == MaskKind::None) return nullptr;
-  const int64_t sq = p.mask.stride(2);
-  const int64_t off = b * p.mask.stride(0) + h * p.mask.stride(1) + i0 * sq + j * p.mask.stride(3);
-  if (p.mask_kind == MaskKind::Bool) {
-    const bool* m = p.mask.const_data_ptr<bool>() + off;
-    for (int64_t c = 0; c < n; ++c) buf[c] = m[c * sq] ? T(0) : -std::numeric_limits<T>::infinity();
-  } else {
-    const T* m = p.mask.const_data_ptr<T>() + off;
-    for (int64_t c = 0; c < n; ++c) buf[c] = m[c * sq];
-  }
   return buf;
 }
 
@@ -455,21 +439,19 @@ void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k,
   const int64_t qs2 = q.stride(2), ks2 = k.stride(2), vs2 = v.stride(2), dos2 = dout.stride(2);
   const int64_t nthreads = at::get_num_threads();
   const int64_t dqs2 = dq_acc.stride(3);
-  // Per-thread scratch: P^T, dP^T / dS^T, dropout factors, dK and dV accumulators, bias column.
-  const int64_t per_thread = aligned_slice<T>(3 * BK * BQ + BK * p.E + BK * p.Ev + BQ);
+  // Per-thread scratch: P, dP / dS, dropout factors (each BQ x BK), dK and dV accumulators, bias row.
+  const int64_t per_thread = aligned_slice<T>(3 * BQ * BK + BK * p.E + BK * p.Ev + BK);
   const at::Tensor scratch_t = aligned_scratch<T>(per_thread * nthreads);
   T* const scratch = scratch_t.data_ptr<T>();
-  std::vector<uint64_t> keys_all(static_cast<size_t>(BQ * nthreads));
   parallel_tasks(p.B * p.H * nchunks, [&](int64_t task, int tid) {
     const int64_t bh = task / nchunks, b = bh / p.H, h = bh % p.H;
     const int64_t kb_first = (task % nchunks) * nkb_per_task;
-    T* PT = scratch + tid * per_thread;
-    T* DS = PT + BK * BQ;
-    T* Z = DS + BK * BQ;
-    T* dKa = Z + BK * BQ;
+    T* P = scratch + tid * per_thread;
+    T* DS = P + BQ * BK;
+    T* Z = DS + BQ * BK;
+    T* dKa = Z + BQ * BK;
     T* dVa = dKa + BK * p.E;
     T* bias = dVa + BK * p.Ev;
-    uint64_t* keys = keys_all.data() + tid * BQ;
     // dQ partial sums per key chunk, not per thread: tasks go to threads dynamically, so a
     // per-thread sum would add in a run-dependent order; per chunk, the final sum's order is fixed.
     T* dqb = dqd + (per_thread_dq ? (task % nchunks) * dq_acc.stride(0) : 0) + b * dq_acc.stride(1) +
@@ -494,44 +476,40 @@ void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k,
       if (nk == 0) continue;
       const T* kr = kd + b * k.stride(0) + h * k.stride(1) + j0 * ks2;
       const T* vr = vd + b * v.stride(0) + h * v.stride(1) + j0 * vs2;
-      const T* kpm_bias = p.kpm_bias.defined() ? p.kpm_bias.const_data_ptr<T>() + b * p.Lk + j0 : nullptr;
       std::fill_n(dKa, nk * p.E, T(0));
       std::fill_n(dVa, nk * p.Ev, T(0));
       for (int64_t i0 = 0; i0 < p.Lq; i0 += BQ) {
         const int64_t nq = std::min(BQ, p.Lq - i0);
         const T* qi = qb + i0 * qs2;
         const T* doi = dob + i0 * dos2;
-        // S^T = K_j Q_i^T, then P^T row by row (one key per row, queries along it).
-        gemm(false, true, nk, nq, p.E, kr, ks2, qi, qs2, PT, BQ, false);
-        for (int64_t r = 0; r < nk; ++r) {
-          T* row = PT + r * BQ;
-          if (kpm_bias != nullptr && kpm_bias[r] != T(0)) {  // padded key: no probability anywhere
-            std::fill_n(row, nq, T(0));
-            continue;
-          }
-          rows::probs_from_lse(row, bias_for_key(p, b, h, j0 + r, i0, nq, bias), lseb + i0, nq, scale);
+        // S = Q_i K_j^T and P = exp(S * scale + bias - lse), row by row with the forward's GEMM and
+        // row kernel, so that P is the forward's to the bit (transposed, the BLAS may sum the head
+        // dim in another order: one ulp of a 1e5 logit is 1% of a probability).
+        gemm(false, true, nq, nk, p.E, qi, qs2, kr, ks2, P, BK, false);
+        for (int64_t r = 0; r < nq; ++r) {
+          T* row = P + r * BK;
+          rows::scale_bias_max(row, bias_for_row(p, b, h, i0 + r, j0, nk, bias), nk, scale);
+          rows::probs_from_lse(row, lseb[i0 + r], nk);
         }
-        const T* PZ = PT;
+        const T* PZ = P;
         if (p.dropout) {
-          for (int64_t c = 0; c < nq; ++c) keys[c] = dropout_row_key(p.seed, bh, p.Lq, i0 + c);
-          for (int64_t r = 0; r < nk; ++r) {
-            rows::dropout_factors_col(Z + r * BQ, keys, static_cast<uint32_t>(j0 + r), nq, p.threshold, inv_keep);
-          }
-          // DS temporarily holds P^T * Z (the probabilities that reached the output).
-          for (int64_t r = 0; r < nk; ++r) {
-            std::copy_n(PT + r * BQ, nq, DS + r * BQ);
-            rows::mul(DS + r * BQ, Z + r * BQ, nq);
+          // DS temporarily holds P * Z (the probabilities that reached the output).
+          for (int64_t r = 0; r < nq; ++r) {
+            rows::dropout_factors_row(Z + r * BK, dropout_row_key(p.seed, bh, p.Lq, i0 + r),
+                                      static_cast<uint32_t>(j0), nk, p.threshold, inv_keep);
+            std::copy_n(P + r * BK, nk, DS + r * BK);
+            rows::mul(DS + r * BK, Z + r * BK, nk);
           }
           PZ = DS;
         }
-        gemm(false, false, nk, p.Ev, nq, PZ, BQ, doi, dos2, dVa, p.Ev, true);  // dV_j += (P Z)^T dO_i
-        gemm(false, true, nk, nq, p.Ev, vr, vs2, doi, dos2, DS, BQ, false);    // dP^T = V_j dO_i^T
-        for (int64_t r = 0; r < nk; ++r) {
-          if (p.dropout) rows::mul(DS + r * BQ, Z + r * BQ, nq);
-          rows::dscore(DS + r * BQ, PT + r * BQ, DS + r * BQ, Db + i0, lseb + i0, nq, scale);  // dS^T, scaled
+        gemm(true, false, nk, p.Ev, nq, PZ, BK, doi, dos2, dVa, p.Ev, true);  // dV_j += (P Z)^T dO_i
+        gemm(false, true, nq, nk, p.Ev, doi, dos2, vr, vs2, DS, BK, false);   // dP = dO_i V_j^T
+        for (int64_t r = 0; r < nq; ++r) {
+          if (p.dropout) rows::mul(DS + r * BK, Z + r * BK, nk);
+          rows::dscore(DS + r * BK, P + r * BK, DS + r * BK, Db[i0 + r], lseb[i0 + r], nk, scale);  // dS, scaled
         }
-        gemm(false, false, nk, p.E, nq, DS, BQ, qi, qs2, dKa, p.E, true);                  // dK_j += dS^T Q_i
-        gemm(true, false, nq, p.E, nk, DS, BQ, kr, ks2, dqb + i0 * dqs2, dqs2, true);      // dQ_i += dS K_j
+        gemm(true, false, nk, p.E, nq, DS, BK, qi, qs2, dKa, p.E, true);                   // dK_j += dS^T Q_i
+        gemm(false, false, nq, p.E, nk, DS, BK, kr, ks2, dqb + i0 * dqs2, dqs2, true);      // dQ_i += dS K_j
       }
       for (int64_t r = 0; r < nk; ++r) {
         std::copy_n(dKa + r * p.E, p.E, dk_out + (j0 + r) * dks2);

@@ -16,6 +16,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
@@ -167,13 +168,17 @@ STATS: dict = {}
 
 @contextlib.contextmanager
 def flash_reference():
-    """reference.cross_modal_attention computed by F.scaled_dot_product_attention (PyTorch's flash
-    kernel) instead of a materialised softmax, for what is run inside: PyTorch's other float32
-    evaluation of attention. Its backward forms dS = P (dP - rowsum(dO O)), as ours does, where the
-    materialised softmax's backward cancels exactly: a query that sees one key has dS = 0 exactly
-    there, and rounding noise in both flash kernels (which a LayerNorm in front of the attention may
-    then amplify a few hundred times). Without dropout only; a row that sees no key is NaN in SDPA,
-    and the comparison skips it."""
+    """reference.cross_modal_attention computed by PyTorch's flash kernel (F.scaled_dot_product_attention
+    under SDPBackend.FLASH_ATTENTION) instead of a materialised softmax, for what is run inside:
+    PyTorch's other evaluation of attention in the case's dtype. Its backward forms
+    dS = P (dP - rowsum(dO O)), as ours does, with O rounded to that dtype; the materialised softmax's
+    backward instead cancels exactly (a query that sees one key has dS = 0 exactly there), so the two
+    differ by rounding noise that a LayerNorm in front may amplify a few hundred times, and, in
+    bfloat16, by O's rounding times a large scale (ours and SDPA's flash both err by up to ~17% of the
+    gradient's scale on scale-10 bfloat16 logits, the materialised softmax by 0.3%). The flash
+    kernel needs one head size and contiguous rows: q, k and v are zero-padded to the larger of E and Ev (zeros add
+    nothing to a score or to dO O) and the output cut back. Without dropout only; a row that sees
+    no key is NaN in SDPA, and the comparison skips it."""
     materialised = reference.cross_modal_attention
 
     def sdpa(q, k, v, *, key_padding_mask=None, kv_lengths=None, attn_mask=None, scale=None, dropout_p=0.0,
@@ -184,7 +189,13 @@ def flash_reference():
         mask = visible = reference.visible_keys(q, k, key_padding_mask, kv_lengths, attn_mask)
         if attn_mask is not None and attn_mask.dtype != torch.bool:
             mask = attn_mask.to(q.dtype).masked_fill(~visible, -math.inf)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        e, ev = q.shape[-1], v.shape[-1]
+        d = max(e, ev)
+        scale = e**-0.5 if scale is None else scale
+        q, k, v = (F.pad(t, (0, d - t.shape[-1])).contiguous() for t in (q, k, v))  # flash wants stride 1
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return out[..., :ev]
 
     reference.cross_modal_attention = sdpa
     try:
