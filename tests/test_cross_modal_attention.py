@@ -164,17 +164,24 @@ def test_row_whose_only_score_is_nan_has_zero_gradient(dtype):
     assert (got == 0).all() and (got_grads[0][..., 1] == 0).all()
 
 
+@pytest.mark.parametrize("visible", ["attn_mask", "kv_lengths"])
 @pytest.mark.parametrize("shape", [(2, 2, 1, 3, 17), (1, 2, 130, 700, 64), (2, 1, 7, 300, 33)], ids=str)
-def test_backward_recomputes_the_forwards_probabilities(shape):
+def test_backward_recomputes_the_forwards_probabilities(shape, visible):
     # Each query row sees one key, so its probability is exactly 1 if backward's recomputed score is
     # the forward's to the bit; with logits of ~1e5 one ulp of difference is a 1% error in P, hence
-    # in grad_v (found by the long fuzz profile: backward formed K Q^T, the forward Q K^T).
+    # in grad_v (found by the long fuzz profile: backward formed K Q^T, the forward Q K^T). One key
+    # per row anywhere (a bool mask: scores with a bias), or the first key only (no bias).
     B, H, Lq, Lk, E = shape
     q = (torch.randn(B, H, Lq, E) * 1e3).requires_grad_()
     k, v = torch.randn(B, H, Lk, E), torch.randn(B, H, Lk, 5, requires_grad=True)
     allowed = torch.zeros(B, H, Lq, Lk, dtype=torch.bool)
-    allowed.scatter_(-1, torch.randint(0, Lk, (B, H, Lq, 1)), True)
-    out = mmkernels.cross_modal_attention(q, k, v, attn_mask=allowed, scale=10.0)
+    if visible == "attn_mask":
+        allowed.scatter_(-1, torch.randint(0, Lk, (B, H, Lq, 1)), True)
+        masks = {"attn_mask": allowed}
+    else:
+        allowed[..., 0] = True
+        masks = {"kv_lengths": torch.ones(B, dtype=torch.int64)}
+    out = mmkernels.cross_modal_attention(q, k, v, scale=10.0, **masks)
     g = torch.randn_like(out)
     (grad_v,) = torch.autograd.grad(out, v, g)
     want = torch.einsum("bhqk,bhqe->bhke", allowed.double(), g.double())

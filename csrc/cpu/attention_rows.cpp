@@ -18,27 +18,29 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// exp(x) for float: x = k ln2 + r, |r| <= ln2/2, exp(r) by a degree-6 polynomial (relative error
-// ~2e-7), 2^k through the exponent bits. Results below 2^-126 are formed as 2^(k+64) * 2^-64, so
-// they come out subnormal as std::exp's do (a probability of 1e-40 times an infinite value is
-// infinite, not NaN); below -104 (including -inf) it returns exactly 0.
+// exp(x) for the softmax's x <= 0 (valid up to x = 43): x = k ln2 + r, |r| <= ln2/2, exp(r) by a
+// degree-6 polynomial (relative error ~2e-7), 2^k through the exponent bits. The polynomial's
+// coefficients carry a factor 2^-64 and the exponent 64 more, so that results below 2^-126 come out
+// of the one final multiply correctly rounded to subnormals, as std::exp's do (a probability of
+// 1e-40 times an infinite value is infinite, not 0 * inf = NaN), at no extra cost. Below -104
+// (including -inf) it returns exactly 0.
 inline float exp_approx(float x) {
-  const float xc = std::min(std::max(x, -104.0f), 88.0f);
+  constexpr float kS = 0x1p-64f;
+  const float xc = std::min(std::max(x, -104.0f), 43.0f);
   const float t = xc * 1.44269504088896341f;
   const float kf = (t + 12582912.0f) - 12582912.0f;  // round to nearest without a call
   const float r = (xc - kf * 0.693145751953125f) - kf * 1.428606765330187e-06f;
-  float p = 1.3888889e-03f;
-  p = p * r + 8.3333333e-03f;
-  p = p * r + 4.1666667e-02f;
-  p = p * r + 1.6666667e-01f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const bool tiny = kf < -125.0f;
-  const int32_t bits = (static_cast<int32_t>(kf) + (tiny ? 127 + 64 : 127)) << 23;
+  float p = 1.3888889e-03f * kS;
+  p = p * r + 8.3333333e-03f * kS;
+  p = p * r + 4.1666667e-02f * kS;
+  p = p * r + 1.6666667e-01f * kS;
+  p = p * r + 0.5f * kS;
+  p = p * r + 1.0f * kS;
+  p = p * r + 1.0f * kS;
+  const int32_t bits = (static_cast<int32_t>(kf) + 127 + 64) << 23;
   float two_k;
   std::memcpy(&two_k, &bits, sizeof(float));
-  return x < -104.0f ? 0.0f : p * two_k * (tiny ? 5.42101086242752217e-20f : 1.0f);  // 2^-64
+  return x < -104.0f ? 0.0f : p * two_k;
 }
 
 }  // namespace
@@ -78,12 +80,18 @@ MMK_CLONES void scale(float* x, int64_t n, float a) {
   for (int64_t c = 0; c < n; ++c) x[c] *= a;
 }
 
-MMK_CLONES void probs_from_lse(float* x, float lse, int64_t n) {
+MMK_CLONES void probs_from_scores(float* s, const float* bias, int64_t n, float scale, float lse) {
   if (lse == std::numeric_limits<float>::infinity()) {
-    std::fill_n(x, n, 0.0f);
+    std::fill_n(s, n, 0.0f);
     return;
   }
-  for (int64_t c = 0; c < n; ++c) x[c] = exp_approx(x[c] - lse);
+  // x exactly as scale_bias_max forms it (stored, then read back: no contraction with - lse).
+  if (bias != nullptr) {
+    for (int64_t c = 0; c < n; ++c) s[c] = s[c] * scale + bias[c];
+  } else {
+    for (int64_t c = 0; c < n; ++c) s[c] = s[c] * scale;
+  }
+  for (int64_t c = 0; c < n; ++c) s[c] = exp_approx(s[c] - lse);
 }
 
 MMK_CLONES void dscore(float* ds, const float* p, const float* dp, float d, float lse, int64_t n, float scale) {
@@ -135,9 +143,12 @@ void scale(double* x, int64_t n, double a) {
   for (int64_t c = 0; c < n; ++c) x[c] *= a;
 }
 
-void probs_from_lse(double* x, double lse, int64_t n) {
+void probs_from_scores(double* s, const double* bias, int64_t n, double scale, double lse) {
   const bool none = lse == std::numeric_limits<double>::infinity();
-  for (int64_t c = 0; c < n; ++c) x[c] = none ? 0.0 : std::exp(x[c] - lse);
+  for (int64_t c = 0; c < n; ++c) {
+    const double x = s[c] * scale + (bias != nullptr ? bias[c] : 0.0);
+    s[c] = none ? 0.0 : std::exp(x - lse);
+  }
 }
 
 void dscore(double* ds, const double* p, const double* dp, double d, double lse, int64_t n, double scale) {

@@ -15,10 +15,11 @@ float scale_bias_max(float* s, const float* bias, int64_t n, float scale);
 float exp_sum(float* s, int64_t n, float m);
 // x *= a
 void scale(float* x, int64_t n, float a);
-// x = exp(x - lse) for one query row's scaled, biased scores x (scale_bias_max's output, so that
-// they are the forward's to the bit); all 0 when lse = +inf (a row that saw no key), even where x is
-// NaN (a NaN score alone does not make a key visible, as in the reference).
-void probs_from_lse(float* x, float lse, int64_t n);
+// s = exp(s * scale + bias - lse) for one query row (bias may be null), with s * scale + bias
+// rounded exactly as scale_bias_max rounds it, so that backward's probabilities are the forward's to
+// the bit. All 0 when lse = +inf (a row that saw no key), even where a score is NaN (a NaN score
+// alone does not make a key visible, as in the reference).
+void probs_from_scores(float* s, const float* bias, int64_t n, float scale, float lse);
 // ds = p * (dp - d) * scale for one query row; ds may alias dp. All 0 when lse = +inf (a row that
 // saw no key), whatever dp holds: its gradient is zero even where a value is NaN.
 void dscore(float* ds, const float* p, const float* dp, float d, float lse, int64_t n, float scale);
@@ -33,7 +34,7 @@ void to_bf16(const float* src, uint16_t* dst, int64_t n);
 double scale_bias_max(double* s, const double* bias, int64_t n, double scale);
 double exp_sum(double* s, int64_t n, double m);
 void scale(double* x, int64_t n, double a);
-void probs_from_lse(double* x, double lse, int64_t n);
+void probs_from_scores(double* s, const double* bias, int64_t n, double scale, double lse);
 void dscore(double* ds, const double* p, const double* dp, double d, double lse, int64_t n, double scale);
 void dropout_factors_row(double* z, uint64_t key, uint32_t j0, int64_t n, uint32_t threshold, double inv_keep);
 void mul(double* x, const double* z, int64_t n);

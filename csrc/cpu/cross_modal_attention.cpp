@@ -483,13 +483,12 @@ void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k,
         const T* qi = qb + i0 * qs2;
         const T* doi = dob + i0 * dos2;
         // S = Q_i K_j^T and P = exp(S * scale + bias - lse), row by row with the forward's GEMM and
-        // row kernel, so that P is the forward's to the bit (transposed, the BLAS may sum the head
-        // dim in another order: one ulp of a 1e5 logit is 1% of a probability).
+        // its rounding of S * scale + bias, so that P is the forward's to the bit (transposed, the
+        // BLAS may sum the head dim in another order: one ulp of a 1e5 logit is 1% of a probability).
         gemm(false, true, nq, nk, p.E, qi, qs2, kr, ks2, P, BK, false);
         for (int64_t r = 0; r < nq; ++r) {
-          T* row = P + r * BK;
-          rows::scale_bias_max(row, bias_for_row(p, b, h, i0 + r, j0, nk, bias), nk, scale);
-          rows::probs_from_lse(row, lseb[i0 + r], nk);
+          const T* brow = bias_for_row(p, b, h, i0 + r, j0, nk, bias);
+          rows::probs_from_scores(P + r * BK, brow, nk, scale, lseb[i0 + r]);
         }
         const T* PZ = P;
         if (p.dropout) {
