@@ -165,14 +165,14 @@ def test_row_whose_only_score_is_nan_has_zero_gradient(dtype):
 
 
 @pytest.mark.parametrize("visible", ["attn_mask", "kv_lengths"])
-@pytest.mark.parametrize("shape", [(2, 2, 1, 3, 17), (1, 2, 130, 256, 64), (2, 1, 7, 200, 33)], ids=str)
+@pytest.mark.parametrize("shape", [(2, 2, 1, 3, 17), (1, 2, 130, 257, 64), (2, 1, 7, 700, 33)], ids=str)
 def test_backward_recomputes_the_forwards_probabilities(shape, visible):
     # Each query row sees one key, so its probability is exactly 1 if backward's recomputed score is
     # the forward's to the bit; with logits of ~1e5 one ulp of difference is a 1% error in P, hence
     # in grad_v (found by the long fuzz profile: backward formed K Q^T, the forward Q K^T). One key
-    # per row anywhere (a bool mask: scores with a bias), or the first key only (no bias). Shapes
-    # whose forward and backward key blocks have the same columns (see the kernel): with Lk = 257,
-    # say, the forward's one 257-wide GEMM and backward's 256 + 1 may round the last key differently.
+    # per row anywhere (a bool mask: scores with a bias), or the first key only (no bias). Lk = 257
+    # and 700: backward once split the forward's 257-wide score GEMM into 256 + 1, which the BLAS
+    # rounded differently; its key blocks are now the forward's.
     B, H, Lq, Lk, E = shape
     q = (torch.randn(B, H, Lq, E) * 1e3).requires_grad_()
     k, v = torch.randn(B, H, Lk, E), torch.randn(B, H, Lk, 5, requires_grad=True)

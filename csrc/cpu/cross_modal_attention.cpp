@@ -7,8 +7,8 @@
 //
 // Backward: one task per (batch, head, key block) (or, when there are many heads, per (batch, head)).
 // For each query block it recomputes S = Q_i K_j^T and P = exp(scale S + mask - lse) with the
-// forward's GEMM orientation and rounding (so P is the forward's to the bit wherever the two key
-// blocks coincide: a visible key range within the first 256 keys), then dV_j += P^T dO_i,
+// forward's own GEMM calls (same blocks, same orientation) and rounding, so that P is the
+// forward's to the bit, then dV_j += P^T dO_i,
 // dP = dO_i V_j^T, dS = P (dP - D), dK_j += dS^T Q_i and dQ_i += dS K_j (the BLAS reads the
 // transposed operands in place). dQ is accumulated per key chunk when key blocks of one head run
 // on several threads, and the chunks summed in a fixed order.
@@ -238,11 +238,12 @@ at::Tensor aligned_scratch(int64_t n) {
 }
 
 // Block sizes, measured on the suite's shapes (float32, AVX-512 CPU, MKL): the forward's long key
-// blocks keep P V's reduction deep; in backward, 256 keys x 128 queries beat 128 x 128 by 3-10%.
-constexpr int64_t kFwdBlockQ = 128;
-constexpr int64_t kFwdBlockK = 512;
-constexpr int64_t kBwdBlockQ = 128;
-constexpr int64_t kBwdBlockK = 256;
+// blocks keep P V's reduction deep. Backward uses the forward's blocks, queries and keys alike, both
+// starting at the batch's first visible key, so that it recomputes every score with the very GEMM
+// call the forward made (the BLAS may round a column differently in a GEMM of another width).
+constexpr int64_t kBlockQ = 128;
+constexpr int64_t kBlockK = 512;
+inline int64_t key_block(int64_t Lk) { return std::min(kBlockK, std::max<int64_t>(Lk, 1)); }
 
 // ------------------------------------------------------------------------------------------ forward
 
@@ -292,7 +293,7 @@ template <typename T, typename In>
 void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     at::Tensor& out, at::Tensor& lse) {
   constexpr bool kBf16 = std::is_same_v<In, at::BFloat16>;
-  const int64_t BQ = std::min(kFwdBlockQ, p.Lq), BK = std::min(kFwdBlockK, std::max<int64_t>(p.Lk, 1));
+  const int64_t BQ = std::min(kBlockQ, p.Lq), BK = key_block(p.Lk);
   const int64_t BKp = (BK + 1) & ~int64_t(1);  // P's row length, even for the VNNI reduction
   const int64_t Lkp = (p.Lk + 1) & ~int64_t(1);
   const int64_t nqb = (p.Lq + BQ - 1) / BQ;
@@ -422,7 +423,7 @@ template <typename T>
 void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& D, at::Tensor& dq_acc,
                      at::Tensor& dk, at::Tensor& dv, int64_t nkb_per_task, bool per_thread_dq) {
-  const int64_t BQ = std::min(kBwdBlockQ, std::max<int64_t>(p.Lq, 1)), BK = kBwdBlockK;
+  const int64_t BQ = std::min(kBlockQ, std::max<int64_t>(p.Lq, 1)), BK = key_block(p.Lk);
   const int64_t nkb = (p.Lk + BK - 1) / BK;
   const int64_t nchunks = (nkb + nkb_per_task - 1) / nkb_per_task;
   const T scale = static_cast<T>(p.scale);
@@ -462,15 +463,15 @@ void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k,
     const T* lseb = lsed + bh * p.Lq;
     const T* Db = Dd + bh * p.Lq;
     for (int64_t kb = kb_first; kb < std::min(nkb, kb_first + nkb_per_task); ++kb) {
-      // This key block; only its part inside the batch's visible key range is computed, the rest
-      // of its gradient rows are zero.
-      const int64_t a0 = kb * BK, a1 = std::min(p.Lk, a0 + BK);
-      const int64_t j0 = std::min(std::max(a0, p.kbeg[b]), a1), j1 = std::max(j0, std::min(a1, p.kend[b]));
+      // Key block kb computes keys [j0, j1): the forward's kb-th block of the batch's visible range.
+      // Rows outside that range have zero gradient: slot [a0, a1) of the key axis zeroes its share.
+      const int64_t j0 = std::min(p.kbeg[b] + kb * BK, p.kend[b]), j1 = std::min(j0 + BK, p.kend[b]);
       const int64_t nk = j1 - j0;
+      const int64_t a0 = kb * BK, a1 = std::min(p.Lk, a0 + BK);
       T* dk_out = dkd + b * dk.stride(0) + h * dk.stride(1);
       T* dv_out = dvd + b * dv.stride(0) + h * dv.stride(1);
-      for (int64_t j = a0; j < a1; ++j) {  // rows outside the visible range: zero gradient
-        if (j >= j0 && j < j1) continue;
+      for (int64_t j = a0; j < a1; ++j) {
+        if (j >= p.kbeg[b] && j < p.kend[b]) continue;
         std::fill_n(dk_out + j * dks2, p.E, T(0));
         std::fill_n(dv_out + j * dvs2, p.Ev, T(0));
       }
@@ -486,9 +487,7 @@ void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k,
         // S = Q_i K_j^T and P = exp(S * scale + bias - lse), row by row with the forward's GEMM and
         // its rounding of S * scale + bias, so that P is the forward's to the bit (transposed, the
         // BLAS may sum the head dim in another order: one ulp of a 1e5 logit is 1% of a probability).
-        // Bitwise only where this block and the forward's have the same columns: the BLAS may also
-        // round a column differently in a GEMM of another width (forward blocks are 512 keys wide
-        // from the first visible key, these 256 from key 0).
+
         gemm(false, true, nq, nk, p.E, qi, qs2, kr, ks2, P, BK, false);
         for (int64_t r = 0; r < nq; ++r) {
           const T* brow = bias_for_row(p, b, h, i0 + r, j0, nk, bias);
@@ -581,7 +580,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_modal_attention_backward_cp
   // Key blocks of one head on one task when there are enough heads to keep every thread busy;
   // otherwise each key block is a task and dQ is accumulated per thread, then summed.
   const int64_t nthreads = at::get_num_threads();
-  const int64_t nkb = (p.Lk + kBwdBlockK - 1) / kBwdBlockK;
+  const int64_t nkb = (p.Lk + key_block(p.Lk) - 1) / key_block(p.Lk);
   int64_t per_task = std::max<int64_t>(nkb, 1);
   if (p.B * p.H > 0 && p.B * p.H < 4 * nthreads && nthreads > 1) {
     const int64_t want_chunks = (4 * nthreads + p.B * p.H - 1) / (p.B * p.H);
