@@ -8,9 +8,8 @@
 // Backward: one task per (batch, head, key block) (or, when there are many heads, per (batch, head)).
 // For each query block it recomputes S = Q_i K_j^T and P = exp(scale S + mask - lse) with the
 // forward's own GEMM calls (same blocks, same orientation) and rounding, so that P is the
-// forward's to the bit, then dV_j += P^T dO_i,
-// dP = dO_i V_j^T, dS = P (dP - D), dK_j += dS^T Q_i and dQ_i += dS K_j (the BLAS reads the
-// transposed operands in place). dQ is accumulated per key chunk when key blocks of one head run
+// forward's to the bit, then dV_j += P^T dO_i, dP = dO_i V_j^T, dS = P (dP - D), dK_j += dS^T Q_i
+// and dQ_i += dS K_j (the BLAS reads the transposed operands in place). dQ is accumulated per key chunk when key blocks of one head run
 // on several threads, and the chunks summed in a fixed order.
 //
 // Masks: kv_lengths and key_padding_mask trim each batch's key range, so fully padded key blocks
@@ -487,7 +486,6 @@ void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k,
         // S = Q_i K_j^T and P = exp(S * scale + bias - lse), row by row with the forward's GEMM and
         // its rounding of S * scale + bias, so that P is the forward's to the bit (transposed, the
         // BLAS may sum the head dim in another order: one ulp of a 1e5 logit is 1% of a probability).
-
         gemm(false, true, nq, nk, p.E, qi, qs2, kr, ks2, P, BK, false);
         for (int64_t r = 0; r < nq; ++r) {
           const T* brow = bias_for_row(p, b, h, i0 + r, j0, nk, bias);
