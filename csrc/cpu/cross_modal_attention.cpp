@@ -243,6 +243,7 @@ at::Tensor aligned_scratch(int64_t n) {
 constexpr int64_t kBlockQ = 128;
 constexpr int64_t kBlockK = 512;
 inline int64_t key_block(int64_t Lk) { return std::min(kBlockK, std::max<int64_t>(Lk, 1)); }
+inline int64_t num_key_blocks(int64_t Lk) { return (Lk + key_block(Lk) - 1) / key_block(Lk); }
 
 // ------------------------------------------------------------------------------------------ forward
 
@@ -423,7 +424,7 @@ void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k,
                      const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& D, at::Tensor& dq_acc,
                      at::Tensor& dk, at::Tensor& dv, int64_t nkb_per_task, bool per_thread_dq) {
   const int64_t BQ = std::min(kBlockQ, std::max<int64_t>(p.Lq, 1)), BK = key_block(p.Lk);
-  const int64_t nkb = (p.Lk + BK - 1) / BK;
+  const int64_t nkb = num_key_blocks(p.Lk);
   const int64_t nchunks = (nkb + nkb_per_task - 1) / nkb_per_task;
   const T scale = static_cast<T>(p.scale);
   const T inv_keep = static_cast<T>(p.inv_keep);
@@ -578,7 +579,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_modal_attention_backward_cp
   // Key blocks of one head on one task when there are enough heads to keep every thread busy;
   // otherwise each key block is a task and dQ is accumulated per thread, then summed.
   const int64_t nthreads = at::get_num_threads();
-  const int64_t nkb = (p.Lk + key_block(p.Lk) - 1) / key_block(p.Lk);
+  const int64_t nkb = num_key_blocks(p.Lk);
   int64_t per_task = std::max<int64_t>(nkb, 1);
   if (p.B * p.H > 0 && p.B * p.H < 4 * nthreads && nthreads > 1) {
     const int64_t want_chunks = (4 * nthreads + p.B * p.H - 1) / (p.B * p.H);

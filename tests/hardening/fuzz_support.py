@@ -176,9 +176,9 @@ def flash_reference():
     differ by rounding noise that a LayerNorm in front may amplify a few hundred times, and, in
     bfloat16, by O's rounding times a large scale (ours and SDPA's flash both err by up to ~17% of the
     gradient's scale on scale-10 bfloat16 logits, the materialised softmax by 0.3%). The flash
-    kernel needs one head size and contiguous rows: q, k and v are zero-padded to the larger of E and Ev (zeros add
-    nothing to a score or to dO O) and the output cut back. Without dropout only; a row that sees
-    no key is NaN in SDPA, and the comparison skips it."""
+    kernel needs one head size and contiguous rows: q, k and v are zero-padded to the larger of E
+    and Ev (zeros add nothing to a score or to dO O) and the output cut back. Without dropout only;
+    a row that sees no key is NaN in SDPA, and the comparison skips it."""
     materialised = reference.cross_modal_attention
 
     def sdpa(q, k, v, *, key_padding_mask=None, kv_lengths=None, attn_mask=None, scale=None, dropout_p=0.0,
