@@ -24,6 +24,7 @@
 
 #include "activation.h"
 #include "checks.h"
+#include "matmul.h"
 
 namespace mmkernels::cpu {
 namespace {
@@ -147,6 +148,20 @@ void for_each_row_block(int64_t M, int64_t rows, F&& fn) {
   }
 }
 
+// Above this many weight elements W no longer fits in cache beside a row block: each block's GEMMs
+// stream it from memory again, and backward's per-thread grad_weight partials cost more to reduce
+// than they save.
+constexpr int64_t kLargeWeight = int64_t(1) << 18;
+
+// Shape rule: where matmul_out runs on oneDNN, one whole-M GEMM per segment (oneDNN threads each
+// one, 1.2-1.5x faster than row blocks of single-threaded GEMMs here) beats the row blocks and their
+// in-cache epilogue when W is large, and always without an activation (no epilogue to keep in
+// cache). With MKL, or a small W and an activation, the row blocks win (measured:
+// benchmarks/RESULTS.md, "Session 5"). Forward and backward follow it alike.
+bool whole_matrix_gemms(const Problem& p, at::ScalarType dtype, Activation act) {
+  return matmul_uses_onednn(dtype) && (p.N * p.K > kLargeWeight || act == Activation::None);
+}
+
 // act(block) in place. ATen's unary kernels are vectorised for the CPU it runs on (AVX-512 here),
 // which this file, built without -march flags, could not be; on a block that is still in cache
 // each is a cheap pass.
@@ -199,12 +214,18 @@ std::tuple<at::Tensor, at::Tensor> fused_concat_linear_cpu(at::TensorList inputs
   const bool stage = at::toOpMathType(weight.scalar_type()) != weight.scalar_type() && p.rows.size() > 1;
   const at::Tensor weight_t = weight.t();
   const at::Tensor bias_row = bias.has_value() ? bias->view({1, p.N}) : at::Tensor();
+  if (!stage && whole_matrix_gemms(p, weight.scalar_type(), act)) {
+    if (bias_row.defined()) out.copy_(bias_row.expand_as(out));  // then accumulated onto, as addmm does
+    for (size_t s = 0; s < p.rows.size(); ++s) matmul_out(out, p.rows[s], p.weight_t[s], s > 0 || bias_row.defined());
+    if (keep_preact) preact.copy_(out);
+    activate_(out, act);
+    return result();
+  }
   for_each_row_block(p.M, block_rows(p), [&](int64_t r0, int64_t rn) {
     at::Tensor block = out.narrow(0, r0, rn);
     auto gemm = [&](const at::Tensor& x, const at::Tensor& w_t, bool first) {
-      if (!first) block.addmm_(x, w_t);
-      else if (bias_row.defined()) at::addmm_out(block, bias_row, x, w_t);  // bias through beta = 1
-      else at::mm_out(block, x, w_t);
+      if (first && bias_row.defined()) block.copy_(bias_row.expand_as(block));  // then accumulated onto, as addmm does
+      matmul_out(block, x, w_t, !first || bias_row.defined());
     };
     if (stage) {
       std::vector<at::Tensor> parts;
@@ -219,11 +240,9 @@ std::tuple<at::Tensor, at::Tensor> fused_concat_linear_cpu(at::TensorList inputs
   return result();
 }
 
-// Backward keeps per-thread partial sums of grad_weight (and of grad_bias) when they are small: then
+// Backward keeps per-thread partial sums of grad_weight (and of grad_bias) when W is small: then
 // each row block does all its work while its gz is in cache (gz, grad_bias, grad_inputs, grad_weight)
-// and gz never exists in full. Above this many weight elements the partials would not fit in cache
-// (and the reduction would cost more than it saves): gz is formed in full, then large GEMMs follow.
-constexpr int64_t kFusedBackwardMaxWeight = int64_t(1) << 18;
+// and gz never exists in full. A large W (kLargeWeight): gz is formed in full, then large GEMMs follow.
 
 struct Grads {
   std::vector<at::Tensor> inputs;  // (M, D_s) each, or undefined where not needed
@@ -250,7 +269,8 @@ Grads backward(const Problem& p, const at::Tensor& g, const at::Tensor& z_saved,
   at::Tensor grad_weight = weight_needs_grad ? at::empty({p.N, p.K}, weight.options()) : at::Tensor();
   const int64_t rows = block_rows(p);
   const int64_t nthreads = at::get_num_threads();
-  const bool fused = p.N * p.K <= kFusedBackwardMaxWeight && (p.M + rows - 1) / rows >= 2 * nthreads;
+  const bool fused = !whole_matrix_gemms(p, weight.scalar_type(), act) && p.N * p.K <= kLargeWeight &&
+                     (p.M + rows - 1) / rows >= 2 * nthreads;
   // Per-thread partial sums, in the accumulation type: [thread][segment] for grad_weight, [thread] for bias.
   std::vector<at::Tensor> weight_parts(fused && weight_needs_grad ? nthreads * S : 0);
   std::vector<at::Tensor> bias_parts(bias_needs_grad ? nthreads : 0);
@@ -274,17 +294,18 @@ Grads backward(const Problem& p, const at::Tensor& g, const at::Tensor& z_saved,
         const at::Tensor w_s = weight.narrow(1, offsets[s], offsets[s + 1] - offsets[s]);
         if (inputs_need_grad[s]) {
           at::Tensor gx = grad_inputs[s].narrow(0, r0, rn);
-          at::mm_out(gx, gz, w_s);
+          matmul_out(gx, gz, w_s, false);
         }
         if (!weight_needs_grad) continue;
         at::Tensor& part = weight_parts[t * S + s];
         const at::Tensor x = p.rows[s].narrow(0, r0, rn);
-        if (!part.defined()) {
-          part = at::mm(gz.t(), x).to(acc_type);
-        } else if (low_precision) {
-          part.add_(at::mm(gz.t(), x));
+        if (low_precision) {
+          at::Tensor prod = at::mm(gz.t(), x);
+          part = part.defined() ? part.add_(prod) : prod.to(acc_type);
         } else {
-          part.addmm_(gz.t(), x);
+          const bool first = !part.defined();
+          if (first) part = at::empty({p.N, x.size(1)}, x.options());
+          matmul_out(part, gz.t(), x, !first);
         }
       }
     });
@@ -295,11 +316,8 @@ Grads backward(const Problem& p, const at::Tensor& g, const at::Tensor& z_saved,
     // each column block of grad_weight (written in place, row stride K): no concatenation, no split.
     for (size_t s = 0; s < S; ++s) {
       const int64_t d = offsets[s + 1] - offsets[s];
-      if (inputs_need_grad[s]) at::mm_out(grad_inputs[s], gz_full, weight.narrow(1, offsets[s], d));
-      if (weight_needs_grad) {
-        at::Tensor cols = grad_weight.narrow(1, offsets[s], d);
-        at::mm_out(cols, gz_full.t(), p.rows[s]);
-      }
+      if (inputs_need_grad[s]) matmul_out(grad_inputs[s], gz_full, weight.narrow(1, offsets[s], d), false);
+      if (weight_needs_grad) matmul_out(grad_weight.narrow(1, offsets[s], d), gz_full.t(), p.rows[s], false);
     }
   } else if (weight_needs_grad) {
     for (size_t s = 0; s < S; ++s) {

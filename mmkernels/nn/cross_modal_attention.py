@@ -145,8 +145,8 @@ class CrossModalAttention(nn.Module):
 
         def kv_linear(x, weight, bias):
             if key_rows is None:
-                return F.linear(x, weight, bias)
-            rows = F.linear(x.reshape(-1, x.shape[-1]).index_select(0, key_rows), weight, bias)
+                return _linear(x, weight, bias)
+            rows = _linear(x.reshape(-1, x.shape[-1]).index_select(0, key_rows), weight, bias)
             full = rows.new_zeros(x.shape[:-1].numel(), rows.shape[-1]).index_copy(0, key_rows, rows)
             return full.view(*x.shape[:-1], rows.shape[-1])
 
@@ -154,15 +154,15 @@ class CrossModalAttention(nn.Module):
             bq, bk, bv = cut(b, [e, e, e])
             wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
         elif key is value and query is key and key_rows is None:
-            q, k, v = F.linear(query, w, b).split(e, dim=-1)
+            q, k, v = _linear(query, w, b).split(e, dim=-1)
             return q, k, v
         elif key is value:
             (wq, wkv), (bq, bkv) = w.split([e, 2 * e]), cut(b, [e, 2 * e])
             k, v = kv_linear(key, wkv, bkv).split(e, dim=-1)
-            return F.linear(query, wq, bq), k, v
+            return _linear(query, wq, bq), k, v
         else:
             (wq, wk, wv), (bq, bk, bv) = w.split(e), cut(b, [e, e, e])
-        return F.linear(query, wq, bq), kv_linear(key, wk, bk), kv_linear(value, wv, bv)
+        return _linear(query, wq, bq), kv_linear(key, wk, bk), kv_linear(value, wv, bv)
 
     @staticmethod
     def _visible_key_rows(key_padding_mask, seq_dim: int):
@@ -254,7 +254,7 @@ class CrossModalAttention(nn.Module):
             out = out.permute(2, 0, 1, 3).reshape(len_q, batch, self.embed_dim)
         else:
             out = out.transpose(1, 2).reshape(batch, len_q, self.embed_dim)
-        out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
+        out = _linear(out, self.out_proj.weight, self.out_proj.bias)
 
         if not batched:
             out = out.squeeze(0)
@@ -325,6 +325,15 @@ class CrossModalAttention(nn.Module):
             extras.append("add_zero_attn=True")
         extras.append(f"batch_first={self.batch_first}")
         return ", ".join(extras)
+
+
+def _linear(x, weight, bias):
+    """F.linear; on the CPU in float32 through fused_concat_linear with one input, whose GEMMs run on
+    oneDNN there (csrc/cpu/matmul.cpp: 1.2-1.5x MKL's on the AMD CPUs measured), with F.linear's
+    autograd semantics."""
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        return ops.fused_concat_linear([x], weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def _scores_to_weights(q, k, additive, scale):

@@ -1,0 +1,71 @@
+// The rule: float32 GEMMs go to oneDNN (through ATen's mkldnn_matmul), everything else to ATen's
+// mm/addmm (MKL on x86 wheels; bfloat16 there already goes to oneDNN).
+//
+// Why: on the AMD EPYC (Zen 4) machines this project is measured on, MKL's sgemm stays well below
+// the CPU's AVX-512 peak (likely its non-Intel code path), while oneDNN JIT-compiles AVX-512 kernels
+// for the CPU it finds: 190-215 against 130-165 GFLOP/s on the projection shapes of the benchmarks
+// (benchmarks/RESULTS.md, "Session 5"). Both sum in float32 with float32 accumulators; the results
+// differ from MKL's in rounding only, as two BLAS libraries do.
+//
+// MMKERNELS_CPU_GEMM=aten keeps every GEMM on ATen's mm (MKL), e.g. to compare; the rule also
+// stays with ATen where torch was built without oneDNN, where the user disabled it
+// (torch.backends.mkldnn.enabled = False), and for layouts oneDNN serves badly or not at all.
+#include "matmul.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Config.h>
+#include <ATen/Context.h>
+
+#include <cstdlib>
+#include <string_view>
+
+// Exported by libtorch_cpu (ATen/native/mkldnn/Matmul.h, a header the wheels do not ship):
+// result = beta * result + alpha * mat1 @ mat2, for strided 2-D operands.
+namespace at::native {
+TORCH_API void mkldnn_matmul(const at::Tensor& mat1, const at::Tensor& mat2, const at::Tensor& result, float beta,
+                             float alpha);
+}
+
+namespace mmkernels::cpu {
+namespace {
+
+bool onednn_requested() {
+  static const bool requested = [] {
+    const char* env = std::getenv("MMKERNELS_CPU_GEMM");
+    return env == nullptr || std::string_view(env) != "aten";
+  }();
+  return requested;
+}
+
+// oneDNN reads operands row- or column-major with any leading dimension, but not expanded (stride 0)
+// or strided both ways. Its output must be row-major: a column-major output ran at under
+// 1 GFLOP/s here (a reference kernel), against 190 row-major.
+bool row_major(const at::Tensor& t) { return t.stride(1) == 1 && (t.size(0) == 1 || t.stride(0) >= t.size(1)); }
+bool col_major(const at::Tensor& t) { return t.stride(0) == 1 && (t.size(1) == 1 || t.stride(1) >= t.size(0)); }
+
+}  // namespace
+
+bool matmul_uses_onednn(at::ScalarType dtype) {
+#if AT_MKLDNN_ENABLED() && defined(__x86_64__)
+  return dtype == at::kFloat && onednn_requested() && at::globalContext().userEnabledMkldnn();
+#else
+  (void)dtype;
+  return false;
+#endif
+}
+
+void matmul_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  const bool empty = out.numel() == 0 || a.size(1) == 0;
+  const bool layouts_ok = (row_major(a) || col_major(a)) && (row_major(b) || col_major(b)) && row_major(out);
+  if (!empty && layouts_ok && matmul_uses_onednn(out.scalar_type())) {
+    at::native::mkldnn_matmul(a, b, out, accumulate ? 1.0f : 0.0f, 1.0f);
+  } else if (accumulate) {
+    at::Tensor dst = out;
+    dst.addmm_(a, b);
+  } else {
+    at::Tensor dst = out;
+    at::mm_out(dst, a, b);
+  }
+}
+
+}  // namespace mmkernels::cpu

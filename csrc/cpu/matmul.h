@@ -1,0 +1,15 @@
+// Whole-matrix float GEMMs of the CPU kernels (fused_concat_linear, low_rank_fusion), routed to the
+// faster of the two GEMM libraries that torch links. See matmul.cpp for the rule.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+namespace mmkernels::cpu {
+
+// out (M x N) = a (M x K) @ b (K x N), or out += a @ b with `accumulate`. Any strides, views included
+// (a transposed or column-sliced weight, a column block of a gradient): nothing is copied.
+void matmul_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate);
+
+// Whether matmul_out sends `dtype` to oneDNN (the rule of matmul.cpp), for tests and reports.
+bool matmul_uses_onednn(at::ScalarType dtype);
+
+}  // namespace mmkernels::cpu

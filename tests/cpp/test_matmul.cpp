@@ -1,0 +1,70 @@
+// C++ tests of matmul_out (csrc/cpu/matmul.cpp) against at::mm, over the operand layouts the kernels
+// pass: transposed and column-sliced weights, a column block of a wider output, accumulation.
+#include <ATen/ATen.h>
+#include <ATen/Config.h>
+#include <ATen/Context.h>
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+
+#include "cpu/matmul.h"
+
+namespace {
+
+using mmkernels::cpu::matmul_out;
+
+void expect_matches_mm(const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  const int64_t M = a.size(0), N = b.size(1);
+  // The output is a column block of a wider matrix, whose other columns must stay untouched.
+  at::Tensor wide = at::randn({M, N + 5}, a.options());
+  const at::Tensor before = wide.clone();
+  at::Tensor out = wide.narrow(1, 2, N);
+  const at::Tensor product = at::mm(a.to(at::kDouble), b.to(at::kDouble));
+  const at::Tensor expected = accumulate ? out.to(at::kDouble) + product : product;
+  matmul_out(out, a, b, accumulate);
+  EXPECT_TRUE(at::allclose(out.to(at::kDouble), expected, 1e-4, 1e-4));
+  EXPECT_TRUE(at::equal(wide.narrow(1, 0, 2), before.narrow(1, 0, 2)));
+  EXPECT_TRUE(at::equal(wide.narrow(1, N + 2, 3), before.narrow(1, N + 2, 3)));
+}
+
+TEST(Matmul, LayoutsAndAccumulationMatchMm) {
+  at::manual_seed(0);
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  const at::Tensor a = at::randn({37, 70}, f32);
+  const at::Tensor w = at::randn({23, 100}, f32);
+  for (bool accumulate : {false, true}) {
+    expect_matches_mm(a, at::randn({70, 23}, f32), accumulate);               // row-major
+    expect_matches_mm(a, w.narrow(1, 30, 70).t(), accumulate);                // W[:, cols].T, column-major
+    expect_matches_mm(at::randn({70, 37}, f32).t(), w.narrow(1, 0, 70).t(), accumulate);  // both transposed
+    expect_matches_mm(a, at::randn({70, 46}, f32).slice(1, 0, 46, 2), accumulate);        // strided both ways: ATen
+    expect_matches_mm(a.narrow(0, 0, 1), at::randn({70, 23}, f32), accumulate);            // one row
+    at::Tensor out_t = at::randn({23, 37}, f32).t();                                        // column-major out: ATen
+    const at::Tensor before = out_t.clone();
+    matmul_out(out_t, a, at::randn({70, 23}, f32), accumulate);
+    EXPECT_FALSE(at::equal(out_t, before));
+    expect_matches_mm(a.narrow(1, 0, 0), at::randn({0, 23}, f32), accumulate);             // K = 0
+  }
+}
+
+TEST(Matmul, OnednnRuleFollowsTorchsSwitch) {
+  const bool enabled = at::globalContext().userEnabledMkldnn();
+#if AT_MKLDNN_ENABLED() && defined(__x86_64__)
+  if (enabled && std::getenv("MMKERNELS_CPU_GEMM") == nullptr) EXPECT_TRUE(mmkernels::cpu::matmul_uses_onednn(at::kFloat));
+#endif
+  at::globalContext().setUserEnabledMkldnn(false);
+  EXPECT_FALSE(mmkernels::cpu::matmul_uses_onednn(at::kFloat));
+  at::globalContext().setUserEnabledMkldnn(enabled);
+  EXPECT_FALSE(mmkernels::cpu::matmul_uses_onednn(at::kDouble));
+  EXPECT_FALSE(mmkernels::cpu::matmul_uses_onednn(at::kBFloat16));
+}
+
+TEST(Matmul, AlsoMatchesWithOnednnDisabled) {
+  at::manual_seed(1);
+  const bool enabled = at::globalContext().userEnabledMkldnn();
+  at::globalContext().setUserEnabledMkldnn(false);
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  expect_matches_mm(at::randn({16, 9}, f32), at::randn({11, 9}, f32).t(), true);
+  at::globalContext().setUserEnabledMkldnn(enabled);
+}
+
+}  // namespace
