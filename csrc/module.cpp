@@ -9,10 +9,22 @@
 #include <cstdio>
 #endif
 
+#include "cpu/matmul.h"
+
 #define MMK_STR2(x) #x
 #define MMK_STR(x) MMK_STR2(x)
 
-static PyModuleDef mmkernels_module = {PyModuleDef_HEAD_INIT, "_C", "mmkernels compiled kernels", -1, nullptr};
+// Which library the CPU kernels' float32 GEMMs use now (csrc/cpu/matmul.cpp), for reports.
+static PyObject* cpu_float32_gemm(PyObject*, PyObject*) {
+  return PyUnicode_FromString(mmkernels::cpu::matmul_uses_onednn(at::kFloat) ? "oneDNN" : "ATen mm (MKL)");
+}
+
+static PyMethodDef mmkernels_methods[] = {
+    {"cpu_float32_gemm", cpu_float32_gemm, METH_NOARGS, "The library of the CPU kernels' float32 GEMMs."},
+    {nullptr, nullptr, 0, nullptr}};
+
+static PyModuleDef mmkernels_module = {PyModuleDef_HEAD_INIT, "_C", "mmkernels compiled kernels", -1,
+                                       mmkernels_methods};
 
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* m = PyModule_Create(&mmkernels_module);

@@ -1,5 +1,5 @@
-// Whole-matrix float GEMMs of the CPU kernels (fused_concat_linear, low_rank_fusion), routed to the
-// faster of the two GEMM libraries that torch links. See matmul.cpp for the rule.
+// The GEMMs of fused_concat_linear's CPU kernel, routed to the faster of the two GEMM libraries that
+// torch links. See matmul.cpp for the rule.
 #pragma once
 #include <ATen/core/Tensor.h>
 

@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from .. import _C
 from . import core, report
 from .runner import run_case
 from .timing import QUICK, Budget
@@ -88,6 +89,7 @@ def meta(args, devices) -> dict:
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
         "threads": args.threads,
+        "cpu_float32_gemm": _C.cpu_float32_gemm(),
         "load_avg_start": os.getloadavg(),
         "devices": [d.type for d in devices],
         "quick": args.quick,
@@ -160,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     work = [(c, d) for d in devices for c in cases if d.type in c.devices]
     print(f"mmkernels.bench  {info['date']}  commit {info['commit']}  torch {info['torch']}")
     print(f"CPU: {info['cpu']} ({info['cpu_count']} logical cores), {torch.get_num_threads()} threads; "
-          f"load average at start {' '.join(f'{x:.2f}' for x in info['load_avg_start'])}"
+          f"load average at start {' '.join(f'{x:.2f}' for x in info['load_avg_start'])}; "
+          f"our float32 CPU GEMMs: {info['cpu_float32_gemm']}"
           + (f"; GPU: {info['gpu']}" if "gpu" in info else ""))
     clock = "time.perf_counter" + (", CUDA events on the GPU" if "gpu" in info else "")
     print(HEADER.format(clock=clock, memory=MEM_CUDA if devices == [torch.device("cuda")] else

@@ -17,6 +17,9 @@ Differences from nn.MultiheadAttention, all deliberate:
   only, forward and backward; eager mode, see ``_visible_key_rows``). The numbers are the same, but
   what padded rows hold is then never read: a NaN there does not reach the output, while
   nn.MultiheadAttention returns NaN for every query.
+- On the CPU in float32 the projections are one-input ``fused_concat_linear`` calls, whose GEMMs run
+  on oneDNN (csrc/cpu/matmul.cpp): the same numbers up to GEMM rounding, not bitwise
+  nn.MultiheadAttention's (MKL's).
 """
 from __future__ import annotations
 
