@@ -9,8 +9,8 @@
 // For each query block it recomputes S = Q_i K_j^T and P = exp(scale S + mask - lse) with the
 // forward's own GEMM calls (same blocks, same orientation) and rounding, so that P is the
 // forward's to the bit, then dV_j += P^T dO_i, dP = dO_i V_j^T, dS = P (dP - D), dK_j += dS^T Q_i
-// and dQ_i += dS K_j (the BLAS reads the transposed operands in place). dQ is accumulated per key chunk when key blocks of one head run
-// on several threads, and the chunks summed in a fixed order.
+// and dQ_i += dS K_j (the BLAS reads the transposed operands in place). dQ is accumulated per key
+// chunk when key blocks of one head run on several threads, and the chunks summed in a fixed order.
 //
 // Masks: kv_lengths and key_padding_mask trim each batch's key range, so fully padded key blocks
 // are skipped; what is left of key_padding_mask and attn_mask (bool or additive float, broadcast

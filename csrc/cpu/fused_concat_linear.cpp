@@ -214,14 +214,9 @@ std::tuple<at::Tensor, at::Tensor> fused_concat_linear_cpu(at::TensorList inputs
   const bool stage = at::toOpMathType(weight.scalar_type()) != weight.scalar_type() && p.rows.size() > 1;
   const at::Tensor weight_t = weight.t();
   const at::Tensor bias_row = bias.has_value() ? bias->view({1, p.N}) : at::Tensor();
-  if (!stage && whole_matrix_gemms(p, weight.scalar_type(), act)) {
-    if (bias_row.defined()) out.copy_(bias_row.expand_as(out));  // then accumulated onto, as addmm does
-    for (size_t s = 0; s < p.rows.size(); ++s) matmul_out(out, p.rows[s], p.weight_t[s], s > 0 || bias_row.defined());
-    if (keep_preact) preact.copy_(out);
-    activate_(out, act);
-    return result();
-  }
-  for_each_row_block(p.M, block_rows(p), [&](int64_t r0, int64_t rn) {
+  // Whole-M GEMMs are one block of all rows: it runs alone, so each GEMM gets every thread.
+  const int64_t rows = whole_matrix_gemms(p, weight.scalar_type(), act) ? p.M : block_rows(p);
+  for_each_row_block(p.M, rows, [&](int64_t r0, int64_t rn) {
     at::Tensor block = out.narrow(0, r0, rn);
     auto gemm = [&](const at::Tensor& x, const at::Tensor& w_t, bool first) {
       if (first && bias_row.defined()) block.copy_(bias_row.expand_as(block));  // then accumulated onto, as addmm does
