@@ -473,9 +473,9 @@ def test_thread_counts_agree(threads):
         torch.set_num_threads(old)
 
 
-def test_without_blas_symbols():
-    # A torch whose BLAS does not export sgemm_/dgemm_ takes the packing + brgemm path: run the
-    # float32 and float64 checks in a subprocess that forces it.
+def test_block_gemm_fallbacks():
+    # The block GEMMs' other routes, in a subprocess: float32 with oneDNN switched off (cpublas::brgemm
+    # then falls back to ATen's gemm), and float64 as on a torch whose BLAS exports no dgemm_ (loops).
     import os
     import subprocess
     import sys
@@ -483,6 +483,7 @@ def test_without_blas_symbols():
     code = (
         "import torch, sys; sys.path.insert(0, 'tests');"
         "import test_cross_modal_attention as t;"
+        "torch.backends.mkldnn.enabled = False;"
         "[t.check_against_reference(*t.make_qkv(2, 2, 70, 300, 8, 5, d), t.make_masks('kpm+bool2d', 2, 2, 70, 300, d), d)"
         " for d in (torch.float32, torch.float64)]"
     )

@@ -8,18 +8,17 @@
 // Backward: one task per (batch, head, key block) (or, when there are many heads, per (batch, head)).
 // For each query block it recomputes S = Q_i K_j^T and P = exp(scale S + mask - lse) with the
 // forward's own GEMM calls (same blocks, same orientation) and rounding, so that P is the
-// forward's to the bit, then dV_j += P^T dO_i, dP = dO_i V_j^T, dS = P (dP - D), dK_j += dS^T Q_i
-// and dQ_i += dS K_j (the BLAS reads the transposed operands in place). dQ is accumulated per key
-// chunk when key blocks of one head run on several threads, and the chunks summed in a fixed order.
+// forward's to the bit, then dV_j^T += dO_i^T P, dP = dO_i V_j^T, dS = P (dP - D), dK_j^T += Q_i^T dS
+// and dQ_i += dS K_j. dQ is accumulated per key chunk when key blocks of one head run on several
+// threads, and the chunks summed in a fixed order.
 //
 // Masks: kv_lengths and key_padding_mask trim each batch's key range, so fully padded key blocks
 // are skipped; what is left of key_padding_mask and attn_mask (bool or additive float, broadcast
 // through stride-0 views, never expanded in memory) is added per row as a bias of 0 / -inf / value.
 // A query row that sees no key gets out = 0 and lse = +inf, so that backward's P is exactly 0.
 //
-// GEMMs go to the BLAS that torch links (MKL), or without it cpublas::brgemm (float) and plain loops
-// (double). bfloat16: the forward multiplies bfloat16 operands on oneDNN (float accumulation); the
-// backward runs the float kernel on float copies and rounds the results.
+// GEMMs: see gemm() below. bfloat16: the forward multiplies bfloat16 operands on oneDNN (float
+// accumulation); the backward runs the float kernel on float copies and rounds the results.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -36,74 +35,58 @@
 #include "attention_rows.h"
 #include "checks.h"
 #include "dropout_hash.h"
+#include "transpose.h"
 
 namespace mmkernels::cpu {
 namespace {
 
 // ------------------------------------------------------------------------------------------ GEMM
 
-// The BLAS that torch links (MKL on x86 wheels) exports the Fortran GEMMs. Calling them directly
-// takes transposed operands for free (the BLAS packs its operands anyway) with no dispatcher
-// overhead per block. Weak, so that a torch without them still loads: then transposed operands
-// are packed here and the GEMM goes through cpublas::brgemm (float) or plain loops (double).
+// Every block GEMM here is C (+)= A B with row-major A, B and C: the operands that would be
+// transposed (K and V in the score GEMMs, Q and dO in the dK and dV GEMMs) are stored transposed
+// instead, so the GEMM never packs them. float goes to cpublas::brgemm, oneDNN's batch-reduce
+// micro-kernel (measured on this AVX-512 CPU at ~110 GFLOP/s a core on the attention's blocks,
+// against ~90 for MKL's sgemm_, which also packs each transposed operand per call); without oneDNN
+// it falls back to ATen's gemm. double (gradcheck) goes to the BLAS's dgemm_ where torch's BLAS
+// exports it, else to plain loops.
 extern "C" {
-void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
-            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-            const int* ldc) __attribute__((weak));
 void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
             const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
             const int* ldc) __attribute__((weak));
 }
 
-template <typename T>
-void pack_transposed(const T* src, int64_t ld, int64_t rows, int64_t cols, std::vector<T>& dst) {
-  // dst (cols x rows, row-major) = src (rows x cols, leading dim ld) transposed.
-  dst.resize(static_cast<size_t>(rows * cols));
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[r * ld + c];
-}
-
-// Row-major C (M x N, ldc) (+)= op(A) op(B), op(A) M x K and op(B) K x N. With ta, A is stored
-// K x M (row-major, lda) and used transposed; likewise tb for B.
-template <typename T>
-void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
-          T* C, int64_t ldc, bool accumulate) {
+// Row-major C (M x N, ldc) (+)= A (M x K, lda) B (K x N, ldb).
+void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+          int64_t ldc, bool accumulate) {
   if (M == 0 || N == 0) return;
   if (K == 0) {
     if (!accumulate)
-      for (int64_t m = 0; m < M; ++m) std::fill_n(C + m * ldc, N, T(0));
+      for (int64_t m = 0; m < M; ++m) std::fill_n(C + m * ldc, N, 0.0f);
     return;
   }
-  constexpr bool is_float = std::is_same_v<T, float>;
-  // MMKERNELS_NO_BLAS_SYMBOLS=1 takes the path of a torch without them (tested that way).
-  static const bool force_fallback = std::getenv("MMKERNELS_NO_BLAS_SYMBOLS") != nullptr;
-  const bool have_blas = !force_fallback && (is_float ? sgemm_ != nullptr : dgemm_ != nullptr);
-  if (have_blas) {
-    // Column-major view: C^T (N x M) = op(B)^T op(A)^T.
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, /*is_vnni=*/false);
+}
+
+void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B, int64_t ldb, double* C,
+          int64_t ldc, bool accumulate) {
+  if (M == 0 || N == 0) return;
+  // MMKERNELS_NO_BLAS_SYMBOLS=1 takes the path of a torch without dgemm_ (tested that way).
+  static const bool force_loops = std::getenv("MMKERNELS_NO_BLAS_SYMBOLS") != nullptr;
+  if (K > 0 && dgemm_ != nullptr && !force_loops) {
+    // Column-major view: C^T (N x M) = B^T A^T.
     const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
     const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
-    const T one = 1, beta = accumulate ? 1 : 0;
-    if constexpr (is_float) {
-      sgemm_(tb ? "T" : "N", ta ? "T" : "N", &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
-    } else {
-      dgemm_(tb ? "T" : "N", ta ? "T" : "N", &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
-    }
+    const double one = 1, beta = accumulate ? 1 : 0;
+    dgemm_("N", "N", &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
     return;
   }
-  thread_local std::vector<T> a_buf, b_buf;
-  if (ta) pack_transposed(A, lda, K, M, a_buf), A = a_buf.data(), lda = K;
-  if (tb) pack_transposed(B, ldb, N, K, b_buf), B = b_buf.data(), ldb = N;
-  if constexpr (is_float) {
-    at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, /*is_vnni=*/false);
-  } else {
-    for (int64_t m = 0; m < M; ++m) {
-      T* c = C + m * ldc;
-      if (!accumulate) std::fill_n(c, N, T(0));
-      for (int64_t kk = 0; kk < K; ++kk) {
-        const T a = A[m * lda + kk];
-        const T* b = B + kk * ldb;
-        for (int64_t n = 0; n < N; ++n) c[n] += a * b[n];
-      }
+  for (int64_t m = 0; m < M; ++m) {
+    double* c = C + m * ldc;
+    if (!accumulate) std::fill_n(c, N, 0.0);
+    for (int64_t kk = 0; kk < K; ++kk) {
+      const double a = A[m * lda + kk];
+      const double* b = B + kk * ldb;
+      for (int64_t n = 0; n < N; ++n) c[n] += a * b[n];
     }
   }
 }
@@ -309,87 +292,102 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
   const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
   const int64_t os0 = out.stride(0), os1 = out.stride(1), os2 = out.stride(2);
   const int64_t nthreads = at::get_num_threads();
-  // Per-thread scratch: scores, output accumulator, row max / sum, one bias row, dropout factors,
-  // and (bfloat16) P rounded for the second GEMM.
+  // A task is a run of query blocks of one head, which shares one transposed copy of the head's
+  // visible keys (K_j^T per key block, E x BK each: the score GEMM's B operand); runs are cut short
+  // enough to leave about 8 tasks per thread for balance.
+  const int64_t runs_per_head = std::clamp<int64_t>((8 * nthreads + p.B * p.H - 1) / (p.B * p.H), 1, nqb);
+  const int64_t run = (nqb + runs_per_head - 1) / runs_per_head, nruns = (nqb + run - 1) / run;
+  const int64_t kt_size = kBf16 ? 0 : aligned_slice<T>(p.E * BK * num_key_blocks(p.Lk));
+  // Per-thread scratch: K^T, scores, output accumulator, row max / sum, one bias row, dropout
+  // factors, and (bfloat16) P rounded for the second GEMM.
   const int64_t per_thread =
-      aligned_slice<T>(BQ * BK + BQ * p.Ev + 2 * BQ + BK + BK + (kBf16 ? (BQ * BKp + 1) / 2 : 0));
+      kt_size + aligned_slice<T>(BQ * BK + BQ * p.Ev + 2 * BQ + BK + BK + (kBf16 ? (BQ * BKp + 1) / 2 : 0));
   const at::Tensor scratch_t = aligned_scratch<T>(per_thread * nthreads);
   T* const scratch = scratch_t.data_ptr<T>();
-  parallel_tasks(p.B * p.H * nqb, [&](int64_t task, int tid) {
-    const int64_t bh = task / nqb, b = bh / p.H, h = bh % p.H;
-    const int64_t i0 = (task % nqb) * BQ, nq = std::min(BQ, p.Lq - i0);
-    T* S = scratch + tid * per_thread;
+  parallel_tasks(p.B * p.H * nruns, [&](int64_t task, int tid) {
+    const int64_t bh = task / nruns, b = bh / p.H, h = bh % p.H;
+    T* kT = scratch + tid * per_thread;
+    T* S = kT + kt_size;
     T* acc = S + BQ * BK;
     T* m = acc + BQ * p.Ev;
     T* l = m + BQ;
     T* bias = l + BQ;
     T* z = bias + BK;
     uint16_t* Pb = reinterpret_cast<uint16_t*>(z + BK);
-    std::fill_n(acc, nq * p.Ev, T(0));
-    std::fill_n(m, nq, -std::numeric_limits<T>::infinity());
-    std::fill_n(l, nq, T(0));
-    const In* qb = qd + b * qs0 + h * qs1 + i0 * qs2;
-    // VNNI blocks start at even keys; a key moved into range this way is padding (masked).
-    const int64_t jstart = kBf16 ? (p.kbeg[b] & ~int64_t(1)) : p.kbeg[b];
-    for (int64_t j0 = jstart; j0 < p.kend[b]; j0 += BK) {
-      const int64_t nk = std::min(BK, p.kend[b] - j0);
-      if constexpr (kBf16) {  // S = Q_i K_j^T
-        at::native::cpublas::brgemm(nq, nk, p.E, qs2, Lkp, BK, false, qb, kd + bh * p.E * Lkp + j0 * 2, S, true);
-      } else {
-        gemm(false, true, nq, nk, p.E, qb, qs2, kd + b * ks0 + h * ks1 + j0 * ks2, ks2, S, BK, false);
-      }
-      for (int64_t r = 0; r < nq; ++r) {
-        T* s = S + r * BK;
-        const T* brow = bias_for_row(p, b, h, i0 + r, j0, nk, bias);
-        const T mx = rows::scale_bias_max(s, brow, nk, scale);
-        const T mnew = std::max(m[r], mx);
-        if (mnew == -std::numeric_limits<T>::infinity()) {  // nothing visible yet in this row
-          std::fill_n(s, nk, T(0));
+    if constexpr (!kBf16) {
+      for (int64_t j0 = p.kbeg[b]; j0 < p.kend[b]; j0 += BK)
+        transpose(kd + b * ks0 + h * ks1 + j0 * ks2, ks2, std::min(BK, p.kend[b] - j0), p.E,
+                        kT + (j0 - p.kbeg[b]) / BK * p.E * BK, BK);
+    }
+    const int64_t qb_end = std::min(nqb, (task % nruns + 1) * run);
+    for (int64_t qblk = (task % nruns) * run; qblk < qb_end; ++qblk) {
+      const int64_t i0 = qblk * BQ, nq = std::min(BQ, p.Lq - i0);
+      std::fill_n(acc, nq * p.Ev, T(0));
+      std::fill_n(m, nq, -std::numeric_limits<T>::infinity());
+      std::fill_n(l, nq, T(0));
+      const In* qb = qd + b * qs0 + h * qs1 + i0 * qs2;
+      // VNNI blocks start at even keys; a key moved into range this way is padding (masked).
+      const int64_t jstart = kBf16 ? (p.kbeg[b] & ~int64_t(1)) : p.kbeg[b];
+      for (int64_t j0 = jstart; j0 < p.kend[b]; j0 += BK) {
+        const int64_t nk = std::min(BK, p.kend[b] - j0);
+        if constexpr (kBf16) {  // S = Q_i K_j^T
+          at::native::cpublas::brgemm(nq, nk, p.E, qs2, Lkp, BK, false, qb, kd + bh * p.E * Lkp + j0 * 2, S, true);
         } else {
-          const T sum = rows::exp_sum(s, nk, mnew);
-          const T alpha = std::exp(m[r] - mnew);  // 0 on the first visible block
-          if (alpha != T(1)) rows::scale(acc + r * p.Ev, p.Ev, alpha);
-          l[r] = l[r] * alpha + sum;
-          m[r] = mnew;
-          if (p.dropout) {
-            // The row sum above is of the undropped probabilities; only P V sees the mask.
-            rows::dropout_factors_row(z, dropout_row_key(p.seed, bh, p.Lq, i0 + r), static_cast<uint32_t>(j0), nk,
-                                      p.threshold, inv_keep);
-            rows::mul(s, z, nk);
+          gemm(nq, nk, p.E, qb, qs2, kT + (j0 - p.kbeg[b]) / BK * p.E * BK, BK, S, BK, false);
+        }
+        for (int64_t r = 0; r < nq; ++r) {
+          T* s = S + r * BK;
+          const T* brow = bias_for_row(p, b, h, i0 + r, j0, nk, bias);
+          const T mx = rows::scale_bias_max(s, brow, nk, scale);
+          const T mnew = std::max(m[r], mx);
+          if (mnew == -std::numeric_limits<T>::infinity()) {  // nothing visible yet in this row
+            std::fill_n(s, nk, T(0));
+          } else {
+            const T sum = rows::exp_sum(s, nk, mnew);
+            const T alpha = std::exp(m[r] - mnew);  // 0 on the first visible block
+            if (alpha != T(1)) rows::scale(acc + r * p.Ev, p.Ev, alpha);
+            l[r] = l[r] * alpha + sum;
+            m[r] = mnew;
+            if (p.dropout) {
+              // The row sum above is of the undropped probabilities; only P V sees the mask.
+              rows::dropout_factors_row(z, dropout_row_key(p.seed, bh, p.Lq, i0 + r), static_cast<uint32_t>(j0), nk,
+                                        p.threshold, inv_keep);
+              rows::mul(s, z, nk);
+            }
+          }
+          if constexpr (kBf16) {
+            rows::to_bf16(s, Pb + r * BKp, nk);
+            if (nk & 1) Pb[r * BKp + nk] = 0;  // the pad of the last VNNI pair
           }
         }
-        if constexpr (kBf16) {
-          rows::to_bf16(s, Pb + r * BKp, nk);
-          if (nk & 1) Pb[r * BKp + nk] = 0;  // the pad of the last VNNI pair
+        if constexpr (kBf16) {  // O_i += P V_j
+          at::native::cpublas::brgemm(nq, p.Ev, (nk + 1) & ~int64_t(1), BKp, p.Ev, p.Ev, true,
+                                      reinterpret_cast<const at::BFloat16*>(Pb), vd + bh * Lkp * p.Ev + j0 * p.Ev,
+                                      acc, true);
+        } else {
+          gemm(nq, p.Ev, nk, S, BK, vd + b * vs0 + h * vs1 + j0 * vs2, vs2, acc, p.Ev, true);
         }
       }
-      if constexpr (kBf16) {  // O_i += P V_j
-        at::native::cpublas::brgemm(nq, p.Ev, (nk + 1) & ~int64_t(1), BKp, p.Ev, p.Ev, true,
-                                    reinterpret_cast<const at::BFloat16*>(Pb), vd + bh * Lkp * p.Ev + j0 * p.Ev,
-                                    acc, true);
-      } else {
-        gemm(false, false, nq, p.Ev, nk, S, BK, vd + b * vs0 + h * vs1 + j0 * vs2, vs2, acc, p.Ev, true);
+      In* ob = od + b * os0 + h * os1 + i0 * os2;
+      T* lb = ld + bh * p.Lq + i0;
+      for (int64_t r = 0; r < nq; ++r) {
+        // l is exactly 0 only when no key was visible; a NaN score makes it NaN, which must reach the
+        // output (as in the reference) rather than be mistaken for "no visible key" by a `> 0` test.
+        if (l[r] != T(0)) {
+          rows::scale(acc + r * p.Ev, p.Ev, T(1) / l[r]);
+          lb[r] = m[r] + std::log(l[r]);
+        } else {  // no visible key: zeros, and lse = +inf so that backward's probabilities are 0
+          std::fill_n(acc + r * p.Ev, p.Ev, T(0));
+          lb[r] = std::numeric_limits<T>::infinity();
+        }
+        if constexpr (kBf16) {
+          rows::to_bf16(acc + r * p.Ev, reinterpret_cast<uint16_t*>(ob + r * os2), p.Ev);
+        } else {
+          std::copy_n(acc + r * p.Ev, p.Ev, ob + r * os2);
+        }
       }
     }
-    if constexpr (kBf16) at::native::cpublas::brgemm_release(true);
-    In* ob = od + b * os0 + h * os1 + i0 * os2;
-    T* lb = ld + bh * p.Lq + i0;
-    for (int64_t r = 0; r < nq; ++r) {
-      // l is exactly 0 only when no key was visible; a NaN score makes it NaN, which must reach the
-      // output (as in the reference) rather than be mistaken for "no visible key" by a `> 0` test.
-      if (l[r] != T(0)) {
-        rows::scale(acc + r * p.Ev, p.Ev, T(1) / l[r]);
-        lb[r] = m[r] + std::log(l[r]);
-      } else {  // no visible key: zeros, and lse = +inf so that backward's probabilities are 0
-        std::fill_n(acc + r * p.Ev, p.Ev, T(0));
-        lb[r] = std::numeric_limits<T>::infinity();
-      }
-      if constexpr (kBf16) {
-        rows::to_bf16(acc + r * p.Ev, reinterpret_cast<uint16_t*>(ob + r * os2), p.Ev);
-      } else {
-        std::copy_n(acc + r * p.Ev, p.Ev, ob + r * os2);
-      }
-    }
+    if constexpr (std::is_same_v<T, float>) at::native::cpublas::brgemm_release(kBf16);
   });
 }
 
@@ -441,19 +439,26 @@ void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k,
   const int64_t qs2 = q.stride(2), ks2 = k.stride(2), vs2 = v.stride(2), dos2 = dout.stride(2);
   const int64_t nthreads = at::get_num_threads();
   const int64_t dqs2 = dq_acc.stride(3);
-  // Per-thread scratch: P, dP / dS, dropout factors (each BQ x BK), dK and dV accumulators, bias row.
-  const int64_t per_thread = aligned_slice<T>(3 * BQ * BK + BK * p.E + BK * p.Ev + BK);
+  // Per-thread scratch: K_j^T and V_j^T (E x BK, Ev x BK: the score GEMMs' B operands, laid out
+  // as in the forward), P, dP / dS, dropout factors (each BQ x BK), dK^T and dV^T accumulators
+  // (E x BK, Ev x BK), Q_i^T and dO_i^T (E x BQ, Ev x BQ), bias row.
+  const int64_t per_thread = aligned_slice<T>(p.E * BK) + aligned_slice<T>(p.Ev * BK) +
+                             aligned_slice<T>(3 * BQ * BK + (BK + BQ) * (p.E + p.Ev) + BK);
   const at::Tensor scratch_t = aligned_scratch<T>(per_thread * nthreads);
   T* const scratch = scratch_t.data_ptr<T>();
   parallel_tasks(p.B * p.H * nchunks, [&](int64_t task, int tid) {
     const int64_t bh = task / nchunks, b = bh / p.H, h = bh % p.H;
     const int64_t kb_first = (task % nchunks) * nkb_per_task;
-    T* P = scratch + tid * per_thread;
+    T* kT = scratch + tid * per_thread;
+    T* vT = kT + aligned_slice<T>(p.E * BK);
+    T* P = vT + aligned_slice<T>(p.Ev * BK);
     T* DS = P + BQ * BK;
     T* Z = DS + BQ * BK;
-    T* dKa = Z + BQ * BK;
-    T* dVa = dKa + BK * p.E;
-    T* bias = dVa + BK * p.Ev;
+    T* dKt = Z + BQ * BK;
+    T* dVt = dKt + p.E * BK;
+    T* Qt = dVt + p.Ev * BK;
+    T* dOt = Qt + p.E * BQ;
+    T* bias = dOt + p.Ev * BQ;
     // dQ partial sums per key chunk, not per thread: tasks go to threads dynamically, so a
     // per-thread sum would add in a run-dependent order; per chunk, the final sum's order is fixed.
     T* dqb = dqd + (per_thread_dq ? (task % nchunks) * dq_acc.stride(0) : 0) + b * dq_acc.stride(1) +
@@ -477,17 +482,18 @@ void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k,
       }
       if (nk == 0) continue;
       const T* kr = kd + b * k.stride(0) + h * k.stride(1) + j0 * ks2;
-      const T* vr = vd + b * v.stride(0) + h * v.stride(1) + j0 * vs2;
-      std::fill_n(dKa, nk * p.E, T(0));
-      std::fill_n(dVa, nk * p.Ev, T(0));
+      transpose(kr, ks2, nk, p.E, kT, BK);
+      transpose(vd + b * v.stride(0) + h * v.stride(1) + j0 * vs2, vs2, nk, p.Ev, vT, BK);
+      std::fill_n(dKt, p.E * BK, T(0));
+      std::fill_n(dVt, p.Ev * BK, T(0));
       for (int64_t i0 = 0; i0 < p.Lq; i0 += BQ) {
         const int64_t nq = std::min(BQ, p.Lq - i0);
         const T* qi = qb + i0 * qs2;
         const T* doi = dob + i0 * dos2;
         // S = Q_i K_j^T and P = exp(S * scale + bias - lse), row by row with the forward's GEMM and
         // its rounding of S * scale + bias, so that P is the forward's to the bit (transposed, the
-        // BLAS may sum the head dim in another order: one ulp of a 1e5 logit is 1% of a probability).
-        gemm(false, true, nq, nk, p.E, qi, qs2, kr, ks2, P, BK, false);
+        // GEMM may sum the head dim in another order: one ulp of a 1e5 logit is 1% of a probability).
+        gemm(nq, nk, p.E, qi, qs2, kT, BK, P, BK, false);
         for (int64_t r = 0; r < nq; ++r) {
           const T* brow = bias_for_row(p, b, h, i0 + r, j0, nk, bias);
           rows::probs_from_scores(P + r * BK, brow, nk, scale, lseb[i0 + r]);
@@ -503,20 +509,21 @@ void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k,
           }
           PZ = DS;
         }
-        gemm(true, false, nk, p.Ev, nq, PZ, BK, doi, dos2, dVa, p.Ev, true);  // dV_j += (P Z)^T dO_i
-        gemm(false, true, nq, nk, p.Ev, doi, dos2, vr, vs2, DS, BK, false);   // dP = dO_i V_j^T
+        transpose(doi, dos2, nq, p.Ev, dOt, BQ);
+        gemm(p.Ev, nk, nq, dOt, BQ, PZ, BK, dVt, BK, true);  // dV_j^T += dO_i^T (P Z)
+        gemm(nq, nk, p.Ev, doi, dos2, vT, BK, DS, BK, false);  // dP = dO_i V_j^T
         for (int64_t r = 0; r < nq; ++r) {
           if (p.dropout) rows::mul(DS + r * BK, Z + r * BK, nk);
           rows::dscore(DS + r * BK, P + r * BK, DS + r * BK, Db[i0 + r], lseb[i0 + r], nk, scale);  // dS, scaled
         }
-        gemm(true, false, nk, p.E, nq, DS, BK, qi, qs2, dKa, p.E, true);                   // dK_j += dS^T Q_i
-        gemm(false, false, nq, p.E, nk, DS, BK, kr, ks2, dqb + i0 * dqs2, dqs2, true);      // dQ_i += dS K_j
+        transpose(qi, qs2, nq, p.E, Qt, BQ);
+        gemm(p.E, nk, nq, Qt, BQ, DS, BK, dKt, BK, true);                               // dK_j^T += Q_i^T dS
+        gemm(nq, p.E, nk, DS, BK, kr, ks2, dqb + i0 * dqs2, dqs2, true);                // dQ_i += dS K_j
       }
-      for (int64_t r = 0; r < nk; ++r) {
-        std::copy_n(dKa + r * p.E, p.E, dk_out + (j0 + r) * dks2);
-        std::copy_n(dVa + r * p.Ev, p.Ev, dv_out + (j0 + r) * dvs2);
-      }
+      transpose(dKt, BK, p.E, nk, dk_out + j0 * dks2, dks2);
+      transpose(dVt, BK, p.Ev, nk, dv_out + j0 * dvs2, dvs2);
     }
+    if constexpr (std::is_same_v<T, float>) at::native::cpublas::brgemm_release(false);
   });
 }
 
