@@ -3,6 +3,7 @@
 #include "attention_rows.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "dropout_hash.h"
@@ -111,6 +112,12 @@ MMK_CLONES void mul(float* x, const float* z, int64_t n) {
   for (int64_t c = 0; c < n; ++c) x[c] *= z[c];
 }
 
+MMK_CLONES float dot(const float* x, const float* y, int64_t n) {
+  float s = 0.0f;
+  for (int64_t c = 0; c < n; ++c) s = std::fma(x[c], y[c], s);
+  return s;
+}
+
 MMK_CLONES void to_bf16(const float* src, uint16_t* dst, int64_t n) {
   for (int64_t c = 0; c < n; ++c) {
     uint32_t u;
@@ -162,6 +169,12 @@ void dropout_factors_row(double* z, uint64_t key, uint32_t j0, int64_t n, uint32
 
 void mul(double* x, const double* z, int64_t n) {
   for (int64_t c = 0; c < n; ++c) x[c] *= z[c];
+}
+
+double dot(const double* x, const double* y, int64_t n) {
+  double s = 0.0;
+  for (int64_t c = 0; c < n; ++c) s = std::fma(x[c], y[c], s);
+  return s;
 }
 
 }  // namespace mmkernels::cpu::rows

@@ -1,9 +1,9 @@
 // CPU kernels of cross_modal_attention: flash-style attention with masks and dropout.
 //
-// Forward: one task per (batch, head, query block). Keys and values stream through in blocks: the
-// block of scores S = Q_i K_j^T (a GEMM), then per row scale + mask + online softmax (running max
-// and sum in the accumulation type), then O_i += P V_j (a GEMM). Only the per-row log-sum-exp is
-// kept for backward: the extra memory is O(B*H*Lq) plus per-thread block scratch.
+// Forward: one task per (batch, head, run of query blocks). Keys and values stream through in
+// blocks: the block of scores S = Q_i K_j^T (a GEMM), then per row scale + mask + online softmax
+// (running max and sum in the accumulation type), then O_i += P V_j (a GEMM). Only the per-row
+// log-sum-exp is kept for backward: the extra memory is O(B*H*Lq) plus per-thread block scratch.
 //
 // Backward: one task per (batch, head, key block) (or, when there are many heads, per (batch, head)).
 // For each query block it recomputes S = Q_i K_j^T and P = exp(scale S + mask - lse) with the
@@ -317,7 +317,7 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
     if constexpr (!kBf16) {
       for (int64_t j0 = p.kbeg[b]; j0 < p.kend[b]; j0 += BK)
         transpose(kd + b * ks0 + h * ks1 + j0 * ks2, ks2, std::min(BK, p.kend[b] - j0), p.E,
-                        kT + (j0 - p.kbeg[b]) / BK * p.E * BK, BK);
+                  kT + (j0 - p.kbeg[b]) / BK * p.E * BK, BK);
     }
     const int64_t qb_end = std::min(nqb, (task % nruns + 1) * run);
     for (int64_t qblk = (task % nruns) * run; qblk < qb_end; ++qblk) {
@@ -407,9 +407,7 @@ at::Tensor row_dot(const at::Tensor& dout, const at::Tensor& out, const Problem&
       const int64_t i = r % p.Lq, bh = r / p.Lq, b = bh / p.H, h = bh % p.H;
       const T* x = a + b * as0 + h * as1 + i * as2;
       const T* y = o + b * os0 + h * os1 + i * os2;
-      T s = 0;
-      for (int64_t c = 0; c < p.Ev; ++c) s += x[c] * y[c];
-      d[r] = s;
+      d[r] = rows::dot(x, y, p.Ev);
     }
   });
   return D;
