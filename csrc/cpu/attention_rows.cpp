@@ -112,10 +112,17 @@ MMK_CLONES void mul(float* x, const float* z, int64_t n) {
   for (int64_t c = 0; c < n; ++c) x[c] *= z[c];
 }
 
-MMK_CLONES float dot(const float* x, const float* y, int64_t n) {
-  float s = 0.0f;
-  for (int64_t c = 0; c < n; ++c) s = std::fma(x[c], y[c], s);
-  return s;
+MMK_CLONES void dot_rows(const float* x, int64_t ldx, const float* y, int64_t ldy, int64_t rows, int64_t n,
+                         float* out) {
+  // Eight rows at a time: eight independent chains hide the latency of each fused multiply-add.
+  constexpr int64_t kRows = 8;
+  for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
+    const int64_t nr = std::min(kRows, rows - r0);
+    float s[kRows] = {};
+    for (int64_t c = 0; c < n; ++c)
+      for (int64_t k = 0; k < nr; ++k) s[k] = std::fma(x[(r0 + k) * ldx + c], y[(r0 + k) * ldy + c], s[k]);
+    std::copy_n(s, nr, out + r0);
+  }
 }
 
 MMK_CLONES void to_bf16(const float* src, uint16_t* dst, int64_t n) {
@@ -171,10 +178,12 @@ void mul(double* x, const double* z, int64_t n) {
   for (int64_t c = 0; c < n; ++c) x[c] *= z[c];
 }
 
-double dot(const double* x, const double* y, int64_t n) {
-  double s = 0.0;
-  for (int64_t c = 0; c < n; ++c) s = std::fma(x[c], y[c], s);
-  return s;
+void dot_rows(const double* x, int64_t ldx, const double* y, int64_t ldy, int64_t rows, int64_t n, double* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    double s = 0.0;
+    for (int64_t c = 0; c < n; ++c) s = std::fma(x[r * ldx + c], y[r * ldy + c], s);
+    out[r] = s;
+  }
 }
 
 }  // namespace mmkernels::cpu::rows

@@ -27,10 +27,11 @@ void dscore(float* ds, const float* p, const float* dp, float d, float lse, int6
 void dropout_factors_row(float* z, uint64_t key, uint32_t j0, int64_t n, uint32_t threshold, float inv_keep);
 // x *= z
 void mul(float* x, const float* z, int64_t n);
-// sum(x * y) as one fused multiply-add after another, c = 0 .. n-1: the order and rounding in which
-// the GEMM micro-kernel forms each dP = dO V^T entry. So a row that sees one key (P = 1, O = V
-// exactly) gets D = dP to the bit, hence dS = 0, as the materialised softmax's gradient is.
-float dot(const float* x, const float* y, int64_t n);
+// out[r] = sum_c x[r][c] * y[r][c] for r < rows (leading dims ldx, ldy), each as one fused
+// multiply-add after another, c = 0 .. n-1: the order and rounding in which the GEMM micro-kernel
+// forms each dP = dO V^T entry. So a row that sees one key (P = 1, O = V exactly) gets D = dP to
+// the bit, hence dS = 0, as the materialised softmax's gradient is.
+void dot_rows(const float* x, int64_t ldx, const float* y, int64_t ldy, int64_t rows, int64_t n, float* out);
 // dst = bfloat16(src), round to nearest even (bit patterns; src finite).
 void to_bf16(const float* src, uint16_t* dst, int64_t n);
 
@@ -42,6 +43,6 @@ void probs_from_scores(double* s, const double* bias, int64_t n, double scale, d
 void dscore(double* ds, const double* p, const double* dp, double d, double lse, int64_t n, double scale);
 void dropout_factors_row(double* z, uint64_t key, uint32_t j0, int64_t n, uint32_t threshold, double inv_keep);
 void mul(double* x, const double* z, int64_t n);
-double dot(const double* x, const double* y, int64_t n);
+void dot_rows(const double* x, int64_t ldx, const double* y, int64_t ldy, int64_t rows, int64_t n, double* out);
 
 }  // namespace mmkernels::cpu::rows

@@ -402,12 +402,13 @@ at::Tensor row_dot(const at::Tensor& dout, const at::Tensor& out, const Problem&
   T* d = D.data_ptr<T>();
   const int64_t as0 = dout.stride(0), as1 = dout.stride(1), as2 = dout.stride(2);
   const int64_t os0 = out.stride(0), os1 = out.stride(1), os2 = out.stride(2);
-  at::parallel_for(0, p.B * p.H * p.Lq, 1024, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t i = r % p.Lq, bh = r / p.Lq, b = bh / p.H, h = bh % p.H;
-      const T* x = a + b * as0 + h * as1 + i * as2;
-      const T* y = o + b * os0 + h * os1 + i * os2;
-      d[r] = rows::dot(x, y, p.Ev);
+  constexpr int64_t kChunk = 256;  // rows per task
+  const int64_t nchunks = (p.Lq + kChunk - 1) / kChunk;
+  at::parallel_for(0, p.B * p.H * nchunks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t bh = t / nchunks, b = bh / p.H, h = bh % p.H, i0 = (t % nchunks) * kChunk;
+      rows::dot_rows(a + b * as0 + h * as1 + i0 * as2, as2, o + b * os0 + h * os1 + i0 * os2, os2,
+                     std::min(kChunk, p.Lq - i0), p.Ev, d + bh * p.Lq + i0);
     }
   });
   return D;
