@@ -99,6 +99,18 @@ def test_non_contiguous_inputs(dtype):
     check_against_reference(q, k, v, masks, dtype)
 
 
+@pytest.mark.parametrize("offset, row", [(1, 9), (2, 10), (0, 11)], ids=["odd-offset", "even-offset", "odd-rows"])
+def test_bfloat16_keys_at_any_offset_and_row_stride(offset, row):
+    # The bfloat16 forward reads K as pairs of bfloat16 (32-bit words): keys whose data or rows are
+    # not 4-byte aligned (an odd element offset or row stride) are copied first; aligned ones are not.
+    B, H, L, S, E = 2, 2, 7, 21, 8
+    q = torch.randn(B, H, L, E, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(B * H * S * row + offset, dtype=torch.bfloat16)[offset:].view(B, H, S, row)[..., :E]
+    v = torch.randn(B, H, S, 5, dtype=torch.bfloat16, requires_grad=True)
+    masks = make_masks("kpm", B, H, L, S, torch.bfloat16)
+    check_against_reference(q, k.requires_grad_(), v, masks, torch.bfloat16)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_result_layouts(dtype):
     # csrc/include/attention_layout.h: out is stored (B, Lq, H, Ev), so merging heads is a view;

@@ -133,6 +133,14 @@ MMK_CLONES void to_bf16(const float* src, uint16_t* dst, int64_t n) {
   }
 }
 
+MMK_CLONES void interleave_pairs(const uint16_t* a, const uint16_t* b, int64_t n, uint16_t* dst) {
+  if (b == nullptr) {
+    for (int64_t c = 0; c < n; ++c) dst[2 * c] = a[c], dst[2 * c + 1] = 0;
+  } else {
+    for (int64_t c = 0; c < n; ++c) dst[2 * c] = a[c], dst[2 * c + 1] = b[c];
+  }
+}
+
 // ------------------------------------------------------------------------------------------ double
 
 double scale_bias_max(double* s, const double* bias, int64_t n, double scale) {

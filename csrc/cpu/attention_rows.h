@@ -34,6 +34,9 @@ void mul(float* x, const float* z, int64_t n);
 void dot_rows(const float* x, int64_t ldx, const float* y, int64_t ldy, int64_t rows, int64_t n, float* out);
 // dst = bfloat16(src), round to nearest even (bit patterns; src finite).
 void to_bf16(const float* src, uint16_t* dst, int64_t n);
+// dst[2c] = a[c], dst[2c + 1] = b[c] (0 where b is null), c < n: two rows of 16-bit values
+// interleaved, the VNNI-2 layout of a bfloat16 GEMM operand.
+void interleave_pairs(const uint16_t* a, const uint16_t* b, int64_t n, uint16_t* dst);
 
 // Double versions: the same contracts, plain loops (gradcheck shapes only).
 double scale_bias_max(double* s, const double* bias, int64_t n, double scale);

@@ -174,6 +174,14 @@ at::Tensor last_dim_contiguous(const at::Tensor& x) {
   return blas_ok ? x : x.clone(at::MemoryFormat::Contiguous);
 }
 
+// x (last dim contiguous, even) read as pairs of bfloat16 (32-bit words): its data 4-byte aligned and
+// every stride even, else a fresh contiguous copy.
+at::Tensor bf16_pairs_aligned(const at::Tensor& x) {
+  bool ok = reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 4 == 0;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) ok = ok && x.stride(d) % 2 == 0;
+  return ok ? x : x.clone(at::MemoryFormat::Contiguous);
+}
+
 // Calls fn(task, thread) for task in [0, n) with dynamic scheduling: threads take tasks from a
 // shared counter, so blocks of uneven cost (kv_lengths, masks) still balance.
 template <typename F>
@@ -230,47 +238,29 @@ inline int64_t num_key_blocks(int64_t Lk) { return (Lk + key_block(Lk) - 1) / ke
 
 // ------------------------------------------------------------------------------------------ forward
 
-// bfloat16 operands for cpublas::brgemm (oneDNN; AVX512-BF16 / AMX where present): B operands
-// in VNNI-2 layout, pairs of reduction rows interleaved, the reduction dim padded to even.
-// K -> (B, H, E/2, Lkp, 2): element (e, n) of K_bh^T at [e/2][n][e%2].
-at::Tensor pack_kT_vnni(const at::Tensor& k, int64_t Lkp) {
-  const int64_t B = k.size(0), H = k.size(1), Lk = k.size(2), E = k.size(3);
-  at::Tensor out = at::zeros({B, H, E / 2, Lkp, 2}, k.options());
-  const auto* src = reinterpret_cast<const uint16_t*>(k.const_data_ptr<at::BFloat16>());
-  auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  const int64_t s0 = k.stride(0), s1 = k.stride(1), s2 = k.stride(2);
-  at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t bh = t0; bh < t1; ++bh) {
-      const uint16_t* sb = src + (bh / H) * s0 + (bh % H) * s1;
-      uint16_t* db = dst + bh * E * Lkp;
-      for (int64_t n = 0; n < Lk; ++n)
-        for (int64_t e = 0; e < E; ++e) db[((e >> 1) * Lkp + n) * 2 + (e & 1)] = sb[n * s2 + e];
-    }
-  });
-  return out;
-}
-
-// V -> (B, H, Lkp/2, Ev, 2): element (n, c) of V_bh at [n/2][c][n%2].
-at::Tensor pack_v_vnni(const at::Tensor& v, int64_t Lkp) {
-  const int64_t B = v.size(0), H = v.size(1), Lk = v.size(2), Ev = v.size(3);
-  at::Tensor out = at::zeros({B, H, Lkp / 2, Ev, 2}, v.options());
-  const auto* src = reinterpret_cast<const uint16_t*>(v.const_data_ptr<at::BFloat16>());
-  auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  const int64_t s0 = v.stride(0), s1 = v.stride(1), s2 = v.stride(2);
-  at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t bh = t0; bh < t1; ++bh) {
-      const uint16_t* sb = src + (bh / H) * s0 + (bh % H) * s1;
-      uint16_t* db = dst + bh * Lkp * Ev;
-      for (int64_t n = 0; n < Lk; ++n)
-        for (int64_t c = 0; c < Ev; ++c) db[((n >> 1) * Ev + c) * 2 + (n & 1)] = sb[n * s2 + c];
-    }
-  });
-  return out;
+// The GEMMs' B operands for key block [j0, j0 + nk) of one head, from K_j and V_j (rows of leading
+// dim ks2, vs2). float / double: K_j^T (E x BK). bfloat16, for cpublas::brgemm (oneDNN;
+// AVX512-BF16 / AMX where present), in VNNI-2 layout, pairs of reduction rows interleaved: K_j^T as
+// (E/2 x BKp x 2), which is a transpose of K_j read as 32-bit pairs, and V_j as (BKp/2 x Ev x 2),
+// an odd block's last pair completed with a zero row.
+template <typename In>
+void pack_key_block(const In* kr, int64_t ks2, const In* vr, int64_t vs2, int64_t nk, int64_t E, int64_t Ev,
+                    int64_t BK, In* kT, In* vP) {
+  if constexpr (std::is_same_v<In, at::BFloat16>) {
+    const int64_t BKp = (BK + 1) & ~int64_t(1);
+    transpose(reinterpret_cast<const uint32_t*>(kr), ks2 / 2, nk, E / 2, reinterpret_cast<uint32_t*>(kT), BKp);
+    const auto* v16 = reinterpret_cast<const uint16_t*>(vr);
+    for (int64_t m = 0; 2 * m < nk; ++m)
+      rows::interleave_pairs(v16 + 2 * m * vs2, 2 * m + 1 < nk ? v16 + (2 * m + 1) * vs2 : nullptr, Ev,
+                             reinterpret_cast<uint16_t*>(vP) + 2 * m * Ev);
+  } else {
+    transpose(kr, ks2, nk, E, kT, BK);
+  }
 }
 
 // T: accumulation type (float, double); In: operand type (T, or bfloat16 with T = float).
-// q: last dim contiguous, any other strides. With In = T, k and v likewise; with bfloat16, k and v
-// are pack_kT_vnni / pack_v_vnni. out: (B, H, Lq, Ev) in In, last dim contiguous; lse (B, H, Lq)
+// q, k, v: last dim contiguous, any other strides (bfloat16: k's rows and their pairs 4-byte aligned,
+// see bf16_pairs_aligned). out: (B, H, Lq, Ev) in In, last dim contiguous; lse (B, H, Lq)
 // contiguous in T.
 template <typename T, typename In>
 void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -278,7 +268,6 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
   constexpr bool kBf16 = std::is_same_v<In, at::BFloat16>;
   const int64_t BQ = std::min(kBlockQ, p.Lq), BK = key_block(p.Lk);
   const int64_t BKp = (BK + 1) & ~int64_t(1);  // P's row length, even for the VNNI reduction
-  const int64_t Lkp = (p.Lk + 1) & ~int64_t(1);
   const int64_t nqb = (p.Lq + BQ - 1) / BQ;
   const In* qd = q.const_data_ptr<In>();
   const In* kd = k.const_data_ptr<In>();
@@ -292,33 +281,36 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
   const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
   const int64_t os0 = out.stride(0), os1 = out.stride(1), os2 = out.stride(2);
   const int64_t nthreads = at::get_num_threads();
-  // A task is a run of query blocks of one head, which shares one transposed copy of the head's
-  // visible keys (K_j^T per key block, E x BK each: the score GEMM's B operand); runs are cut short
-  // enough to leave about 8 tasks per thread for balance.
+  // A task is a run of query blocks of one head, which shares one packed copy of the head's visible
+  // keys and (bfloat16) values (pack_key_block); runs are cut short enough to leave about 8 tasks per
+  // thread for balance.
   const int64_t runs_per_head = std::clamp<int64_t>((8 * nthreads + p.B * p.H - 1) / (p.B * p.H), 1, nqb);
   const int64_t run = (nqb + runs_per_head - 1) / runs_per_head, nruns = (nqb + run - 1) / run;
-  const int64_t kt_size = kBf16 ? 0 : aligned_slice<T>(p.E * BK * num_key_blocks(p.Lk));
-  // Per-thread scratch: K^T, scores, output accumulator, row max / sum, one bias row, dropout
-  // factors, and (bfloat16) P rounded for the second GEMM.
-  const int64_t per_thread =
-      kt_size + aligned_slice<T>(BQ * BK + BQ * p.Ev + 2 * BQ + BK + BK + (kBf16 ? (BQ * BKp + 1) / 2 : 0));
+  const int64_t nkb = num_key_blocks(p.Lk);
+  // Packed block sizes in In elements, and their scratch in T elements (bfloat16: two per T).
+  const int64_t kt_block = p.E * (kBf16 ? BKp : BK), v_block = kBf16 ? BKp * p.Ev : 0;
+  const int64_t kt_size = aligned_slice<T>(kt_block * nkb * sizeof(In) / sizeof(T));
+  const int64_t v_size = aligned_slice<T>(v_block * nkb * sizeof(In) / sizeof(T));
+  // Per-thread scratch: packed K (and V), scores, output accumulator, row max / sum, one bias row,
+  // dropout factors, and (bfloat16) P rounded for the second GEMM.
+  const int64_t per_thread = kt_size + v_size +
+      aligned_slice<T>(BQ * BK + BQ * p.Ev + 2 * BQ + BK + BK + (kBf16 ? (BQ * BKp + 1) / 2 : 0));
   const at::Tensor scratch_t = aligned_scratch<T>(per_thread * nthreads);
   T* const scratch = scratch_t.data_ptr<T>();
   parallel_tasks(p.B * p.H * nruns, [&](int64_t task, int tid) {
     const int64_t bh = task / nruns, b = bh / p.H, h = bh % p.H;
-    T* kT = scratch + tid * per_thread;
-    T* S = kT + kt_size;
+    In* kT = reinterpret_cast<In*>(scratch + tid * per_thread);
+    In* vP = reinterpret_cast<In*>(scratch + tid * per_thread + kt_size);
+    T* S = scratch + tid * per_thread + kt_size + v_size;
     T* acc = S + BQ * BK;
     T* m = acc + BQ * p.Ev;
     T* l = m + BQ;
     T* bias = l + BQ;
     T* z = bias + BK;
     uint16_t* Pb = reinterpret_cast<uint16_t*>(z + BK);
-    if constexpr (!kBf16) {
-      for (int64_t j0 = p.kbeg[b]; j0 < p.kend[b]; j0 += BK)
-        transpose(kd + b * ks0 + h * ks1 + j0 * ks2, ks2, std::min(BK, p.kend[b] - j0), p.E,
-                  kT + (j0 - p.kbeg[b]) / BK * p.E * BK, BK);
-    }
+    for (int64_t j0 = p.kbeg[b], jb = 0; j0 < p.kend[b]; j0 += BK, ++jb)
+      pack_key_block(kd + b * ks0 + h * ks1 + j0 * ks2, ks2, vd + b * vs0 + h * vs1 + j0 * vs2, vs2,
+                     std::min(BK, p.kend[b] - j0), p.E, p.Ev, BK, kT + jb * kt_block, vP + jb * v_block);
     const int64_t qb_end = std::min(nqb, (task % nruns + 1) * run);
     for (int64_t qblk = (task % nruns) * run; qblk < qb_end; ++qblk) {
       const int64_t i0 = qblk * BQ, nq = std::min(BQ, p.Lq - i0);
@@ -326,14 +318,12 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
       std::fill_n(m, nq, -std::numeric_limits<T>::infinity());
       std::fill_n(l, nq, T(0));
       const In* qb = qd + b * qs0 + h * qs1 + i0 * qs2;
-      // VNNI blocks start at even keys; a key moved into range this way is padding (masked).
-      const int64_t jstart = kBf16 ? (p.kbeg[b] & ~int64_t(1)) : p.kbeg[b];
-      for (int64_t j0 = jstart; j0 < p.kend[b]; j0 += BK) {
+      for (int64_t j0 = p.kbeg[b], jb = 0; j0 < p.kend[b]; j0 += BK, ++jb) {
         const int64_t nk = std::min(BK, p.kend[b] - j0);
         if constexpr (kBf16) {  // S = Q_i K_j^T
-          at::native::cpublas::brgemm(nq, nk, p.E, qs2, Lkp, BK, false, qb, kd + bh * p.E * Lkp + j0 * 2, S, true);
+          at::native::cpublas::brgemm(nq, nk, p.E, qs2, BKp, BK, false, qb, kT + jb * kt_block, S, true);
         } else {
-          gemm(nq, nk, p.E, qb, qs2, kT + (j0 - p.kbeg[b]) / BK * p.E * BK, BK, S, BK, false);
+          gemm(nq, nk, p.E, qb, qs2, kT + jb * kt_block, BK, S, BK, false);
         }
         for (int64_t r = 0; r < nq; ++r) {
           T* s = S + r * BK;
@@ -362,8 +352,7 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
         }
         if constexpr (kBf16) {  // O_i += P V_j
           at::native::cpublas::brgemm(nq, p.Ev, (nk + 1) & ~int64_t(1), BKp, p.Ev, p.Ev, true,
-                                      reinterpret_cast<const at::BFloat16*>(Pb), vd + bh * Lkp * p.Ev + j0 * p.Ev,
-                                      acc, true);
+                                      reinterpret_cast<const at::BFloat16*>(Pb), vP + jb * v_block, acc, true);
         } else {
           gemm(nq, p.Ev, nk, S, BK, vd + b * vs0 + h * vs1 + j0 * vs2, vs2, acc, p.Ev, true);
         }
@@ -538,14 +527,11 @@ std::tuple<at::Tensor, at::Tensor> cross_modal_attention_cpu(
   Problem p = make_problem(q, k, v, key_padding_mask, kv_lengths, attn_mask, scale, dropout_p, dropout_seed, ct);
   at::Tensor lse = at::empty({p.B, p.H, p.Lq}, q.options().dtype(ct));
   if (q.scalar_type() == at::kBFloat16 && p.E % 2 == 0) {
-    // bfloat16 GEMMs straight from the inputs (float32 accumulation); K and V packed once.
+    // bfloat16 GEMMs on the inputs (float32 accumulation), K and V packed per task.
     at::Tensor out = empty_attention_out(p.B, p.H, p.Lq, p.Ev, q.options());
-    if (lse.numel() > 0) {
-      const int64_t Lkp = (p.Lk + 1) & ~int64_t(1);
-      const at::Tensor qc = last_dim_contiguous(q);
-      forward_kernel<float, at::BFloat16>(p, qc, pack_kT_vnni(last_dim_contiguous(k), Lkp),
-                                          pack_v_vnni(last_dim_contiguous(v), Lkp), out, lse);
-    }
+    if (lse.numel() > 0)
+      forward_kernel<float, at::BFloat16>(p, last_dim_contiguous(q), bf16_pairs_aligned(last_dim_contiguous(k)),
+                                          last_dim_contiguous(v), out, lse);
     return {out, lse};
   }
   const at::Tensor qc = last_dim_contiguous(q.to(ct));

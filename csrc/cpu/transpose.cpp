@@ -4,6 +4,7 @@
 #include "transpose.h"
 
 #include <algorithm>
+#include <cstring>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -24,14 +25,17 @@ void transpose_scalar(const T* src, int64_t lds, int64_t rows, int64_t cols, T* 
   for (int64_t r0 = 0; r0 < rows; r0 += kTile)
     for (int64_t c0 = 0; c0 < cols; c0 += kTile)
       for (int64_t r = r0; r < std::min(rows, r0 + kTile); ++r)
-        for (int64_t c = c0; c < std::min(cols, c0 + kTile); ++c) dst[c * ldd + r] = src[r * lds + c];
+        for (int64_t c = c0; c < std::min(cols, c0 + kTile); ++c)
+          std::memcpy(dst + c * ldd + r, src + r * lds + c, sizeof(T));  // bits, whatever T's storage held
 }
 
 #ifdef MMK_HAVE_AVX512_TRANSPOSE
 // One tile of up to 16 x 16: rows past `rows` read as zeros, columns past `cols` are masked off, and
 // only the first `rows` lanes of each of the `cols` output rows are stored.
-__attribute__((target("avx512f"))) void tile_avx512(const float* src, int64_t lds, int rows, int cols, float* dst,
-                                                    int64_t ldd) {
+__attribute__((target("avx512f"))) void tile_avx512(const void* src_words, int64_t lds, int rows, int cols,
+                                                    void* dst_words, int64_t ldd) {
+  const auto* src = static_cast<const float*>(src_words);  // only loaded and stored: bits unchanged
+  auto* dst = static_cast<float*>(dst_words);
   const __mmask16 col_mask = static_cast<__mmask16>((1u << cols) - 1u);
   const __mmask16 row_mask = static_cast<__mmask16>((1u << rows) - 1u);
   __m512 a[16], b[16];
@@ -62,9 +66,10 @@ __attribute__((target("avx512f"))) void tile_avx512(const float* src, int64_t ld
 }
 #endif
 
-}  // namespace
-
-void transpose(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
+// 32-bit elements, moved bit for bit: through AVX-512 registers by tiles, else the scalar loop.
+template <typename T>
+void transpose_words(const T* src, int64_t lds, int64_t rows, int64_t cols, T* dst, int64_t ldd) {
+  static_assert(sizeof(T) == 4);
 #ifdef MMK_HAVE_AVX512_TRANSPOSE
   static const bool avx512 = __builtin_cpu_supports("avx512f");
   if (avx512) {
@@ -76,6 +81,16 @@ void transpose(const float* src, int64_t lds, int64_t rows, int64_t cols, float*
   }
 #endif
   transpose_scalar(src, lds, rows, cols, dst, ldd);
+}
+
+}  // namespace
+
+void transpose(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
+  transpose_words(src, lds, rows, cols, dst, ldd);
+}
+
+void transpose(const uint32_t* src, int64_t lds, int64_t rows, int64_t cols, uint32_t* dst, int64_t ldd) {
+  transpose_words(src, lds, rows, cols, dst, ldd);
 }
 
 void transpose(const double* src, int64_t lds, int64_t rows, int64_t cols, double* dst, int64_t ldd) {
