@@ -99,6 +99,15 @@ def test_non_contiguous_inputs(dtype):
     check_against_reference(q, k, v, masks, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_long_key_sequences(dtype):
+    # Past 16 key blocks of 512, the forward packs each key block where it uses it instead of keeping
+    # the head's packed keys for a whole run of query blocks.
+    B, H, L, S, E = 2, 2, 130, 8300, 8
+    q, k, v = make_qkv(B, H, L, S, E, 5, dtype)
+    check_against_reference(q, k, v, make_masks("kpm", B, H, L, S, dtype), dtype)
+
+
 @pytest.mark.parametrize("offset, row", [(1, 9), (2, 10), (0, 11)], ids=["odd-offset", "even-offset", "odd-rows"])
 def test_bfloat16_keys_at_any_offset_and_row_stride(offset, row):
     # The bfloat16 forward reads K as pairs of bfloat16 (32-bit words): keys whose data or rows are
@@ -177,7 +186,9 @@ def test_row_whose_only_score_is_nan_has_zero_gradient(dtype):
 
 
 @pytest.mark.parametrize("visible", ["attn_mask", "kv_lengths"])
-@pytest.mark.parametrize("shape", [(2, 2, 1, 3, 17), (1, 2, 130, 257, 64), (2, 1, 7, 700, 33)], ids=str)
+@pytest.mark.parametrize(
+    "shape", [(2, 2, 1, 3, 17), (1, 2, 130, 257, 64), (2, 1, 7, 700, 33), (1, 1, 3, 8300, 16)], ids=str
+)
 def test_backward_recomputes_the_forwards_probabilities(shape, visible):
     # Each query row sees one key, so its probability is exactly 1 if backward's recomputed score is
     # the forward's to the bit; with logits of ~1e5 one ulp of difference is a 1% error in P, hence

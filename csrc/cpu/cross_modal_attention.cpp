@@ -43,8 +43,8 @@ namespace {
 // ------------------------------------------------------------------------------------------ GEMM
 
 // Every block GEMM here is C (+)= A B with row-major A, B and C: the operands that would be
-// transposed (K and V in the score GEMMs, Q and dO in the dK and dV GEMMs) are stored transposed
-// instead, so the GEMM never packs them. float goes to cpublas::brgemm, oneDNN's batch-reduce
+// transposed (K and V in the score GEMMs, Q and dO in the dK and dV GEMMs) are transposed into
+// per-thread scratch first, once per block. float goes to cpublas::brgemm, oneDNN's batch-reduce
 // micro-kernel (measured on this AVX-512 CPU at ~110 GFLOP/s a core on the attention's blocks,
 // against ~90 for MKL's sgemm_, which also packs each transposed operand per call); without oneDNN
 // it falls back to ATen's gemm. double (gradcheck) goes to the BLAS's dgemm_ where torch's BLAS
@@ -227,8 +227,9 @@ at::Tensor aligned_scratch(int64_t n) {
   return at::empty({n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
 }
 
-// Block sizes, measured on the suite's shapes (float32, AVX-512 CPU, MKL): the forward's long key
-// blocks keep P V's reduction deep. Backward uses the forward's blocks, queries and keys alike, both
+// Block sizes, measured on the suite's shapes (float32, AVX-512 CPU; first with MKL, rechecked with
+// brgemm: 64-query and 256-key blocks were no faster): the forward's long key blocks keep P V's
+// reduction deep. Backward uses the forward's blocks, queries and keys alike, both
 // starting at the batch's first visible key, so that it recomputes every score with the very GEMM
 // call the forward made (the BLAS may round a column differently in a GEMM of another width).
 constexpr int64_t kBlockQ = 128;
@@ -283,14 +284,17 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
   const int64_t nthreads = at::get_num_threads();
   // A task is a run of query blocks of one head, which shares one packed copy of the head's visible
   // keys and (bfloat16) values (pack_key_block); runs are cut short enough to leave about 8 tasks per
-  // thread for balance.
+  // thread for balance. Past kMaxKeptBlocks key blocks, each block is packed where it is used instead,
+  // so that the scratch stays O(threads * BK * E) for long key sequences.
+  constexpr int64_t kMaxKeptBlocks = 16;
   const int64_t runs_per_head = std::clamp<int64_t>((8 * nthreads + p.B * p.H - 1) / (p.B * p.H), 1, nqb);
   const int64_t run = (nqb + runs_per_head - 1) / runs_per_head, nruns = (nqb + run - 1) / run;
-  const int64_t nkb = num_key_blocks(p.Lk);
+  const bool keep_packed = num_key_blocks(p.Lk) <= kMaxKeptBlocks;
+  const int64_t slots = keep_packed ? num_key_blocks(p.Lk) : 1;
   // Packed block sizes in In elements, and their scratch in T elements (bfloat16: two per T).
   const int64_t kt_block = p.E * (kBf16 ? BKp : BK), v_block = kBf16 ? BKp * p.Ev : 0;
-  const int64_t kt_size = aligned_slice<T>(kt_block * nkb * sizeof(In) / sizeof(T));
-  const int64_t v_size = aligned_slice<T>(v_block * nkb * sizeof(In) / sizeof(T));
+  const int64_t kt_size = aligned_slice<T>(kt_block * slots * sizeof(In) / sizeof(T));
+  const int64_t v_size = aligned_slice<T>(v_block * slots * sizeof(In) / sizeof(T));
   // Per-thread scratch: packed K (and V), scores, output accumulator, row max / sum, one bias row,
   // dropout factors, and (bfloat16) P rounded for the second GEMM.
   const int64_t per_thread = kt_size + v_size +
@@ -308,9 +312,12 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
     T* bias = l + BQ;
     T* z = bias + BK;
     uint16_t* Pb = reinterpret_cast<uint16_t*>(z + BK);
-    for (int64_t j0 = p.kbeg[b], jb = 0; j0 < p.kend[b]; j0 += BK, ++jb)
+    auto pack = [&](int64_t j0, int64_t slot) {
       pack_key_block(kd + b * ks0 + h * ks1 + j0 * ks2, ks2, vd + b * vs0 + h * vs1 + j0 * vs2, vs2,
-                     std::min(BK, p.kend[b] - j0), p.E, p.Ev, BK, kT + jb * kt_block, vP + jb * v_block);
+                     std::min(BK, p.kend[b] - j0), p.E, p.Ev, BK, kT + slot * kt_block, vP + slot * v_block);
+    };
+    if (keep_packed)
+      for (int64_t j0 = p.kbeg[b], jb = 0; j0 < p.kend[b]; j0 += BK, ++jb) pack(j0, jb);
     const int64_t qb_end = std::min(nqb, (task % nruns + 1) * run);
     for (int64_t qblk = (task % nruns) * run; qblk < qb_end; ++qblk) {
       const int64_t i0 = qblk * BQ, nq = std::min(BQ, p.Lq - i0);
@@ -319,11 +326,12 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
       std::fill_n(l, nq, T(0));
       const In* qb = qd + b * qs0 + h * qs1 + i0 * qs2;
       for (int64_t j0 = p.kbeg[b], jb = 0; j0 < p.kend[b]; j0 += BK, ++jb) {
-        const int64_t nk = std::min(BK, p.kend[b] - j0);
+        const int64_t nk = std::min(BK, p.kend[b] - j0), slot = keep_packed ? jb : 0;
+        if (!keep_packed) pack(j0, slot);
         if constexpr (kBf16) {  // S = Q_i K_j^T
-          at::native::cpublas::brgemm(nq, nk, p.E, qs2, BKp, BK, false, qb, kT + jb * kt_block, S, true);
+          at::native::cpublas::brgemm(nq, nk, p.E, qs2, BKp, BK, false, qb, kT + slot * kt_block, S, true);
         } else {
-          gemm(nq, nk, p.E, qb, qs2, kT + jb * kt_block, BK, S, BK, false);
+          gemm(nq, nk, p.E, qb, qs2, kT + slot * kt_block, BK, S, BK, false);
         }
         for (int64_t r = 0; r < nq; ++r) {
           T* s = S + r * BK;
@@ -352,7 +360,7 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
         }
         if constexpr (kBf16) {  // O_i += P V_j
           at::native::cpublas::brgemm(nq, p.Ev, (nk + 1) & ~int64_t(1), BKp, p.Ev, p.Ev, true,
-                                      reinterpret_cast<const at::BFloat16*>(Pb), vP + jb * v_block, acc, true);
+                                      reinterpret_cast<const at::BFloat16*>(Pb), vP + slot * v_block, acc, true);
         } else {
           gemm(nq, p.Ev, nk, S, BK, vd + b * vs0 + h * vs1 + j0 * vs2, vs2, acc, p.Ev, true);
         }
