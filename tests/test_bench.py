@@ -84,3 +84,13 @@ def test_cli_lists_and_skips_missing_suites(capsys):
 
 def test_geomean():
     assert report.geomean([2.0, 0.5]) == pytest.approx(1.0)
+
+
+def test_module_suite_builds_with_compile(monkeypatch):
+    # torch.compile of a module is an OptimizedModule, whose truth value asks the module for len():
+    # the compile contender must test "is None", not truthiness (nn.MultiheadAttention has no len).
+    from mmkernels.bench.suites.attention import _build_module
+
+    monkeypatch.setattr(core, "SKIP_COMPILE", False)
+    built = _build_module(2, 4, 3, 8, 2, False, "fwd", torch.float32, CPU)
+    assert callable({c.name: c.step for c in built.contenders}["compile"])

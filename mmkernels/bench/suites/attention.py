@@ -77,7 +77,7 @@ def _build_op(B, Lq, Lk, E, H, padded, mode, dtype, device) -> Built:
         Contender(OURS, make_step(lambda: mmkernels.cross_modal_attention(q, k, v, key_padding_mask=pad), mode, leaves, g)),
         Contender("sdpa", make_step(lambda: sdpa(q, k, v, pad), mode, leaves, g)),
         Contender("math", make_step(lambda: math_attention(q, k, v, pad), mode, leaves, g)),
-        Contender("compile", math_c and make_step(lambda: math_c(q, k, v, pad), mode, leaves, g), why),
+        Contender("compile", None if math_c is None else make_step(lambda: math_c(q, k, v, pad), mode, leaves, g), why),
     ], oracle="math", tol=tol_for(dtype))
 
 
@@ -101,7 +101,7 @@ def _build_module(B, Lq, Lk, E, H, padded, mode, dtype, device, need_weights=Fal
     return Built([
         Contender(OURS, make_step(run(ours), mode, leaves(ours), g)),
         Contender("mha", make_step(run(mha), mode, leaves(mha), g)),
-        Contender("compile", mha_c and make_step(run(mha_c), mode, leaves(mha), g), why),
+        Contender("compile", None if mha_c is None else make_step(run(mha_c), mode, leaves(mha), g), why),
     ], oracle="mha", tol=tol_for(dtype))
 
 

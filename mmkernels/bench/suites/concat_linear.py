@@ -41,7 +41,8 @@ def _build(M, widths, N, mode, dtype, device) -> Built:
     contenders = [
         Contender(OURS, make_step(lambda: mmkernels.fused_concat_linear(xs, weight, bias, ACTIVATION), mode, leaves, grad_out)),
         Contender("eager", make_step(lambda: eager(xs, weight, bias), mode, leaves, grad_out)),
-        Contender("compile", compiled_eager and make_step(lambda: compiled_eager(xs, weight, bias), mode, leaves, grad_out), why),
+        Contender("compile", None if compiled_eager is None
+                  else make_step(lambda: compiled_eager(xs, weight, bias), mode, leaves, grad_out), why),
     ]
     if mode == "fwd":
         x_cat = torch.cat(xs, -1)

@@ -41,7 +41,7 @@ def _build_lmf(M, widths, rank, N, mode, dtype, device) -> Built:
     return Built([
         Contender(OURS, make_step(lambda: mmkernels.low_rank_fusion(xs, fs, w, b), mode, leaves, g)),
         Contender("eager", make_step(lambda: reference.low_rank_fusion(xs, fs, w, b), mode, leaves, g)),
-        Contender("compile", ref_c and make_step(lambda: ref_c(xs, fs, w, b), mode, leaves, g), why),
+        Contender("compile", None if ref_c is None else make_step(lambda: ref_c(xs, fs, w, b), mode, leaves, g), why),
     ], oracle="eager", tol=tol_for(dtype))
 
 
