@@ -1,6 +1,5 @@
 """cross_modal_attention (the op) against the reference, SDPA, gradcheck, opcheck, compile and export."""
 import math
-import platform
 
 import pytest
 import torch
@@ -214,10 +213,10 @@ def test_backward_recomputes_the_forwards_probabilities(shape, visible):
     want = torch.einsum("bhqk,bhqe->bhke", allowed.double(), g.double())
     torch.testing.assert_close(grad_v.double(), want, rtol=1e-5, atol=1e-5)
     # P = 1 and O = V exactly, so D = rowsum(dO O) equals dP = dO V^T to the bit (the same fused
-    # multiply-adds in the same order as oneDNN's brgemm, which x86 torch builds run) and dS = 0:
+    # multiply-adds in the same order as oneDNN's brgemm, where matmul.cpp's rule runs it) and dS = 0:
     # grad_q and grad_k are exactly zero, as with the materialised softmax (found by the long fuzz:
     # a LayerNorm in front amplified the noise).
-    if platform.machine() in ("x86_64", "AMD64") and torch.backends.mkldnn.is_available():
+    if mmkernels._C.cpu_float32_gemm() == "oneDNN":
         assert (grad_q == 0).all() and (grad_k == 0).all()
 
 
@@ -505,8 +504,8 @@ def test_thread_counts_agree(threads):
 
 
 def test_block_gemm_fallbacks():
-    # The block GEMMs' other routes, in a subprocess: float32 with oneDNN switched off (cpublas::brgemm
-    # then falls back to ATen's gemm), and float64 as on a torch whose BLAS exports no dgemm_ (loops).
+    # The block GEMMs' other routes, in a subprocess: float32 with oneDNN switched off (matmul.cpp's
+    # rule then sends them to ATen's mm), and float64 as on a torch whose BLAS exports no dgemm_ (loops).
     import os
     import subprocess
     import sys

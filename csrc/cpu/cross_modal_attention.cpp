@@ -35,6 +35,7 @@
 #include "attention_rows.h"
 #include "checks.h"
 #include "dropout_hash.h"
+#include "matmul.h"
 #include "transpose.h"
 
 namespace mmkernels::cpu {
@@ -44,11 +45,11 @@ namespace {
 
 // Every block GEMM here is C (+)= A B with row-major A, B and C: the operands that would be
 // transposed (K and V in the score GEMMs, Q and dO in the dK and dV GEMMs) are transposed into
-// per-thread scratch first, once per block. float goes to cpublas::brgemm, oneDNN's batch-reduce
-// micro-kernel (measured on this AVX-512 CPU at ~110 GFLOP/s a core on the attention's blocks,
-// against ~90 for MKL's sgemm_, which also packs each transposed operand per call); without oneDNN
-// it falls back to ATen's gemm. double (gradcheck) goes to the BLAS's dgemm_ where torch's BLAS
-// exports it, else to plain loops.
+// per-thread scratch first, once per block. float follows matmul.cpp's rule: where it picks oneDNN,
+// cpublas::brgemm, oneDNN's batch-reduce micro-kernel (measured on this AVX-512 CPU at ~110 GFLOP/s
+// a core on the attention's blocks, against ~90 for MKL's sgemm_, which also packs each transposed
+// operand per call); elsewhere (MMKERNELS_CPU_GEMM=aten, oneDNN off or absent) matmul_out's ATen mm.
+// double (gradcheck) goes to the BLAS's dgemm_ where torch's BLAS exports it, else to plain loops.
 extern "C" {
 void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
             const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
@@ -64,7 +65,13 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const fl
       for (int64_t m = 0; m < M; ++m) std::fill_n(C + m * ldc, N, 0.0f);
     return;
   }
-  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, /*is_vnni=*/false);
+  if (matmul_uses_onednn(at::kFloat)) {
+    at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, /*is_vnni=*/false);
+    return;
+  }
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  matmul_out(at::from_blob(C, {M, N}, {ldc, 1}, f32), at::from_blob(const_cast<float*>(A), {M, K}, {lda, 1}, f32),
+             at::from_blob(const_cast<float*>(B), {K, N}, {ldb, 1}, f32), accumulate);
 }
 
 void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B, int64_t ldb, double* C,

@@ -1,5 +1,6 @@
-// The GEMMs of fused_concat_linear's CPU kernel, routed to the faster of the two GEMM libraries that
-// torch links. See matmul.cpp for the rule.
+// The CPU kernels' float32 GEMMs, routed to the faster of the two GEMM libraries that torch links:
+// fused_concat_linear's through matmul_out; the attention's blocks through cpublas::brgemm where
+// matmul_uses_onednn, else matmul_out. See matmul.cpp for the rule.
 #pragma once
 #include <ATen/core/Tensor.h>
 
