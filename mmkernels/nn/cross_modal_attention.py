@@ -286,7 +286,7 @@ class CrossModalAttention(nn.Module):
         if not average:
             return self._scores_to_weights(q, k, additive)
         scale = self._weights_scale()
-        if ops._plain_eager(q, k, additive) and not (additive is not None and additive.requires_grad):
+        if ops.plain_eager(q, k, additive) and not (additive is not None and additive.requires_grad):
             return _AveragedWeights.apply(q, k, additive, scale)
         # Traced or transformed: plain autograd over the same chunks, which every tracer and transform
         # understands (it keeps every chunk's probabilities for backward).

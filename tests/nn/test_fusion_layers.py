@@ -147,8 +147,8 @@ def test_low_rank_fusion_errors_name_the_argument():
 
 def test_low_rank_fusion_falls_back_visibly(monkeypatch):
     # A device without a kernel (CUDA here) takes the reference and says so once per process.
-    monkeypatch.setitem(ops._KERNELS, "mmkernels::low_rank_fusion", frozenset())
-    monkeypatch.setattr(ops, "_warned", set())
+    monkeypatch.setitem(ops.KERNELS, "mmkernels::low_rank_fusion", frozenset())
+    monkeypatch.setattr(ops._common, "_warned", set())
     xs, fs, w, b = lmf_case((4,), (3, 2), 2, 5, torch.float32)
     with pytest.warns(RuntimeWarning, match="no low_rank_fusion kernel"):
         out = mmkernels.low_rank_fusion(xs, fs, w, b)

@@ -1,0 +1,8 @@
+"""Thin Python wrappers over torch.ops.mmkernels.*: one file per op (checks, public function, fake
+kernels, autograd), sharing _common."""
+from ._common import KERNELS, plain_eager, warn_once
+from .cross_modal_attention import cross_modal_attention
+from .fused_concat_linear import ACTIVATIONS, fused_concat_linear
+from .low_rank_fusion import low_rank_fusion
+
+__all__ = ["ACTIVATIONS", "cross_modal_attention", "fused_concat_linear", "low_rank_fusion"]

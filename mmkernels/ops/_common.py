@@ -1,0 +1,45 @@
+"""What the op files share: the loaded library and its kernel table, warn-once, the plain-eager test and
+the fake kernels' device check."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .. import _build
+
+_build.load_library()
+KERNELS = _build.kernel_table()
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def plain_eager(*tensors) -> bool:
+    """True for a plain eager call on `tensors` (None allowed): plain tensors, no torch.compile/export
+    tracing, no torch-function or dispatch mode, no functorch transform. Only then does
+    fused_concat_linear take its direct route (see _FusedConcatLinearEager), or CrossModalAttention
+    its recomputing weights; anything else goes through registered ops and formulas, which every
+    tracer and transform understands."""
+    return (
+        not torch.compiler.is_compiling()
+        and all(t is None or type(t) in TENSOR_TYPES for t in tensors)
+        and not torch._C._is_torch_function_mode_enabled()
+        and torch._C._len_torch_dispatch_stack() == 0
+        and torch._C._functorch.peek_interpreter_stack() is None
+    )
+
+
+def fake_check_same_device(ref: torch.Tensor, **named) -> None:
+    # The fake (Meta) kernel is also what the dispatcher picks when a meta tensor is mixed with real
+    # ones, so it must refuse mixed devices itself, or the raw op would return a meta tensor silently.
+    for name, t in named.items():
+        if t is not None and t.device != ref.device:
+            raise RuntimeError(f"mmkernels: argument '{name}': expected device {ref.device}, got {t.device}")

@@ -1,0 +1,193 @@
+"""cross_modal_attention: flash-style attention in the SDPA layout. Checks, the public function, fakes,
+autograd."""
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from ._common import KERNELS, fake_check_same_device, warn_once
+
+
+_ATTN_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _check_attention(q, k, v, key_padding_mask, kv_lengths, attn_mask, dropout_p) -> None:
+    """Shape/dtype checks with errors that name the argument (the kernels check again in C++)."""
+    for name, t, dims in (("q", q, "(B, H, Lq, E)"), ("k", k, "(B, H, Lk, E)"), ("v", v, "(B, H, Lk, Ev)")):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"mmkernels: argument '{name}': expected a 4-D {dims} tensor, got {shape}")
+    if q.dtype not in _ATTN_DTYPES:
+        raise ValueError(f"mmkernels: argument 'q': expected a floating dtype {_ATTN_DTYPES}, got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(
+                f"mmkernels: argument '{name}': expected {q.dtype} on {q.device} (as q), got {t.dtype} on {t.device}"
+            )
+    B, H, Lq, E = q.shape
+    Lk = k.shape[2]
+    for name, t in (("k", k), ("v", v)):
+        if t.shape[0] != B:
+            raise ValueError(f"mmkernels: argument '{name}': expected batch size {B} (that of q), got {t.shape[0]}")
+        if t.shape[1] != H:
+            raise ValueError(f"mmkernels: argument '{name}': expected {H} heads (those of q), got {t.shape[1]}")
+    if k.shape[3] != E:
+        raise ValueError(f"mmkernels: argument 'k': expected head dim {E} (that of q), got {k.shape[3]}")
+    if v.shape[2] != Lk:
+        raise ValueError(f"mmkernels: argument 'v': expected {Lk} keys (Lk of k), got {v.shape[2]}")
+    for name, t in (("key_padding_mask", key_padding_mask), ("kv_lengths", kv_lengths), ("attn_mask", attn_mask)):
+        # Before any look at their values: a mask on another device would otherwise send the raw op
+        # to another backend (meta: a silent meta result) or fail with a message naming nothing.
+        if isinstance(t, torch.Tensor) and t.device != q.device:
+            raise ValueError(f"mmkernels: argument '{name}': expected a tensor on {q.device} (as q), got {t.device}")
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+            got = key_padding_mask.dtype if isinstance(key_padding_mask, torch.Tensor) else type(key_padding_mask)
+            raise ValueError(
+                f"mmkernels: argument 'key_padding_mask': expected a bool tensor (True = ignore), got {got}"
+            )
+        if tuple(key_padding_mask.shape) != (B, Lk):
+            raise ValueError(
+                f"mmkernels: argument 'key_padding_mask': expected shape ({B}, {Lk}), got {tuple(key_padding_mask.shape)}"
+            )
+    if kv_lengths is not None:
+        if not isinstance(kv_lengths, torch.Tensor) or kv_lengths.dtype not in (torch.int32, torch.int64):
+            got = kv_lengths.dtype if isinstance(kv_lengths, torch.Tensor) else type(kv_lengths)
+            raise ValueError(f"mmkernels: argument 'kv_lengths': expected an int32 or int64 tensor, got {got}")
+        if tuple(kv_lengths.shape) != (B,):
+            raise ValueError(f"mmkernels: argument 'kv_lengths': expected shape ({B},), got {tuple(kv_lengths.shape)}")
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor) or not (
+            attn_mask.dtype == torch.bool or attn_mask.dtype.is_floating_point
+        ):
+            got = attn_mask.dtype if isinstance(attn_mask, torch.Tensor) else type(attn_mask)
+            raise ValueError(
+                f"mmkernels: argument 'attn_mask': expected a bool (True = may attend) or float (additive) tensor, "
+                f"got {got}"
+            )
+        full = (B, H, Lq, Lk)
+        ok = 2 <= attn_mask.dim() <= 4 and all(
+            s in (1, f) for s, f in zip(attn_mask.shape, full[4 - attn_mask.dim() :])
+        )
+        if not ok:
+            raise ValueError(
+                f"mmkernels: argument 'attn_mask': expected a 2-D to 4-D shape broadcastable to {full}, "
+                f"got {tuple(attn_mask.shape)}"
+            )
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"mmkernels: argument 'dropout_p': expected a probability in [0, 1], got {dropout_p}")
+
+
+def _check_kv_lengths_values(kv_lengths, Lk) -> None:
+    # Values are data: checked eagerly only (the kernel checks them again at run time).
+    if kv_lengths is None or torch.compiler.is_compiling() or kv_lengths.numel() == 0:
+        return
+    lo, hi = int(kv_lengths.min()), int(kv_lengths.max())
+    if lo < 0 or hi > Lk:
+        raise ValueError(f"mmkernels: argument 'kv_lengths': expected values in [0, {Lk}] (Lk), got [{lo}, {hi}]")
+
+
+def cross_modal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    key_padding_mask: torch.Tensor | None = None,
+    kv_lengths: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Attention of q over (k, v) in the SDPA layout, without materialising the score matrix.
+
+    q (B, H, Lq, E), k (B, H, Lk, E), v (B, H, Lk, Ev) -> (B, H, Lq, Ev), stored as (B, Lq, H, Ev)
+    (``out.transpose(1, 2)`` is contiguous: merging the heads is a view). Gradients take the layout
+    of q, k, v where it keeps the last dim contiguous.
+    key_padding_mask: bool (B, Lk), True = ignore that key. kv_lengths: int (B,), keys >= length ignored.
+    attn_mask: bool (True = may attend) or float (added to the scores), broadcastable to (B, H, Lq, Lk).
+    scale: defaults to 1/sqrt(E). dropout_p: dropout on the attention probabilities (pass 0.0 in eval);
+    its mask derives from a seed drawn from torch's default generator (torch.manual_seed reproduces it).
+    A query row that sees no key returns zeros and passes zero gradient.
+
+    A float attn_mask that requires grad takes the PyTorch reference path (which materialises the
+    scores) so that its gradient is exact; the fused kernel treats masks as constants.
+    """
+    _check_attention(q, k, v, key_padding_mask, kv_lengths, attn_mask, dropout_p)
+    _check_kv_lengths_values(kv_lengths, k.shape[2])
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    dropout_p = float(dropout_p)
+    key = q.device.type.upper()
+    mask_needs_grad = (
+        attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.requires_grad and torch.is_grad_enabled()
+    )
+    if mask_needs_grad or key not in KERNELS["mmkernels::cross_modal_attention"]:
+        if not mask_needs_grad:
+            warn_once(
+                f"cma-{key}",
+                f"mmkernels: no cross_modal_attention kernel for {key} in this build; using the PyTorch "
+                "reference (which materialises the score matrix) instead.",
+            )
+        return reference.cross_modal_attention(
+            q, k, v, key_padding_mask=key_padding_mask, kv_lengths=kv_lengths, attn_mask=attn_mask,
+            scale=scale, dropout_p=dropout_p,
+        )
+    # The seed comes from torch's default generator as a tensor op, so it is reproducible under
+    # torch.manual_seed and traceable by torch.compile / torch.export with no graph break.
+    seed = torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0.0 else None
+    out, _ = torch.ops.mmkernels.cross_modal_attention.default(
+        q, k, v, key_padding_mask, kv_lengths, attn_mask, scale, dropout_p, seed
+    )
+    return out
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("mmkernels::cross_modal_attention")
+def _cross_modal_attention_fake(q, k, v, key_padding_mask, kv_lengths, attn_mask, scale, dropout_p, dropout_seed):
+    fake_check_same_device(q, k=k, v=v, key_padding_mask=key_padding_mask, kv_lengths=kv_lengths, attn_mask=attn_mask)
+    B, H, Lq, _ = q.shape
+    # The kernels' layouts (csrc/include/attention_layout.h): out is stored as (B, Lq, H, Ev).
+    out = q.new_empty((B, Lq, H, v.shape[-1])).permute(0, 2, 1, 3)
+    lse = q.new_empty((B, H, Lq), dtype=_lse_dtype(q.dtype))
+    return out, lse
+
+
+@torch.library.register_fake("mmkernels::cross_modal_attention_backward")
+def _cross_modal_attention_backward_fake(
+    grad_out, q, k, v, out, lse, key_padding_mask, kv_lengths, attn_mask, scale, dropout_p, dropout_seed
+):
+    fake_check_same_device(q, grad_out=grad_out, k=k, v=v, out=out, lse=lse, key_padding_mask=key_padding_mask,
+                            kv_lengths=kv_lengths, attn_mask=attn_mask)
+    return _empty_grad_like(q), _empty_grad_like(k), _empty_grad_like(v)
+
+
+def _empty_grad_like(x: torch.Tensor) -> torch.Tensor:
+    """The kernels' gradient layout (csrc/include/attention_layout.h): x's, if its last dim stays contiguous."""
+    t = torch.empty_like(x)
+    return t if t.stride(-1) == 1 else x.new_empty(x.shape)
+
+
+def _cross_modal_attention_setup(ctx, inputs, output):
+    q, k, v, key_padding_mask, kv_lengths, attn_mask, scale, dropout_p, dropout_seed = inputs
+    out, lse = output
+    ctx.scale = scale
+    ctx.dropout_p = dropout_p
+    ctx.mark_non_differentiable(lse)  # a by-product for backward, not a result to differentiate
+    # Masks and the seed are saved as inputs (never as gradients' targets): the op treats them as
+    # constants; a float attn_mask that needs its gradient never reaches this op (see the wrapper).
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, kv_lengths, attn_mask, dropout_seed)
+
+
+def _cross_modal_attention_backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, key_padding_mask, kv_lengths, attn_mask, dropout_seed = ctx.saved_tensors
+    dq, dk, dv = torch.ops.mmkernels.cross_modal_attention_backward.default(
+        grad_out, q, k, v, out, lse, key_padding_mask, kv_lengths, attn_mask, ctx.scale, ctx.dropout_p, dropout_seed
+    )
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "mmkernels::cross_modal_attention", _cross_modal_attention_backward, setup_context=_cross_modal_attention_setup
+)
