@@ -15,3 +15,10 @@ __all__ = ["cross_modal_attention", "fused_concat_linear", "low_rank_fusion", "n
 from .convert import ConversionReport, convert, revert  # noqa: E402
 
 __all__ += ["convert", "revert", "ConversionReport"]
+
+# DTensor sharding strategies of every op and tensor-parallel styles (mmkernels.distributed),
+# registered now so that the ops run on DTensors; absent where torch lacks torch.distributed.
+import torch as _torch  # noqa: E402
+
+if _torch.distributed.is_available():
+    from . import distributed  # noqa: E402,F401

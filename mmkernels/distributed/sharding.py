@@ -1,0 +1,233 @@
+"""DTensor sharding rules of every mmkernels op, forward and backward.
+
+fused_concat_linear        batch (any leading dim of the inputs); weight by output rows (inputs
+                           replicated, output sharded on its last dim); weight by input columns (one
+                           input sharded on its features, output Partial; activation "none" only, as
+                           an activation of a partial sum is not the sum of activations).
+low_rank_fusion            batch; factors by output columns. Not by input features: the modalities'
+                           projections multiply, so partial sums per rank do not add up to the result.
+cross_modal_attention      batch or heads, for q, k, v, masks, lse and gradients alike; see
+                           _ATTENTION_ROLES for how each named tensor argument is placed.
+Every op can also run replicated. Rules are one mesh dimension's worth; DTensor combines them over
+the mesh and redistributes inputs to the cheapest.
+"""
+from __future__ import annotations
+
+import torch
+from torch.distributed.tensor import Partial, Replicate, Shard
+from torch.distributed.tensor._dtensor_spec import DTensorSpec
+
+from ._strategy import Rule, register, replicate_everything
+
+_ops = torch.ops.mmkernels
+# Activations whose backward reads the pre-activation (the op returns it; else it is an empty tensor).
+_NEEDS_PREACT = ("gelu", "gelu_tanh", "silu")
+
+
+def _shape(spec: DTensorSpec) -> tuple[int, ...]:
+    return tuple(spec.tensor_meta.shape)
+
+
+def _is_placeholder(spec) -> bool:
+    """The ops pass 'no tensor' as an empty 1-D tensor (preact, unused out, skipped gradients):
+    replicated whatever the sharding, as there is nothing to split."""
+    return spec is None or _shape(spec) == (0,)
+
+
+def _or_replicate(spec, placement):
+    return Replicate() if _is_placeholder(spec) else placement
+
+
+# ------------------------------------------------------------------ fused_concat_linear
+
+
+def _fcl_forward(inputs, weight, bias, activation):
+    out_dim = len(_shape(inputs[0])) - 1
+    has_preact = activation in _NEEDS_PREACT
+    preact = lambda p: p if has_preact else Replicate()  # noqa: E731
+    bias_in = [] if bias is None else [None]
+    rules = []
+    for d in range(out_dim):  # batch: any leading dim
+        rules.append(Rule([Shard(d), preact(Shard(d))], [Shard(d)] * len(inputs) + [Replicate()] + _fill(bias_in, Replicate())))
+    # weight by output rows
+    rules.append(Rule([Shard(out_dim), preact(Shard(out_dim))], [Replicate()] * len(inputs) + [Shard(0)] + _fill(bias_in, Shard(0))))
+    if len(inputs) == 1 and activation == "none":
+        # weight by input columns: each rank's product is a partial sum; the bias is split so that
+        # it is added once in the reduction.
+        rules.append(Rule([Partial(), Replicate()], [Shard(out_dim), Shard(1)] + _fill(bias_in, Partial())))
+    rules.append(replicate_everything((inputs, weight, bias)))
+    return rules
+
+
+def _fcl_backward(grad_out, inputs, weight, out, preact, activation, inputs_need_grad, weight_needs_grad, bias_needs_grad):
+    out_dim = len(_shape(grad_out)) - 1
+    n = len(inputs)
+
+    def grads(g_in, g_w, g_b):
+        return [
+            [g_in if need else Replicate() for need in inputs_need_grad],
+            g_w if weight_needs_grad else Replicate(),
+            g_b if bias_needs_grad else Replicate(),
+        ]
+
+    def saved(p):  # out and preact: as grad_out, unless they are placeholders
+        return [_or_replicate(out, p), _or_replicate(preact, p)]
+
+    rules = []
+    for d in range(out_dim):
+        rules.append(Rule(grads(Shard(d), Partial(), Partial()), [Shard(d), *[Shard(d)] * n, Replicate(), *saved(Shard(d))]))
+    rules.append(
+        Rule(grads(Partial(), Shard(0), Shard(0)), [Shard(out_dim), *[Replicate()] * n, Shard(0), *saved(Shard(out_dim))])
+    )
+    if n == 1 and activation == "none":
+        rules.append(Rule(grads(Shard(out_dim), Shard(1), Replicate()), [Replicate(), Shard(out_dim), Shard(1), *saved(Replicate())]))
+    rules.append(replicate_everything((grad_out, inputs, weight, out, preact)))
+    return rules
+
+
+# ------------------------------------------------------------------ low_rank_fusion
+
+
+def _lrf_forward(inputs, factors, rank_weight, bias):
+    out_dim = len(_shape(inputs[0])) - 1
+    n = len(inputs)
+    bias_in = [] if bias is None else [None]
+    rules = []
+    for d in range(out_dim):
+        rules.append(Rule([Shard(d)], [Shard(d)] * n + [Replicate()] * n + [Replicate()] + _fill(bias_in, Replicate())))
+    # factors (rank, D_m + 1, N) by output columns: every output column is its own product.
+    rules.append(Rule([Shard(out_dim)], [Replicate()] * n + [Shard(2)] * n + [Replicate()] + _fill(bias_in, Shard(0))))
+    rules.append(replicate_everything((inputs, factors, rank_weight, bias)))
+    return rules
+
+
+def _lrf_backward(grad_out, inputs, factors, rank_weight, inputs_need_grad, factors_need_grad, rank_weight_needs_grad, bias_needs_grad):
+    out_dim = len(_shape(grad_out)) - 1
+    n = len(inputs)
+
+    def grads(g_in, g_f, g_w, g_b):
+        return [
+            [g_in if need else Replicate() for need in inputs_need_grad],
+            [g_f if need else Replicate() for need in factors_need_grad],
+            g_w if rank_weight_needs_grad else Replicate(),
+            g_b if bias_needs_grad else Replicate(),
+        ]
+
+    rules = []
+    for d in range(out_dim):
+        rules.append(
+            Rule(grads(Shard(d), Partial(), Partial(), Partial()), [Shard(d), *[Shard(d)] * n, *[Replicate()] * n, Replicate()])
+        )
+    rules.append(
+        Rule(
+            grads(Partial(), Shard(2), Partial(), Shard(0)),
+            [Shard(out_dim), *[Replicate()] * n, *[Shard(2)] * n, Replicate()],
+        )
+    )
+    rules.append(replicate_everything((grad_out, inputs, factors, rank_weight)))
+    return rules
+
+
+def _fill(slots, placement):
+    return [placement for _ in slots]
+
+
+# ------------------------------------------------------------------ cross_modal_attention
+
+# How each named tensor argument of an attention op (forward or backward) is placed when the
+# problem is split by batch or by heads. Layouts: q, k, v, out, grad_out (B, H, L, E);
+# lse (B, H, Lq); key_padding_mask (B, Lk); kv_lengths (B,). attn_mask broadcasts to
+# (B, H, Lq, Lk), so its placement depends on its shape (see _attn_mask_placement). The seed is one
+# number, the same on every rank. An argument not named here (a later schema's new tensor) makes
+# the op run replicated only, which is always correct, until it is given a role here.
+_ATTENTION_ROLES = {
+    "batch": {"q": 0, "k": 0, "v": 0, "out": 0, "grad_out": 0, "lse": 0, "key_padding_mask": 0, "kv_lengths": 0},
+    "heads": {"q": 1, "k": 1, "v": 1, "out": 1, "grad_out": 1, "lse": 1, "key_padding_mask": None, "kv_lengths": None},
+}
+_ATTENTION_CONSTANTS = ("dropout_seed",)
+# Outputs, in return order, and the layout each has (all attention outputs are (B, H, ...)).
+_ATTENTION_OUTPUTS = {
+    "cross_modal_attention": ("out", "lse"),
+    "cross_modal_attention_backward": ("dq", "dk", "dv"),
+}
+
+
+def _attn_mask_placement(spec: DTensorSpec, split: str):
+    """attn_mask broadcasts to (B, H, Lq, Lk) from 2-D to 4-D: split it where it has the split dim
+    (more than one entry along it), else every rank reads it whole."""
+    shape = _shape(spec)
+    full_dim = 0 if split == "batch" else 1
+    dim = full_dim - (4 - len(shape))
+    return Shard(dim) if dim >= 0 and shape[dim] > 1 else Replicate()
+
+
+def _heads_split_ok(q: DTensorSpec, k: DTensorSpec) -> bool:
+    """Heads may be split when every mesh dimension splits H_kv evenly (then query head h and its kv
+    head h // (H / H_kv) land on the same rank: grouped-query attention stays grouped). With
+    H_kv == H any split is consistent, even an uneven one."""
+    h, h_kv = _shape(q)[1], _shape(k)[1]
+    if h == h_kv:
+        return True
+    return all(h_kv % q.mesh.size(d) == 0 for d in range(q.mesh.ndim))
+
+
+def attention_rules(op_name: str):
+    """The rule function of an attention op, from its schema's argument names. Non-tensor arguments
+    (scale, dropout_p, flags a later schema adds) pass through untouched; the varlen op, if added,
+    needs only its own role table (its sequences are packed along dim 0, so only heads split)."""
+    op = getattr(_ops, op_name).default
+    names = [a.name for a in op._schema.arguments]
+    outputs = _ATTENTION_OUTPUTS[op_name]
+
+    def rules(*args):
+        named = dict(zip(names, args))
+        tensors = [(name, a) for name, a in named.items() if isinstance(a, DTensorSpec)]
+        result = []
+        for split, roles in _ATTENTION_ROLES.items():
+            if split == "heads" and not _heads_split_ok(named["q"], named["k"]):
+                _refuse_heads_if_sharded(named)
+                continue
+            placements = []
+            for name, spec in tensors:
+                if name == "attn_mask":
+                    placements.append(_attn_mask_placement(spec, split))
+                elif name in _ATTENTION_CONSTANTS:
+                    placements.append(Replicate())
+                elif name in roles:
+                    dim = roles[name]
+                    placements.append(Replicate() if dim is None else Shard(dim))
+                else:
+                    placements = None  # an argument with no role: no split is known to be safe
+                    break
+            if placements is not None:
+                dim = roles["q"]
+                result.append(Rule([Shard(dim)] * len(outputs), placements))
+        result.append(replicate_everything(args))
+        result[-1].outputs = [Replicate()] * len(outputs)
+        return result
+
+    return rules
+
+
+def _refuse_heads_if_sharded(named) -> None:
+    """Asked to run head-sharded q/k/v whose kv heads do not split evenly: refuse rather than
+    quietly gather them (a wrong grouping would be silently wrong, a gather silently slow)."""
+    q, k = named["q"], named["k"]
+    if any(isinstance(p, Shard) and p.dim == 1 for spec in (q, k) for p in spec.placements):
+        raise ValueError(
+            f"mmkernels.distributed: cannot split attention by heads: k/v have {_shape(k)[1]} heads "
+            f"(q has {_shape(q)[1]}), which the device mesh {tuple(q.mesh.shape)} does not split evenly, so "
+            "query heads would land on another rank than their key/value group. Shard by batch, or choose "
+            "a number of key/value heads divisible by the mesh size."
+        )
+
+
+def register_all() -> None:
+    """Register every rule above with DTensor (idempotent: a second call replaces the first)."""
+    register(_ops.fused_concat_linear.default, _fcl_forward)
+    register(_ops.fused_concat_linear_backward.default, _fcl_backward)
+    register(_ops.low_rank_fusion.default, _lrf_forward)
+    register(_ops.low_rank_fusion_backward.default, _lrf_backward)
+    for name in _ATTENTION_OUTPUTS:
+        if hasattr(_ops, name):
+            register(getattr(_ops, name).default, attention_rules(name))
