@@ -23,6 +23,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 from torch.distributed.tensor.placement_types import _StridedShard
+from torch.utils import _pytree as pytree
 
 from .. import ops
 from ..nn import CrossModalAttention, FusedConcatLinear
@@ -36,15 +37,17 @@ _STYLE = "CrossModalAttentionHeadParallel"
 
 
 def _to_dtensors(input_layout, desired_layout, mod, inputs, device_mesh):
-    """Every positional input to a DTensor in the layout the style wants (they arrive in `input_layout`)."""
-    out = []
-    for x in inputs:
+    """Every input tensor (positional, or in the list / dict FusedConcatLinear also takes) to a DTensor
+    in the layout the style wants; they arrive in `input_layout`."""
+
+    def convert(x):
         if not isinstance(x, DTensor):
             x = DTensor.from_local(x, device_mesh, (input_layout,), run_check=False)
         if x.placements != (desired_layout,):
             x = x.redistribute(placements=(desired_layout,), async_op=False)
-        out.append(x)
-    return tuple(out)
+        return x
+
+    return pytree.tree_map_only(torch.Tensor, convert, inputs)
 
 
 class FusedConcatLinearColwise(ColwiseParallel):
