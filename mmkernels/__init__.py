@@ -16,9 +16,8 @@ from .convert import ConversionReport, convert, revert  # noqa: E402
 
 __all__ += ["convert", "revert", "ConversionReport"]
 
-# DTensor sharding strategies of every op and tensor-parallel styles (mmkernels.distributed),
-# registered now so that the ops run on DTensors; absent where torch lacks torch.distributed.
-import torch as _torch  # noqa: E402
+# DTensor sharding strategies of every op and tensor-parallel styles (mmkernels.distributed): registered
+# when torch.distributed.tensor is imported (now, if it already is; see _dtensor_hook).
+from ._dtensor_hook import install as _install_dtensor_hook  # noqa: E402
 
-if _torch.distributed.is_available():
-    from . import distributed  # noqa: E402,F401
+_install_dtensor_hook()
