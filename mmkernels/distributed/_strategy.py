@@ -49,14 +49,16 @@ def replicate_everything(args) -> Rule:
     return Rule(outputs=None, inputs=[Replicate()] * n_in)
 
 
-def _output_metas(op, args) -> list[TensorMeta]:
+def _output_metas(op, args, kwargs) -> list[TensorMeta]:
     # The fake kernels registered with torch.library double as meta kernels: running the op on meta
     # tensors of the global shapes gives the global output shapes, strides and dtypes.
     def meta(spec):
         tm = spec.tensor_meta
         return torch.empty_strided(tm.shape, tm.stride, dtype=tm.dtype, device="meta")
 
-    out = op(*pytree.tree_map_only(DTensorSpec, meta, args, is_leaf=lambda x: isinstance(x, DTensorSpec)))
+    is_spec = lambda x: isinstance(x, DTensorSpec)  # noqa: E731
+    out = op(*pytree.tree_map_only(DTensorSpec, meta, args, is_leaf=is_spec),
+             **pytree.tree_map_only(DTensorSpec, meta, kwargs, is_leaf=is_spec))
     return [TensorMeta(t.shape, t.stride(), t.dtype) for t in pytree.tree_leaves(out)]
 
 
@@ -78,9 +80,10 @@ def register(op: torch._ops.OpOverload, rules_fn: Callable[..., Sequence[Rule]])
     def strategy(op_schema: OpSchema) -> OpStrategy:
         mesh = op_schema.get_mesh_from_args()
         args = tuple(spec_of(a) for a in op_schema.args_schema)
-        rules = list(rules_fn(*args))
+        kwargs = {k: spec_of(v) for k, v in op_schema.kwargs_schema.items()}
+        rules = list(rules_fn(*args, **kwargs))
         like = next(r.outputs for r in rules if r.outputs is not None)
-        metas = _output_metas(op, args)
+        metas = _output_metas(op, args, kwargs)
         for rule in rules:
             if rule.outputs is None:  # replicate_everything: outputs nested like the first real rule
                 rule.outputs = [[Replicate()] * len(o) if isinstance(o, (list, tuple)) else Replicate() for o in like]

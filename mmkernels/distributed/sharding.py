@@ -7,7 +7,7 @@ fused_concat_linear        batch (any leading dim of the inputs); weight by outp
 low_rank_fusion            batch; factors by output columns. Not by input features: the modalities'
                            projections multiply, so partial sums per rank do not add up to the result.
 cross_modal_attention      batch or heads, for q, k, v, masks, lse and gradients alike; see
-                           _ATTENTION_ROLES for how each named tensor argument is placed.
+                           ATTENTION_OPS for how each named tensor is placed.
 Every op can also run replicated. Rules are one mesh dimension's worth; DTensor combines them over
 the mesh and redistributes inputs to the cheapest.
 """
@@ -134,21 +134,28 @@ def _fill(slots, placement):
 
 # ------------------------------------------------------------------ cross_modal_attention
 
-# How each named tensor argument of an attention op (forward or backward) is placed when the
-# problem is split by batch or by heads. Layouts: q, k, v, out, grad_out (B, H, L, E);
-# lse (B, H, Lq); key_padding_mask (B, Lk); kv_lengths (B,). attn_mask broadcasts to
-# (B, H, Lq, Lk), so its placement depends on its shape (see _attn_mask_placement). The seed is one
-# number, the same on every rank. An argument not named here (a later schema's new tensor) makes
-# the op run replicated only, which is always correct, until it is given a role here.
-_ATTENTION_ROLES = {
-    "batch": {"q": 0, "k": 0, "v": 0, "out": 0, "grad_out": 0, "lse": 0, "key_padding_mask": 0, "kv_lengths": 0},
-    "heads": {"q": 1, "k": 1, "v": 1, "out": 1, "grad_out": 1, "lse": 1, "key_padding_mask": None, "kv_lengths": None},
+# How each named tensor of an attention op, argument or output, is placed when the problem is
+# split by batch or by heads: the dim it is sharded on, or None for whole on every rank. Dense
+# layouts: q, k, v, out, grad_out and their gradients (B, H, L, E); lse (B, H, Lq);
+# key_padding_mask (B, Lk); kv_lengths (B,). attn_mask broadcasts to (B, H, Lq, Lk), so its
+# placement follows its shape (_attn_mask_placement). The dropout seed is one number, whole
+# everywhere. Non-tensor arguments (scale, dropout_p, a later schema's flags) pass through as they
+# are. A tensor argument not named here (a later schema's) makes the op run replicated only, which
+# is always correct, until it is given a role.
+_DENSE = {"q": 0, "k": 0, "v": 0, "out": 0, "grad_out": 0, "lse": 0, "dq": 0, "dk": 0, "dv": 0}
+_DENSE_SPLITS = {
+    "batch": {**_DENSE, "key_padding_mask": 0, "kv_lengths": 0, "dropout_seed": None},
+    "heads": {**{name: 1 for name in _DENSE}, "key_padding_mask": None, "kv_lengths": None, "dropout_seed": None},
 }
-_ATTENTION_CONSTANTS = ("dropout_seed",)
-# Outputs, in return order, and the layout each has (all attention outputs are (B, H, ...)).
-_ATTENTION_OUTPUTS = {
-    "cross_modal_attention": ("out", "lse"),
-    "cross_modal_attention_backward": ("dq", "dk", "dv"),
+# Each attention op: its splits and its outputs in return order. The varlen op, packed as
+# (total, H, E) with cu_seqlens_* (batch + 1,) offsets, would split by heads only, e.g.
+#   "cross_modal_attention_varlen": ({"heads": {"q": 1, "k": 1, "v": 1, "out": 1, "cu_seqlens_q": None,
+#                                     "cu_seqlens_k": None, "dropout_seed": None, "lse": <its heads dim>}},
+#                                    ("out", "lse")),
+# and its backward alike; ops not in this build are skipped at registration.
+ATTENTION_OPS = {
+    "cross_modal_attention": (_DENSE_SPLITS, ("out", "lse")),
+    "cross_modal_attention_backward": (_DENSE_SPLITS, ("dq", "dk", "dv")),
 }
 
 
@@ -177,13 +184,13 @@ def attention_rules(op_name: str):
     needs only its own role table (its sequences are packed along dim 0, so only heads split)."""
     op = getattr(_ops, op_name).default
     names = [a.name for a in op._schema.arguments]
-    outputs = _ATTENTION_OUTPUTS[op_name]
+    splits, outputs = ATTENTION_OPS[op_name]
 
-    def rules(*args):
-        named = dict(zip(names, args))
+    def rules(*args, **kwargs):
+        named = {**dict(zip(names, args)), **kwargs}  # tensors in DTensor's order: args, then kwargs
         tensors = [(name, a) for name, a in named.items() if isinstance(a, DTensorSpec)]
         result = []
-        for split, roles in _ATTENTION_ROLES.items():
+        for split, roles in splits.items():
             if split == "heads" and not _heads_split_ok(named["q"], named["k"]):
                 _refuse_heads_if_sharded(named)
                 continue
@@ -191,8 +198,6 @@ def attention_rules(op_name: str):
             for name, spec in tensors:
                 if name == "attn_mask":
                     placements.append(_attn_mask_placement(spec, split))
-                elif name in _ATTENTION_CONSTANTS:
-                    placements.append(Replicate())
                 elif name in roles:
                     dim = roles[name]
                     placements.append(Replicate() if dim is None else Shard(dim))
@@ -200,9 +205,8 @@ def attention_rules(op_name: str):
                     placements = None  # an argument with no role: no split is known to be safe
                     break
             if placements is not None:
-                dim = roles["q"]
-                result.append(Rule([Shard(dim)] * len(outputs), placements))
-        result.append(replicate_everything(args))
+                result.append(Rule([Shard(roles[name]) for name in outputs], placements))
+        result.append(replicate_everything((args, kwargs)))
         result[-1].outputs = [Replicate()] * len(outputs)
         return result
 
@@ -228,6 +232,6 @@ def register_all() -> None:
     register(_ops.fused_concat_linear_backward.default, _fcl_backward)
     register(_ops.low_rank_fusion.default, _lrf_forward)
     register(_ops.low_rank_fusion_backward.default, _lrf_backward)
-    for name in _ATTENTION_OUTPUTS:
+    for name in ATTENTION_OPS:
         if hasattr(_ops, name):
             register(getattr(_ops, name).default, attention_rules(name))

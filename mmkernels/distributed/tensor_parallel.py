@@ -102,9 +102,9 @@ class CrossModalAttentionHeadParallel(ParallelStyle):
 
     Limits, each refused with an error: num_heads must split evenly; add_bias_kv / add_zero_attn are
     not supported; forward needs need_weights=False (the weights would need every head). With
-    dropout, each rank draws the mask of its own heads from the seed of its default generator: seed
-    every rank alike (torch.manual_seed) and the heads still get distinct masks only within a rank;
-    the result is a valid dropout, not the one a single process would draw.
+    dropout, each rank draws its heads' masks from one draw of the default generator plus its rank
+    (seed every rank alike): every head gets its own mask, reproducible and replayed exactly by
+    activation checkpointing, but not the mask a single process would draw.
     """
 
     def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
@@ -150,6 +150,17 @@ def _enter(x: torch.Tensor, mesh) -> torch.Tensor:
 def _sum_over_ranks(x: torch.Tensor, mesh) -> torch.Tensor:
     """All-reduce of per-rank partial sums; in backward, every rank gets the whole gradient."""
     return DTensor.from_local(x, mesh, [Partial()], run_check=False).redistribute(mesh, [Replicate()]).to_local()
+
+
+def _attention_with_rank_seed(q, k, v, kpm, mask, dropout_p, rank):
+    """The op with dropout, its mask seed drawn per rank: the kernel hashes (seed, local head), so
+    with one seed on every rank (torch.manual_seed alike everywhere) rank r's head h would drop what
+    rank 0's head h drops. One draw from the default generator (the same on every rank, and replayed
+    by activation checkpointing, which restores the generator) plus the rank seeds a forked generator."""
+    base = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(base + rank)  # the CPU generator only: fork_rng restores it
+        return ops.cross_modal_attention(q, k, v, key_padding_mask=kpm, attn_mask=mask, dropout_p=dropout_p)
 
 
 class _HeadParallelCrossModalAttention(CrossModalAttention):
@@ -212,7 +223,10 @@ class _HeadParallelCrossModalAttention(CrossModalAttention):
             attn_mask = attn_mask.reshape(batch * heads, *attn_mask.shape[2:])
         kpm, mask = op_masks(key_padding_mask, attn_mask, batch, heads, 0, q.dtype)
         dropout_p = self.dropout if self.training else 0.0
-        out = ops.cross_modal_attention(q, k, v, key_padding_mask=kpm, attn_mask=mask, dropout_p=dropout_p)
+        if dropout_p > 0.0:
+            out = _attention_with_rank_seed(q, k, v, kpm, mask, dropout_p, rank)
+        else:
+            out = ops.cross_modal_attention(q, k, v, key_padding_mask=kpm, attn_mask=mask)
         if seq_dim == 0:
             out = out.permute(2, 0, 1, 3).reshape(len_q, batch, e)
         else:

@@ -321,3 +321,27 @@ def check_tp_fused_concat_linear_colwise_then_rowwise():
             assert needle in str(e), e
         else:
             raise AssertionError(f"{type(style).__name__} accepted {module}")
+
+
+def check_tp_cross_modal_attention_dropout_replays_under_checkpointing():
+    """With dropout, the head-parallel module's masks come from the default generator (plus the rank),
+    so a seed reproduces them and activation checkpointing replays them exactly."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(80)
+    tp = parallelize_module(CrossModalAttention(16, 4, dropout=0.3, batch_first=True, dtype=F64), mesh(),
+                            CrossModalAttentionHeadParallel())
+    x = leaf(2, 6, 16, seed=81)
+    grads = {}
+    for mode in ("plain", "checkpoint", "other seed"):
+        torch.manual_seed(9 if mode != "other seed" else 10)
+        if mode == "checkpoint":
+            out = checkpoint(lambda t: tp(t, t, t, need_weights=False)[0], x, use_reentrant=False)
+        else:
+            out = tp(x, x, x, need_weights=False)[0]
+        out.pow(2).sum().backward()
+        grads[mode] = [x.grad.clone()] + [p.grad.to_local().clone() for p in tp.parameters()]
+        x.grad = None
+        tp.zero_grad()
+    assert all(torch.equal(a, b) for a, b in zip(grads["plain"], grads["checkpoint"])), "checkpointing changed the gradients"
+    assert not torch.equal(grads["plain"][0], grads["other seed"][0]), "dropout had no effect"

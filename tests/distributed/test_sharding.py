@@ -17,6 +17,7 @@ CHECKS = [
     "check_ops_reject_nothing_they_accept_replicated",
     "check_tp_cross_modal_attention_by_heads",
     "check_tp_fused_concat_linear_colwise_then_rowwise",
+    "check_tp_cross_modal_attention_dropout_replays_under_checkpointing",
 ]
 
 
