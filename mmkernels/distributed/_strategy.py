@@ -120,7 +120,8 @@ def _run_sharded(strategy, schema_info, op, args, kwargs):
     mesh = next(a.device_mesh for a, d in zip(flat, is_dt) if d)
     # Plain tensors among DTensors (the ops' one-element seed): replicated, as DTensor itself treats them.
     flat = [
-        a if d or not isinstance(a, torch.Tensor) else DTensor.from_local(a, mesh, [Replicate()] * mesh.ndim, run_check=False)
+        a if d or not isinstance(a, torch.Tensor)
+        else DTensor.from_local(a, mesh, [Replicate()] * mesh.ndim, run_check=False)
         for a, d in zip(flat, is_dt)
     ]
     spec_args, spec_kwargs = pytree.tree_unflatten([a._spec if isinstance(a, DTensor) else a for a in flat], tree)

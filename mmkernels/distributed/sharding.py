@@ -39,97 +39,81 @@ def _or_replicate(spec, placement):
 
 
 # ------------------------------------------------------------------ fused_concat_linear
+# Rule inputs follow the schema: inputs..., weight, bias (if given) / grad_out, inputs..., weight,
+# out, preact. R is Replicate().
+
+R = Replicate()
 
 
 def _fcl_forward(inputs, weight, bias, activation):
-    out_dim = len(_shape(inputs[0])) - 1
-    has_preact = activation in _NEEDS_PREACT
-    preact = lambda p: p if has_preact else Replicate()  # noqa: E731
-    bias_in = [] if bias is None else [None]
-    rules = []
-    for d in range(out_dim):  # batch: any leading dim
-        rules.append(Rule([Shard(d), preact(Shard(d))], [Shard(d)] * len(inputs) + [Replicate()] + _fill(bias_in, Replicate())))
-    # weight by output rows
-    rules.append(Rule([Shard(out_dim), preact(Shard(out_dim))], [Replicate()] * len(inputs) + [Shard(0)] + _fill(bias_in, Shard(0))))
-    if len(inputs) == 1 and activation == "none":
-        # weight by input columns: each rank's product is a partial sum; the bias is split so that
-        # it is added once in the reduction.
-        rules.append(Rule([Partial(), Replicate()], [Shard(out_dim), Shard(1)] + _fill(bias_in, Partial())))
+    n, last = len(inputs), len(_shape(inputs[0])) - 1
+    with_preact = activation in _NEEDS_PREACT
+
+    def rule(out, xs, w, b):
+        outputs = [out, out if with_preact else R]
+        return Rule(outputs, [xs] * n + [w] + ([] if bias is None else [b]))
+
+    rules = [rule(Shard(d), Shard(d), R, R) for d in range(last)]  # batch: any leading dim
+    rules.append(rule(Shard(last), R, Shard(0), Shard(0)))  # weight by output rows
+    if n == 1 and activation == "none":
+        # Weight by input columns: each rank's product is a partial sum; the bias is split (Partial)
+        # so that the reduction adds it once.
+        rules.append(rule(Partial(), Shard(last), Shard(1), Partial()))
     rules.append(replicate_everything((inputs, weight, bias)))
     return rules
 
 
-def _fcl_backward(grad_out, inputs, weight, out, preact, activation, inputs_need_grad, weight_needs_grad, bias_needs_grad):
-    out_dim = len(_shape(grad_out)) - 1
-    n = len(inputs)
+def _fcl_backward(grad_out, inputs, weight, out, preact, activation, inputs_need_grad, weight_needs_grad,
+                  bias_needs_grad):
+    n, last = len(inputs), len(_shape(grad_out)) - 1
 
-    def grads(g_in, g_w, g_b):
-        return [
-            [g_in if need else Replicate() for need in inputs_need_grad],
-            g_w if weight_needs_grad else Replicate(),
-            g_b if bias_needs_grad else Replicate(),
-        ]
+    def rule(g_in, g_w, g_b, go, xs, w):
+        # Skipped gradients come back as placeholders, replicated; out and preact go as grad_out
+        # does, unless they are placeholders.
+        grads = [[g_in if need else R for need in inputs_need_grad],
+                 g_w if weight_needs_grad else R, g_b if bias_needs_grad else R]
+        return Rule(grads, [go] + [xs] * n + [w, _or_replicate(out, go), _or_replicate(preact, go)])
 
-    def saved(p):  # out and preact: as grad_out, unless they are placeholders
-        return [_or_replicate(out, p), _or_replicate(preact, p)]
-
-    rules = []
-    for d in range(out_dim):
-        rules.append(Rule(grads(Shard(d), Partial(), Partial()), [Shard(d), *[Shard(d)] * n, Replicate(), *saved(Shard(d))]))
-    rules.append(
-        Rule(grads(Partial(), Shard(0), Shard(0)), [Shard(out_dim), *[Replicate()] * n, Shard(0), *saved(Shard(out_dim))])
-    )
+    rules = [rule(Shard(d), Partial(), Partial(), Shard(d), Shard(d), R) for d in range(last)]
+    rules.append(rule(Partial(), Shard(0), Shard(0), Shard(last), R, Shard(0)))
     if n == 1 and activation == "none":
-        rules.append(Rule(grads(Shard(out_dim), Shard(1), Replicate()), [Replicate(), Shard(out_dim), Shard(1), *saved(Replicate())]))
+        rules.append(rule(Shard(last), Shard(1), R, R, Shard(last), Shard(1)))
     rules.append(replicate_everything((grad_out, inputs, weight, out, preact)))
     return rules
 
 
 # ------------------------------------------------------------------ low_rank_fusion
+# Rule inputs: inputs..., factors..., rank_weight, bias (if given) / grad_out, inputs..., factors...,
+# rank_weight.
 
 
 def _lrf_forward(inputs, factors, rank_weight, bias):
-    out_dim = len(_shape(inputs[0])) - 1
-    n = len(inputs)
-    bias_in = [] if bias is None else [None]
-    rules = []
-    for d in range(out_dim):
-        rules.append(Rule([Shard(d)], [Shard(d)] * n + [Replicate()] * n + [Replicate()] + _fill(bias_in, Replicate())))
-    # factors (rank, D_m + 1, N) by output columns: every output column is its own product.
-    rules.append(Rule([Shard(out_dim)], [Replicate()] * n + [Shard(2)] * n + [Replicate()] + _fill(bias_in, Shard(0))))
+    n, last = len(inputs), len(_shape(inputs[0])) - 1
+
+    def rule(out, xs, fs, b):
+        return Rule([out], [xs] * n + [fs] * n + [R] + ([] if bias is None else [b]))
+
+    rules = [rule(Shard(d), Shard(d), R, R) for d in range(last)]
+    # factors (rank, D_m + 1, N) by output columns: every output column is a product of its own.
+    rules.append(rule(Shard(last), R, Shard(2), Shard(0)))
     rules.append(replicate_everything((inputs, factors, rank_weight, bias)))
     return rules
 
 
-def _lrf_backward(grad_out, inputs, factors, rank_weight, inputs_need_grad, factors_need_grad, rank_weight_needs_grad, bias_needs_grad):
-    out_dim = len(_shape(grad_out)) - 1
-    n = len(inputs)
+def _lrf_backward(grad_out, inputs, factors, rank_weight, inputs_need_grad, factors_need_grad,
+                  rank_weight_needs_grad, bias_needs_grad):
+    n, last = len(inputs), len(_shape(grad_out)) - 1
 
-    def grads(g_in, g_f, g_w, g_b):
-        return [
-            [g_in if need else Replicate() for need in inputs_need_grad],
-            [g_f if need else Replicate() for need in factors_need_grad],
-            g_w if rank_weight_needs_grad else Replicate(),
-            g_b if bias_needs_grad else Replicate(),
-        ]
+    def rule(g_in, g_f, g_w, g_b, go, xs, fs):
+        grads = [[g_in if need else R for need in inputs_need_grad],
+                 [g_f if need else R for need in factors_need_grad],
+                 g_w if rank_weight_needs_grad else R, g_b if bias_needs_grad else R]
+        return Rule(grads, [go] + [xs] * n + [fs] * n + [R])
 
-    rules = []
-    for d in range(out_dim):
-        rules.append(
-            Rule(grads(Shard(d), Partial(), Partial(), Partial()), [Shard(d), *[Shard(d)] * n, *[Replicate()] * n, Replicate()])
-        )
-    rules.append(
-        Rule(
-            grads(Partial(), Shard(2), Partial(), Shard(0)),
-            [Shard(out_dim), *[Replicate()] * n, *[Shard(2)] * n, Replicate()],
-        )
-    )
+    rules = [rule(Shard(d), Partial(), Partial(), Partial(), Shard(d), Shard(d), R) for d in range(last)]
+    rules.append(rule(Partial(), Shard(2), Partial(), Shard(0), Shard(last), R, Shard(2)))
     rules.append(replicate_everything((grad_out, inputs, factors, rank_weight)))
     return rules
-
-
-def _fill(slots, placement):
-    return [placement for _ in slots]
 
 
 # ------------------------------------------------------------------ cross_modal_attention

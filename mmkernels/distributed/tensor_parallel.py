@@ -130,7 +130,8 @@ class CrossModalAttentionHeadParallel(ParallelStyle):
         for name, placement in plan.items():
             param = getattr(module, name)
             if param is not None:
-                module.register_parameter(name, nn.Parameter(distribute_tensor(param.detach(), device_mesh, [placement])))
+                sharded = distribute_tensor(param.detach(), device_mesh, [placement])
+                module.register_parameter(name, nn.Parameter(sharded))
         for name, placement in (("weight", Shard(1)), ("bias", Replicate())):
             param = getattr(module.out_proj, name)
             if param is not None:
@@ -219,8 +220,8 @@ class _HeadParallelCrossModalAttention(CrossModalAttention):
 
         q, k, v = split_heads(q), split_heads(k), split_heads(v)
         if attn_mask is not None and attn_mask.dim() == 3:  # (B*H, Lq, Lk): this rank's heads
-            attn_mask = attn_mask.view(batch, self.num_heads, *attn_mask.shape[1:])[:, rank * heads : (rank + 1) * heads]
-            attn_mask = attn_mask.reshape(batch * heads, *attn_mask.shape[2:])
+            per_head = attn_mask.view(batch, self.num_heads, *attn_mask.shape[1:])
+            attn_mask = per_head[:, rank * heads : (rank + 1) * heads].reshape(batch * heads, *attn_mask.shape[1:])
         kpm, mask = op_masks(key_padding_mask, attn_mask, batch, heads, 0, q.dtype)
         dropout_p = self.dropout if self.training else 0.0
         if dropout_p > 0.0:

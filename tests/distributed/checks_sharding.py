@@ -150,7 +150,8 @@ def check_attention_batch_and_heads():
             what = f"{case}, by {split}"
             qd, kd, vd = (shard(t, Shard(dim)) for t in (q, k, v))
             # Masks arrive replicated: taking a rank's slice of a replicated tensor moves no data.
-            md = {n: (distribute_tensor(m, mesh(), [Replicate()]) if isinstance(m, torch.Tensor) else m) for n, m in masks.items()}
+            md = {n: distribute_tensor(m, mesh(), [Replicate()]) if isinstance(m, torch.Tensor) else m
+                  for n, m in masks.items()}
             out = no_collectives(lambda: mmkernels.cross_modal_attention(qd, kd, vd, **md))
             assert out.placements == (Shard(dim),), f"{what}: output {out.placements}"
             expected = reference.cross_modal_attention(q, k, v, **masks)
@@ -243,7 +244,9 @@ def _compare_modules(tp, single, inputs_fn, what, kwargs=None):
     params = dict(single.named_parameters())
     for name, p in tp.named_parameters():
         assert name in params, f"{what}: parameter {name} is not one of the module's"
-        torch.testing.assert_close(p.grad.full_tensor(), params[name].grad, **TOL, msg=lambda m: f"{what}: grad of {name}: {m}")
+        torch.testing.assert_close(
+            p.grad.full_tensor(), params[name].grad, **TOL, msg=lambda m: f"{what}: grad of {name}: {m}"
+        )
     sd = tp.state_dict()
     assert list(sd) == list(single.state_dict()), f"{what}: state_dict keys changed"
     for name, t in single.state_dict().items():
@@ -290,9 +293,11 @@ def check_tp_cross_modal_attention_by_heads():
 def check_tp_fused_concat_linear_colwise_then_rowwise():
     torch.manual_seed(70)
     single = nn.ModuleDict(
-        {"up": FusedConcatLinear([6, 4], 16, activation="gelu", dtype=F64), "down": FusedConcatLinear([16], 5, dtype=F64)}
+        {"up": FusedConcatLinear([6, 4], 16, activation="gelu", dtype=F64),
+         "down": FusedConcatLinear([16], 5, dtype=F64)}
     )
-    tp = parallelize_module(copy.deepcopy(single), mesh(), {"up": FusedConcatLinearColwise(), "down": FusedConcatLinearRowwise()})
+    plan = {"up": FusedConcatLinearColwise(), "down": FusedConcatLinearRowwise()}
+    tp = parallelize_module(copy.deepcopy(single), mesh(), plan)
     assert tp["up"].weight.placements == (Shard(0),) and tp["down"].weight.placements == (Shard(1),)
 
     class Mlp(nn.Module):
@@ -343,5 +348,6 @@ def check_tp_cross_modal_attention_dropout_replays_under_checkpointing():
         grads[mode] = [x.grad.clone()] + [p.grad.to_local().clone() for p in tp.parameters()]
         x.grad = None
         tp.zero_grad()
-    assert all(torch.equal(a, b) for a, b in zip(grads["plain"], grads["checkpoint"])), "checkpointing changed the gradients"
+    same = all(torch.equal(a, b) for a, b in zip(grads["plain"], grads["checkpoint"]))
+    assert same, "checkpointing changed the gradients"
     assert not torch.equal(grads["plain"][0], grads["other seed"][0]), "dropout had no effect"

@@ -62,8 +62,7 @@ def fusion_model(seed=0, dropout=0.0) -> Fusion:
 def fusion_batch(step: int):
     """The global batch of a step (the same on every rank) as (inputs, labels)."""
     g = torch.Generator().manual_seed(1000 + step)
-    inputs = (torch.randn(GLOBAL_BATCH, 5, 6, generator=g, dtype=F64), torch.randn(GLOBAL_BATCH, 7, 16, generator=g, dtype=F64),
-              torch.randn(GLOBAL_BATCH, 8, generator=g, dtype=F64))
+    inputs = tuple(torch.randn(GLOBAL_BATCH, *shape, generator=g, dtype=F64) for shape in ((5, 6), (7, 16), (8,)))
     return inputs, torch.randint(0, 3, (GLOBAL_BATCH,), generator=g)
 
 
@@ -78,7 +77,7 @@ def decoder_model(seed=0) -> nn.Module:
 
 def decoder_batch(step: int):
     g = torch.Generator().manual_seed(2000 + step)
-    return torch.randn(GLOBAL_BATCH, 6, 16, generator=g, dtype=F64), torch.randn(GLOBAL_BATCH, 9, 16, generator=g, dtype=F64)
+    return tuple(torch.randn(GLOBAL_BATCH, length, 16, generator=g, dtype=F64) for length in (6, 9))
 
 
 _CAUSAL = nn.Transformer.generate_square_subsequent_mask(6, dtype=F64)

@@ -5,7 +5,9 @@ import torch.distributed as dist
 
 from _spawn import assert_check, run_checks
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo")
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
+)
 
 CHECKS = [
     "check_fused_concat_linear_batch_and_output_rows",

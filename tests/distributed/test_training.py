@@ -6,7 +6,9 @@ import torch.distributed as dist
 
 from _spawn import assert_check, run_checks
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo")
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
+)
 
 CHECKS = [
     "check_ddp_step_equals_one_process",
