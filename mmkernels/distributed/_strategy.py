@@ -118,7 +118,11 @@ def _run_sharded(strategy, schema_info, op, args, kwargs):
     flat, tree = pytree.tree_flatten((args, kwargs))
     is_dt = [isinstance(a, DTensor) for a in flat]
     mesh = next(a.device_mesh for a, d in zip(flat, is_dt) if d)
-    # Plain tensors among DTensors (the ops' one-element seed): replicated, as DTensor itself treats them.
+    # Plain one-element tensors among DTensors (the ops' seed): replicated, as DTensor itself treats
+    # them; any other plain tensor is refused, as DTensor does.
+    for a, d in zip(flat, is_dt):
+        if not d and isinstance(a, torch.Tensor) and a.numel() != 1:
+            raise RuntimeError(f"{op}: got mixed torch.Tensor and DTensor; convert every tensor to a DTensor first")
     flat = [
         a if d or not isinstance(a, torch.Tensor)
         else DTensor.from_local(a, mesh, [Replicate()] * mesh.ndim, run_check=False)
