@@ -112,6 +112,9 @@ def _returns_list_among_others(op) -> bool:
     return len(returns) > 1 and any(isinstance(r.type, torch.ListType) for r in returns)
 
 
+_CHOSEN: dict[OpSchema, OpSpec] = {}
+
+
 def _run_sharded(strategy, schema_info, op, args, kwargs):
     """What DTensor's dispatcher does for an op, for the ops it cannot wrap: pick the cheapest
     sharding, redistribute the DTensor arguments to it, run the op on the local shards, wrap them."""
@@ -130,8 +133,13 @@ def _run_sharded(strategy, schema_info, op, args, kwargs):
     ]
     spec_args, spec_kwargs = pytree.tree_unflatten([a._spec if isinstance(a, DTensor) else a for a in flat], tree)
     schema = OpSchema(op, tuple(spec_args), spec_kwargs, schema_info=schema_info)
-    propagator = DTensor._op_dispatcher.sharding_propagator
-    chosen = _select_min_cost_strategy(strategy(propagator._wrap_with_op_strategy(schema)), schema)
+    chosen = _CHOSEN.get(schema)
+    if chosen is None:  # as DTensor's own propagation, cached on (op, specs, non-tensor arguments)
+        propagator = DTensor._op_dispatcher.sharding_propagator
+        chosen = _select_min_cost_strategy(strategy(propagator._wrap_with_op_strategy(schema)), schema)
+        if len(_CHOSEN) >= 1024:
+            _CHOSEN.clear()
+        _CHOSEN[schema] = chosen
     wanted = iter(chosen.input_specs)
     local = []
     for a in flat:
