@@ -71,7 +71,7 @@ def build(overrides: dict[str, str] | None = None, sources: list[str] | None = N
     base = ["-std=c++17", "-O2", "-g0", "-fPIC", abi, "-w"]
     base += [f"-I{EMU / 'include'}", f"-I{CSRC / 'cuda' / 'attention'}", f"-I{CSRC / 'cuda'}", f"-I{CSRC / 'include'}",
              f"-I{EMU}", *inc]
-    kernel_flags = base + ["-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0", "-include",
+    kernel_flags = base + ["-fno-extern-tls-init", "-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0", "-include",
                            str(EMU / "prelude.h")]
     headers = _headers_digest()
     BUILD.mkdir(parents=True, exist_ok=True)

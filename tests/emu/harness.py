@@ -11,7 +11,11 @@ import functools
 
 import torch
 
+import sys
+
 import emu_build
+
+sys.path.insert(0, str(emu_build.ROOT / "tests"))  # attention_support, shared with the GPU tests
 
 VP = ctypes.c_void_p
 I64 = ctypes.c_int64

@@ -1,0 +1,86 @@
+"""The tensor-core attention kernels (csrc/cuda/attention/) executed from their own source on the
+emulation harness, forward and backward, against mmkernels/reference.py in float64: every head dim,
+both 16-bit dtypes, every mask kind, sizes that are not multiples of the 64-row tiles, fully masked
+rows, dropout (the same keep mask in backward). Tolerances: those of tests/test_cuda_cross_modal_attention.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attention_support
+from attention_emu import Problem
+from attention_support import run_reference
+from harness import harness
+
+pytestmark = pytest.mark.emu
+
+TOL = {  # (atol, rtol) for outputs and for gradients, atol relative to max(1, max |expected|)
+    torch.float16: ((4e-3, 4e-3), (1e-2, 1e-2)),
+    torch.bfloat16: ((3e-2, 3e-2), (6e-2, 6e-2)),
+}
+DTYPES = list(TOL)
+HEAD_DIMS = [32, 64, 128]
+MASK_KINDS = ["none", "kpm", "len32", "bool2d", "bool4d", "float3d", "float4d", "kpm+len32+bool2d", "holes"]
+
+
+def assert_close(actual, expected, tol, what):
+    atol, rtol = tol
+    scale = max(expected.abs().max().item(), 1.0) if expected.numel() else 1.0
+    assert not torch.isnan(actual).any(), f"{what}: NaN (an element no kernel wrote, or a NaN computed)"
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol * scale, rtol=rtol,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def keep_mask(B, H, Lq, Lk, p, seed):
+    """The CPU kernel's keep mask for this seed (the CUDA kernels hash the same way by design):
+    uniform attention (q = k = 0) over v = I makes each output element keep / ((1 - p) Lk)."""
+    q = torch.zeros(B, H, Lq, 1, dtype=torch.float64)
+    k = torch.zeros(B, H, Lk, 1, dtype=torch.float64)
+    v = torch.eye(Lk, dtype=torch.float64).expand(B, H, Lk, Lk)
+    out = torch.ops.mmkernels.cross_modal_attention.default(q, k, v, None, None, None, 1.0, p, torch.tensor(seed))[0]
+    return out > 0
+
+
+def run_case(B, H, Lq, Lk, E, dtype, masks, grads=True, dropout_p=0.0, seed=0, gen_seed=0):
+    g = torch.Generator().manual_seed(gen_seed)
+    q, k, v = attention_support.make_qkv(B, H, Lq, Lk, E, E, dtype, requires_grad=False, gen=g)
+    scale = E**-0.5
+    prob = Problem(harness(), q, k, v, masks, scale, dropout_p, seed)
+    out, lse = prob.forward()
+    kw = {}
+    if dropout_p > 0:
+        kw = dict(dropout_p=dropout_p, dropout_mask=keep_mask(B, H, Lq, Lk, dropout_p, seed))
+    ref, leaves = run_reference(q, k, v, masks, scale=scale, **kw)
+    assert_close(out, ref, TOL[dtype][0], "out")
+    # lse: logsumexp of the visible scaled scores, +inf for a row that sees nothing.
+    s = (q.double() @ k.double().transpose(-1, -2)) * scale
+    vis = attention_support.reference.visible_keys(q, k, **{n: t for n, t in masks.items()})
+    if "attn_mask" in masks and masks["attn_mask"].dtype != torch.bool:
+        s = s + masks["attn_mask"].double()
+    s = s.masked_fill(~vis, float("-inf"))
+    want_lse = torch.logsumexp(s, -1)
+    want_lse = torch.where(torch.isneginf(want_lse), torch.inf, want_lse)
+    torch.testing.assert_close(lse.double(), want_lse, atol=2e-2, rtol=1e-3, msg=lambda m: f"lse: {m}")
+    if not grads:
+        return
+    dout = torch.randn(out.shape, generator=g).to(dtype)
+    dq, dk, dv = prob.backward(out, lse, dout)
+    want = torch.autograd.grad(ref, leaves, dout.double())
+    for name, a, b in zip("qkv", (dq, dk, dv), want):
+        assert_close(a, b, TOL[dtype][1], f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("E", HEAD_DIMS)
+def test_forward_and_backward_odd_sizes(E, dtype):
+    # Lq and Lk not multiples of the 64-row tiles (nor of 16, the backward's query tile at E = 128).
+    run_case(2, 2, 70, 83, E, dtype, {})
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("E", HEAD_DIMS)
+@pytest.mark.parametrize("kind", MASK_KINDS)
+def test_masks(kind, E, dtype):
+    B, H, Lq, Lk = 2, 2, 37, 150
+    masks = attention_support.make_masks(kind, B, H, Lq, Lk, torch.float32)
+    run_case(B, H, Lq, Lk, E, dtype, masks, grads=E == 64 or kind in ("kpm+len32+bool2d", "holes"))
