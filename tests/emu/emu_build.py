@@ -119,8 +119,11 @@ def build(overrides: dict[str, str] | None = None, sources: list[str] | None = N
     lib = BUILD / f"libmmk_emu-{key}{sysconfig.get_config_var('SHLIB_SUFFIX') or '.so'}"
     if not lib.exists():
         tmp = lib.with_suffix(".tmp")
+        # A partial build (the planted-bug tests) leaves the launchers of the kernels it omits
+        # undefined: loaded lazily, they are never called.
+        strict = ["-Wl,--no-undefined"] if sources == KERNEL_SOURCES else []
         cmd = [cxx, "-shared", "-o", str(tmp), *map(str, objs), f"-L{libdir}", "-lc10", f"-Wl,-rpath,{libdir}",
-               "-Wl,-Bsymbolic", "-Wl,--no-undefined", "-ldl"]
+               "-Wl,-Bsymbolic", *strict, "-ldl"]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"emulation link failed:\n{' '.join(cmd)}\n{r.stderr[-6000:]}")
