@@ -50,18 +50,24 @@ std::vector<std::string> g_errors;
 size_t g_error_count = 0;
 std::set<std::pair<std::string, const void*>> g_reported;  // (kind, pc): one report per place
 
+// "symbol+0xN" where the symbol is exported, and always "module+0xN" (the harness turns the latter
+// into a source line with addr2line: the kernels are compiled with line tables).
 std::string describe_pc(const void* pc) {
   Dl_info info{};
-  if (pc != nullptr && dladdr(pc, &info) && info.dli_sname != nullptr) {
-    int status = 0;
-    char* name = abi::__cxa_demangle(info.dli_sname, nullptr, nullptr, &status);
-    std::string s = status == 0 ? name : info.dli_sname;
-    free(name);
-    char off[32];
-    snprintf(off, sizeof off, "+0x%zx", reinterpret_cast<const char*>(pc) - static_cast<const char*>(info.dli_saddr));
-    return s + off;
+  std::string s;
+  char buf[64];
+  if (pc != nullptr && dladdr(pc, &info)) {
+    if (info.dli_sname != nullptr) {
+      int status = 0;
+      char* name = abi::__cxa_demangle(info.dli_sname, nullptr, nullptr, &status);
+      s = status == 0 ? name : info.dli_sname;
+      free(name);
+      snprintf(buf, sizeof buf, "+0x%zx ", reinterpret_cast<const char*>(pc) - static_cast<const char*>(info.dli_saddr));
+      s += buf;
+    }
+    snprintf(buf, sizeof buf, "+0x%zx)", reinterpret_cast<const char*>(pc) - static_cast<const char*>(info.dli_fbase));
+    return s + "(" + info.dli_fname + buf;
   }
-  char buf[32];
   snprintf(buf, sizeof buf, "%p", pc);
   return buf;
 }

@@ -68,7 +68,7 @@ def build(overrides: dict[str, str] | None = None, sources: list[str] | None = N
     sources = sources or KERNEL_SOURCES
     inc, abi, libdir = _torch_flags()
     cxx = os.environ.get("CXX", "g++")
-    base = ["-std=c++17", "-O2", "-g0", "-fPIC", abi, "-w"]
+    base = ["-std=c++17", "-O2", "-g1", "-fPIC", abi, "-w"]  # -g1: line tables, for the reports
     base += [f"-I{EMU / 'include'}", f"-I{CSRC / 'cuda' / 'attention'}", f"-I{CSRC / 'cuda'}", f"-I{CSRC / 'include'}",
              f"-I{EMU}", *inc]
     kernel_flags = base + ["-fno-extern-tls-init", "-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0", "-include",

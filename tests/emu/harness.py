@@ -9,6 +9,9 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import re
+import shutil
+import subprocess
 
 import torch
 
@@ -51,6 +54,24 @@ class EmuError(AssertionError):
     pass
 
 
+_PC = re.compile(r"\(([^()\s]+)\+0x([0-9a-f]+)\)")
+
+
+def symbolize(report: str) -> str:
+    """Appends the kernel source line (addr2line on the harness library's line tables) to a report."""
+    m = _PC.search(report)
+    if m is None or shutil.which("addr2line") is None:
+        return report
+    r = subprocess.run(["addr2line", "-C", "-f", "-i", "-e", m.group(1), hex(int(m.group(2), 16) - 1)],
+                       capture_output=True, text=True)
+    lines = r.stdout.split()
+    if r.returncode != 0 or len(lines) < 2:
+        return report
+    # Innermost frame first: the kernel line is the first with a csrc path.
+    where = [ln for ln in r.stdout.splitlines() if "/csrc/" in ln]
+    return report + (" -> " + " <- ".join(w.rsplit("/csrc/", 1)[-1] for w in where[:3]) if where else "")
+
+
 def extent_bytes(t: torch.Tensor) -> int:
     if t.numel() == 0:
         return 0
@@ -78,7 +99,7 @@ class Harness:
                 assert t.device.type == "cpu" and all(s >= 0 for s in t.stride()), name
                 self.lib.emu_add_buffer(VP(t.data_ptr()), extent_bytes(t), name.encode())
         getattr(self.lib, entry)(*args)
-        errors = [self.lib.emu_error_text(i).decode() for i in range(self.lib.emu_errors_kept())]
+        errors = [symbolize(self.lib.emu_error_text(i).decode()) for i in range(self.lib.emu_errors_kept())]
         total = self.lib.emu_error_count()
         if total and not expect_errors:
             raise EmuError(f"{entry}: {total} report(s):\n" + "\n".join(errors))

@@ -84,3 +84,33 @@ def test_masks(kind, E, dtype):
     B, H, Lq, Lk = 2, 2, 37, 150
     masks = attention_support.make_masks(kind, B, H, Lq, Lk, torch.float32)
     run_case(B, H, Lq, Lk, E, dtype, masks, grads=E == 64 or kind in ("kpm+len32+bool2d", "holes"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("E", HEAD_DIMS)
+def test_fully_masked_rows_give_zeros_and_zero_gradients(E, dtype):
+    B, H, Lq, Lk = 3, 1, 20, 70
+    attn_mask = torch.rand(Lq, Lk) < 0.5
+    attn_mask[[0, 7, 19]] = False  # rows that see no key under the mask
+    kpm = torch.zeros(B, Lk, dtype=torch.bool)
+    kpm[1] = True  # batch 1 sees no key at all (an empty key range: no tile is loaded)
+    lengths = torch.tensor([Lk, Lk, 0], dtype=torch.int32)  # batch 2 likewise, through kv_lengths
+    masks = {"attn_mask": attn_mask, "key_padding_mask": kpm, "kv_lengths": lengths}
+    run_case(B, H, Lq, Lk, E, dtype, masks)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("E", HEAD_DIMS)
+def test_dropout_same_mask_forward_and_backward(E, dtype):
+    B, H, Lq, Lk = 1, 2, 33, 90
+    masks = attention_support.make_masks("kpm+bool2d", B, H, Lq, Lk)
+    run_case(B, H, Lq, Lk, E, dtype, masks, dropout_p=0.3, seed=99)
+
+
+def test_dropout_factors_kernel_matches_the_cpu_keep_mask():
+    B, H, Lq, Lk, p, seed = 2, 3, 17, 45, 0.4, 1234
+    q = torch.zeros(B, H, Lq, 32, dtype=torch.float16)
+    k = torch.zeros(B, H, Lk, 32, dtype=torch.float16)
+    z = Problem(harness(), q, k, k, {}, 1.0, p, seed).dropout_factors(torch.float64)
+    assert torch.equal(z.bool(), keep_mask(B, H, Lq, Lk, p, seed))
+    assert 0.4 < z.mean().item() < 0.8  # a keep rate near 1 - p
