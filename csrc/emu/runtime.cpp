@@ -202,6 +202,10 @@ void shared_access(uintptr_t a, size_t n, bool write, const void* pc, int me, bo
              "thread %d %s shared byte %zu, written by thread %d with no barrier in between", me,
              write ? "writes" : "reads", off, s.w_tid);
     }
+    if (!write && !s.written && !s.pending) {
+      report("uninitialised shared read", pc, "thread %d reads shared byte %zu, which no thread of this block wrote",
+             me, off);
+    }
     if (s.pending && !write) {
       report("read before cp.async completed", pc,
              "thread %d reads shared byte %zu while a cp.async into it (thread %d) has not been waited for", me,
@@ -662,14 +666,15 @@ void launch(void (*entry)(void*), void* ctx, const void* kernel, dim3 grid, dim3
   g_args_lo = reinterpret_cast<uintptr_t>(arg_lo), g_args_hi = g_args_lo + arg_bytes;
   g_entry = entry, g_entry_ctx = ctx;
   g_grid_dim = grid, g_block_dim = block;
-  // Uninitialised shared memory holds garbage on a GPU: fill it with NaN-ish bytes, not zeros, so a
-  // read of a never-written byte shows in the results.
-  if (dyn != nullptr) std::memset(dyn, 0x7f, g_dyn_cap);
   g_running = true;
   for (unsigned z = 0; z < grid.z; ++z) {
     for (unsigned y = 0; y < grid.y; ++y) {
       for (unsigned x = 0; x < grid.x; ++x) {
         g_block_idx = uint3{x, y, z};
+        // Shared memory starts as garbage on a GPU (what the previous block left, or anything):
+        // 0x7f bytes are NaN in float16 and huge in bfloat16, so a stray read shows in the results
+        // too (besides the "uninitialised shared read" report).
+        if (dyn != nullptr) std::memset(dyn, 0x7f, dyn_smem);
         run_block(dyn_smem);
         if (g_block.abandoned) goto done;
       }
