@@ -21,9 +21,12 @@ def dropout_threshold(p: float) -> int:
 class Problem:
     """The fields every attention kernel reads, and the buffers behind them."""
 
-    def __init__(self, h: Harness, q, k, v, masks, scale, dropout_p=0.0, seed=0):
+    def __init__(self, h: Harness, q, k, v, masks, scale, dropout_p=0.0, seed=0, layout="bhsd"):
         self.h = h
-        self.q, self.k, self.v = (t.detach().contiguous().clone() for t in (q, k, v))
+        if layout == "bhsd":
+            self.q, self.k, self.v = (t.detach().contiguous().clone() for t in (q, k, v))
+        else:  # "bshd": (B, S, H, D) memory seen as (B, H, S, D), as attention over a packed projection gives
+            self.q, self.k, self.v = (t.detach().transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
         self.B, self.H, self.Lq, self.E = q.shape
         self.Lk = k.shape[2]
         self.bf16 = int(q.dtype == torch.bfloat16)
@@ -81,7 +84,10 @@ class Problem:
         dsum = torch.full((B, H, Lq), math.nan, dtype=torch.float32)
         self.h.run("emu_dot_rows", ptr(dout), *dout.stride()[:3], ptr(out), *out.stride()[:3], B, H, Lq, E, self.bf16,
                    ptr(dsum), buffers={"dout": dout, "out": out, "dsum": dsum})
-        dq_accum = torch.zeros(B, H, Lq, E, dtype=torch.float32)
+        # dq and its float32 accumulator share q's dense layout, which finish_dq relies on (as on the host).
+        dq = torch.full_like(self.q, math.nan)
+        dq_accum = torch.zeros_like(dq, dtype=torch.float32)
+        assert dq_accum.stride() == dq.stride()
         dk = torch.full_like(self.k, math.nan)
         dv = torch.full_like(self.v, math.nan)
         ints, reals = self.arrays(True, dict(
@@ -93,7 +99,6 @@ class Problem:
         errors = self.h.run("emu_attn_bwd", E, self.bf16, ints, reals,
                             buffers={**self.buffers, "dout": dout, "lse": lse, "dsum": dsum, "dq_accum": dq_accum,
                                      "dk": dk, "dv": dv}, expect_errors=expect_errors)
-        dq = torch.full_like(self.q, math.nan)
         self.h.run("emu_finish_dq", ptr(dq_accum), self.scale, ptr(dq), dq.numel(), self.bf16,
                    buffers={"dq_accum": dq_accum, "dq": dq})
         return (dq, dk, dv, errors) if expect_errors else (dq, dk, dv)

@@ -41,11 +41,11 @@ def keep_mask(B, H, Lq, Lk, p, seed):
     return out > 0
 
 
-def run_case(B, H, Lq, Lk, E, dtype, masks, grads=True, dropout_p=0.0, seed=0, gen_seed=0):
+def run_case(B, H, Lq, Lk, E, dtype, masks, grads=True, dropout_p=0.0, seed=0, gen_seed=0, layout="bhsd"):
     g = torch.Generator().manual_seed(gen_seed)
     q, k, v = attention_support.make_qkv(B, H, Lq, Lk, E, E, dtype, requires_grad=False, gen=g)
     scale = E**-0.5
-    prob = Problem(harness(), q, k, v, masks, scale, dropout_p, seed)
+    prob = Problem(harness(), q, k, v, masks, scale, dropout_p, seed, layout)
     out, lse = prob.forward()
     kw = {}
     if dropout_p > 0:
@@ -114,3 +114,30 @@ def test_dropout_factors_kernel_matches_the_cpu_keep_mask():
     z = Problem(harness(), q, k, k, {}, 1.0, p, seed).dropout_factors(torch.float64)
     assert torch.equal(z.bool(), keep_mask(B, H, Lq, Lk, p, seed))
     assert 0.4 < z.mean().item() < 0.8  # a keep rate near 1 - p
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("E", HEAD_DIMS)
+def test_strided_layout_and_single_query_and_key(E, dtype):
+    # q, k, v with the sequence stride H * E (a (B, S, H, E) buffer): the kernels read any row stride.
+    run_case(2, 3, 45, 66, E, dtype, attention_support.make_masks("kpm", 2, 3, 45, 66), layout="bshd")
+    run_case(1, 1, 1, 1, E, dtype, {})
+
+
+def test_key_ranges_kernel():
+    B, Lk = 5, 150
+    kpm = torch.zeros(B, Lk, dtype=torch.bool)
+    kpm[0, :10] = True
+    kpm[0, 140:] = True
+    kpm[1, 30:100] = True  # a hole: the range keeps it (per-element masking inside)
+    kpm[2] = True  # nothing visible
+    lengths = torch.tensor([Lk, 120, Lk, 0, 7], dtype=torch.int32)
+    q = torch.zeros(B, 1, 4, 32, dtype=torch.float16)
+    k = torch.zeros(B, 1, Lk, 32, dtype=torch.float16)
+    prob = Problem(harness(), q, k, k, {"key_padding_mask": kpm, "kv_lengths": lengths}, 1.0)
+    want = []
+    for b in range(B):
+        vis = (~kpm[b]) & (torch.arange(Lk) < lengths[b])
+        idx = vis.nonzero().flatten().tolist()
+        want.append([idx[0], idx[-1] + 1] if idx else [0, 0])
+    assert prob.kv_range.tolist() == want
