@@ -4,6 +4,9 @@ both 16-bit dtypes, every mask kind, sizes that are not multiples of the 64-row 
 rows, dropout (the same keep mask in backward). Tolerances: those of tests/test_cuda_cross_modal_attention.py."""
 from __future__ import annotations
 
+import os
+import random
+
 import pytest
 import torch
 
@@ -141,3 +144,24 @@ def test_key_ranges_kernel():
         idx = vis.nonzero().flatten().tolist()
         want.append([idx[0], idx[-1] + 1] if idx else [0, 0])
     assert prob.kv_range.tolist() == want
+
+
+# Random shapes, masks, dropout and layouts: a few in the default run, many with MMK_EMU_LONG=1
+# (the CI step .ci/steps/25-emu.sh).
+RANDOM_CASES = int(os.environ.get("MMK_EMU_RANDOM_CASES", "60" if os.environ.get("MMK_EMU_LONG") else "4"))
+
+
+@pytest.mark.parametrize("case", range(RANDOM_CASES))
+def test_random_cases(case):
+    rnd = random.Random(1000 + case)
+    B, H = rnd.randint(1, 2), rnd.randint(1, 3)
+    Lq, Lk = rnd.randint(1, 140), rnd.randint(1, 200)
+    E = rnd.choice(HEAD_DIMS)
+    dtype = rnd.choice(DTYPES)
+    kind = rnd.choice(MASK_KINDS + ["len64", "bool4d+kpm"])
+    if kind == "holes" and Lk < 100:
+        kind = "kpm"
+    masks = attention_support.make_masks(kind, B, H, Lq, Lk, torch.float32)
+    dropout_p = rnd.choice([0.0, 0.0, 0.2])
+    run_case(B, H, Lq, Lk, E, dtype, masks, dropout_p=dropout_p, seed=case, gen_seed=case,
+             layout=rnd.choice(["bhsd", "bshd"]))
