@@ -328,7 +328,7 @@ void describe_deadlock() {
   }
 }
 
-void run_block(size_t dyn) {
+void run_block() {
   Block& B = g_block;
   B.n = static_cast<int>(g_block_dim.x * g_block_dim.y * g_block_dim.z);
   B.fibers.assign(B.n, Fiber{});
@@ -336,7 +336,6 @@ void run_block(size_t dyn) {
   for (size_t w = 0; w < B.warps.size(); ++w) B.warps[w].lanes = std::min(32, B.n - static_cast<int>(w) * 32);
   B.bar_arrived = 0, B.bar_gen = 0, B.bar_site = nullptr, B.epoch = 0, B.abandoned = false;
   B.serial = ++g_block_serial;
-  (void)dyn;
   for (int t = 0; t < B.n; ++t) {
     Fiber& f = B.fibers[t];
     getcontext(&f.ctx);
@@ -675,7 +674,7 @@ void launch(void (*entry)(void*), void* ctx, const void* kernel, dim3 grid, dim3
         // 0x7f bytes are NaN in float16 and huge in bfloat16, so a stray read shows in the results
         // too (besides the "uninitialised shared read" report).
         if (dyn != nullptr) std::memset(dyn, 0x7f, dyn_smem);
-        run_block(dyn_smem);
+        run_block();
         if (g_block.abandoned) goto done;
       }
     }

@@ -70,6 +70,20 @@ def test_planted_attention_bug_is_caught(name):
         assert any(expected in e for e in errors), f"{name}: expected a '{expected}' report, got {errors}"
 
 
+def test_planted_missing_barrier_in_attention_backward_is_caught():
+    # Without the barrier after dS^T is stored, warps read other warps' dS^T rows before they land.
+    file, text = plant(ATTN / "attn_bwd.cuh", "    __syncthreads();\n\n    // dQ_i (kBr x D) += dS K_j",
+                       "\n    // dQ_i (kBr x D) += dS K_j")
+    planted = harness(((file, text),), ("cuda/attention/bwd_hdim64_fp16.cu", "cuda/attention/attn_aux.cu"))
+    B, H, Lq, Lk, E = 1, 1, 70, 64, 64
+    g = torch.Generator().manual_seed(1)
+    q, k, v = attention_support.make_qkv(B, H, Lq, Lk, E, E, torch.float16, requires_grad=False, gen=g)
+    out, lse = Problem(harness(), q, k, v, {}, E**-0.5).forward()
+    dout = torch.randn(out.shape, generator=g).half()
+    *_, errors = Problem(planted, q, k, v, {}, E**-0.5).backward(out, lse, dout, expect_errors=True)
+    assert any("race (read after write)" in e for e in errors), errors
+
+
 def test_planted_tile_bound_in_concat_linear_kernel_is_caught():
     file, text = plant(emu_build.CSRC / "cuda" / "fused_concat_linear_tc.cu",
                        "const int valid = gr < row_limit ?", "const int valid = gr <= row_limit ?")
