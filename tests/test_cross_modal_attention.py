@@ -10,7 +10,7 @@ from conftest import TOLERANCES
 import mmkernels
 from mmkernels import reference
 
-DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 OP = torch.ops.mmkernels.cross_modal_attention.default
 OP_BWD = torch.ops.mmkernels.cross_modal_attention_backward.default
 
@@ -319,7 +319,7 @@ def test_gradcheck(kind):
 def _opcheck_args():
     B, H, Lq, Lk, E, Ev = 2, 3, 9, 13, 8, 5
     cases = []
-    for dtype in (torch.float32, torch.float64):
+    for dtype in (torch.float32, torch.float64, torch.float16):
         q, k, v = make_qkv(B, H, Lq, Lk, E, Ev, dtype)
         m = make_masks("kpm+len32+bool4d", B, H, Lq, Lk, dtype)
         cases.append((q, k, v, None, None, None, 0.35, 0.0, None))
@@ -328,7 +328,7 @@ def _opcheck_args():
     return cases
 
 
-@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("case", range(9))
 def test_opcheck(case):
     args = _opcheck_args()[case]
     torch.library.opcheck(OP, args)
