@@ -120,6 +120,23 @@ def test_bfloat16_keys_at_any_offset_and_row_stride(offset, row):
     check_against_reference(q, k.requires_grad_(), v, masks, torch.bfloat16)
 
 
+def test_float16_values_convert_exactly():
+    # The float16 forward converts blocks of Q, K and V to float (csrc/cpu/half_convert.cpp, branch-
+    # free bit arithmetic). With one visible key the output is V's row itself, so every float16 bit
+    # pattern (subnormals, infinities and NaN included) must come back unchanged; keys are scaled
+    # into the subnormal range, where their conversion must keep the scores right too.
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    v = every.view(1, 1, 1, -1)
+    q = torch.randn(1, 1, 3, 8, dtype=torch.float16)
+    out = mmkernels.cross_modal_attention(q, torch.randn(1, 1, 1, 8, dtype=torch.float16), v)
+    same = (out == v) | (torch.isnan(out) & torch.isnan(v))
+    assert same.all(), every[~same[0, 0, 0]][:8]
+    k = (torch.randn(1, 2, 40, 16, dtype=torch.float16) * 2**-17).requires_grad_()  # subnormal keys
+    q = (torch.randn(1, 2, 5, 16, dtype=torch.float16) * 2**12).requires_grad_()
+    check_against_reference(q, k, torch.randn(1, 2, 40, 6, dtype=torch.float16, requires_grad=True), {},
+                            torch.float16)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_result_layouts(dtype):
     # csrc/include/attention_layout.h: out is stored (B, Lq, H, Ev), so merging heads is a view;

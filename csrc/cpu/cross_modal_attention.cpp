@@ -35,6 +35,7 @@
 #include "attention_rows.h"
 #include "checks.h"
 #include "dropout_hash.h"
+#include "half_convert.h"
 #include "matmul.h"
 #include "transpose.h"
 
@@ -250,15 +251,15 @@ inline int64_t num_key_blocks(int64_t Lk) { return (Lk + key_block(Lk) - 1) / ke
 // dim ks2, vs2). float / double: K_j^T (E x BK). bfloat16, for cpublas::brgemm (oneDNN;
 // AVX512-BF16 / AMX where present), in VNNI-2 layout, pairs of reduction rows interleaved: K_j^T as
 // (E/2 x BKp x 2), which is a transpose of K_j read as 32-bit pairs, and V_j as (BKp/2 x Ev x 2),
-// an odd block's last pair completed with a zero row. float16 (no float16 GEMM to rely on here):
-// K_j^T and V_j converted to float (E x BK, BK x Ev), for the float GEMMs.
-template <typename In, typename Packed>
+// an odd block's last pair completed with a zero row. float16 (for the float GEMMs): K_j converted
+// into `tmp` (BK x E) and transposed from there into K_j^T (E x BK), V_j converted (BK x Ev).
+template <typename In, typename Packed, typename Tmp>
 void pack_key_block(const In* kr, int64_t ks2, const In* vr, int64_t vs2, int64_t nk, int64_t E, int64_t Ev,
-                    int64_t BK, Packed* kT, Packed* vP) {
+                    int64_t BK, Packed* kT, Packed* vP, Tmp* tmp) {
   if constexpr (std::is_same_v<In, at::Half>) {
-    for (int64_t c = 0; c < nk; ++c)
-      for (int64_t e = 0; e < E; ++e) kT[e * BK + c] = static_cast<float>(kr[c * ks2 + e]);
-    for (int64_t c = 0; c < nk; ++c) std::copy_n(vr + c * vs2, Ev, vP + c * Ev);
+    for (int64_t c = 0; c < nk; ++c) half_to_float(kr + c * ks2, tmp + c * E, E);
+    transpose(tmp, E, nk, E, kT, BK);
+    for (int64_t c = 0; c < nk; ++c) half_to_float(vr + c * vs2, vP + c * Ev, Ev);
   } else if constexpr (std::is_same_v<In, at::BFloat16>) {
     const int64_t BKp = (BK + 1) & ~int64_t(1);
     transpose(reinterpret_cast<const uint32_t*>(kr), ks2 / 2, nk, E / 2, reinterpret_cast<uint32_t*>(kT), BKp);
@@ -311,10 +312,10 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
   const int64_t kt_size = aligned_slice<T>(kt_block * slots * sizeof(Packed) / sizeof(T));
   const int64_t v_size = aligned_slice<T>(v_block * slots * sizeof(Packed) / sizeof(T));
   // Per-thread scratch: packed K (and V), scores, output accumulator, row max / sum, one bias row,
-  // dropout factors, and (bfloat16) P rounded for the second GEMM or (float16) Q_i in float.
+  // dropout factors, and (bfloat16) P rounded for the second GEMM or (float16) Q_i and K_j in float.
   const int64_t per_thread = kt_size + v_size +
       aligned_slice<T>(BQ * BK + BQ * p.Ev + 2 * BQ + BK + BK + (kBf16 ? (BQ * BKp + 1) / 2 : 0) +
-                       (kHalf ? BQ * p.E : 0));
+                       (kHalf ? (BQ + BK) * p.E : 0));
   const at::Tensor scratch_t = aligned_scratch<T>(per_thread * nthreads);
   T* const scratch = scratch_t.data_ptr<T>();
   parallel_tasks(p.B * p.H * nruns, [&](int64_t task, int tid) {
@@ -328,10 +329,11 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
     T* bias = l + BQ;
     T* z = bias + BK;
     uint16_t* Pb = reinterpret_cast<uint16_t*>(z + BK);
-    T* Qf = z + BK;  // float16: Q_i in float
+    T* Qf = z + BK;           // float16: Q_i in float
+    T* Kf = Qf + BQ * p.E;    // float16: K_j in float, before its transpose
     auto pack = [&](int64_t j0, int64_t slot) {
       pack_key_block(kd + b * ks0 + h * ks1 + j0 * ks2, ks2, vd + b * vs0 + h * vs1 + j0 * vs2, vs2,
-                     std::min(BK, p.kend[b] - j0), p.E, p.Ev, BK, kT + slot * kt_block, vP + slot * v_block);
+                     std::min(BK, p.kend[b] - j0), p.E, p.Ev, BK, kT + slot * kt_block, vP + slot * v_block, Kf);
     };
     if (keep_packed)
       for (int64_t j0 = p.kbeg[b], jb = 0; j0 < p.kend[b]; j0 += BK, ++jb) pack(j0, jb);
@@ -343,7 +345,7 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
       std::fill_n(l, nq, T(0));
       const In* qb = qd + b * qs0 + h * qs1 + i0 * qs2;
       if constexpr (kHalf)
-        for (int64_t r = 0; r < nq; ++r) std::copy_n(qb + r * qs2, p.E, Qf + r * p.E);
+        for (int64_t r = 0; r < nq; ++r) half_to_float(qb + r * qs2, Qf + r * p.E, p.E);
       for (int64_t j0 = p.kbeg[b], jb = 0; j0 < p.kend[b]; j0 += BK, ++jb) {
         const int64_t nk = std::min(BK, p.kend[b] - j0), slot = keep_packed ? jb : 0;
         if (!keep_packed) pack(j0, slot);
