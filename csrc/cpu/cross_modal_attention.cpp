@@ -19,6 +19,8 @@
 //
 // GEMMs: see gemm() below. bfloat16: the forward multiplies bfloat16 operands on oneDNN (float
 // accumulation); the backward runs the float kernel on float copies and rounds the results.
+// float16: the forward runs the float GEMMs on blocks converted as they are packed (half_convert.h),
+// the backward as bfloat16's.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
