@@ -165,3 +165,38 @@ def test_random_cases(case):
     dropout_p = rnd.choice([0.0, 0.0, 0.2])
     run_case(B, H, Lq, Lk, E, dtype, masks, dropout_p=dropout_p, seed=case, gen_seed=case,
              layout=rnd.choice(["bhsd", "bshd"]))
+
+
+@pytest.mark.parametrize("dtype,E", [(torch.float16, 64), (torch.bfloat16, 128)], ids=str)
+def test_nan_query_row_gives_nan_and_nan_gradients(dtype, E):
+    # Issue 19 part 3 on the tensor-core kernels themselves (tests/test_cuda_cross_modal_attention.py
+    # has the same case for a GPU): a row whose visible scores are NaN gives NaN output, lse and
+    # gradients; a row that sees no key gives zeros and lse = +inf, whatever its query holds.
+    B, H, Lq, Lk = 2, 2, 70, 83
+    g = torch.Generator().manual_seed(5)
+    q, k, v = attention_support.make_qkv(B, H, Lq, Lk, E, E, dtype, requires_grad=False, gen=g)
+    attn = torch.zeros(Lq, Lk, dtype=torch.float32)
+    attn[3] = float("-inf")  # query row 3 of every head sees no key
+    q[0, 0, 1, 0] = float("nan")
+    q[1, 1, 3, 0] = float("nan")  # a NaN query in a row that sees nothing
+    prob = Problem(harness(), q, k, v, {"attn_mask": attn}, E**-0.5)
+    out, lse = prob.forward()
+    assert torch.isnan(out[0, 0, 1]).all() and torch.isnan(lse[0, 0, 1])
+    assert (out[:, :, 3] == 0).all() and torch.isposinf(lse[:, :, 3]).all()
+    dout = torch.randn(out.shape, generator=g).to(dtype)
+    dq, dk, dv = prob.backward(out, lse, dout)
+    assert torch.isnan(dq[0, 0, 1]).all()
+    assert torch.isnan(dk[0, 0]).all() and torch.isnan(dv[0, 0]).all()  # the NaN row sees every key
+    assert (dq[1, 1, 3] == 0).all()
+    # Every other row: the reference on the same inputs with the NaNs zeroed (rows are independent).
+    ref, leaves = run_reference(q.nan_to_num(0.0), k, v, {"attn_mask": attn}, scale=E**-0.5)
+    want = torch.autograd.grad(ref, leaves, dout.double())
+    row_ok = torch.ones(B, H, Lq, 1, dtype=torch.bool)
+    row_ok[0, 0, 1] = False
+    head_ok = torch.ones(B, H, 1, 1, dtype=torch.bool)
+    head_ok[0, 0] = False
+    assert_close(out.where(row_ok, 0), ref.where(row_ok, 0), TOL[dtype][0], "out")
+    assert_close(dq.where(row_ok, 0), want[0].where(row_ok, 0), TOL[dtype][1], "grad q")
+    assert_close(dv.where(head_ok, 0), want[2].where(head_ok, 0), TOL[dtype][1], "grad v")
+    head_ok[1, 1] = False  # dK = dS^T Q: row 3's zero dS times its NaN query (as in the reference)
+    assert_close(dk.where(head_ok, 0), want[1].where(head_ok, 0), TOL[dtype][1], "grad k")
