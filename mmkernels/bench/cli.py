@@ -3,7 +3,7 @@
 The default run takes one or two representative cases of every suite (about 3 minutes on 2 cores);
 --full runs every case (its expected duration is printed first); --quick is the default cases with a
 shorter timing budget. Each case's row is printed as it finishes; results go to
-bench_out/<date>-<commit>/ (results.json with every repetition and the environment, results.csv,
+bench_out/<date>_<time>-<commit>/ (results.json with every repetition and the environment, results.csv,
 report.md, one plot per suite), and Ctrl-C saves what has finished. --compare OLD.json checks a run
 against an earlier one.
 """
@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, help="timing time per case before any extension (default 2, quick 0.6)")
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile contenders")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
-    p.add_argument("--out", metavar="DIR", help="where to save (default: bench_out/<date>-<commit>/)")
+    p.add_argument("--out", metavar="DIR", help="where to save (default: bench_out/<date>_<time>-<commit>/)")
     p.add_argument("--no-save", action="store_true", help="print only, save nothing")
     p.add_argument("--json", metavar="FILE", help="also write the results JSON to FILE")
     p.add_argument("--compare", nargs="+", metavar="JSON",
