@@ -12,8 +12,8 @@ from .core import OURS, Case
 from .runner import Result
 
 MB = 2.0 ** 20
-LEGEND = ("x = baseline time / ours (> 1: ours is faster), then its 95% interval from the repetitions; "
-          "? = the interval spans 1.0: inconclusive, neither a win nor a loss")
+LEGEND = ("each baseline: its median ms, x = its time / ours (> 1: ours is faster), the 95% interval of x "
+          "from the repetitions; ? = the interval spans 1.0: inconclusive, neither a win nor a loss")
 
 
 def ms(s: float) -> str:
@@ -25,23 +25,24 @@ def baselines_of(cases: Iterable[Case]) -> list[str]:
     return list(dict.fromkeys(b for c in cases for b in c.baselines))
 
 
-def speedup_cell(r: Result, baseline: str) -> str:
-    """``1.45x 1.38-1.52`` (``?`` appended when inconclusive), ``n/a`` when unavailable, ``-`` when the
-    case has no such contender."""
+def speedup_cell(r: Result, baseline: str, with_time: bool = True) -> str:
+    """``4.210 1.45x 1.38-1.52``: the baseline's median ms, the speed-up and its interval (``?`` appended
+    when inconclusive); ``n/a`` when unavailable, ``-`` when the case has no such contender."""
     if baseline not in r.case.baselines:
         return "-"
     iv = r.intervals.get(baseline)
     if iv is None:
         return "n/a"
     mark = "?" if iv.verdict() == "inconclusive" else ""
-    return f"{iv.ratio:.2f}x {iv.low:.2f}-{min(iv.high, 99.99):.2f}{mark}"
+    time = f"{ms(r.times[baseline].median_s)} " if with_time else ""
+    return f"{time}{iv.ratio:.2f}x {iv.low:.2f}-{min(iv.high, 99.99):.2f}{mark}"
 
 
 class RowFormat:
     """Fixed columns for one suite's rows, sized from its cases before any of them has run, so rows
     can be printed one at a time and still line up."""
 
-    CELL = 18
+    CELL = 24
 
     def __init__(self, cases: list[Case]):
         self.baselines = baselines_of(cases)
@@ -120,7 +121,8 @@ def markdown(results: list[Result], info: dict, glossary: dict[str, dict[str, st
     out += [f"> {w}" for w in info.get("warnings", [])]
     for (suite, device), rs in groups(results).items():
         baselines = baselines_of(r.case for r in rs)
-        head = ["mode", "dtype", "shape", "ours ms"] + [f"vs {b}" for b in baselines]
+        head = ["mode", "dtype", "shape", "ours ms"]
+        head += [x for b in baselines for x in (f"{b} ms", f"vs {b}")]
         head += [f"peak MB {n}" for n in ["ours"] + baselines]
         out += ["", f"## {suite} on {device}", ""]
         out += [f"- `{n}`: {what}" for n, what in glossary.get(suite, {}).items()]
@@ -132,8 +134,9 @@ def markdown(results: list[Result], info: dict, glossary: dict[str, dict[str, st
                 continue
             row.append(ms(r.times[OURS].median_s))
             for b in baselines:
-                cell = speedup_cell(r, b)
+                cell = speedup_cell(r, b, with_time=False)
                 verdict = r.verdict(b)
+                row.append(ms(r.times[b].median_s) if b in r.times else "-")
                 row.append(cell.rstrip("?") + (f" {verdict}" if verdict else ""))
             row += [f"{r.memory[n] / MB:.1f}" if n in r.memory else "-" for n in [OURS] + baselines]
             out.append("| " + " | ".join(row) + " |")
