@@ -57,6 +57,14 @@ def test_wrong_result_fails_loudly():
     assert "ERROR" in report.RowFormat([res.case]).row(res)
 
 
+def test_a_case_that_raises_is_an_error_row():
+    def broken():
+        raise RuntimeError("out of memory, say")
+
+    res = run_case(_fake_case(lambda x: x * 2, build_hook=broken), CPU, TINY)
+    assert res.error == "raised RuntimeError: out of memory, say" and not res.times
+
+
 def test_unavailable_baseline_is_reported_not_fatal():
     res = run_case(_fake_case(lambda x: x * 2), CPU, TINY)
     assert not res.error and res.unavailable == {"compile": "RuntimeError: no compiler"}
@@ -179,7 +187,7 @@ def test_run_saves_artifacts(tiny_suite, tmp_path, capsys):
     data = json.loads((out / "results.json").read_text())
     meta = data["meta"]
     assert {"commit", "torch", "cpu", "threads", "gemm", "load_avg_start", "load_avg_end"} <= set(meta)
-    assert meta["interrupted"] is False and len(data["results"]) == 2
+    assert meta["interrupted"] is False and len(data["results"]) == 2 and "--suite tiny" in meta["command"]
     ours = data["results"][0]["contenders"][OURS]
     assert len(ours["samples_ms"]) == ours["reps"] >= 7
     eager = data["results"][0]["contenders"]["eager"]
@@ -240,3 +248,17 @@ def test_load_warning():
     assert env.load_warning([3.5, 1.0, 1.0], 2, "start").startswith("WARNING: load average 3.50 at start")
     assert env.load_warning([1.5, 9.0, 9.0], 2, "end") is None
     assert "family" in env.cpu_model() or env.cpu_model()
+
+
+def test_estimates_come_from_the_latest_saved_run(tmp_path):
+    case = make_case(33, (5, 11), 7, "fwd", torch.float32)
+    assert cli.measured_costs(str(tmp_path)) == {}
+    model = cli.estimate(case, Budget(), Options())
+    assert model > cli.estimate(case, Budget(), NO_COMPILE)  # compiling is most of a case's cost
+    for name, wall in (("old", 99.0), ("new", 12.5)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(
+            {"meta": {}, "results": [{"id": case.id, "device": "cpu", "wall_s": wall}]}))
+        os.utime(tmp_path / name / "results.json", (1e9 + wall, 1e9 + wall))
+    os.utime(tmp_path / "new" / "results.json", (2e9, 2e9))
+    assert cli.measured_costs(str(tmp_path)) == {f"cpu:{case.id}": 12.5}

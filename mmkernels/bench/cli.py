@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                            "max_seconds": max(budget.max_seconds, 3 * args.seconds)})
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    info = env.collect(torch.get_num_threads(), [d.type for d in devices])
+    info = env.collect(torch.get_num_threads(), [d.type for d in devices], sys.argv[1:] if argv is None else argv)
     info["scope"] = "full" if args.full else "quick" if args.quick else "default"
     folder = None if args.no_save else out_dir(args, info)
 

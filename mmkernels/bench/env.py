@@ -6,7 +6,6 @@ import os
 import platform
 import re
 import subprocess
-import sys
 
 import torch
 
@@ -75,7 +74,7 @@ def load_average() -> list[float]:
         return []
 
 
-def collect(threads: int, devices: list[str]) -> dict:
+def collect(threads: int, devices: list[str], argv: list[str]) -> dict:
     now = datetime.datetime.now(datetime.timezone.utc)
     info = {
         "date": now.isoformat(timespec="seconds"),
@@ -88,7 +87,7 @@ def collect(threads: int, devices: list[str]) -> dict:
         "gemm": gemm_libraries(),
         "load_avg_start": load_average(),
         "devices": devices,
-        "command": " ".join(["python -m mmkernels.bench"] + sys.argv[1:]),
+        "command": " ".join(["python -m mmkernels.bench"] + argv),
     }
     if "cuda" in devices:
         info["gpu"] = torch.cuda.get_device_name()

@@ -37,7 +37,7 @@ class Progress:
         now = time.perf_counter()
         spent_estimate = sum(self.estimates[: self.done])
         finished = self.case_t0 - self.t0 if self.label else now - self.t0  # time the finished cases took
-        scale = min(4.0, max(0.25, finished / spent_estimate)) if self.done and spent_estimate > 0 else 1.0
+        scale = min(10.0, max(0.1, finished / spent_estimate)) if self.done and spent_estimate > 0 else 1.0
         left = scale * sum(self.estimates[self.done:])
         if self.label:  # the running case has used part of its share already
             left -= min(now - self.case_t0, 0.9 * scale * self.estimates[self.done])

@@ -18,10 +18,6 @@ from .timing import Budget, Stats, measure
 SETTLED_HALFWIDTH = 0.05
 
 
-class CorrectnessError(RuntimeError):
-    pass
-
-
 @dataclass
 class Result:
     case: Case
@@ -62,7 +58,10 @@ def _reason(err: BaseException) -> str:
 
 def run_case(case: Case, device: torch.device, budget: Budget, options: Options = Options()) -> Result:
     t0 = time.perf_counter()
-    res = _run(case, device, budget, options)
+    try:
+        res = _run(case, device, budget, options)
+    except Exception as err:  # building the case, or timing it, raised: an error row, and the run goes on
+        res = Result(case, device.type, error=f"raised {_reason(err)}")
     res.wall_s = time.perf_counter() - t0
     return res
 
