@@ -212,13 +212,14 @@ def test_ctrl_c_saves_partial_results(tiny_suite, tmp_path, monkeypatch, capsys)
     assert data["meta"]["interrupted"] is True and len(data["results"]) == 1
 
 
-def _saved(median, spread=0.01, seed=0):
+def _saved(median, spread=0.01, seed=0, speedup=2.0):
     samples = _noisy(median, spread=spread, seed=seed)
+    eager = [speedup * x for x in _noisy(median, spread=spread, seed=seed + 100)]
     return {"meta": {"commit": "x", "date": "d", "cpu": "c", "threads": 2},
             "results": [{"id": "s-fwd-float32-1", "suite": "s", "device": "cpu", "mode": "fwd", "dtype": "float32",
                          "shape": "1", "error": None,
                          "contenders": {OURS: {"samples_ms": samples, "median_ms": median, "speedup": 1.0},
-                                        "eager": {"speedup": 2.0}}}]}
+                                        "eager": {"samples_ms": eager, "speedup": speedup}}}]}
 
 
 def test_compare_flags_only_changes_beyond_the_noise(tmp_path, capsys):
@@ -227,6 +228,9 @@ def test_compare_flags_only_changes_beyond_the_noise(tmp_path, capsys):
     lines = compare.compare(_saved(1.0, spread=0.5), _saved(1.02, spread=0.5, seed=1))
     assert "same (within noise)" in lines[1] and lines[-1].startswith("0 case(s) changed")
     assert "faster" in compare.compare(_saved(2.0), _saved(1.0, seed=1))[1]
+    # The speed-up's own change: flagged when beyond the noise of the per-repetition ratios.
+    assert "vs eager 2.00x->1.00x (changed)" in compare.compare(_saved(1.0), _saved(1.0, seed=1, speedup=1.0))[1]
+    assert "(changed)" not in compare.compare(_saved(1.0), _saved(1.0, seed=1))[1]
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(json.dumps(_saved(1.0)))
     b.write_text(json.dumps({**_saved(1.0, seed=2), "meta": {"commit": "y", "cpu": "other"}}))
