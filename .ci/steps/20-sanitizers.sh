@@ -51,5 +51,8 @@ fi
 "$PY" -c "import mmkernels, sys; f = mmkernels.__file__; print('testing', f); sys.exit(not f.startswith('$WORK'))"
 
 read -ra PATHS <<<"${MMKERNELS_ASAN_TESTS:-tests}"
-"$PY" -m pytest -q -p no:cacheprovider "${PATHS[@]}" -m "not slow and not cuda" -k "not compile and not export"
+# The emulation harness (its own library, built with its own instrumentation) and the 2-process
+# distributed tests (the same CPU kernels, through gloo) run in the normal build only.
+"$PY" -m pytest -q -p no:cacheprovider "${PATHS[@]}" -m "not slow and not cuda and not emu" -k "not compile and not export" \
+  --ignore=tests/distributed
 echo "sanitizer step done in $(( $(date +%s) - t0 ))s"
