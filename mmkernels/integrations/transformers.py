@@ -241,3 +241,58 @@ def _with_position_bias(bias, mask, causal, q_len, kv_len):
     if mask.dtype == torch.bool:
         return bias.masked_fill(~mask, torch.finfo(bias.dtype).min)
     return bias + mask
+
+
+# --------------------------------------------------------------------------- convert() / revert()
+
+_SAVED = "_mmkernels_attn_implementation"  # on each switched PreTrainedModel: what revert restores
+
+
+def _implementations(config) -> dict:
+    """The attention implementation of a config and of its sub-configs, in the nested-dict form
+    that ``set_attn_implementation`` accepts."""
+    tree = {"": config._attn_implementation}
+    for key in getattr(config, "sub_configs", {}):
+        sub = getattr(config, key, None)
+        if sub is not None:
+            tree[key] = _implementations(sub)
+    return tree
+
+
+def _describe(tree: dict, prefix: str = "") -> list:
+    out = [f"{prefix or 'model'}: {tree['']}"]
+    for key, sub in tree.items():
+        if key:
+            out += _describe(sub, f"{prefix}.{key}" if prefix else key)
+    return out
+
+
+def switch_models(model: torch.nn.Module, report) -> None:
+    """convert()'s step on transformers models: every outermost PreTrainedModel inside ``model``
+    (the model itself, or towers inside a user's module) gets ``attn_implementation="mmkernels"``;
+    what it had is kept on it for ``restore_models``."""
+    from transformers import PreTrainedModel
+
+    register()
+    inside = []
+    for path, sub in model.named_modules():
+        if not isinstance(sub, PreTrainedModel) or any(path.startswith(p + ".") or p == "" for p in inside):
+            continue
+        inside.append(path)
+        before = _implementations(sub.config)
+        sub.set_attn_implementation(NAME)
+        after = _implementations(sub.config)
+        if after == before:
+            report.skipped.append((path, f"{type(sub).__name__}: attention implementation unchanged ({before['']})"))
+            continue
+        setattr(sub, _SAVED, before)
+        changed = [f"{a} -> {b.split(': ')[1]}" for a, b in zip(_describe(before), _describe(after)) if a != b]
+        report.replaced.append((path, f"{type(sub).__name__} attn_implementation " + ", ".join(changed)))
+
+
+def restore_models(model: torch.nn.Module) -> None:
+    """revert()'s step: each PreTrainedModel that switch_models changed gets its implementations back."""
+    for sub in model.modules():
+        saved = sub.__dict__.pop(_SAVED, None)
+        if saved is not None:
+            sub.set_attn_implementation(saved)
