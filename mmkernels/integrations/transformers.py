@@ -133,10 +133,9 @@ def attention_forward(
     if reason is not None:
         _warn_once(f"eager-{reason}", f"mmkernels: {reason} needs the eager attention; {type(module).__name__} "
                                       "and every attention like it run eager attention instead.")
-        extra = {"is_causal": is_causal} if is_causal is not None else {}
-        if position_bias is not None:
-            extra["position_bias"] = position_bias
-        return _eager_function(module)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+        extra = {"position_bias": position_bias} if position_bias is not None else {}
+        mask = _eager_mask(module, query, key, attention_mask, is_causal)
+        return _eager_function(module)(module, query, key, value, mask, dropout=dropout, scaling=scaling,
                                        **extra, **kwargs)
 
     if query.shape[0] != key.shape[0]:  # SDPA broadcasts a batch of 1 (e.g. learned queries)
@@ -195,15 +194,28 @@ def _eager_reason(module, kwargs) -> str | None:
     return None
 
 
+def _eager_mask(module, query, key, mask, is_causal):
+    """The mask transformers' eager functions expect: additive float, causal included. (Our mask
+    builder gives SDPA's bool masks, or None where is_causal is meant.)"""
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if mask is None and query.shape[2] > 1 and is_causal:
+        mask = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()[None, None]
+    if mask is not None and mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~mask, torch.finfo(query.dtype).min)
+    return mask
+
+
 def _eager_function(module):
     """The model's own eager attention (what attn_implementation="eager" runs), else ours."""
     own = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
     return own if callable(own) else _generic_eager
 
 
-def _generic_eager(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
-                   position_bias=None, softcap=None, **kwargs):
-    """Plain attention with the weights, for models whose module defines no eager function."""
+def _generic_eager(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_bias=None,
+                   softcap=None, **kwargs):
+    """Plain attention with the weights, for models whose module defines no eager function; the mask
+    is additive (see _eager_mask)."""
     groups = query.shape[1] // key.shape[1]
     key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
     scores = torch.matmul(query, key.transpose(2, 3)) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
@@ -211,13 +223,8 @@ def _generic_eager(module, query, key, value, attention_mask, dropout=0.0, scali
         scores = torch.tanh(scores / softcap) * softcap
     if position_bias is not None:
         scores = scores + position_bias
-    if attention_mask is None and is_causal and query.shape[2] > 1:
-        attention_mask = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()
     if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-        else:
-            scores = scores + attention_mask
+        scores = scores + attention_mask
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
