@@ -152,6 +152,8 @@ def attention_forward(
         if position_bias is not None:
             position_bias = position_bias[..., :q_len]
     mask = attention_mask
+    if mask is not None and mask.shape[-1] > key.shape[2]:
+        mask = mask[..., : key.shape[2]]  # as eager functions do: a mask built for a longer cache
     if position_bias is not None:
         mask = _with_position_bias(position_bias, mask, causal, q_len, key.shape[2])
         causal = False

@@ -105,8 +105,15 @@ def _decoder_inputs(batch: int, length: int, device, labels: bool = True):
 # --------------------------------------------------------------------------- steps
 
 
+def _quiet():
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # generate()'s notes on max_length, once per call
+
+
 def _copies(make, device):
     """One model per contender, same weights, attn_implementation set."""
+    _quiet()
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -119,13 +126,28 @@ def _copies(make, device):
     return models
 
 
+def _train_step(model, inputs):
+    """Forward, loss, gradients of every parameter; returns loss and gradients as one flat vector.
+
+    One vector, so that the runner's relative error is taken over the whole gradient: per tensor, a
+    gradient that is zero in exact arithmetic (a key projection's bias: softmax ignores a shift shared
+    by every key) is rounding noise in every contender, and its relative error means nothing."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step():
+        loss = model(**inputs).loss
+        grads = torch.autograd.grad(loss, params)
+        return torch.cat([loss.detach().reshape(1)] + [g.reshape(-1) for g in grads])
+
+    return step
+
+
 def _build_train(make, inputs, device) -> Built:
     models = _copies(make, device)
     contenders = []
     for name, model in models.items():
         model.train()  # dropout is 0 in these configs: train mode for the model's own training branches
-        params = [p for p in model.parameters() if p.requires_grad]
-        contenders.append(Contender(name, make_step(lambda m=model: m(**inputs).loss, "fwd+bwd", params, None)))
+        contenders.append(Contender(name, _train_step(model, inputs)))
     return Built(contenders, oracle="sdpa", tol=tol_for(torch.float32))
 
 
