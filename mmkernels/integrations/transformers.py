@@ -167,7 +167,7 @@ def attention_forward(
             raise ValueError(f"mmkernels: argument 'key': {kv_heads} key/value heads do not divide {heads} query heads")
         if NATIVE_GQA:
             op_kwargs["enable_gqa"] = True
-        elif q_len == 1 and (mask is None or mask.shape[1] == 1):
+        elif q_len == 1 and (mask is None or (mask.dim() == 4 and mask.shape[1] == 1)):
             # One query: the query heads of a group become that kv head's queries, a view.
             # The mask (B, 1, 1, Lk) broadcasts over them unchanged.
             query = query.reshape(query.shape[0], kv_heads, heads // kv_heads, query.shape[3])
