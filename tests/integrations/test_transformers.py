@@ -521,3 +521,12 @@ def test_convert_switches_a_tower_inside_a_user_module(op_calls):
     reverted = mmkernels.revert(converted)
     assert reverted.vision.config._attn_implementation == "sdpa"
     assert type(reverted.attn) is torch.nn.MultiheadAttention
+
+
+def test_models_bench_suite_is_listed_with_transformers_installed():
+    from mmkernels.bench import core
+
+    assert core.suite_unavailable("models") is None
+    cases = core.suite_cases("models", quick=True)
+    assert {c.mode for c in cases} == {"fwd", "fwd+bwd"} and len(cases) == 5
+    assert all(c.baselines == ("sdpa", "eager") for c in cases)
