@@ -7,7 +7,8 @@ identical. Skipped, with a note, where transformers is not installed.
 
 Full profile: a CLIP ViT-B/32-sized vision and text tower at batch 8 (text padded), a
 Whisper-base-sized encoder-decoder (1500 encoder frames), a 2-layer grouped-query decoder
-(8 query heads over 2 kv heads) at sequence 1024 with left padding. Quick: the same widths with
+(8 query heads over 2 kv heads) at sequence 1024, padded on the right for training and on the left
+for generation. Quick: the same widths with
 fewer layers and shorter sequences.
 """
 from __future__ import annotations
@@ -89,15 +90,19 @@ def _decoder(layers: int):
     return transformers.LlamaForCausalLM(cfg)
 
 
-def _decoder_inputs(batch: int, length: int, device, labels: bool = True):
+def _decoder_inputs(batch: int, length: int, device, training: bool = True):
+    """Training: right padding, padded labels ignored. Generation: left padding. (Left padding in
+    training would make the last pad position predict the first token: a fully masked query row,
+    where eager attention's uniform average and SDPA's differ.)"""
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 8192, (batch, length), generator=gen)
     pad = torch.randint(0, length // 4, (batch,), generator=gen)
     pad[0] = 0
-    mask = (torch.arange(length)[None] >= pad[:, None]).long()  # left padding, as for generation
+    pos = torch.arange(length)[None]
+    mask = (pos < (length - pad)[:, None] if training else pos >= pad[:, None]).long()
     ids[mask == 0] = 0
     out = dict(input_ids=ids.to(device), attention_mask=mask.to(device))
-    if labels:
+    if training:
         out["labels"] = ids.masked_fill(mask == 0, -100).to(device)
     return out
 
@@ -174,14 +179,14 @@ def _cases(quick: bool) -> list[Case]:
                   {"model": "whisper", "layers": L, "B": 2, "frames": frames, "T": 64},
                   lambda device, L=L, f=frames: _build_train(lambda: _whisper(L, f), _whisper_inputs(2, f, 64, device),
                                                              device)))
-    # Grouped-query decoder: 8 query heads over 2 kv heads, d512, left padding.
+    # Grouped-query decoder: 8 query heads over 2 kv heads, d512.
     seq = 512 if quick else 1024
-    specs.append(("train", f"GQA decoder L2 H8/2 B2 S{seq} left pad", {"model": "gqa", "layers": 2, "B": 2, "S": seq},
+    specs.append(("train", f"GQA decoder L2 H8/2 B2 S{seq} right pad", {"model": "gqa", "layers": 2, "B": 2, "S": seq},
                   lambda device, s=seq: _build_train(lambda: _decoder(2), _decoder_inputs(2, s, device), device)))
     new = 16 if quick else 32
 
     def gen_decoder(device, s=seq, n=new):
-        inputs = _decoder_inputs(2, s, device, labels=False)
+        inputs = _decoder_inputs(2, s, device, training=False)
         return _build_generate(lambda: _decoder(2), lambda m: m.generate(
             **inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1), device)
 
