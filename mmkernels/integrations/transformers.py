@@ -26,8 +26,9 @@ What the attention function does with what transformers passes:
 Two routes. The op gains ``is_causal`` and ``enable_gqa`` in a parallel change; this module looks
 once, at import, at the op's signature (``NATIVE_CAUSAL``, ``NATIVE_GQA``). Without them it uses
 exact equivalents -- a materialised upper-left causal bool mask, and K/V heads repeated as
-transformers' ``repeat_kv`` does (for one query, the query heads are grouped instead: no copy) --
-and ``register()`` says so once.
+transformers' ``repeat_kv`` does -- and ``register()`` says so once. For one query (decoding) the
+query heads of a group are stacked as that kv head's queries on both routes: no copy, and each K/V
+block read once per group.
 """
 from __future__ import annotations
 
@@ -165,13 +166,14 @@ def attention_forward(
     if grouped:
         if heads % kv_heads:
             raise ValueError(f"mmkernels: argument 'key': {kv_heads} key/value heads do not divide {heads} query heads")
-        if NATIVE_GQA:
-            op_kwargs["enable_gqa"] = True
-        elif q_len == 1 and (mask is None or (mask.dim() == 4 and mask.shape[1] == 1)):
-            # One query: the query heads of a group become that kv head's queries, a view.
-            # The mask (B, 1, 1, Lk) broadcasts over them unchanged.
+        if q_len == 1 and (mask is None or (mask.dim() == 4 and mask.shape[1] == 1)):
+            # One query (decoding): the query heads of a group become that kv head's queries, a view,
+            # so each K/V block is read once for the whole group (also with enable_gqa, which reads
+            # it once per query head). The mask (B, 1, 1, Lk) broadcasts over them unchanged.
             query = query.reshape(query.shape[0], kv_heads, heads // kv_heads, query.shape[3])
             packed = True
+        elif NATIVE_GQA:
+            op_kwargs["enable_gqa"] = True
         else:
             key, value = _repeat_kv(key, heads // kv_heads), _repeat_kv(value, heads // kv_heads)
     if causal:
