@@ -112,5 +112,7 @@ setup(
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.9",
     install_requires=["torch>=2.6"],
+    # The transformers attention backend (mmkernels.integrations.transformers); tested range.
+    extras_require={"transformers": ["transformers>=5.24,<6"]},
     zip_safe=False,
 )

@@ -16,6 +16,11 @@ Two rewrites, each optional:
   class, children, parameters and buffers, so ``state_dict`` keys and values are unchanged and
   ``load_state_dict`` works both ways with the unconverted class.
 
+* transformers models (``PreTrainedModel``: the model, or the outermost ones inside it) switch to
+  ``attn_implementation="mmkernels"`` (mmkernels/integrations/transformers.py), which runs every
+  attention of the model through ``cross_modal_attention``; transformers' own module classes are
+  not traced for the concat_linear rewrite (their attention is reached through the backend).
+
 What was replaced, and what was left alone and why, is returned as a ``ConversionReport``
 attached to the returned model as ``model.mmkernels_report`` (``print`` it). ``revert(model)``
 restores the standard modules and the original ``forward`` methods.
@@ -33,6 +38,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import operator
+import sys
 import types
 import warnings
 
@@ -84,6 +90,7 @@ def convert(model: nn.Module, *, attention: bool = True, concat_linear: bool = T
     report = ConversionReport()
     if attention:
         _swap_attention(model, report)
+        _switch_transformers_attention(model, report)
     if attention or concat_linear:
         _rewrite_forwards(model, report, attention=attention, concat_linear=concat_linear)
     model.mmkernels_report = report
@@ -100,6 +107,7 @@ def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         forward = module.__dict__.get("forward")
         if forward is not None and getattr(forward, _REWRITTEN, False):
             del module.__dict__["forward"]
+    _restore_transformers_attention(model)
     model.__dict__.pop("mmkernels_report", None)
     return model
 
@@ -137,6 +145,25 @@ def _swap_attention(model: nn.Module, report: ConversionReport) -> None:
                     "which bypasses self_attn (same results)")
             if note not in report.notes:
                 report.notes.append(note)
+
+
+def _switch_transformers_attention(model: nn.Module, report: ConversionReport) -> None:
+    """transformers models (the model, or towers inside it): attn_implementation="mmkernels", so every
+    attention runs cross_modal_attention (integrations/transformers.py). A model holding one has
+    transformers imported already; nothing is imported otherwise."""
+    transformers = sys.modules.get("transformers")
+    if transformers is None or not any(isinstance(m, transformers.PreTrainedModel) for m in model.modules()):
+        return
+    from .integrations import transformers as backend
+
+    backend.switch_models(model, report)
+
+
+def _restore_transformers_attention(model: nn.Module) -> None:
+    if "transformers" in sys.modules:
+        from .integrations import transformers as backend
+
+        backend.restore_models(model)
 
 
 # --------------------------------------------------------------------------- concat + linear
@@ -215,10 +242,11 @@ def _trace(module: nn.Module) -> fx.Graph:
 
 
 def _is_candidate(module: nn.Module) -> bool:
-    """User-defined modules only: torch's own modules hold no linear(cat) and mostly do not trace."""
+    """User-defined modules only: torch's and transformers' own modules hold no linear(cat) and mostly
+    do not trace."""
     cls = type(module)
     if not isinstance(module, fx.GraphModule) and (
-        cls.__module__.startswith(("torch.", "mmkernels.")) or cls in (CrossModalAttention, FusedConcatLinear)
+        cls.__module__.startswith(("torch.", "mmkernels.", "transformers.")) or cls in (CrossModalAttention, FusedConcatLinear)
     ):
         return False
     forward = module.__dict__.get("forward")

@@ -6,7 +6,7 @@ and one line below.
 from __future__ import annotations
 
 from ..core import Suite
-from . import attention, concat_linear, convert, fusion
+from . import attention, concat_linear, convert, fusion, models
 
 SUITES: dict[str, Suite] = {s.name: s for s in (
     concat_linear.SUITE,
@@ -16,4 +16,5 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
     fusion.LMF_SUITE,
     fusion.TRAIN_SUITE,
     convert.SUITE,
+    models.SUITE,
 )}

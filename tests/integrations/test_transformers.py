@@ -1,0 +1,534 @@
+"""attn_implementation="mmkernels" in transformers models, offline (tiny random configs, no downloads).
+
+Every model family runs the same checks against transformers' own "eager" and "sdpa" attention on the
+same weights: outputs (float32, bfloat16), every parameter's gradient, greedy generate() token for
+token, torch.compile of the forward, convert()/revert(). Each check also asserts that the fused op
+really ran (a counting wrapper around mmkernels.ops.cross_modal_attention).
+
+The backend has two routes (see mmkernels/integrations/transformers.py): the op's own is_causal /
+enable_gqa ("native"), or exact equivalents ("fallback"). Both are run. Where the op does not have
+the flags yet, "native" runs a stand-in that gives the op those flags the reference way, which
+checks what the backend passes; once the op has them, "native" is the op itself.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import sys
+import warnings
+from typing import Callable
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import mmkernels  # noqa: E402
+from mmkernels.integrations import transformers as backend  # noqa: E402
+from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
+
+_REAL_OP = mmkernels.ops.cross_modal_attention
+OP_HAS_FLAGS = {"is_causal", "enable_gqa"} <= set(inspect.signature(_REAL_OP).parameters)
+
+
+def _standin(q, k, v, *, attn_mask=None, is_causal=False, enable_gqa=False, **kwargs):
+    """The op with SDPA's is_causal / enable_gqa, built from the plain op (for the native route
+    before the op has them). Strict as SDPA: is_causal with a mask is an error."""
+    if is_causal:
+        assert attn_mask is None, "is_causal together with attn_mask"
+        attn_mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+    if enable_gqa:
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return _REAL_OP(q, k, v, attn_mask=attn_mask, **kwargs)
+
+
+@pytest.fixture(params=["fallback", "native"])
+def route(request, monkeypatch):
+    native = request.param == "native"
+    monkeypatch.setattr(backend, "NATIVE_CAUSAL", native)
+    monkeypatch.setattr(backend, "NATIVE_GQA", native)
+    if native and not OP_HAS_FLAGS:
+        monkeypatch.setattr(mmkernels.ops, "cross_modal_attention", _standin)
+    return request.param
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    """Records (Lq, Lk) of every call of the fused op."""
+    calls = []
+    inner = mmkernels.ops.cross_modal_attention
+
+    def counting(*args, **kwargs):
+        calls.append((args[0].shape[2], args[1].shape[2]))
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(mmkernels.ops, "cross_modal_attention", counting)
+    return calls
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _registered():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the once-per-process note on the fallback route
+        backend.register()
+    transformers.logging.set_verbosity_error()
+
+
+# --------------------------------------------------------------------------- the model families
+
+
+@dataclasses.dataclass
+class Family:
+    name: str
+    make: Callable[[], torch.nn.Module]  # a model in eval mode, attn_implementation="eager"
+    inputs: Callable[[], dict]  # fresh random inputs
+    pick: Callable[[object, dict], list]  # the output tensors to compare (valid positions only)
+    generate: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None
+
+
+def _tiny(**kw):
+    base = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+    return {**base, **kw}
+
+
+def _clip():
+    cfg = transformers.CLIPConfig(
+        text_config=_tiny(vocab_size=99, max_position_embeddings=16, eos_token_id=98, pad_token_id=1, bos_token_id=0),
+        vision_config=_tiny(image_size=30, patch_size=6), projection_dim=16)
+    return transformers.CLIPModel(cfg)
+
+
+def _clip_inputs():
+    ids = torch.randint(3, 97, (3, 11))
+    mask = torch.ones_like(ids)
+    for b, n in enumerate((11, 7, 4)):  # right padding, eos last
+        ids[b, n - 1], ids[b, n:], mask[b, n:] = 98, 1, 0
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(3, 3, 30, 30))
+
+
+def _clip_pick(out, inputs):
+    valid = inputs["attention_mask"].bool()
+    return [out.text_model_output.last_hidden_state[valid], out.vision_model_output.last_hidden_state,
+            out.logits_per_text]
+
+
+def _whisper():
+    cfg = transformers.WhisperConfig(
+        vocab_size=100, num_mel_bins=16, encoder_layers=2, decoder_layers=2, d_model=32, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, max_source_positions=15,
+        max_target_positions=40, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=3,
+        suppress_tokens=None, begin_suppress_tokens=None)
+    return transformers.WhisperForConditionalGeneration(cfg)
+
+
+def _whisper_inputs():
+    return dict(input_features=torch.randn(2, 16, 30), decoder_input_ids=torch.randint(3, 100, (2, 6)))
+
+
+def _whisper_generate(model, inputs):
+    return model.generate(input_features=inputs["input_features"], max_new_tokens=8, do_sample=False,
+                          num_beams=1)
+
+
+def _bert_decoder():
+    cfg = transformers.BertConfig(vocab_size=99, **_tiny(), is_decoder=True, add_cross_attention=True,
+                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return transformers.BertLMHeadModel(cfg)
+
+
+def _bert_inputs():
+    ids = torch.randint(3, 99, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = mask[2, 3:] = 0
+    enc_mask = torch.ones(3, 7, dtype=torch.long)
+    enc_mask[0, 5:] = enc_mask[2, 2:] = 0
+    return dict(input_ids=ids, attention_mask=mask, encoder_hidden_states=torch.randn(3, 7, 32),
+                encoder_attention_mask=enc_mask)
+
+
+def _llama():
+    cfg = transformers.LlamaConfig(vocab_size=101, **_tiny(hidden_size=64), num_key_value_heads=2,
+                                   max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _llama_inputs():
+    ids = torch.randint(3, 101, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = mask[2, :6] = 0  # left padding, as for generation
+    ids[mask == 0] = 0
+    return dict(input_ids=ids, attention_mask=mask)
+
+
+def _llama_generate(model, inputs):
+    return model.generate(**inputs, max_new_tokens=8, do_sample=False, num_beams=1, min_new_tokens=8)
+
+
+def _vit():
+    return transformers.ViTModel(transformers.ViTConfig(**_tiny(), image_size=30, patch_size=6))
+
+
+def _logits_at_valid(out, inputs):
+    return [out.logits[inputs["attention_mask"].bool()]]
+
+
+FAMILIES = {
+    "clip": Family("clip", _clip, _clip_inputs, _clip_pick),
+    "whisper": Family("whisper", _whisper, _whisper_inputs, lambda out, inputs: [out.logits, out.encoder_last_hidden_state],
+                      _whisper_generate),
+    "bert_decoder": Family("bert_decoder", _bert_decoder, _bert_inputs, _logits_at_valid),
+    "llama_gqa": Family("llama_gqa", _llama, _llama_inputs, _logits_at_valid, _llama_generate),
+    "vit": Family("vit", _vit, lambda: dict(pixel_values=torch.randn(2, 3, 30, 30)),
+                  lambda out, inputs: [out.last_hidden_state, out.pooler_output]),
+}
+GENERATING = [name for name, family in FAMILIES.items() if family.generate is not None]
+
+
+def _model(family: Family, implementation: str, dtype=torch.float32):
+    torch.manual_seed(1234)  # same weights for every implementation
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = family.make()
+    model.set_attn_implementation(implementation)
+    return model.to(dtype).eval()
+
+
+def _rel_err(actual, expected) -> float:
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def _run(model, inputs, family):
+    return [t.float() for t in family.pick(model(**inputs), inputs)]
+
+
+# --------------------------------------------------------------------------- per family
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_outputs_match_eager_and_sdpa_float32(name, route, op_calls):
+    family = FAMILIES[name]
+    inputs = family.inputs()
+    with torch.no_grad():
+        got = _run(_model(family, "mmkernels"), inputs, family)
+        assert op_calls, "the mmkernels attention was never called"
+        for reference in ("eager", "sdpa"):
+            want = _run(_model(family, reference), inputs, family)
+            for i, (a, b) in enumerate(zip(got, want)):
+                assert _rel_err(a, b) < 2e-5, f"{name} output {i} vs {reference}: {_rel_err(a, b):.2e}"
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_outputs_bfloat16_as_close_as_sdpa(name, route, op_calls):
+    """bfloat16 against the float64 result: within twice SDPA's own bfloat16 error. (The float64 oracle
+    is SDPA's: eager float64 attention turns fully padded query rows into NaN, which then reaches valid
+    rows through the keys of the next layer.)"""
+    family = FAMILIES[name]
+    inputs = family.inputs()
+    as_dtype = lambda d, x: {k: v.to(d) if v.is_floating_point() else v for k, v in x.items()}  # noqa: E731
+    with torch.no_grad():
+        exact = _run(_model(family, "sdpa", torch.float64), as_dtype(torch.float64, inputs), family)
+        ours = _run(_model(family, "mmkernels", torch.bfloat16), as_dtype(torch.bfloat16, inputs), family)
+        sdpa = _run(_model(family, "sdpa", torch.bfloat16), as_dtype(torch.bfloat16, inputs), family)
+    assert op_calls
+    for i, (a, s, e) in enumerate(zip(ours, sdpa, exact)):
+        assert _rel_err(a, e) <= 2 * _rel_err(s, e) + 4e-3, (
+            f"{name} output {i}: bfloat16 error {_rel_err(a, e):.2e}, sdpa's {_rel_err(s, e):.2e}")
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_parameter_gradient_matches_eager(name, route, op_calls):
+    family = FAMILIES[name]
+    inputs = family.inputs()
+    grads = {}
+    for implementation in ("mmkernels", "eager"):
+        model = _model(family, implementation)
+        outs = family.pick(model(**inputs), inputs)
+        torch.manual_seed(7)
+        loss = sum((o * torch.randn_like(o)).sum() for o in outs)
+        params = [p for p in model.parameters() if p.requires_grad]
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        got = torch.autograd.grad(loss, params, allow_unused=True)
+        grads[implementation] = dict(zip(names, got))
+    assert op_calls
+    # Gradients that are zero in exact arithmetic (a key projection's bias: softmax ignores a shift
+    # that is the same for every key) are rounding noise in both; they are held to the model's scale.
+    scale = max(g.abs().max().item() for g in grads["eager"].values() if g is not None)
+    checked = 0
+    for pname, want in grads["eager"].items():
+        have = grads["mmkernels"][pname]
+        if want is None:
+            assert have is None or not have.any(), f"{name}: {pname} has a gradient only with mmkernels"
+            continue
+        assert have is not None, f"{name}: {pname} lost its gradient"
+        torch.testing.assert_close(have, want, atol=2e-5 * want.abs().max().item() + 2e-6 * scale, rtol=1e-4,
+                                   msg=lambda m, p=pname: f"{name}: gradient of {p}: {m}")
+        checked += 1
+    assert checked > 10
+
+
+@pytest.mark.parametrize("name", GENERATING)
+def test_greedy_generate_token_identical_to_eager(name, route, op_calls):
+    family = FAMILIES[name]
+    inputs = family.inputs()
+    tokens = {}
+    for implementation in ("mmkernels", "eager", "sdpa"):
+        with torch.no_grad():
+            tokens[implementation] = family.generate(_model(family, implementation), inputs)
+    assert op_calls
+    # Decoding steps read a cache: fewer queries than keys (one query, or one per head of a group).
+    assert any(lq < lk for lq, lk in op_calls), "no decoding step with a cache ran through mmkernels"
+    assert torch.equal(tokens["mmkernels"], tokens["eager"]), f"{tokens['mmkernels']}\n{tokens['eager']}"
+    assert torch.equal(tokens["mmkernels"], tokens["sdpa"])
+
+
+# Inductor's C++ code generation costs minutes per model on two cores: one family gets it, the others
+# the aot_eager backend (the same dynamo capture of the op, its fake and the model, without codegen).
+COMPILE_BACKEND = {name: "inductor" if name == "llama_gqa" else "aot_eager" for name in FAMILIES}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_torch_compile_of_the_forward(name, op_calls):
+    family = FAMILIES[name]
+    inputs = family.inputs()
+    model = _model(family, "mmkernels")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = _run(_model(family, "eager"), inputs, family)
+        compiled = torch.compile(model, backend=COMPILE_BACKEND[name])
+        got = [t.float() for t in family.pick(compiled(**inputs), inputs)]
+    assert op_calls
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert _rel_err(a, b) < 2e-5, f"{name} compiled output {i}: {_rel_err(a, b):.2e}"
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_convert_and_revert_round_trip(name, op_calls):
+    family = FAMILIES[name]
+    inputs = family.inputs()
+    original = _model(family, "sdpa")
+    before = backend._implementations(original.config)
+    converted = mmkernels.convert(original)
+    assert converted is not original and original.config._attn_implementation == "sdpa"
+    assert all(v == "mmkernels" for v in _leaves(backend._implementations(converted.config)))
+    assert any("attn_implementation" in what for _, what in converted.mmkernels_report.replaced)
+    with torch.no_grad():
+        got, want = _run(converted, inputs, family), _run(original, inputs, family)
+    assert op_calls
+    for a, b in zip(got, want):
+        assert _rel_err(a, b) < 2e-5
+    reverted = mmkernels.revert(converted)
+    assert backend._implementations(reverted.config) == before
+    assert list(reverted.state_dict()) == list(original.state_dict())
+    calls = len(op_calls)
+    with torch.no_grad():
+        _run(reverted, inputs, family)
+    assert len(op_calls) == calls, "the reverted model still runs mmkernels"
+
+
+def _leaves(tree):
+    for key, value in tree.items():
+        yield from (_leaves(value) if isinstance(value, dict) else [value])
+
+
+# --------------------------------------------------------------------------- the attention function itself
+
+
+class _Attention(torch.nn.Module):
+    """What transformers passes as `module`: is_causal and num_key_value_groups as in its models."""
+
+    def __init__(self, is_causal=False, groups=1):
+        super().__init__()
+        self.is_causal, self.num_key_value_groups = is_causal, groups
+
+
+def _qkv(B=2, H=4, H_kv=4, Lq=5, Lk=7, D=8, dtype=torch.float32, requires_grad=False):
+    q = torch.randn(B, Lq, H, D, dtype=dtype).transpose(1, 2)  # transformers' layout: a transpose view
+    k = torch.randn(B, Lk, H_kv, D, dtype=dtype).transpose(1, 2)
+    v = torch.randn(B, Lk, H_kv, D, dtype=dtype).transpose(1, 2)
+    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+def _padding_mask(B, Lq, Lk, causal=False, left=True):
+    lengths = torch.randint(1, Lk + 1, (B,))
+    lengths[0] = Lk
+    pos = torch.arange(Lk)
+    keep = pos[None] >= (Lk - lengths)[:, None] if left else pos[None] < lengths[:, None]
+    mask = keep[:, None, None, :].expand(B, 1, Lq, Lk)
+    if causal:
+        mask = mask & torch.ones(Lq, Lk, dtype=torch.bool).tril(Lk - Lq)
+    return mask
+
+
+MASK_CASES = {
+    "none": lambda B, Lq, Lk: None,
+    "bool_padding_left": lambda B, Lq, Lk: _padding_mask(B, Lq, Lk),
+    "bool_padding_right": lambda B, Lq, Lk: _padding_mask(B, Lq, Lk, left=False),
+    "bool_causal_padding": lambda B, Lq, Lk: _padding_mask(B, Lq, Lk, causal=True),
+    "float_additive": lambda B, Lq, Lk: torch.randn(B, 1, Lq, Lk),
+}
+
+
+def _valid_rows(mask, out):
+    """Rows that see at least one key (fully masked rows: zeros here, NaN or a mean elsewhere)."""
+    if mask is None or mask.dtype != torch.bool:
+        return out
+    seen = mask.expand(out.shape[0], 1, out.shape[1], -1).any(-1)[:, 0]  # (B, Lq)
+    return out[seen]
+
+
+@pytest.mark.parametrize("mask_kind", MASK_CASES)
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (6, 1)])
+@pytest.mark.parametrize("lengths", [(5, 5), (5, 9), (1, 9)])
+def test_attention_function_matches_sdpa(mask_kind, is_causal, heads, lengths, route):
+    (H, H_kv), (Lq, Lk) = heads, lengths
+    module = _Attention(is_causal=is_causal, groups=H // H_kv)
+    q, k, v = _qkv(B=3, H=H, H_kv=H_kv, Lq=Lq, Lk=Lk, requires_grad=True)
+    mask = MASK_CASES[mask_kind](3, Lq, Lk)
+    out, weights = backend.attention_forward(module, q, k, v, mask, scaling=0.3)
+    want, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)
+    assert weights is None and out.shape == (3, Lq, H, 8)
+    assert out.is_contiguous() or Lq == 1, "the (B, L, H, D) output should be the op's storage, not a copy"
+    torch.testing.assert_close(_valid_rows(mask, out), _valid_rows(mask, want), atol=2e-6, rtol=2e-5)
+    g = torch.randn_like(want)
+    got_grads = torch.autograd.grad(_valid_rows(mask, out * g).sum(), (q, k, v))
+    want_grads = torch.autograd.grad(_valid_rows(mask, want * g).sum(), (q, k, v))
+    for a, b, what in zip(got_grads, want_grads, "qkv"):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=lambda m, w=what: f"grad of {w}: {m}")
+
+
+def test_output_is_a_view_of_the_op_storage():
+    q, k, v = _qkv(H=4, Lq=6, Lk=6)
+    out, _ = backend.attention_forward(_Attention(), q, k, v, None)
+    merged = out.reshape(2, 6, -1)  # what the model does next
+    assert out.is_contiguous() and merged.data_ptr() == out.data_ptr()
+
+
+def test_static_cache_prefill_crops_the_empty_tail(route):
+    """No mask, causal, more keys than queries (an empty static cache): upper-left, as SDPA."""
+    module = _Attention(is_causal=True, groups=2)
+    q, k, v = _qkv(H=4, H_kv=2, Lq=4, Lk=10)
+    out, _ = backend.attention_forward(module, q, k, v, None)
+    want, _ = sdpa_attention_forward(module, q, k, v, None)
+    torch.testing.assert_close(out, want, atol=2e-6, rtol=2e-5)
+
+
+def test_position_bias_gets_its_gradient():
+    module = _Attention()
+    q, k, v = _qkv(H=4, Lq=5, Lk=7, requires_grad=True)
+    bias = torch.randn(1, 4, 5, 7, requires_grad=True)
+    mask = _padding_mask(2, 5, 7)
+    out, _ = backend.attention_forward(module, q, k, v, mask, position_bias=bias)
+    want, _ = sdpa_attention_forward(module, q, k, v, mask, position_bias=bias)
+    torch.testing.assert_close(out, want, atol=2e-6, rtol=2e-5)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad((out * g).sum(), (bias, q))
+    expected = torch.autograd.grad((want * g).sum(), (bias, q))
+    assert got[0].abs().sum() > 0
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_dropout_reaches_the_op():
+    module = _Attention()
+    q, k, v = _qkv(H=4, Lq=16, Lk=16)
+    plain, _ = backend.attention_forward(module, q, k, v, None, dropout=0.0)
+    torch.manual_seed(3)
+    dropped, _ = backend.attention_forward(module, q, k, v, None, dropout=0.5)
+    torch.manual_seed(3)
+    again, _ = backend.attention_forward(module, q, k, v, None, dropout=0.5)
+    assert not torch.allclose(plain, dropped) and torch.equal(dropped, again)
+
+
+@pytest.mark.parametrize("option", ["softcap", "output_attentions"])
+def test_unsupported_options_take_the_eager_path_with_a_warning(option, monkeypatch, op_calls):
+    monkeypatch.setattr(backend, "_warned", set())
+    module = _Attention(is_causal=True, groups=2)
+    q, k, v = _qkv(H=4, H_kv=2, Lq=5, Lk=5)
+    kwargs = {"softcap": 2.0} if option == "softcap" else {"output_attentions": True}
+    with pytest.warns(RuntimeWarning, match="eager"):
+        out, weights = backend.attention_forward(module, q, k, v, None, scaling=0.25, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process
+        backend.attention_forward(module, q, k, v, None, scaling=0.25, **kwargs)
+    assert not op_calls and weights is not None
+    scores = (q @ k.repeat_interleave(2, 1).transpose(2, 3)) * 0.25
+    if option == "softcap":
+        scores = torch.tanh(scores / 2.0) * 2.0
+    scores = scores.masked_fill(~torch.ones(5, 5, dtype=torch.bool).tril(), float("-inf"))
+    want = (scores.softmax(-1) @ v.repeat_interleave(2, 1)).transpose(1, 2)
+    torch.testing.assert_close(out, want, atol=2e-6, rtol=2e-5)
+
+
+def test_output_attentions_in_a_model_returns_eager_weights():
+    family = FAMILIES["llama_gqa"]
+    inputs = family.inputs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.no_grad():
+            ours = _model(family, "mmkernels")(**inputs, output_attentions=True)
+            eager = _model(family, "eager")(**inputs, output_attentions=True)
+    assert len(ours.attentions) == 2 and all(w is not None for w in ours.attentions)
+    for a, b in zip(ours.attentions, eager.attentions):
+        torch.testing.assert_close(a, b)
+
+
+# --------------------------------------------------------------------------- registration
+
+
+def test_register_is_idempotent_and_every_entry_point_accepts_the_name(tmp_path, op_calls):
+    assert backend.register() == backend.register() == "mmkernels" and backend.is_registered()
+    assert transformers.AttentionInterface._global_mapping["mmkernels"] is backend.attention_forward
+    cfg = transformers.ViTConfig(**_tiny(), image_size=30, patch_size=6)
+    model = transformers.ViTModel._from_config(cfg, attn_implementation="mmkernels")
+    assert model.config._attn_implementation == "mmkernels"
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModel.from_pretrained(tmp_path, attn_implementation="mmkernels")
+    assert loaded.config._attn_implementation == "mmkernels"
+    with torch.no_grad():
+        loaded(pixel_values=torch.randn(1, 3, 30, 30))
+    assert op_calls
+
+
+def test_register_without_transformers_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` fail
+    with pytest.raises(ImportError, match=r"pip install 'mmkernels\[transformers\]'"):
+        backend.register()
+
+
+def test_convert_switches_a_tower_inside_a_user_module(op_calls):
+    class Fusion(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vision = _model(FAMILIES["vit"], "sdpa")
+            self.attn = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+
+        def forward(self, pixel_values, text):
+            image = self.vision(pixel_values=pixel_values).last_hidden_state
+            return self.attn(text, image, image)[0]
+
+    model = Fusion().eval()
+    converted = mmkernels.convert(model)
+    report = str(converted.mmkernels_report)
+    assert "vision" in report and "attn_implementation" in report and "CrossModalAttention" in report
+    x, text = torch.randn(2, 3, 30, 30), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x, text), model(x, text), atol=2e-5, rtol=1e-4)
+    assert op_calls
+    reverted = mmkernels.revert(converted)
+    assert reverted.vision.config._attn_implementation == "sdpa"
+    assert type(reverted.attn) is torch.nn.MultiheadAttention
+
+
+def test_models_bench_suite_is_listed_with_transformers_installed():
+    from mmkernels.bench.suites import SUITES
+
+    suite = SUITES["models"]
+    assert suite.unavailable() is None
+    cases = suite.select("full")
+    assert {c.mode for c in cases} == {"fwd", "fwd+bwd"} and len(cases) == 10
+    assert all(c.baselines == ("sdpa", "eager") for c in cases)
+    assert len(suite.select("default")) == 1  # one small case keeps the default run short
