@@ -9,7 +9,12 @@ Differences from nn.MultiheadAttention, all deliberate:
   Only with dropout in training is the output made from materialised, dropped weights, as
   nn.MultiheadAttention does (so that the returned weights are the ones that made it): that is the
   slow path.
-- ``is_causal`` is a hint, as in nn.MultiheadAttention: ``attn_mask`` must be given and is what is used.
+- ``is_causal`` is a hint, as in nn.MultiheadAttention: ``attn_mask`` must be given with it. Where the
+  hint is taken (square self-attention, no ``add_bias_kv`` / ``add_zero_attn``, the output path) the
+  op's causal flag replaces the mask, trusting the hint as nn.MultiheadAttention's fast path does, so
+  the key blocks above the diagonal are skipped; the ``need_weights`` weights still use ``attn_mask``.
+- A NaN in a query, or in a key or value a row sees, makes that row NaN (as in
+  nn.MultiheadAttention); only a row that sees no key at all gives zeros.
 - Dropout masks come from the op's own generator draw, so they differ from nn.MultiheadAttention's
   for the same seed when ``need_weights=False`` (same distribution; the same seed reproduces ours).
 - With a bool ``key_padding_mask`` that hides at least 1/8 of the keys (except on the slow path),
@@ -244,8 +249,13 @@ class CrossModalAttention(nn.Module):
             if average_attn_weights:
                 weights = weights.mean(dim=1)
         else:
-            kpm, mask = op_masks(key_padding_mask, attn_mask, batch, self.num_heads, added, q.dtype)
-            out = ops.cross_modal_attention(q, k, v, key_padding_mask=kpm, attn_mask=mask, dropout_p=dropout_p)
+            # The is_causal hint (nn.TransformerDecoderLayer's tgt_is_causal) on square self-attention
+            # with no added keys: the op's causal flag replaces the mask, so masked blocks are skipped.
+            causal = is_causal and added == 0 and len_q == k.shape[2]
+            kpm, mask = op_masks(key_padding_mask, None if causal else attn_mask, batch, self.num_heads, added, q.dtype)
+            out = ops.cross_modal_attention(
+                q, k, v, key_padding_mask=kpm, attn_mask=mask, is_causal=causal, dropout_p=dropout_p
+            )
             if need_weights:
                 # Computed beside the output, not under it: if the caller drops them (`out, _ = mha(...)`),
                 # nothing of theirs is kept for backward.
