@@ -337,3 +337,30 @@ def test_keys_hidden_by_any_mask_are_never_read_by_a_nan_row(dtype):
             assert dk.isnan().eq(rk.isnan()).all()
         else:
             assert (dk[0, 0, hidden] == 0).all() and dk[0, 0, ~hidden].isnan().eq(rk[0, 0, ~hidden].isnan()).all()
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("Lq", [1, 4])
+def test_decoding_splits_keys_and_matches_reference(Lq, dtype):
+    # One (batch, kv head) and many key blocks: the forward splits the keys across threads and merges
+    # the chunks by their log-sum-exps; rows with no key, NaN rows and masks must survive the merge.
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        # B * H_kv = 1 and 2 query heads: 2 tasks unsplit, fewer than 2 per thread, so the keys split.
+        q, k, v = make_gqa(1, 2, 1, Lq, 2300, 16, 8, dtype)
+        lengths = torch.tensor([1900])
+        for kw in ({}, {"is_causal": True}, {"kv_lengths": lengths, "attn_mask": torch.rand(Lq, 2300) < 0.9},
+                   {"attn_mask": causal_lower_right(Lq, 2300)}):
+            check_against_reference(q, k, v, dtype, **kw)
+        qn = q.detach().clone()
+        qn[0, 1, 0] = float("nan")
+        out = mmkernels.cross_modal_attention(qn, k, v, kv_lengths=lengths, enable_gqa=True)
+        assert out[0, 1, 0].isnan().all() and not out[0, 0].isnan().any()
+        out = mmkernels.cross_modal_attention(qn, k, v, kv_lengths=torch.tensor([0]), enable_gqa=True)
+        assert (out == 0).all()
+    finally:
+        torch.set_num_threads(old)

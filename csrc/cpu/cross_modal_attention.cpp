@@ -287,6 +287,59 @@ void pack_key_block(const In* kr, int64_t ks2, const In* vr, int64_t vs2, int64_
   }
 }
 
+// Decoding: queries per head up to which the forward may split the keys across threads.
+constexpr int64_t kDecodeMaxLq = 4;
+
+// Merges the key chunks' partial results (normalised outputs part_out (nsplit, B, H, Lq, Ev) and
+// their log-sum-exps part_lse (nsplit, B, H, Lq), -inf for a chunk with no visible key) into out and
+// lse: out = sum_c exp(lse_c - lse) out_c, lse = log sum_c exp(lse_c). A row with no visible key in
+// any chunk gets zeros and lse = +inf; a NaN in any chunk makes the row NaN.
+template <typename T, typename In>
+void merge_key_splits(const Problem& p, const T* part_out, const T* part_lse, int64_t nsplit, at::Tensor& out,
+                      at::Tensor& lse) {
+  In* od = out.data_ptr<In>();
+  T* ld = lse.data_ptr<T>();
+  const int64_t rows_all = p.B * p.H * p.Lq, os2 = out.stride(2);
+  at::parallel_for(0, rows_all, 16, [&](int64_t r0, int64_t r1) {
+    std::vector<T> acc(p.Ev);
+    for (int64_t row = r0; row < r1; ++row) {
+      const int64_t bh = row / p.Lq, i = row % p.Lq, b = bh / p.H, h = bh % p.H;
+      T mx = -std::numeric_limits<T>::infinity();
+      bool nan = false;
+      for (int64_t c = 0; c < nsplit; ++c) {
+        const T lc = part_lse[c * rows_all + row];
+        nan = nan || std::isnan(lc);
+        mx = std::max(mx, lc);
+      }
+      std::fill(acc.begin(), acc.end(), T(0));
+      T lse_row;
+      if (nan) {
+        std::fill(acc.begin(), acc.end(), std::numeric_limits<T>::quiet_NaN());
+        lse_row = std::numeric_limits<T>::quiet_NaN();
+      } else if (mx == -std::numeric_limits<T>::infinity()) {
+        lse_row = std::numeric_limits<T>::infinity();  // no visible key: zeros
+      } else {
+        T sum = 0;
+        for (int64_t c = 0; c < nsplit; ++c) sum += std::exp(part_lse[c * rows_all + row] - mx);
+        lse_row = mx + std::log(sum);
+        for (int64_t c = 0; c < nsplit; ++c) {
+          const T w = std::exp(part_lse[c * rows_all + row] - lse_row);
+          if (w == T(0)) continue;  // (also a chunk with no visible key: its rows are not read)
+          const T* po = part_out + (c * rows_all + row) * p.Ev;
+          for (int64_t e = 0; e < p.Ev; ++e) acc[e] += w * po[e];
+        }
+      }
+      ld[row] = lse_row;
+      In* o = od + b * out.stride(0) + h * out.stride(1) + i * os2;
+      if constexpr (std::is_same_v<In, at::BFloat16>) {
+        rows::to_bf16(acc.data(), reinterpret_cast<uint16_t*>(o), p.Ev);
+      } else {
+        std::copy_n(acc.data(), p.Ev, o);
+      }
+    }
+  });
+}
+
 // T: accumulation type (float, double); In: operand type (T, or bfloat16 with T = float).
 // q, k, v: last dim contiguous, any other strides (bfloat16: k's rows and their pairs 4-byte aligned,
 // see bf16_pairs_aligned). out: (B, H, Lq, Ev) in In, last dim contiguous; lse (B, H, Lq)
@@ -331,11 +384,28 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
       aligned_slice<T>(BQ * BK + BQ * p.Ev + 2 * BQ + BK + BK + (kBf16 ? (BQ * BKp + 1) / 2 : 0));
   const at::Tensor scratch_t = aligned_scratch<T>(per_thread * nthreads);
   T* const scratch = scratch_t.data_ptr<T>();
-  const int64_t ntasks = nunits * nruns;
+  // Decoding (few rows, many keys): too few tasks to keep every thread busy, so the keys are split
+  // into nsplit chunks of whole key blocks, each chunk a task of its own with a partial result
+  // (normalised output and log-sum-exp), merged by merge_key_splits.
+  const int64_t nkb = num_key_blocks(p.Lk);
+  int64_t nsplit = 1;
+  if (p.Lq <= kDecodeMaxLq && nunits * nruns < 2 * nthreads && nthreads > 1 && nkb > 1)
+    nsplit = std::min<int64_t>(nkb, (4 * nthreads + nunits * nruns - 1) / (nunits * nruns));
+  const int64_t split_blocks = (nkb + nsplit - 1) / nsplit;
+  at::Tensor part_out_t, part_lse_t;
+  if (nsplit > 1) {
+    part_out_t = at::empty({nsplit, p.B, p.H, p.Lq, p.Ev}, lse.options());
+    part_lse_t = at::empty({nsplit, p.B, p.H, p.Lq}, lse.options());
+  }
+  const int64_t ntasks = nunits * nruns * nsplit;
   parallel_tasks(ntasks, [&](int64_t t, int tid) {
     // Causal: later query blocks see more keys; taking them first balances the tail.
-    const int64_t task = p.causal ? ntasks - 1 - t : t;
+    const int64_t task_split = p.causal ? ntasks - 1 - t : t;
+    const int64_t split = task_split % nsplit, task = task_split / nsplit;
     const int64_t bk = task / nruns, b = bk / p.Hkv, hk = bk % p.Hkv;
+    // This task's keys: the whole visible range, or its chunk of whole key blocks when split.
+    const int64_t jbeg = std::min(p.kbeg[b] + split * split_blocks * BK, p.kend[b]);
+    const int64_t jend = nsplit > 1 ? std::min(jbeg + split_blocks * BK, p.kend[b]) : p.kend[b];
     const int64_t it0 = (task % nruns) * run, it1 = std::min(nitems, it0 + run);
     In* kT = reinterpret_cast<In*>(scratch + tid * per_thread);
     In* vP = reinterpret_cast<In*>(scratch + tid * per_thread + kt_size);
@@ -351,22 +421,22 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
                      std::min(BK, p.kend[b] - j0), p.E, p.Ev, BK, kT + slot * kt_block, vP + slot * v_block);
     };
     if (keep_packed) {
-      int64_t jpack = p.kbeg[b];  // the keys any item of the run sees
+      int64_t jpack = jbeg;  // the keys any item of the run sees
       for (int64_t it = it0; it < it1; ++it) {
         const int64_t i0 = (it % nqb) * BQ;
-        jpack = std::max(jpack, p.key_limit(b, i0, std::min(BQ, p.Lq - i0)));
+        jpack = std::max(jpack, std::min(jend, p.key_limit(b, i0, std::min(BQ, p.Lq - i0))));
       }
-      for (int64_t j0 = p.kbeg[b], jb = 0; j0 < jpack; j0 += BK, ++jb) pack(j0, jb);
+      for (int64_t j0 = jbeg, jb = 0; j0 < jpack; j0 += BK, ++jb) pack(j0, jb);
     }
     for (int64_t it = it0; it < it1; ++it) {
       const int64_t h = hk * p.G + it / nqb, bh = b * p.H + h;
       const int64_t i0 = (it % nqb) * BQ, nq = std::min(BQ, p.Lq - i0);
-      const int64_t jlim = p.key_limit(b, i0, nq);
+      const int64_t jlim = std::min(jend, p.key_limit(b, i0, nq));
       std::fill_n(acc, nq * p.Ev, T(0));
       std::fill_n(m, nq, -std::numeric_limits<T>::infinity());
       std::fill_n(l, nq, T(0));
       const In* qb = qd + b * qs0 + h * qs1 + i0 * qs2;
-      for (int64_t j0 = p.kbeg[b], jb = 0; j0 < jlim; j0 += BK, ++jb) {
+      for (int64_t j0 = jbeg, jb = 0; j0 < jlim; j0 += BK, ++jb) {
         // Causal: only the blocks up to the diagonal run, the last one cut at the last row's limit.
         const int64_t nk = std::min(BK, jlim - j0), slot = keep_packed ? jb : 0;
         if (!keep_packed) pack(j0, slot);
@@ -410,6 +480,16 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
           gemm(nq, p.Ev, nk, S, BK, vd + b * vs0 + hk * vs1 + j0 * vs2, vs2, acc, p.Ev, true);
         }
       }
+      if (nsplit > 1) {  // a partial result: normalised rows and their lse (-inf: no key in this chunk)
+        T* po = part_out_t.data_ptr<T>() + ((split * p.B * p.H + bh) * p.Lq + i0) * p.Ev;
+        T* pl = part_lse_t.data_ptr<T>() + (split * p.B * p.H + bh) * p.Lq + i0;
+        for (int64_t r = 0; r < nq; ++r) {
+          if (l[r] != T(0)) rows::scale(acc + r * p.Ev, p.Ev, T(1) / l[r]);
+          pl[r] = l[r] != T(0) ? m[r] + std::log(l[r]) : -std::numeric_limits<T>::infinity();
+          std::copy_n(acc + r * p.Ev, p.Ev, po + r * p.Ev);
+        }
+        continue;
+      }
       In* ob = od + b * os0 + h * os1 + i0 * os2;
       T* lb = ld + bh * p.Lq + i0;
       for (int64_t r = 0; r < nq; ++r) {
@@ -431,6 +511,7 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
     }
     if constexpr (std::is_same_v<T, float>) at::native::cpublas::brgemm_release(kBf16);
   });
+  if (nsplit > 1) merge_key_splits<T, In>(p, part_out_t.const_data_ptr<T>(), part_lse_t.const_data_ptr<T>(), nsplit, out, lse);
 }
 
 // ------------------------------------------------------------------------------------------ backward

@@ -278,6 +278,47 @@ def test_is_causal_hint_matches_mha():
         cma(*inputs, is_causal=True)
 
 
+def test_is_causal_hint_uses_the_ops_causal_flag(monkeypatch):
+    # issue 13: with the hint on square self-attention the op gets is_causal=True and no mask tensor
+    # (so it skips the blocks above the diagonal), and the result still matches MHA.
+    calls = []
+    real = ops.cross_modal_attention
+
+    def spy(q, k, v, **kwargs):
+        calls.append(kwargs)
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(ops, "cross_modal_attention", spy)
+    mha, cma = make_pair(batch_first=True)
+    L = 9
+    inputs = make_inputs(mha, 2, L, L, sharing="self")
+    kpm = make_kpm("bool", 2, L)
+    for mask in (nn.Transformer.generate_square_subsequent_mask(L, dtype=torch.float64),
+                 torch.ones(L, L, dtype=torch.bool).triu(1)):
+        calls.clear()
+        assert_same(mha, cma, inputs, attn_mask=mask, is_causal=True, need_weights=False, key_padding_mask=kpm)
+        assert calls and all(c["is_causal"] and c["attn_mask"] is None for c in calls)
+    # Not square, or with added keys: the mask is what is used.
+    mha2, cma2 = make_pair(batch_first=True, add_bias_kv=True)
+    calls.clear()
+    mask = nn.Transformer.generate_square_subsequent_mask(L, dtype=torch.float64)
+    assert_same(mha2, cma2, make_inputs(mha2, 2, L, L, sharing="self"), attn_mask=mask, is_causal=True,
+                need_weights=False)
+    assert calls and not any(c["is_causal"] for c in calls)
+
+
+def test_converted_decoder_layer_with_tgt_is_causal_matches():
+    torch.manual_seed(0)
+    layer = nn.TransformerDecoderLayer(16, 4, dim_feedforward=32, dropout=0.0, batch_first=True,
+                                       dtype=torch.float64).eval()
+    converted = mmkernels.convert(layer)
+    tgt, memory = torch.randn(2, 11, 16, dtype=torch.float64), torch.randn(2, 7, 16, dtype=torch.float64)
+    mask = nn.Transformer.generate_square_subsequent_mask(11, dtype=torch.float64)
+    want = layer(tgt, memory, tgt_mask=mask, tgt_is_causal=True)
+    got = converted(tgt, memory, tgt_mask=mask, tgt_is_causal=True)
+    torch.testing.assert_close(got, want, **TOL[torch.float64])
+
+
 # --------------------------------------------------------------------------- fully masked rows
 
 
