@@ -30,6 +30,19 @@ TORCH_LIBRARY(mmkernels, m) {
       "cross_modal_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? key_padding_mask, Tensor? kv_lengths, Tensor? attn_mask, float scale, float dropout_p, "
       "Tensor? dropout_seed, int causal=0) -> (Tensor, Tensor, Tensor)");
+
+  // The same attention over packed variable-length sequences (FlashAttention-2's varlen layout): q
+  // (total_q, H, E), k / v (total_k, H_kv, E|Ev), cu_seqlens_q / cu_seqlens_k int32 (batch + 1,) prefix
+  // sums from 0 (on the CPU), every sequence no longer than max_seqlen_q / max_seqlen_k; causal per
+  // sequence. Returns (out (total_q, H, Ev), lse (H, total_q)).
+  m.def(
+      "cross_modal_attention_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, float scale, float dropout_p, Tensor? dropout_seed, int causal=0) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "cross_modal_attention_varlen_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, float dropout_p, "
+      "Tensor? dropout_seed, int causal=0) -> (Tensor, Tensor, Tensor)");
 }
 
 // Fusion-layer ops (mmkernels.nn.LowRankFusion).

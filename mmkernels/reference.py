@@ -183,3 +183,31 @@ def cross_modal_attention(
         p = F.dropout(p, dropout_p)
     # A row that sees no key is zeros whatever the values hold (0 * NaN would be NaN): no key is read.
     return torch.matmul(p, v.to(ct)).masked_fill(~any_visible, 0.0).to(q.dtype)
+
+
+def cross_modal_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    *,
+    is_causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Packed variable-length attention: cross_modal_attention on each sequence's rows of q
+    (total_q, H, E) and k / v (total_k, H_kv, E|Ev), concatenated back to (total_q, H, Ev)."""
+    outs = []
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(cq) - 1):
+        qb = q[cq[b]:cq[b + 1]].transpose(0, 1).unsqueeze(0)
+        kb = k[ck[b]:ck[b + 1]].transpose(0, 1).unsqueeze(0)
+        vb = v[ck[b]:ck[b + 1]].transpose(0, 1).unsqueeze(0)
+        o = cross_modal_attention(qb, kb, vb, is_causal=is_causal, scale=scale, dropout_p=dropout_p, enable_gqa=True)
+        outs.append(o[0].transpose(0, 1))
+    if not outs:
+        return q.new_zeros(0, q.shape[1], v.shape[-1])
+    return torch.cat(outs, 0)
