@@ -162,3 +162,49 @@ def test_bad_input_names_the_argument(name, change):
     if name not in ("q",):
         with pytest.raises(RuntimeError, match=f"argument '{name}'"):
             OP(*a.values(), 0.5, 0.0, None, 0)
+
+
+# --------------------------------------------------------------------------- nested tensors
+
+
+def nested(lengths, H, D, dtype=torch.float64):
+    seqs = [torch.randn(n, H, D, dtype=dtype) for n in lengths]
+    x = torch.nested.nested_tensor(seqs, layout=torch.jagged, requires_grad=True)
+    return x, x.transpose(1, 2)  # the leaf, and SDPA's (B, H, j, D) view
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_jagged_nested_tensors_go_to_varlen_and_match_sdpa(is_causal):
+    xq, q = nested([3, 7, 1], 4, 8)
+    xk, k = nested([5, 7, 2], 2, 8)
+    xv, v = nested([5, 7, 2], 2, 8)
+    # The same packed values and lengths as dense per-sequence calls (SDPA's jagged path lacks GQA).
+    out = mmkernels.cross_modal_attention(q, k, v, is_causal=is_causal, enable_gqa=True)
+    assert out.is_nested and out.shape[:2] == (3, 4)
+    vals = out.transpose(1, 2).values()
+    want = torch.cat([
+        reference.cross_modal_attention(a.transpose(0, 1)[None], b.transpose(0, 1)[None], c.transpose(0, 1)[None],
+                                        is_causal=is_causal, enable_gqa=True)[0].transpose(0, 1)
+        for a, b, c in zip(xq.unbind(), xk.unbind(), xv.unbind())
+    ])
+    torch.testing.assert_close(vals, want)
+    g = torch.randn_like(vals)
+    got_grads = torch.autograd.grad(vals, (xq, xk, xv), g)
+    want_grads = torch.autograd.grad(want, (xq, xk, xv), g)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a.values(), b.values())
+    if not is_causal:  # SDPA's own jagged path, same heads
+        xk2, k2 = nested([5, 7, 2], 4, 8)
+        xv2, v2 = nested([5, 7, 2], 4, 8)
+        sd = F.scaled_dot_product_attention(q, k2, v2)
+        ours = mmkernels.cross_modal_attention(q, k2, v2)
+        torch.testing.assert_close(ours.transpose(1, 2).values(), sd.transpose(1, 2).values())
+
+
+def test_nested_bad_input_names_the_argument():
+    _, q = nested([3, 2], 2, 4)
+    _, k = nested([3, 2], 2, 4)
+    with pytest.raises(ValueError, match="argument 'k'"):
+        mmkernels.cross_modal_attention(q, torch.randn(2, 2, 3, 4), k)
+    with pytest.raises(ValueError, match="argument 'attn_mask'"):
+        mmkernels.cross_modal_attention(q, k, k, attn_mask=torch.ones(3, 3, dtype=torch.bool))

@@ -137,6 +137,9 @@ def cross_modal_attention(
     A float attn_mask that requires grad takes the PyTorch reference path (which materialises the
     scores) so that its gradient is exact; the fused kernel treats masks as constants.
     """
+    if isinstance(q, torch.Tensor) and q.is_nested:
+        return _nested_attention(q, k, v, key_padding_mask, kv_lengths, attn_mask, is_causal, scale, dropout_p,
+                                 enable_gqa)
     causal, op_mask = 0, attn_mask
     if isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() >= 2 and k.dim() >= 2:
         causal, op_mask = reference.causal_mode(is_causal, attn_mask, q.shape[-2], k.shape[-2])
@@ -176,6 +179,48 @@ def cross_modal_attention(
         q, k, v, key_padding_mask, kv_lengths, op_mask, scale, dropout_p, seed, causal
     )
     return out
+
+
+def _to_packed(x: torch.Tensor, name: str):
+    """A (B, H, j, D) jagged view of a (B, j, H, D) nested tensor -> (values (total, H, D), offsets)."""
+    if not (isinstance(x, torch.Tensor) and x.is_nested and x.layout == torch.jagged and x.dim() == 4
+            and x._ragged_idx == 2):
+        got = (f"{x.layout} nested tensor of {x.dim()} dims" if isinstance(x, torch.Tensor) and x.is_nested
+               else type(x).__name__ if not isinstance(x, torch.Tensor) else f"a dense tensor of shape {tuple(x.shape)}")
+        raise ValueError(
+            f"mmkernels: argument '{name}': expected (as q) a (B, H, j, D) view of a (B, j, H, D) jagged-layout "
+            f"nested tensor (torch.jagged), got {got}"
+        )
+    xt = x.transpose(1, 2)
+    return xt.values(), xt.offsets()
+
+
+def _nested_attention(q, k, v, key_padding_mask, kv_lengths, attn_mask, is_causal, scale, dropout_p, enable_gqa):
+    """Jagged nested q, k, v (SDPA's layout): the sequences' own lengths are the padding, so the packed
+    values go to cross_modal_attention_varlen (no padding work) and come back nested."""
+    from .cross_modal_attention_varlen import cross_modal_attention_varlen
+
+    for name, t in (("key_padding_mask", key_padding_mask), ("kv_lengths", kv_lengths), ("attn_mask", attn_mask)):
+        if t is not None:
+            raise ValueError(
+                f"mmkernels: argument '{name}': not supported with nested tensors (their lengths are the padding)"
+            )
+    (qv, q_off), (kv, k_off), (vv, v_off) = _to_packed(q, "q"), _to_packed(k, "k"), _to_packed(v, "v")
+    if qv.shape[1] != kv.shape[1] and not enable_gqa:
+        raise ValueError(
+            f"mmkernels: argument 'k': expected {qv.shape[1]} heads (those of q), got {kv.shape[1]}; pass "
+            "enable_gqa=True for grouped-query attention"
+        )
+    if k_off.shape != v_off.shape or (k_off != v_off).any():
+        raise ValueError("mmkernels: argument 'v': expected the sequence lengths of k")
+    if q_off.shape != k_off.shape:
+        raise ValueError(f"mmkernels: argument 'k': expected batch size {q_off.numel() - 1} (that of q), "
+                         f"got {k_off.numel() - 1}")
+    max_q = int(q_off.diff().max()) if q_off.numel() > 1 else 0
+    max_k = int(k_off.diff().max()) if k_off.numel() > 1 else 0
+    out = cross_modal_attention_varlen(qv, kv, vv, q_off.to(torch.int32), k_off.to(torch.int32), max_q, max_k,
+                                       is_causal=is_causal, scale=scale, dropout_p=dropout_p)
+    return torch.nested.nested_tensor_from_jagged(out, q_off).transpose(1, 2)
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
