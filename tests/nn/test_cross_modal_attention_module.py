@@ -703,3 +703,44 @@ def test_forward_errors_name_the_argument(change, arg):
 
 def test_public_exports():
     assert mmkernels.nn.CrossModalAttention is CrossModalAttention
+
+
+# --------------------------------------------------------------------------- nested tensors
+
+
+@pytest.mark.parametrize("sharing", ["self", "distinct"])
+@pytest.mark.parametrize("train", [False, True])
+def test_nested_inputs_match_mha_per_sequence(sharing, train):
+    # issue 13: jagged nested inputs (B, j, E) run through cross_modal_attention_varlen; each sequence
+    # must get what nn.MultiheadAttention gives it alone, gradients included.
+    mha, cma = make_pair(batch_first=True)
+    mha.train(train)
+    cma.train(train)
+    q_lens, k_lens = [3, 6, 1], [4, 6, 2]
+    qs = [torch.randn(n, E, dtype=torch.float64) for n in q_lens]
+    ks = qs if sharing == "self" else [torch.randn(n, E, dtype=torch.float64) for n in k_lens]
+    query = torch.nested.nested_tensor(qs, layout=torch.jagged, requires_grad=True)
+    key = query if sharing == "self" else torch.nested.nested_tensor(ks, layout=torch.jagged, requires_grad=True)
+    out, weights = cma(query, key, key, need_weights=False)
+    assert out.is_nested and weights is None
+    want = [mha(a[None], b[None], b[None], need_weights=False)[0][0] for a, b in zip(qs, ks)]
+    torch.testing.assert_close(out.values(), torch.cat(want), **TOL[torch.float64])
+    g = torch.randn_like(out.values())
+    got = torch.autograd.grad(out.values(), [query, *cma.parameters()], g)
+    ref_inputs = [t.requires_grad_() for t in qs]
+    if sharing != "self":
+        ref_inputs += [t.requires_grad_() for t in ks]
+    ref_out = torch.cat([mha(a[None], b[None], b[None], need_weights=False)[0][0] for a, b in zip(qs, ks)])
+    ref = torch.autograd.grad(ref_out, [*qs, *mha.parameters()], g)
+    torch.testing.assert_close(got[0].values(), torch.cat(ref[:len(qs)]), **TOL[torch.float64])
+    for a, b in zip(got[1:], ref[len(qs):]):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+
+
+def test_nested_inputs_bad_input_names_the_argument():
+    _, cma = make_pair(batch_first=True)
+    x = torch.nested.nested_tensor([torch.randn(3, E, dtype=torch.float64)], layout=torch.jagged)
+    with pytest.raises(ValueError, match="argument 'need_weights'"):
+        cma(x, x, x)
+    with pytest.raises(ValueError, match="argument 'attn_mask'"):
+        cma(x, x, x, need_weights=False, attn_mask=torch.zeros(3, 3))
