@@ -511,7 +511,8 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
     }
     if constexpr (std::is_same_v<T, float>) at::native::cpublas::brgemm_release(kBf16);
   });
-  if (nsplit > 1) merge_key_splits<T, In>(p, part_out_t.const_data_ptr<T>(), part_lse_t.const_data_ptr<T>(), nsplit, out, lse);
+  if (nsplit > 1)
+    merge_key_splits<T, In>(p, part_out_t.const_data_ptr<T>(), part_lse_t.const_data_ptr<T>(), nsplit, out, lse);
 }
 
 // ------------------------------------------------------------------------------------------ backward

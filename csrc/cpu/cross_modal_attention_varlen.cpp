@@ -58,7 +58,9 @@ Packed check_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 }
 
 // Sequence rows [off, off + n) of a packed (total, heads, D) tensor as a (1, heads, n, D) view.
-at::Tensor seq_view(const at::Tensor& x, int64_t off, int64_t n) { return x.narrow(0, off, n).permute({1, 0, 2}).unsqueeze(0); }
+at::Tensor seq_view(const at::Tensor& x, int64_t off, int64_t n) {
+  return x.narrow(0, off, n).permute({1, 0, 2}).unsqueeze(0);
+}
 
 // An independent dropout seed per sequence (an odd multiplier keeps distinct indices distinct).
 std::optional<at::Tensor> seq_seed(const std::optional<at::Tensor>& seed, double dropout_p, size_t b) {

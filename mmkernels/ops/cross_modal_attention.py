@@ -185,8 +185,12 @@ def _to_packed(x: torch.Tensor, name: str):
     """A (B, H, j, D) jagged view of a (B, j, H, D) nested tensor -> (values (total, H, D), offsets)."""
     if not (isinstance(x, torch.Tensor) and x.is_nested and x.layout == torch.jagged and x.dim() == 4
             and x._ragged_idx == 2):
-        got = (f"{x.layout} nested tensor of {x.dim()} dims" if isinstance(x, torch.Tensor) and x.is_nested
-               else type(x).__name__ if not isinstance(x, torch.Tensor) else f"a dense tensor of shape {tuple(x.shape)}")
+        if not isinstance(x, torch.Tensor):
+            got = type(x).__name__
+        elif x.is_nested:
+            got = f"a {x.layout} nested tensor of {x.dim()} dims"
+        else:
+            got = f"a dense tensor of shape {tuple(x.shape)}"
         raise ValueError(
             f"mmkernels: argument '{name}': expected (as q) a (B, H, j, D) view of a (B, j, H, D) jagged-layout "
             f"nested tensor (torch.jagged), got {got}"

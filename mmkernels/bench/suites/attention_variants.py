@@ -41,7 +41,8 @@ def _build_causal(B, H, L, E, mode, dtype, device) -> Built:
         Contender("sdpa", make_step(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), mode, leaves, g)),
         # Our own call with the causal mask as a bool tensor: the same result with every block computed
         # (the cost of our non-causal call plus the mask), the baseline of what the flag skips.
-        Contender("ours_mask", make_step(lambda: mmkernels.cross_modal_attention(q, k, v, attn_mask=tri), mode, leaves, g)),
+        Contender("ours_mask",
+                  make_step(lambda: mmkernels.cross_modal_attention(q, k, v, attn_mask=tri), mode, leaves, g)),
     ], oracle="sdpa", tol=tol_for(dtype))
 
 
