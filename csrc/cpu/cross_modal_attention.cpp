@@ -543,7 +543,7 @@ at::Tensor row_dot(const at::Tensor& dout, const at::Tensor& out, const Problem&
 template <typename T>
 void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& D, at::Tensor& dq_acc,
-                     at::Tensor& dk, at::Tensor& dv, int64_t nkb_per_task, bool per_thread_dq) {
+                     at::Tensor& dk, at::Tensor& dv, int64_t nkb_per_task, bool per_thread_dq, int64_t hsplit) {
   const int64_t BQ = std::min(kBlockQ, std::max<int64_t>(p.Lq, 1)), BK = key_block(p.Lk);
   const int64_t nkb = num_key_blocks(p.Lk);
   const int64_t nchunks = (nkb + nkb_per_task - 1) / nkb_per_task;
@@ -558,7 +558,7 @@ void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k,
   T* dqd = dq_acc.data_ptr<T>();
   T* dkd = dk.data_ptr<T>();
   T* dvd = dv.data_ptr<T>();
-  const int64_t dks2 = dk.stride(2), dvs2 = dv.stride(2);
+  const int64_t dks2 = dk.stride(3), dvs2 = dv.stride(3);
   const int64_t qs2 = q.stride(2), ks2 = k.stride(2), vs2 = v.stride(2), dos2 = dout.stride(2);
   const int64_t nthreads = at::get_num_threads();
   const int64_t dqs2 = dq_acc.stride(3);
@@ -571,10 +571,13 @@ void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k,
   T* const scratch = scratch_t.data_ptr<T>();
   // A task is a chunk of key blocks of one kv head, for every query head of its group: dK and dV sum
   // over the group in the task's accumulators, and each K / V block is transposed once for the group.
-  const int64_t ntasks = p.B * p.Hkv * nchunks;
+  // With hsplit > 1 (grouped-query attention with few kv heads), a task takes a subgroup of the query
+  // heads, and dK / dV go to the subgroup's own slice of dk / dv (hsplit, B, H_kv, Lk, E|Ev), summed after.
+  const int64_t ntasks = p.B * p.Hkv * hsplit * nchunks;
   parallel_tasks(ntasks, [&](int64_t t, int tid) {
     const int64_t task = t;  // causal: early key blocks (the costly ones) already come first
-    const int64_t bk = task / nchunks, b = bk / p.Hkv, hk = bk % p.Hkv;
+    const int64_t hs = (task / nchunks) % hsplit, bk = task / nchunks / hsplit, b = bk / p.Hkv, hk = bk % p.Hkv;
+    const int64_t g_begin = hs * p.G / hsplit, g_end = (hs + 1) * p.G / hsplit;
     const int64_t kb_first = (task % nchunks) * nkb_per_task;
     T* kT = scratch + tid * per_thread;
     T* vT = kT + aligned_slice<T>(p.E * BK);
@@ -592,8 +595,8 @@ void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k,
       const int64_t j0 = std::min(p.kbeg[b] + kb * BK, p.kend[b]), j1 = std::min(j0 + BK, p.kend[b]);
       const int64_t nk = j1 - j0;
       const int64_t a0 = kb * BK, a1 = std::min(p.Lk, a0 + BK);
-      T* dk_out = dkd + b * dk.stride(0) + hk * dk.stride(1);
-      T* dv_out = dvd + b * dv.stride(0) + hk * dv.stride(1);
+      T* dk_out = dkd + hs * dk.stride(0) + b * dk.stride(1) + hk * dk.stride(2);
+      T* dv_out = dvd + hs * dv.stride(0) + b * dv.stride(1) + hk * dv.stride(2);
       for (int64_t j = a0; j < a1; ++j) {
         if (j >= p.kbeg[b] && j < p.kend[b]) continue;
         std::fill_n(dk_out + j * dks2, p.E, T(0));
@@ -607,7 +610,7 @@ void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k,
       std::fill_n(dVt, p.Ev * BK, T(0));
       // Causal: the query blocks before the first row that sees key j0 have nothing here.
       const int64_t i_first = p.causal ? std::clamp<int64_t>(j0 - p.causal_offset, 0, p.Lq) / BQ * BQ : 0;
-      for (int64_t g = 0; g < p.G; ++g) {
+      for (int64_t g = g_begin; g < g_end; ++g) {
         const int64_t h = hk * p.G + g, bh = b * p.H + h;
         // dQ partial sums per key chunk, not per thread: tasks go to threads dynamically, so a
         // per-thread sum would add in a run-dependent order; per chunk, the final sum's order is fixed.
@@ -726,7 +729,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_modal_attention_backward_cp
   const int64_t nthreads = at::get_num_threads();
   const int64_t nkb = num_key_blocks(p.Lk);
   int64_t per_task = std::max<int64_t>(nkb, 1);
-  const int64_t units = p.B * p.Hkv;  // kv heads: a task covers its group of query heads
+  // Tasks per kv head: a task covers its group of query heads, or with few kv heads a subgroup
+  // (hsplit of them: dK / dV partials of k's size each, not dQ partials of q's size).
+  int64_t hsplit = 1;
+  if (p.G > 1 && p.B * p.Hkv > 0 && p.B * p.Hkv < 4 * nthreads && nthreads > 1)
+    hsplit = std::min<int64_t>(p.G, (4 * nthreads + p.B * p.Hkv - 1) / (p.B * p.Hkv));
+  const int64_t units = p.B * p.Hkv * hsplit;
   if (units > 0 && units < 4 * nthreads && nthreads > 1) {
     const int64_t want_chunks = (4 * nthreads + units - 1) / units;
     per_task = std::max<int64_t>(1, (nkb + want_chunks - 1) / want_chunks);
@@ -737,14 +745,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_modal_attention_backward_cp
   // With one accumulator it is dq itself, in dq's layout.
   at::Tensor dq_acc = per_thread_dq ? at::zeros({nchunks, p.B, p.H, p.Lq, p.E}, q.options().dtype(ct))
                                     : empty_grad_like(q, ct).zero_().unsqueeze(0);
+  at::Tensor dk_acc = hsplit > 1 ? at::empty({hsplit, p.B, p.Hkv, p.Lk, p.E}, k.options().dtype(ct)) : dk.unsqueeze(0);
+  at::Tensor dv_acc = hsplit > 1 ? at::empty({hsplit, p.B, p.Hkv, p.Lk, p.Ev}, v.options().dtype(ct)) : dv.unsqueeze(0);
   if (p.B * p.H * p.Lk > 0) {
     if (ct == at::kDouble) {
       const at::Tensor D = row_dot<double>(doc, oc, p);
-      backward_kernel<double>(p, qc, kc, vc, doc, lsec, D, dq_acc, dk, dv, per_task, per_thread_dq);
+      backward_kernel<double>(p, qc, kc, vc, doc, lsec, D, dq_acc, dk_acc, dv_acc, per_task, per_thread_dq, hsplit);
     } else {
       const at::Tensor D = row_dot<float>(doc, oc, p);
-      backward_kernel<float>(p, qc, kc, vc, doc, lsec, D, dq_acc, dk, dv, per_task, per_thread_dq);
+      backward_kernel<float>(p, qc, kc, vc, doc, lsec, D, dq_acc, dk_acc, dv_acc, per_task, per_thread_dq, hsplit);
     }
+    if (hsplit > 1) {  // every row of every slice was written by its tasks
+      at::sum_out(dk, dk_acc, 0);
+      at::sum_out(dv, dv_acc, 0);
+    }
+  } else if (hsplit > 1) {
+    dk.zero_();
+    dv.zero_();
   }
   const auto dt = q.scalar_type();
   at::Tensor dq;
