@@ -17,3 +17,9 @@ __all__ = ["cross_modal_attention", "cross_modal_attention_varlen", "fused_conca
 from .convert import ConversionReport, convert, revert  # noqa: E402
 
 __all__ += ["convert", "revert", "ConversionReport"]
+
+# DTensor sharding strategies of every op and tensor-parallel styles (mmkernels.distributed): registered
+# when torch.distributed.tensor is imported (now, if it already is; see _dtensor_hook).
+from ._dtensor_hook import install as _install_dtensor_hook  # noqa: E402
+
+_install_dtensor_hook()

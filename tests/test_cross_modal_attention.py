@@ -10,7 +10,7 @@ from conftest import TOLERANCES
 import mmkernels
 from mmkernels import reference
 
-DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 OP = torch.ops.mmkernels.cross_modal_attention.default
 OP_BWD = torch.ops.mmkernels.cross_modal_attention_backward.default
 
@@ -118,6 +118,23 @@ def test_bfloat16_keys_at_any_offset_and_row_stride(offset, row):
     v = torch.randn(B, H, S, 5, dtype=torch.bfloat16, requires_grad=True)
     masks = make_masks("kpm", B, H, L, S, torch.bfloat16)
     check_against_reference(q, k.requires_grad_(), v, masks, torch.bfloat16)
+
+
+def test_float16_values_convert_exactly():
+    # The float16 forward converts blocks of Q, K and V to float (csrc/cpu/half_convert.cpp, branch-
+    # free bit arithmetic). With one visible key the output is V's row itself, so every float16 bit
+    # pattern (subnormals, infinities and NaN included) must come back unchanged; keys are scaled
+    # into the subnormal range, where their conversion must keep the scores right too.
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    v = every.view(1, 1, 1, -1)
+    q = torch.randn(1, 1, 3, 8, dtype=torch.float16)
+    out = mmkernels.cross_modal_attention(q, torch.randn(1, 1, 1, 8, dtype=torch.float16), v)
+    same = (out == v) | (torch.isnan(out) & torch.isnan(v))
+    assert same.all(), every[~same[0, 0, 0]][:8]
+    k = (torch.randn(1, 2, 40, 16, dtype=torch.float16) * 2**-17).requires_grad_()  # subnormal keys
+    q = (torch.randn(1, 2, 5, 16, dtype=torch.float16) * 2**12).requires_grad_()
+    check_against_reference(q, k, torch.randn(1, 2, 40, 6, dtype=torch.float16, requires_grad=True), {},
+                            torch.float16)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -321,7 +338,7 @@ def test_gradcheck(kind):
 def _opcheck_args():
     B, H, Lq, Lk, E, Ev = 2, 3, 9, 13, 8, 5
     cases = []
-    for dtype in (torch.float32, torch.float64):
+    for dtype in (torch.float32, torch.float64, torch.float16):
         q, k, v = make_qkv(B, H, Lq, Lk, E, Ev, dtype)
         m = make_masks("kpm+len32+bool4d", B, H, Lq, Lk, dtype)
         cases.append((q, k, v, None, None, None, 0.35, 0.0, None))
@@ -330,7 +347,7 @@ def _opcheck_args():
     return cases
 
 
-@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("case", range(9))
 def test_opcheck(case):
     args = _opcheck_args()[case]
     torch.library.opcheck(OP, args)

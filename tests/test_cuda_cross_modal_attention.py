@@ -12,6 +12,7 @@ larger than 65535 blocks, non-contiguous and misaligned inputs, gradients of q, 
 float mask that requires grad, through the wrapper's reference path), dropout (keep rate, the same
 mask as the CPU kernel for the same seed, reproducibility), streams, opcheck and torch.compile.
 """
+import math
 import os
 import subprocess
 import sys
@@ -155,6 +156,45 @@ def test_fully_masked_rows_give_zeros_and_zero_grad(dtype, E):
     assert (dq[:2] == 0).all() and (dq[:, :, 3] == 0).all()
     assert (dk[:2] == 0).all() and (dv[:2] == 0).all()
     assert (dk[2, :, 5:] == 0).all() and (dv[2, :, 5:] == 0).all()  # keys past kv_lengths
+
+
+@pytest.mark.parametrize("dtype,E", [(torch.float16, 64), (torch.bfloat16, 128), (torch.float32, 64), (torch.float16, 48)],
+                         ids=str)  # tensor cores (the first two), the fallback (the last two)
+def test_nan_query_row_gives_nan_and_nan_gradients(dtype, E):
+    # Regression (issue 19 part 3): a row whose visible scores are NaN was taken for a row that sees
+    # no key (l > 0 failed): zeros and lse = +inf, so zero gradients. It must be NaN, output and
+    # gradients; only a row that sees no key at all gets zeros, whatever its query holds.
+    B, H, Lq, Lk = 2, 2, 70, 130
+    q, k, v = make_qkv(B, H, Lq, Lk, E, E, dtype, requires_grad=False)
+    attn = torch.zeros(Lq, Lk, device="cuda", dtype=dtype)
+    attn[3] = -math.inf  # query row 3 of every head sees no key
+    q[0, 0, 1, 0] = math.nan  # every score of row 1 of head (0, 0) is NaN
+    q[1, 1, 3, 0] = math.nan  # a NaN query in a row that sees nothing: still zeros
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out, lse = OP(q.detach(), k.detach(), v.detach(), None, None, attn, E**-0.5, 0.0, None)
+    assert torch.isnan(out[0, 0, 1]).all() and torch.isnan(lse[0, 0, 1])
+    assert (out[:, :, 3] == 0).all() and torch.isposinf(lse[:, :, 3]).all()
+    out = mmkernels.cross_modal_attention(q, k, v, attn_mask=attn)
+    g = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), g)
+    assert torch.isnan(out[0, 0, 1]).all() and torch.isnan(dq[0, 0, 1]).all()
+    assert torch.isnan(dk[0, 0]).all() and torch.isnan(dv[0, 0]).all()  # the NaN row sees every key
+    assert (out[1, 1, 3] == 0).all() and (dq[1, 1, 3] == 0).all()
+    # Everything else is what the reference gives with the NaNs replaced by zeros (rows are independent;
+    # the zeroed rows are checked above).
+    ref, leaves = run_reference(q.detach().nan_to_num(0.0), k, v, {"attn_mask": attn})
+    want = torch.autograd.grad(ref, leaves, g.double())
+    row_ok = torch.ones(B, H, Lq, 1, dtype=torch.bool, device="cuda")
+    row_ok[0, 0, 1] = False
+    head_ok = torch.ones(B, H, 1, 1, dtype=torch.bool, device="cuda")
+    head_ok[0, 0] = False
+    assert_close(out.detach().where(row_ok, 0), ref.where(row_ok, 0), TOL[dtype][0], "out")
+    assert_close(dq.where(row_ok, 0), want[0].where(row_ok, 0), TOL[dtype][1], "grad q")
+    assert_close(dv.where(head_ok, 0), want[2].where(head_ok, 0), TOL[dtype][1], "grad v")
+    # dK = dS^T Q multiplies row 3's zero dS by its NaN query (0 * NaN in the GEMM, as in the
+    # reference's own product): head (1, 1) is left out of the dK comparison.
+    head_ok[1, 1] = False
+    assert_close(dk.where(head_ok, 0), want[1].where(head_ok, 0), TOL[dtype][1], "grad k")
 
 
 def test_decoding_lq1_and_large_grid():

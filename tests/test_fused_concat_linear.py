@@ -9,7 +9,8 @@ import mmkernels
 from mmkernels import _C, reference
 
 ACTIVATIONS = ["none", "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid"]
-DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def make_case(lead, widths, n, dtype, bias=True, requires_grad=True):
@@ -51,8 +52,8 @@ def check_against_reference(xs, w, b, activation, op=mmkernels.fused_concat_line
     expected, (xs_r, w_r, b_r) = reference_in(ref_dtype, xs, w, b, activation)
     assert out.shape == expected.shape and out.dtype == dtype
     assert_close(out, expected, dtype)
-    if dtype == torch.bfloat16 and activation == "relu":
-        # Where the pre-activation is within bf16 rounding of 0, relu's mask may legitimately differ
+    if dtype in LOW_PRECISION and activation == "relu":
+        # Where the pre-activation is within bf16/fp16 rounding of 0, relu's mask may legitimately differ
         # from the float64 one; take the mask from our output so the gradient check stays exact.
         expected, (xs_r, w_r, b_r) = _relu_with_mask(xs, w, b, out > 0)
     grad = torch.randn_like(out)
@@ -77,7 +78,7 @@ def test_matches_reference_each_activation_and_dtype(dtype, activation):
     [((1,), (1,), 1), ((3,), (17, 123), 3), ((123,), (3, 1, 17), 17), ((2, 3, 4), (5, 6), 7), ((), (9, 4), 5),
      ((4100,), (33, 65), 129)],  # the last one spans several row blocks
 )
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_odd_shapes_and_leading_dims(lead, widths, n, dtype):
     xs, w, b = make_case(lead, widths, n, dtype)
     check_against_reference(xs, w, b, "relu")
@@ -157,15 +158,17 @@ def test_gradcheck(activation):
     assert torch.autograd.gradcheck(fn, (*xs, w, b))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("activation", ["none", "gelu"])
-def test_opcheck(activation):
-    xs, w, b = make_case((4, 3), (5, 2), 6, torch.float32)
+def test_opcheck(activation, dtype):
+    xs, w, b = make_case((4, 3), (5, 2), 6, dtype)
     torch.library.opcheck(torch.ops.mmkernels.fused_concat_linear.default, (xs, w, b, activation))
     torch.library.opcheck(torch.ops.mmkernels.fused_concat_linear.default, (xs, w, None, activation))
 
 
-def test_opcheck_backward_op():
-    xs, w, b = make_case((4,), (5, 2), 6, torch.float32, requires_grad=False)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_opcheck_backward_op(dtype):
+    xs, w, b = make_case((4,), (5, 2), 6, dtype, requires_grad=False)
     out, pre = torch.ops.mmkernels.fused_concat_linear(xs, w, b, "silu")
     args = (torch.randn_like(out), xs, w, out, pre, "silu", [True, False], True, True)
     torch.library.opcheck(torch.ops.mmkernels.fused_concat_linear_backward.default, args)
@@ -246,7 +249,7 @@ def test_deterministic_and_thread_count_independent():
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu", "none"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_few_rows(activation, dtype):
     # M * 8 <= N: the kernel concatenates (concat_is_cheaper); the wrapper takes eager ATen there.
     xs, w, b = make_case((2, 3), (40, 1, 23), 64, dtype)

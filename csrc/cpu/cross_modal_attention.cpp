@@ -19,6 +19,8 @@
 //
 // GEMMs: see gemm() below. bfloat16: the forward multiplies bfloat16 operands on oneDNN (float
 // accumulation); the backward runs the float kernel on float copies and rounds the results.
+// float16: the forward runs the float GEMMs on blocks converted as they are packed (half_convert.h),
+// the backward as bfloat16's.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -35,6 +37,7 @@
 #include "attention_rows.h"
 #include "checks.h"
 #include "dropout_hash.h"
+#include "half_convert.h"
 #include "matmul.h"
 #include "transpose.h"
 
@@ -137,8 +140,8 @@ struct Problem {
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   check_attention_ranks(q, k, v);
-  check_device_and_dtypes(q, "q", c10::DeviceType::CPU, {at::kFloat, at::kDouble, at::kBFloat16},
-                          "float32, float64 or bfloat16 on the CPU");
+  check_device_and_dtypes(q, "q", c10::DeviceType::CPU, {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf},
+                          "float32, float64, bfloat16 or float16 on the CPU");
   check_attention_qkv(q, k, v);
 }
 
@@ -271,11 +274,16 @@ inline int64_t num_key_blocks(int64_t Lk) { return (Lk + key_block(Lk) - 1) / ke
 // dim ks2, vs2). float / double: K_j^T (E x BK). bfloat16, for cpublas::brgemm (oneDNN;
 // AVX512-BF16 / AMX where present), in VNNI-2 layout, pairs of reduction rows interleaved: K_j^T as
 // (E/2 x BKp x 2), which is a transpose of K_j read as 32-bit pairs, and V_j as (BKp/2 x Ev x 2),
-// an odd block's last pair completed with a zero row.
-template <typename In>
+// an odd block's last pair completed with a zero row. float16 (for the float GEMMs): K_j converted
+// into `tmp` (BK x E) and transposed from there into K_j^T (E x BK), V_j converted (BK x Ev).
+template <typename In, typename Packed, typename Tmp>
 void pack_key_block(const In* kr, int64_t ks2, const In* vr, int64_t vs2, int64_t nk, int64_t E, int64_t Ev,
-                    int64_t BK, In* kT, In* vP) {
-  if constexpr (std::is_same_v<In, at::BFloat16>) {
+                    int64_t BK, Packed* kT, Packed* vP, Tmp* tmp) {
+  if constexpr (std::is_same_v<In, at::Half>) {
+    for (int64_t c = 0; c < nk; ++c) half_to_float(kr + c * ks2, tmp + c * E, E);
+    transpose(tmp, E, nk, E, kT, BK);
+    for (int64_t c = 0; c < nk; ++c) half_to_float(vr + c * vs2, vP + c * Ev, Ev);
+  } else if constexpr (std::is_same_v<In, at::BFloat16>) {
     const int64_t BKp = (BK + 1) & ~int64_t(1);
     transpose(reinterpret_cast<const uint32_t*>(kr), ks2 / 2, nk, E / 2, reinterpret_cast<uint32_t*>(kT), BKp);
     const auto* v16 = reinterpret_cast<const uint16_t*>(vr);
@@ -333,14 +341,15 @@ void merge_key_splits(const Problem& p, const T* part_out, const T* part_lse, in
       In* o = od + b * out.stride(0) + h * out.stride(1) + i * os2;
       if constexpr (std::is_same_v<In, at::BFloat16>) {
         rows::to_bf16(acc.data(), reinterpret_cast<uint16_t*>(o), p.Ev);
-      } else {
+      } else {  // float, double; float16 rounds each value in c10::Half(float), as the unsplit path
         std::copy_n(acc.data(), p.Ev, o);
       }
     }
   });
 }
 
-// T: accumulation type (float, double); In: operand type (T, or bfloat16 with T = float).
+// T: accumulation type (float, double); In: operand type (T, or bfloat16 / float16 with T = float).
+// float16 runs the float GEMMs on blocks converted to float (Q per query block, K and V as packed).
 // q, k, v: last dim contiguous, any other strides (bfloat16: k's rows and their pairs 4-byte aligned,
 // see bf16_pairs_aligned). out: (B, H, Lq, Ev) in In, last dim contiguous; lse (B, H, Lq)
 // contiguous in T.
@@ -348,6 +357,8 @@ template <typename T, typename In>
 void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     at::Tensor& out, at::Tensor& lse) {
   constexpr bool kBf16 = std::is_same_v<In, at::BFloat16>;
+  constexpr bool kHalf = std::is_same_v<In, at::Half>;
+  using Packed = std::conditional_t<kHalf, T, In>;  // the element type of packed K (and V)
   const int64_t BQ = std::min(kBlockQ, p.Lq), BK = key_block(p.Lk);
   const int64_t BKp = (BK + 1) & ~int64_t(1);  // P's row length, even for the VNNI reduction
   const int64_t nqb = (p.Lq + BQ - 1) / BQ;
@@ -375,13 +386,14 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
   const bool keep_packed = num_key_blocks(p.Lk) <= kMaxKeptBlocks;
   const int64_t slots = keep_packed ? num_key_blocks(p.Lk) : 1;
   // Packed block sizes in In elements, and their scratch in T elements (bfloat16: two per T).
-  const int64_t kt_block = p.E * (kBf16 ? BKp : BK), v_block = kBf16 ? BKp * p.Ev : 0;
-  const int64_t kt_size = aligned_slice<T>(kt_block * slots * sizeof(In) / sizeof(T));
-  const int64_t v_size = aligned_slice<T>(v_block * slots * sizeof(In) / sizeof(T));
+  const int64_t kt_block = p.E * (kBf16 ? BKp : BK), v_block = kBf16 ? BKp * p.Ev : (kHalf ? BK * p.Ev : 0);
+  const int64_t kt_size = aligned_slice<T>(kt_block * slots * sizeof(Packed) / sizeof(T));
+  const int64_t v_size = aligned_slice<T>(v_block * slots * sizeof(Packed) / sizeof(T));
   // Per-thread scratch: packed K (and V), scores, output accumulator, row max / sum, one bias row,
-  // dropout factors, and (bfloat16) P rounded for the second GEMM.
+  // dropout factors, and (bfloat16) P rounded for the second GEMM or (float16) Q_i and K_j in float.
   const int64_t per_thread = kt_size + v_size +
-      aligned_slice<T>(BQ * BK + BQ * p.Ev + 2 * BQ + BK + BK + (kBf16 ? (BQ * BKp + 1) / 2 : 0));
+      aligned_slice<T>(BQ * BK + BQ * p.Ev + 2 * BQ + BK + BK + (kBf16 ? (BQ * BKp + 1) / 2 : 0) +
+                       (kHalf ? (BQ + BK) * p.E : 0));
   const at::Tensor scratch_t = aligned_scratch<T>(per_thread * nthreads);
   T* const scratch = scratch_t.data_ptr<T>();
   // Decoding (few rows, many keys): too few tasks to keep every thread busy, so the keys are split
@@ -407,8 +419,8 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
     const int64_t jbeg = std::min(p.kbeg[b] + split * split_blocks * BK, p.kend[b]);
     const int64_t jend = nsplit > 1 ? std::min(jbeg + split_blocks * BK, p.kend[b]) : p.kend[b];
     const int64_t it0 = (task % nruns) * run, it1 = std::min(nitems, it0 + run);
-    In* kT = reinterpret_cast<In*>(scratch + tid * per_thread);
-    In* vP = reinterpret_cast<In*>(scratch + tid * per_thread + kt_size);
+    Packed* kT = reinterpret_cast<Packed*>(scratch + tid * per_thread);
+    Packed* vP = reinterpret_cast<Packed*>(scratch + tid * per_thread + kt_size);
     T* S = scratch + tid * per_thread + kt_size + v_size;
     T* acc = S + BQ * BK;
     T* m = acc + BQ * p.Ev;
@@ -416,9 +428,11 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
     T* bias = l + BQ;
     T* z = bias + BK;
     uint16_t* Pb = reinterpret_cast<uint16_t*>(z + BK);
+    T* Qf = z + BK;           // float16: Q_i in float
+    T* Kf = Qf + BQ * p.E;    // float16: K_j in float, before its transpose
     auto pack = [&](int64_t j0, int64_t slot) {
       pack_key_block(kd + b * ks0 + hk * ks1 + j0 * ks2, ks2, vd + b * vs0 + hk * vs1 + j0 * vs2, vs2,
-                     std::min(BK, p.kend[b] - j0), p.E, p.Ev, BK, kT + slot * kt_block, vP + slot * v_block);
+                     std::min(BK, p.kend[b] - j0), p.E, p.Ev, BK, kT + slot * kt_block, vP + slot * v_block, Kf);
     };
     if (keep_packed) {
       int64_t jpack = jbeg;  // the keys any item of the run sees
@@ -436,12 +450,16 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
       std::fill_n(m, nq, -std::numeric_limits<T>::infinity());
       std::fill_n(l, nq, T(0));
       const In* qb = qd + b * qs0 + h * qs1 + i0 * qs2;
+      if constexpr (kHalf)
+        for (int64_t r = 0; r < nq; ++r) half_to_float(qb + r * qs2, Qf + r * p.E, p.E);
       for (int64_t j0 = jbeg, jb = 0; j0 < jlim; j0 += BK, ++jb) {
         // Causal: only the blocks up to the diagonal run, the last one cut at the last row's limit.
         const int64_t nk = std::min(BK, jlim - j0), slot = keep_packed ? jb : 0;
         if (!keep_packed) pack(j0, slot);
         if constexpr (kBf16) {  // S = Q_i K_j^T
           at::native::cpublas::brgemm(nq, nk, p.E, qs2, BKp, BK, false, qb, kT + slot * kt_block, S, true);
+        } else if constexpr (kHalf) {
+          gemm(nq, nk, p.E, Qf, p.E, kT + slot * kt_block, BK, S, BK, false);
         } else {
           gemm(nq, nk, p.E, qb, qs2, kT + slot * kt_block, BK, S, BK, false);
         }
@@ -476,6 +494,8 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
         if constexpr (kBf16) {  // O_i += P V_j
           at::native::cpublas::brgemm(nq, p.Ev, (nk + 1) & ~int64_t(1), BKp, p.Ev, p.Ev, true,
                                       reinterpret_cast<const at::BFloat16*>(Pb), vP + slot * v_block, acc, true);
+        } else if constexpr (kHalf) {
+          gemm(nq, p.Ev, nk, S, BK, vP + slot * v_block, p.Ev, acc, p.Ev, true);
         } else {
           gemm(nq, p.Ev, nk, S, BK, vd + b * vs0 + hk * vs1 + j0 * vs2, vs2, acc, p.Ev, true);
         }
@@ -687,6 +707,14 @@ std::tuple<at::Tensor, at::Tensor> cross_modal_attention_cpu(
     if (lse.numel() > 0)
       forward_kernel<float, at::BFloat16>(p, last_dim_contiguous(q), bf16_pairs_aligned(last_dim_contiguous(k)),
                                           last_dim_contiguous(v), out, lse);
+    return {out, lse};
+  }
+  if (q.scalar_type() == at::kHalf) {
+    // float16: float GEMMs on blocks converted as they are packed (no float copy of q, k or v).
+    at::Tensor out = empty_attention_out(p.B, p.H, p.Lq, p.Ev, q.options());
+    if (lse.numel() > 0)
+      forward_kernel<float, at::Half>(p, last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v), out,
+                                      lse);
     return {out, lse};
   }
   const at::Tensor qc = last_dim_contiguous(q.to(ct));

@@ -26,7 +26,7 @@ namespace {
 struct Problem {
   int64_t rows = 0, N = 0, R = 0;
   std::vector<int64_t> lead;      // leading (batch) dims shared by every input
-  at::ScalarType acc;             // compute type: float for bfloat16, else the input type
+  at::ScalarType acc;             // compute type: float for bfloat16/float16, else the input type
   std::vector<at::Tensor> x;      // input m as a (rows, D_m) matrix, in its own dtype
   std::vector<at::Tensor> fw;     // F_m[:, :D_m] in the compute type, (R, D_m, N)
   std::vector<at::Tensor> fb;     // F_m[:, D_m], the appended 1's row, (R, N)
@@ -41,8 +41,8 @@ Problem make_problem(at::TensorList inputs, at::TensorList factors, const at::Te
   MMK_CHECK_ARG(rank_weight.dim() == 1, "rank_weight", "expected a 1-D (rank,) tensor, got shape ",
                 rank_weight.sizes());
   const auto dt = rank_weight.scalar_type();
-  MMK_CHECK_ARG(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16, "rank_weight",
-                "expected float32, float64 or bfloat16, got ", dt);
+  MMK_CHECK_ARG(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf, "rank_weight",
+                "expected float32, float64, bfloat16 or float16, got ", dt);
   Problem p;
   p.R = rank_weight.size(0);
   MMK_CHECK_ARG(factors[0].dim() == 3, "factors[0]", "expected a 3-D (rank, in_features + 1, out_features) tensor, got ",
@@ -66,7 +66,7 @@ Problem make_problem(at::TensorList inputs, at::TensorList factors, const at::Te
     MMK_CHECK_ARG(f.dim() == 3 && f.size(0) == p.R && f.size(1) == d + 1 && f.size(2) == p.N, fn, "expected shape (",
                   p.R, ", ", d + 1, ", ", p.N, ") = (rank, ", xn, ".size(-1) + 1, out_features), got ", f.sizes());
     p.x.push_back(x.reshape({p.rows, d}));
-    const at::Tensor fa = f.to(p.acc);  // no copy unless bfloat16
+    const at::Tensor fa = f.to(p.acc);  // no copy unless bfloat16/float16
     p.fw.push_back(fa.narrow(1, 0, d));
     p.fb.push_back(fa.select(1, d));
   }
@@ -106,7 +106,7 @@ at::Tensor low_rank_fusion_cpu(at::TensorList inputs, at::TensorList factors, co
 
   auto run_block = [&](int64_t r0, int64_t rn) {
     const auto opts = out.options().dtype(p.acc);
-    // float32/float64 accumulate straight into the output; bfloat16 through a float32 block.
+    // float32/float64 accumulate straight into the output; bfloat16/float16 through a float32 block.
     const bool direct = p.acc == out.scalar_type();
     at::Tensor acc = direct ? out.narrow(0, r0, rn) : at::empty({rn, p.N}, opts);
     at::Tensor prod = at::empty({rn, p.N}, opts), proj = at::empty({rn, p.N}, opts);

@@ -222,8 +222,8 @@ at::Tensor masked_scores(const Prepared& p, const at::Tensor& qf, const at::Tens
     const at::Tensor m = p.mask.slice(2, i0, i1);
     if (m.scalar_type() == at::kBool) {
       s.masked_fill_(m.logical_not(), -std::numeric_limits<double>::infinity());
-    } else {
-      s.add_(m);
+    } else {  // -inf stays -inf where the score is NaN: a masked key is not seen
+      s.add_(m).masked_fill_(m.eq(-std::numeric_limits<double>::infinity()), -std::numeric_limits<double>::infinity());
     }
   }
   return s;
@@ -272,7 +272,9 @@ std::tuple<at::Tensor, at::Tensor> forward_fallback(const Prepared& p, const at:
     m.masked_fill_(m.eq(-inf), 0.0);  // a row with no visible key: exp(-inf - 0) = 0, never NaN
     at::Tensor e = s.sub_(m).exp_();
     at::Tensor l = e.sum(-1, /*keepdim=*/true);
-    const at::Tensor seen = l.gt(0);
+    // l is 0 only where no key is visible; NaN among the visible scores makes m and l NaN, and
+    // that row's out and lse NaN (its gradients then NaN as well), as in the reference.
+    const at::Tensor seen = l.ne(0);
     lse.slice(2, i0, i1).copy_(at::where(seen, m + l.log(), inf).squeeze(-1));
     at::Tensor prob = e.div_(at::where(seen, l, 1.0));
     if (p.dropout) prob.mul_(dropout_factors(p, prob, i0, i1, stream));
@@ -296,8 +298,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_fallback(const Prepared&
   for (int64_t i0 = 0, step = chunk_rows(p); i0 < p.Lq; i0 += step) {
     const int64_t i1 = std::min(p.Lq, i0 + step);
     at::Tensor s = masked_scores(p, qf, kf, visible, i0, i1);
-    // P from the saved lse: a row with lse = +inf (no visible key) gets exactly 0.
-    const at::Tensor prob = s.sub_(lsef.slice(2, i0, i1).unsqueeze(-1)).exp_();
+    // P from the saved lse: a row with lse = +inf (no visible key) gets exactly 0, a NaN row (lse =
+    // NaN) NaN at its visible keys. Masked keys get P = 0 and dS = 0 whatever their row holds.
+    const at::Tensor unseen = s.eq(-std::numeric_limits<double>::infinity());
+    const at::Tensor prob = s.sub_(lsef.slice(2, i0, i1).unsqueeze(-1)).exp_().masked_fill_(unseen, 0);
     const at::Tensor dout_c = dof.slice(2, i0, i1);
     at::Tensor dp = at::matmul(dout_c, vf.transpose(-1, -2));
     at::Tensor pz = prob;
@@ -307,7 +311,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_fallback(const Prepared&
       dp.mul_(z);
     }
     dv.add_(at::matmul(pz.transpose(-1, -2), dout_c));
-    const at::Tensor ds = dp.sub_(D.slice(2, i0, i1).unsqueeze(-1)).mul_(prob).mul_(p.scale);
+    // Masked keys (and rows that see none): dS = 0 even where dP or D is NaN, as in the kernels.
+    const at::Tensor ds = dp.sub_(D.slice(2, i0, i1).unsqueeze(-1)).mul_(prob).mul_(p.scale).masked_fill_(unseen, 0);
     dq.slice(2, i0, i1).copy_(at::matmul(ds, kf));
     dk.add_(at::matmul(ds.transpose(-1, -2), qf.slice(2, i0, i1)));
   }

@@ -26,6 +26,17 @@ constexpr int kRowElems = kTileK + 8;      // padded smem row: 80 B apart, so th
                                            // read touches land in distinct banks
 constexpr int kChunksPerRow = kTileK / 8;  // 16-byte chunks per tile row
 
+#ifdef MMK_EMU
+// Emulation build (csrc/emu): the same instructions, executed by the CPU executor.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
+  ::mmk_emu::cp_async16(smem, gmem, src_bytes);
+}
+__device__ __forceinline__ void cp_async_commit() { ::mmk_emu::cp_async_commit(); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  ::mmk_emu::cp_async_wait(N);
+}
+#else
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
   // src_bytes < 16 zero-fills the rest: the tails of segments and of M / N come for free.
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
@@ -37,9 +48,17 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+#endif  // MMK_EMU
+
 __device__ __forceinline__ uint32_t lds32(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
 // D = A (16x16, row) * B (16x8, col) + D, float32 accumulation.
+#ifdef MMK_EMU
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  ::mmk_emu::mma_m16n8k16(d, a, b, std::is_same_v<T, c10::BFloat16>);
+}
+#else
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
@@ -56,6 +75,8 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
   }
 }
+
+#endif  // MMK_EMU
 
 // Loads rows [row0, row0 + ROWS) x columns [k0, k0 + kTileK) of a row-major 16-bit matrix with
 // `width` columns and `row_limit` rows into a padded smem tile; out-of-range elements become 0.

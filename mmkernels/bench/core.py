@@ -1,9 +1,13 @@
-"""Cases, contenders and the suite registry.
+"""The benchmark's vocabulary: options, contenders, cases and suites, plus helpers for writing cases.
 
-A suite is a function ``(quick: bool) -> list[Case]`` registered under a name. A Case is cheap to
-create; ``Case.build(device)`` allocates the inputs and returns the contenders, each a zero-argument
-callable running one step (a forward, or a forward plus backward). The first contender is ours; the
-contender named by ``Built.oracle`` is the reference its result is checked against.
+A leaf module: it imports nothing from the rest of ``mmkernels.bench``, so suites, the runner and the
+report all import it and never each other's internals. The registry of suites is
+``mmkernels.bench.suites.SUITES``.
+
+A Case is cheap to create; ``Case.build(device)`` allocates the inputs and returns the contenders,
+each a zero-argument callable running one step (a forward, or a forward plus backward). The first
+contender is ours; the contender named by ``Built.oracle`` is the reference its result is checked
+against.
 """
 from __future__ import annotations
 
@@ -15,7 +19,15 @@ from typing import Any, Callable
 import torch
 
 OURS = "mmkernels"
-SKIP_COMPILE = False  # set by --no-compile
+SCOPES = ("quick", "default", "full")
+
+
+@dataclass(frozen=True)
+class Options:
+    """What a run measures, passed from the command line to the runner (no module globals)."""
+
+    compile: bool = True  # time the torch.compile contenders (compiling costs seconds per case)
+    memory: bool = True  # measure peak memory, in a pass of its own after the timing
 
 
 @dataclass
@@ -23,19 +35,20 @@ class Contender:
     name: str
     step: Callable[[], Any] | None  # None when unavailable
     reason: str = ""  # why it is unavailable (e.g. torch.compile failed)
+    compiles: bool = False  # a torch.compile contender: left out when Options.compile is False
 
 
 @dataclass
 class Built:
     contenders: list[Contender]
     oracle: str  # the contender whose output is the correctness reference
-    tol: float  # max |ours - oracle| / max |oracle| allowed, per output tensor
+    tol: float  # max relative error (see rel_error) allowed against the oracle
 
 
 @dataclass
 class Case:
     suite: str
-    shape: str  # human-readable shape, e.g. "8192x(512,768,128)->256"
+    shape: str  # human-readable shape in the README's notation, e.g. "8192x(512,768,128)->256"
     mode: str  # "fwd" or "fwd+bwd"
     dtype: torch.dtype
     build: Callable[[torch.device], Built] = field(repr=False)
@@ -43,6 +56,7 @@ class Case:
     baselines: tuple[str, ...] = ()  # the contenders other than ours, in table order
     devices: tuple[str, ...] = ("cpu", "cuda")
     flops: float = 0.0  # for GFLOP/s, 0 when not meaningful
+    default: bool = False  # one of the suite's representative cases, run without --full
 
     @property
     def dtype_name(self) -> str:
@@ -53,41 +67,25 @@ class Case:
         return f"{self.suite}-{self.mode}-{self.dtype_name}-{self.shape}"
 
 
-# name -> (cases(quick) -> list[Case], why-unavailable() -> str | None)
-SUITES: dict[str, tuple[Callable[[bool], list[Case]], Callable[[], str | None]]] = {}
+@dataclass(frozen=True)
+class Suite:
+    """A named family of cases. ``cases()`` returns the full sweep; the default run takes the cases
+    marked ``default=True`` (one or two per suite, so that every suite shows up in a short run)."""
+
+    name: str
+    about: str  # one line: what is measured against what
+    cases: Callable[[], list[Case]] = field(repr=False)
+    contenders: dict[str, str] = field(default_factory=dict)  # glossary: contender -> what it runs
+    unavailable: Callable[[], str | None] = field(default=lambda: None, repr=False)  # reason to skip
+
+    def select(self, scope: str) -> list[Case]:
+        if scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+        cases = self.cases()
+        return cases if scope == "full" else [c for c in cases if c.default]
 
 
-def register_suite(name: str, unavailable: Callable[[], str | None] = lambda: None):
-    """Registers ``fn(quick) -> list[Case]``; ``unavailable()`` returns a reason to skip, or None."""
-
-    def wrap(fn):
-        SUITES[name] = (fn, unavailable)
-        return fn
-
-    return wrap
-
-
-def suite_cases(name: str, quick: bool = False) -> list[Case]:
-    _load_suites()
-    cases, _ = SUITES[name]
-    return cases(quick)
-
-
-def suite_unavailable(name: str) -> str | None:
-    _load_suites()
-    return SUITES[name][1]()
-
-
-def all_suites() -> list[str]:
-    _load_suites()
-    return list(SUITES)
-
-
-def _load_suites() -> None:
-    from . import suites  # noqa: F401  (registers on import)
-
-
-# ----------------------------------------------------------------------------- step helpers
+# ----------------------------------------------------------------------------- helpers for suites
 
 
 def seed(case_id: str) -> None:
@@ -118,14 +116,15 @@ def make_step(fn: Callable[[], torch.Tensor], mode: str, leaves: list[torch.Tens
     return step
 
 
-def compiled(fn: Callable, name: str = "compile") -> tuple[Callable | None, str]:
-    """torch.compile(fn) compiled lazily on first call; the runner's warm-up absorbs the compile time."""
-    if SKIP_COMPILE:
-        return None, "skipped (--no-compile)"
+def compiled_contender(name: str, fn: Callable, make: Callable[[Callable], Callable[[], Any]]) -> Contender:
+    """A torch.compile contender: ``make(torch.compile(fn))`` gives its step. torch.compile compiles
+    lazily on the first call, which the runner makes (and checks) before timing; the runner leaves
+    the contender out when compiling is switched off."""
     try:
-        return torch.compile(fn, dynamic=False), ""
+        fn_c = torch.compile(fn, dynamic=False)
     except Exception as err:  # e.g. no C++ compiler, unsupported Python
-        return None, f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
+        return Contender(name, None, f"{type(err).__name__}: {str(err).splitlines()[0][:120]}", compiles=True)
+    return Contender(name, make(fn_c), compiles=True)
 
 
 def tol_for(dtype: torch.dtype) -> float:

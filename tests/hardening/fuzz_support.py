@@ -50,6 +50,7 @@ TOLERANCES = {
     torch.float64: (1e-10, 1e-8),
     torch.float32: (2e-5, 1e-4),
     torch.bfloat16: (3e-2, 2e-2),
+    torch.float16: (3e-3, 3e-3),
 }
 
 LAYOUTS = ("contiguous", "strided", "transposed", "expanded", "offset")
@@ -61,7 +62,7 @@ SPECIALS = (math.nan, math.inf, -math.inf)
 # Sizes biased towards the edges: empty, one, odd, just past a vector width.
 small_size = st.sampled_from([0, 1, 1, 2, 3, 5, 7, 8, 9, 17])
 positive_size = st.sampled_from([1, 1, 2, 3, 5, 7, 8, 9, 16, 17, 33])
-dtypes = st.sampled_from([torch.float64, torch.float64, torch.float64, torch.float32, torch.bfloat16])
+dtypes = st.sampled_from([torch.float64, torch.float64, torch.float64, torch.float32, torch.bfloat16, torch.float16])
 # Magnitude of the values: ordinary, tiny (denormal range for float32) or huge but finite.
 scales = st.sampled_from([1.0, 1.0, 1.0, 1e-30, 1e-3, 1e3, 1e15])
 
@@ -239,7 +240,7 @@ def assert_matches(actual, expected, dtype, what="output", expected_same_dtype=(
     absolute part scaled by the largest finite magnitude of the expected tensor -- or, where the
     problem is ill-conditioned in the case's dtype, within OWN_ERROR_FACTOR times the largest error
     that the reference itself makes in that dtype (over `expected_same_dtype`, PyTorch's evaluations
-    of it in that dtype; float32/bfloat16 only). The case that needs it: a saturated tanh/sigmoid,
+    of it in that dtype; float32/bfloat16/float16 only). The case that needs it: a saturated tanh/sigmoid,
     whose gradient 1 - y*y (or y*(1 - y)) keeps no relative precision once y rounds to +-1 (or 0/1)
     in float32, exactly as PyTorch's own tanh_backward; the dtype's tolerance would fail PyTorch's
     own float32 result there. The bound is per tensor, like the scaled absolute tolerance, and never

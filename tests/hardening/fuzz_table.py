@@ -120,9 +120,9 @@ def fcl_run(case, impl, dtype):
 
 
 def fcl_forward_only(case):
-    # bfloat16 + relu: where the pre-activation rounds across 0, relu's mask (so the gradient)
+    # bfloat16/float16 + relu: where the pre-activation rounds across 0, relu's mask (so the gradient)
     # legitimately differs from float64's. Documented in the README.
-    return case["dtype"] == torch.bfloat16 and case["activation"] == "relu"
+    return case["dtype"] in (torch.bfloat16, torch.float16) and case["activation"] == "relu"
 
 
 # --------------------------------------------------------------------------- FusedConcatLinear

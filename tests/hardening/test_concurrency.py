@@ -73,6 +73,8 @@ CASES = {
     "fcl-float64-sigmoid": lambda: _fcl_case(torch.float64, "sigmoid"),
     "attention-float32": lambda: _attention_case(torch.float32),
     "attention-bfloat16": lambda: _attention_case(torch.bfloat16),
+    "attention-float16": lambda: _attention_case(torch.float16),
+    "fcl-float16-silu": lambda: _fcl_case(torch.float16, "silu"),
     "low_rank_fusion-float32": lambda: _lrf_case(torch.float32),
 }
 

@@ -11,7 +11,7 @@ from mmkernels import ops, reference
 from mmkernels.nn import ConcatFusion, FiLM, GatedMultimodalUnit, LowRankFusion
 
 # (atol, rtol) of a result against the float64 reference evaluated on the same values.
-TOL = {torch.float64: (1e-10, 1e-8), torch.float32: (2e-5, 1e-4), torch.bfloat16: (3e-2, 2e-2)}
+TOL = {torch.float64: (1e-10, 1e-8), torch.float32: (2e-5, 1e-4), torch.bfloat16: (3e-2, 2e-2), torch.float16: (3e-3, 3e-3)}
 
 
 def up(t):
@@ -20,8 +20,9 @@ def up(t):
 
 def assert_close(actual, expected, dtype):
     atol, rtol = TOL[dtype]
-    # bfloat16 is compared relative to the tensor's scale, not element by element.
-    scale = max(expected.abs().max().item(), 1.0) if dtype == torch.bfloat16 and expected.numel() else 1.0
+    # bfloat16/float16 are compared relative to the tensor's scale, not element by element.
+    low = dtype in (torch.bfloat16, torch.float16)
+    scale = max(expected.abs().max().item(), 1.0) if low and expected.numel() else 1.0
     torch.testing.assert_close(actual.double(), expected, atol=atol * scale, rtol=rtol)
 
 
@@ -74,7 +75,7 @@ def lmf_check(xs, fs, w, b):
     check(out, ref, [*xs, *fs, w, *extra], [*xs_r, *fs_r, w_r, *extra_r])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_low_rank_fusion_matches_reference(dtype):
     lmf_check(*lmf_case((5, 7), (3, 1, 17), 4, 13, dtype))
 
@@ -110,8 +111,9 @@ def test_low_rank_fusion_gradcheck_and_opcheck():
     fn = lambda *a: mmkernels.low_rank_fusion(list(a[:3]), list(a[3:6]), a[6], a[7])
     assert torch.autograd.gradcheck(fn, (*xs, *fs, w, b))
     torch.library.opcheck(torch.ops.mmkernels.low_rank_fusion.default, (xs, fs, w, b))
-    xs32, fs32, w32, _ = lmf_case((5,), (4, 2), 3, 6, torch.float32)
-    torch.library.opcheck(torch.ops.mmkernels.low_rank_fusion.default, (xs32, fs32, w32, None))
+    for dtype in (torch.float32, torch.float16):
+        xs_l, fs_l, w_l, _ = lmf_case((5,), (4, 2), 3, 6, dtype)
+        torch.library.opcheck(torch.ops.mmkernels.low_rank_fusion.default, (xs_l, fs_l, w_l, None))
 
 
 def test_low_rank_fusion_partial_grads():
@@ -462,7 +464,7 @@ def test_modality_graph_attention_inputs_and_errors():
         ModalityGraphAttention(7, 2, 3)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("weight", [float("nan"), float("inf")])
 @pytest.mark.parametrize("widths", [(5,), (3, 4)])
 def test_low_rank_fusion_non_finite_rank_weight_reaches_gradients(dtype, weight, widths):

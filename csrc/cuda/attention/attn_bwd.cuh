@@ -161,14 +161,18 @@ __global__ void __launch_bounds__(BwdTraits<D>::kThreads) attn_bwd_kernel(const 
           if (!key_ok[r]) {
             x = -INFINITY;
           } else if (has_mask && i < p.Lq) {
-            x += mask_bias_log2(p, b, h, i, key[r]);
+            const float bias = mask_bias_log2(p, b, h, i, key[r]);  // masked: -inf, as in the forward
+            x = bias == -INFINITY ? -INFINITY : x + bias;
           }
-          // exp2(-inf - finite) = 0, exp2(finite - inf) = 0, exp2(-inf - inf) = 0: never NaN.
-          const float prob = exp2f(x - lse2);
+          // exp2(finite - inf) = 0; a NaN row (lse = NaN: NaN among its visible scores) gets NaN
+          // from its visible keys, so its gradients are NaN. A masked key (x = -inf) has P = 0 and
+          // dS = 0 whatever its row holds, so a NaN row does not reach it either.
+          const bool seen = x != -INFINITY;
+          const float prob = seen ? exp2f(x - lse2) : 0.0f;
           const float z = p.dropout ? dropout_factor(p, rk, key[r]) : 1.0f;
           st[n][e] = prob * z;
           // A row that saw no key (lse = +inf) gets zero gradient even where a value is NaN.
-          dpt[n][e] = lse2 == INFINITY ? 0.0f : prob * (dpt[n][e] * z - dsum);
+          dpt[n][e] = lse2 == INFINITY || !seen ? 0.0f : prob * (dpt[n][e] * z - dsum);
         }
       }
     }

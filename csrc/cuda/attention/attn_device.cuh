@@ -19,6 +19,29 @@ constexpr float kLn2 = 0.6931471805599453f;
 
 // ------------------------------------------------------------------------------- PTX wrappers
 
+#ifdef MMK_EMU
+// Emulation build (csrc/emu): the same instructions, executed by the CPU executor.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+  ::mmk_emu::cp_async16(dst, src, src_bytes);
+}
+__device__ __forceinline__ void cp_async_commit() { ::mmk_emu::cp_async_commit(); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  ::mmk_emu::cp_async_wait(N);
+}
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) { ::mmk_emu::ldmatrix(r, 4, false, p); }
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  ::mmk_emu::ldmatrix(r, 4, true, p);
+}
+__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&r)[2], const void* p) {
+  ::mmk_emu::ldmatrix(r, 2, true, p);
+}
+template <bool kBF16>
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  const uint32_t b[2] = {b0, b1};
+  ::mmk_emu::mma_m16n8k16(d, a, b, kBF16);
+}
+#else
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -66,6 +89,8 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], 
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
 }
+
+#endif  // MMK_EMU
 
 // Two floats -> one register of two 16-bit values (low half = x), as the mma A/B fragments hold them.
 template <bool kBF16>

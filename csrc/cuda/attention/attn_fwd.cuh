@@ -9,7 +9,9 @@
 //   O (16 x D)  += P V             A = P straight from the S accumulators (re-packed to 16 bit),
 //                                  B = V via ldmatrix.trans
 // At the end O / l goes out through shared memory (16-byte coalesced stores), and
-// lse = (m + log2 l) * ln 2, or +inf for a row that saw no key (out = 0 there).
+// lse = (m + log2 l) * ln 2, or +inf for a row that saw no key (out = 0 there). A NaN among a row's
+// visible scores makes l NaN (fmaxf skips NaN in the max, exp2 does not), so out and lse are NaN
+// there and backward's P, hence the row's gradients, are NaN too: l == 0, not l <= 0, means no key.
 //
 // Key tiles outside the batch's visible key range (kv_lengths, leading/trailing key_padding_mask)
 // are never loaded; only the tiles at the range's edges pay the per-element range check, and the
@@ -126,7 +128,9 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads) attn_fwd_kernel(const 
         if (edge && (j < kbeg || j >= kend)) {
           x = -INFINITY;
         } else if (has_mask && i < p.Lq) {
-          x += mask_bias_log2(p, b, h, i, j);
+          // A masked key stays -inf even where the score is NaN: it is not seen, NaN query or not.
+          const float bias = mask_bias_log2(p, b, h, i, j);
+          x = bias == -INFINITY ? -INFINITY : x + bias;
         }
         s[n][e] = x;
       }
@@ -193,7 +197,7 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads) attn_fwd_kernel(const 
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     l[r] = quad_sum(l[r]);
-    inv[r] = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+    inv[r] = l[r] != 0.0f ? 1.0f / l[r] : 0.0f;  // NaN l: NaN output
   }
 #pragma unroll
   for (int d = 0; d < kDT; ++d) {
@@ -220,7 +224,7 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads) attn_fwd_kernel(const 
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       if (row[r] < p.Lq) {
-        p.lse[static_cast<int64_t>(bh) * p.Lq + row[r]] = l[r] > 0.0f ? (m[r] + log2f(l[r])) * kLn2 : INFINITY;
+        p.lse[static_cast<int64_t>(bh) * p.Lq + row[r]] = l[r] != 0.0f ? (m[r] + log2f(l[r])) * kLn2 : INFINITY;
       }
     }
   }

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import mmkernels
 
-from ..core import OURS, Built, Case, Contender, compiled, make_step, randn, register_suite, tol_for
+from ..core import OURS, Built, Case, Contender, Suite, compiled_contender, make_step, randn, tol_for
 
 # (B, Lq, Lk, embed, heads) from issue 3.
 SHAPES = [
@@ -22,7 +22,12 @@ SHAPES = [
     (16, 64, 1024, 768, 12),
     (1, 16384, 256, 512, 8),
 ]
-QUICK_SHAPES = [SHAPES[0]]
+# The default run's cases per suite: (shape, padded, mode).
+DEFAULTS = {
+    "attention": [(SHAPES[1], True, "fwd"), (SHAPES[0], True, "fwd+bwd")],
+    "attention_module": [(SHAPES[0], True, "fwd+bwd")],
+    "attention_module_default": [(SHAPES[0], True, "fwd")],
+}
 
 
 def _op_missing() -> str | None:
@@ -72,12 +77,11 @@ def _build_op(B, Lq, Lk, E, H, padded, mode, dtype, device) -> Built:
     pad = padding_mask(B, Lk, padded, device)
     g = randn(B, H, Lq, d, dtype=dtype, device=device) if grad else None
     leaves = [q, k, v]
-    math_c, why = compiled(math_attention)
     return Built([
         Contender(OURS, make_step(lambda: mmkernels.cross_modal_attention(q, k, v, key_padding_mask=pad), mode, leaves, g)),
         Contender("sdpa", make_step(lambda: sdpa(q, k, v, pad), mode, leaves, g)),
         Contender("math", make_step(lambda: math_attention(q, k, v, pad), mode, leaves, g)),
-        Contender("compile", None if math_c is None else make_step(lambda: math_c(q, k, v, pad), mode, leaves, g), why),
+        compiled_contender("compile", math_attention, lambda f: make_step(lambda: f(q, k, v, pad), mode, leaves, g)),
     ], oracle="math", tol=tol_for(dtype))
 
 
@@ -96,20 +100,19 @@ def _build_module(B, Lq, Lk, E, H, padded, mode, dtype, device, need_weights=Fal
     def run(m):  # the output only: with need_weights=True the weights are computed, then dropped
         return lambda: m(query, memory, memory, key_padding_mask=pad, need_weights=need_weights)[0]
 
-    mha_c, why = compiled(mha)
     leaves = lambda m: [query, memory, *m.parameters()]  # noqa: E731
     return Built([
         Contender(OURS, make_step(run(ours), mode, leaves(ours), g)),
         Contender("mha", make_step(run(mha), mode, leaves(mha), g)),
-        Contender("compile", None if mha_c is None else make_step(run(mha_c), mode, leaves(mha), g), why),
+        compiled_contender("compile", mha, lambda m: make_step(run(m), mode, leaves(mha), g)),
     ], oracle="mha", tol=tol_for(dtype))
 
 
-def _cases(suite, build, baselines, quick):
+def _cases(suite, build, baselines):
     cases = []
     for mode in ("fwd", "fwd+bwd"):
         for padded in (False, True):
-            for B, Lq, Lk, E, H in QUICK_SHAPES if quick else SHAPES:
+            for B, Lq, Lk, E, H in SHAPES:
                 cases.append(Case(
                     suite=suite,
                     shape=_shape_name(B, Lq, Lk, E, H, padded),
@@ -119,14 +122,33 @@ def _cases(suite, build, baselines, quick):
                     params={"B": B, "Lq": Lq, "Lk": Lk, "embed": E, "heads": H, "padded": padded},
                     baselines=baselines,
                     flops=4.0 * B * Lq * Lk * E * (1 if mode == "fwd" else 2.5),
+                    default=((B, Lq, Lk, E, H), padded, mode) in DEFAULTS[suite],
                 ))
     return cases
 
 
-register_suite("attention", _op_missing)(lambda quick: _cases("attention", _build_op, ("sdpa", "math", "compile"), quick))
-register_suite("attention_module", _module_missing)(
-    lambda quick: _cases("attention_module", _build_module, ("mha", "compile"), quick))
+_MODULE_CONTENDERS = {
+    OURS: "mmkernels.nn.CrossModalAttention.from_module(mha): same weights, the fused attention op",
+    "mha": "torch.nn.MultiheadAttention(batch_first=True); eval() for fwd (its fast path may apply)",
+    "compile": "torch.compile of that nn.MultiheadAttention",
+}
+
+OP_SUITE = Suite(
+    "attention", "mmkernels.cross_modal_attention vs SDPA and the written-out softmax(q k^T) v",
+    lambda: _cases("attention", _build_op, ("sdpa", "math", "compile")),
+    contenders={
+        OURS: "mmkernels.cross_modal_attention(q, k, v, key_padding_mask=pad): blocked, no Lq x Lk scores",
+        "sdpa": "F.scaled_dot_product_attention with the padding as a boolean attn_mask",
+        "math": "softmax(q k^T / sqrt(E), padded keys at -inf) v in eager PyTorch: materialises the scores",
+        "compile": "torch.compile of math",
+    }, unavailable=_op_missing)
+MODULE_SUITE = Suite(
+    "attention_module", "CrossModalAttention vs nn.MultiheadAttention, need_weights=False (cross-attention)",
+    lambda: _cases("attention_module", _build_module, ("mha", "compile")),
+    contenders=_MODULE_CONTENDERS, unavailable=_module_missing)
 # nn.MultiheadAttention's default call, `out, _ = mha(q, k, v, key_padding_mask=m)`: need_weights=True
 # on both sides, the weights computed and dropped (MHA then takes its materialising path).
-register_suite("attention_module_default", _module_missing)(
-    lambda quick: _cases("attention_module_default", partial(_build_module, need_weights=True), ("mha", "compile"), quick))
+MODULE_DEFAULT_SUITE = Suite(
+    "attention_module_default", "as attention_module, but MHA's default call: need_weights=True, weights dropped",
+    lambda: _cases("attention_module_default", partial(_build_module, need_weights=True), ("mha", "compile")),
+    contenders=_MODULE_CONTENDERS, unavailable=_module_missing)

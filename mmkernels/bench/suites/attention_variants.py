@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import mmkernels
 
-from ..core import OURS, Built, Case, Contender, make_step, randn, register_suite, tol_for
+from ..core import OURS, Built, Case, Contender, Suite, make_step, randn, tol_for
 
 # (B, H, L, E) causal self-attention, fwd+bwd.
 CAUSAL_SHAPES = [(4, 8, 2048, 64), (2, 16, 4096, 128), (8, 12, 1024, 64)]
@@ -67,31 +67,38 @@ def _build_decode(B, H, Lq, Lk, E, mode, dtype, device) -> Built:
     ], oracle="sdpa", tol=tol_for(dtype))
 
 
-def _cases(quick: bool):
+def _cases() -> list[Case]:
+    # The default run: the first causal and the first decoding shape (float32).
     dt = torch.float32
     cases = []
-    for B, H, L, E in CAUSAL_SHAPES[:1] if quick else CAUSAL_SHAPES:
+    for i, (B, H, L, E) in enumerate(CAUSAL_SHAPES):
         cases.append(Case(
             suite="attention_variants", shape=f"causal B{B} H{H} L{L} E{E}", mode="fwd+bwd", dtype=dt,
             build=lambda device, s=(B, H, L, E): _build_causal(*s, "fwd+bwd", dt, device),
             params={"variant": "causal", "B": B, "H": H, "L": L, "E": E}, baselines=("sdpa", "ours_mask"),
-            flops=4.0 * B * H * L * L * E * 2.5 / 2,
+            flops=4.0 * B * H * L * L * E * 2.5 / 2, default=i == 0,
         ))
-    for B, H, Hkv, L, E in GQA_SHAPES[:1] if quick else GQA_SHAPES:
+    for B, H, Hkv, L, E in GQA_SHAPES:
         cases.append(Case(
             suite="attention_variants", shape=f"gqa B{B} H{H} Hkv{Hkv} L{L} E{E}", mode="fwd+bwd", dtype=dt,
             build=lambda device, s=(B, H, Hkv, L, E): _build_gqa(*s, "fwd+bwd", dt, device),
             params={"variant": "gqa", "B": B, "H": H, "H_kv": Hkv, "L": L, "E": E}, baselines=("sdpa",),
             flops=4.0 * B * H * L * L * E * 2.5,
         ))
-    for B, H, Lq, Lk, E in DECODE_SHAPES[:1] if quick else DECODE_SHAPES:
+    for i, (B, H, Lq, Lk, E) in enumerate(DECODE_SHAPES):
         cases.append(Case(
             suite="attention_variants", shape=f"decode B{B} H{H} Lq{Lq} Lk{Lk} E{E}", mode="fwd", dtype=dt,
             build=lambda device, s=(B, H, Lq, Lk, E): _build_decode(*s, "fwd", dt, device),
             params={"variant": "decode", "B": B, "H": H, "Lq": Lq, "Lk": Lk, "E": E}, baselines=("sdpa",),
-            flops=4.0 * B * H * Lq * Lk * E,
+            flops=4.0 * B * H * Lq * Lk * E, default=i == 0,
         ))
     return cases
 
 
-register_suite("attention_variants", _missing)(_cases)
+SUITE = Suite(
+    "attention_variants", "cross_modal_attention's causal, grouped-query and decoding calls vs SDPA", _cases,
+    contenders={
+        OURS: "mmkernels.cross_modal_attention with is_causal=True / enable_gqa=True, or a decoding step (Lq = 1)",
+        "sdpa": "F.scaled_dot_product_attention with the same flags",
+        "ours_mask": "mmkernels.cross_modal_attention with the causal mask as a bool attn_mask (no block skipping)",
+    }, unavailable=_missing)

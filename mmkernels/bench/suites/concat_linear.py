@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import mmkernels
 
-from ..core import OURS, Built, Case, Contender, compiled, make_step, randn, register_suite, tol_for
+from ..core import OURS, Built, Case, Contender, Suite, compiled_contender, make_step, randn, tol_for
 
 # (M rows, input widths, N) from issue 2.
 SHAPES = [
@@ -20,7 +20,7 @@ SHAPES = [
     (16384, (256, 256), 128),
     (32, (2048, 1024), 512),
 ]
-QUICK_SHAPES = [SHAPES[0], SHAPES[4]]
+DEFAULT_SHAPE = SHAPES[0]  # the default run: this shape, float32, forward and forward + backward
 ACTIVATION = "relu"
 
 
@@ -37,12 +37,10 @@ def _build(M, widths, N, mode, dtype, device) -> Built:
     leaves = [*xs, weight, bias]
     grad_out = randn(M, N, dtype=dtype, device=device) if grad else None
 
-    compiled_eager, why = compiled(eager)
     contenders = [
         Contender(OURS, make_step(lambda: mmkernels.fused_concat_linear(xs, weight, bias, ACTIVATION), mode, leaves, grad_out)),
         Contender("eager", make_step(lambda: eager(xs, weight, bias), mode, leaves, grad_out)),
-        Contender("compile", None if compiled_eager is None
-                  else make_step(lambda: compiled_eager(xs, weight, bias), mode, leaves, grad_out), why),
+        compiled_contender("compile", eager, lambda f: make_step(lambda: f(xs, weight, bias), mode, leaves, grad_out)),
     ]
     if mode == "fwd":
         x_cat = torch.cat(xs, -1)
@@ -50,7 +48,7 @@ def _build(M, widths, N, mode, dtype, device) -> Built:
     return Built(contenders, oracle="eager", tol=tol_for(dtype))
 
 
-def make_case(M: int, widths: tuple[int, ...], N: int, mode: str, dtype: torch.dtype) -> Case:
+def make_case(M: int, widths: tuple[int, ...], N: int, mode: str, dtype: torch.dtype, default: bool = False) -> Case:
     K = sum(widths)
     return Case(
         suite="concat_linear",
@@ -61,14 +59,23 @@ def make_case(M: int, widths: tuple[int, ...], N: int, mode: str, dtype: torch.d
         params={"M": M, "widths": list(widths), "N": N, "activation": ACTIVATION},
         baselines=("eager", "compile", "gemm") if mode == "fwd" else ("eager", "compile"),
         flops=2.0 * M * K * N * (1 if mode == "fwd" else 3),
+        default=default,
     )
 
 
-def _cases(quick: bool) -> list[Case]:
-    return [make_case(M, widths, N, mode, dtype)
-            for dtype in ((torch.float32,) if quick else (torch.float32, torch.bfloat16))
+def _cases() -> list[Case]:
+    return [make_case(M, widths, N, mode, dtype,
+                      default=dtype == torch.float32 and (M, widths, N) == DEFAULT_SHAPE)
+            for dtype in (torch.float32, torch.bfloat16)
             for mode in ("fwd", "fwd+bwd")
-            for M, widths, N in (QUICK_SHAPES if quick else SHAPES)]
+            for M, widths, N in SHAPES]
 
 
-register_suite("concat_linear")(_cases)
+SUITE = Suite(
+    "concat_linear", "mmkernels.fused_concat_linear (relu) vs linear over torch.cat", _cases,
+    contenders={
+        OURS: "mmkernels.fused_concat_linear(xs, W, b, 'relu'): one GEMM per input, no concatenation",
+        "eager": "F.relu(F.linear(torch.cat(xs, -1), W, b)) in eager PyTorch",
+        "compile": "torch.compile of the eager composition (inductor)",
+        "gemm": "F.relu(F.linear(x, W, b)) on an input concatenated beforehand (forward only): the floor",
+    })

@@ -20,7 +20,7 @@ from torch import nn
 import mmkernels
 from mmkernels import reference
 
-from ..core import OURS, Built, Case, Contender, compiled, make_step, randn, register_suite, tol_for
+from ..core import OURS, Built, Case, Contender, Suite, compiled_contender, make_step, randn, tol_for
 
 # ------------------------------------------------------------------------------ low_rank_fusion
 
@@ -37,29 +37,36 @@ def _build_lmf(M, widths, rank, N, mode, dtype, device) -> Built:
     b = randn(N, dtype=dtype, device=device, scale=0.1, requires_grad=grad)
     leaves = [*xs, *fs, w, b]
     g = randn(M, N, dtype=dtype, device=device) if grad else None
-    ref_c, why = compiled(reference.low_rank_fusion)
     return Built([
         Contender(OURS, make_step(lambda: mmkernels.low_rank_fusion(xs, fs, w, b), mode, leaves, g)),
         Contender("eager", make_step(lambda: reference.low_rank_fusion(xs, fs, w, b), mode, leaves, g)),
-        Contender("compile", None if ref_c is None else make_step(lambda: ref_c(xs, fs, w, b), mode, leaves, g), why),
+        compiled_contender("compile", reference.low_rank_fusion,
+                           lambda f: make_step(lambda: f(xs, fs, w, b), mode, leaves, g)),
     ], oracle="eager", tol=tol_for(dtype))
 
 
-def _lmf_cases(quick: bool) -> list[Case]:
+def _lmf_cases() -> list[Case]:
     cases = []
     for mode in ("fwd", "fwd+bwd"):
-        for M, widths, rank, N in LMF_SHAPES[:1] if quick else LMF_SHAPES:
+        for M, widths, rank, N in LMF_SHAPES:
             cases.append(Case(
                 suite="low_rank_fusion", shape=f"{M}x({','.join(map(str, widths))}) r{rank}->{N}", mode=mode,
                 dtype=torch.float32,
                 build=lambda device, s=(M, widths, rank, N), mode=mode: _build_lmf(*s, mode, torch.float32, device),
                 params={"M": M, "widths": list(widths), "rank": rank, "N": N}, baselines=("eager", "compile"),
                 flops=2.0 * M * (sum(widths) + len(widths)) * rank * N * (1 if mode == "fwd" else 3),
+                default=mode == "fwd+bwd" and (M, widths, rank, N) == LMF_SHAPES[0],
             ))
     return cases
 
 
-register_suite("low_rank_fusion")(_lmf_cases)
+LMF_SUITE = Suite(
+    "low_rank_fusion", "mmkernels.low_rank_fusion (LMF) vs its eager reference", _lmf_cases,
+    contenders={
+        OURS: "mmkernels.low_rank_fusion(xs, factors, w, b): the fused product of projections",
+        "eager": "mmkernels.reference.low_rank_fusion: an einsum per modality, every projection kept",
+        "compile": "torch.compile of that reference",
+    })
 
 # ------------------------------------------------------------------------------ training steps
 
@@ -130,7 +137,7 @@ def _build_gca(B, L, M, dim, media_dim, heads, dtype, device) -> Built:
 GCA_SHAPES = [(4, 256, 64, 512, 768, 8), (2, 1024, 256, 512, 1024, 8)]
 
 
-def _train_cases(quick: bool) -> list[Case]:
+def _train_cases() -> list[Case]:
     cases = []
     if EXAMPLE.exists():
         cases.append(Case(
@@ -138,16 +145,21 @@ def _train_cases(quick: bool) -> list[Case]:
             build=lambda device: _build_three_modal(256, torch.float32, device), params={"model": "three_modal", "B": 256},
             baselines=("eager",), devices=("cpu", "cuda"),
         ))
-    for B, L, M, dim, mdim, heads in GCA_SHAPES[:1] if quick else GCA_SHAPES:
+    for B, L, M, dim, mdim, heads in GCA_SHAPES:
         cases.append(Case(
             suite="fusion_train", shape=f"GatedCrossAttention B{B} L{L} M{M} d{dim} m{mdim} H{heads} pad",
             mode="fwd+bwd", dtype=torch.float32,
             build=lambda device, s=(B, L, M, dim, mdim, heads): _build_gca(*s, torch.float32, device),
             params={"model": "gated_cross_attention", "B": B, "L": L, "M": M, "dim": dim, "media_dim": mdim,
                     "heads": heads},
-            baselines=("eager",),
+            baselines=("eager",), default=(B, L, M, dim, mdim, heads) == GCA_SHAPES[0],
         ))
     return cases
 
 
-register_suite("fusion_train")(_train_cases)
+TRAIN_SUITE = Suite(
+    "fusion_train", "training steps of fusion blocks vs their plain-PyTorch twins (same weights)", _train_cases,
+    contenders={
+        OURS: "the block built on mmkernels (FusedConcatLinear / GatedCrossAttention)",
+        "eager": "the same block on torch.cat + nn.Linear / nn.MultiheadAttention + nn.Linear",
+    })

@@ -1,0 +1,111 @@
+"""The CUDA host side of cross_modal_attention (csrc/cuda/cross_modal_attention_cuda.cpp), mirrored
+for the emulation harness: the same kernels in the same order (key ranges, forward; dot-rows,
+backward, finish-dq), with the parameter blocks filled as that file fills them. Every buffer is a
+fresh, exactly sized tensor; outputs start as NaN so that an element no kernel writes shows up."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from harness import Harness, ptr
+
+LOG2E = 1.4426950408889634
+
+
+def dropout_threshold(p: float) -> int:
+    t = p * 4294967296.0
+    return 0xFFFFFFFF if t >= 4294967295.0 else int(t)
+
+
+class Problem:
+    """The fields every attention kernel reads, and the buffers behind them."""
+
+    def __init__(self, h: Harness, q, k, v, masks, scale, dropout_p=0.0, seed=0, layout="bhsd"):
+        self.h = h
+        if layout == "bhsd":
+            self.q, self.k, self.v = (t.detach().contiguous().clone() for t in (q, k, v))
+        else:  # "bshd": (B, S, H, D) memory seen as (B, H, S, D), as attention over a packed projection gives
+            self.q, self.k, self.v = (t.detach().transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+        self.B, self.H, self.Lq, self.E = q.shape
+        self.Lk = k.shape[2]
+        self.bf16 = int(q.dtype == torch.bfloat16)
+        self.scale = scale
+        self.buffers = {"q": self.q, "k": self.k, "v": self.v}
+        kpm = masks.get("key_padding_mask")
+        lengths = masks.get("kv_lengths")
+        self.kpm = None if kpm is None else kpm.contiguous().clone()
+        self.lengths = None if lengths is None else lengths.to(torch.int32).contiguous()
+        self.kv_range = None
+        if self.kpm is not None or self.lengths is not None:
+            self.kv_range = torch.full((self.B, 2), -7, dtype=torch.int32)
+            h.run("emu_key_ranges", ptr(self.lengths), ptr(self.kpm), self.B, self.Lk, ptr(self.kv_range),
+                  buffers={"kv_lengths": self.lengths, "key_padding_mask": self.kpm, "kv_range": self.kv_range})
+        m = masks.get("attn_mask")
+        self.mask_kind, self.mask, strides = 0, None, (0, 0, 0, 0)
+        if m is not None:
+            self.mask = m.contiguous() if m.dtype == torch.bool else m.to(torch.float32).contiguous()
+            self.mask_kind = 1 if m.dtype == torch.bool else 2
+            strides = self.mask.expand(self.B, self.H, self.Lq, self.Lk).stride()
+        self.dropout = dropout_p > 0.0
+        self.seed_t = torch.tensor([seed], dtype=torch.int64)
+        self.fields = dict(
+            q=self.q.data_ptr(), k=self.k.data_ptr(), v=self.v.data_ptr(),
+            **{f"{n}_s{d}": t.stride(i) for n, t in (("q", self.q), ("k", self.k), ("v", self.v))
+               for i, d in enumerate("bhl")},
+            B=self.B, H=self.H, Lq=self.Lq, Lk=self.Lk,
+            kv_range=0 if self.kv_range is None else self.kv_range.data_ptr(),
+            kpm=0 if self.kpm is None else self.kpm.data_ptr(),
+            mask_kind=self.mask_kind, mask=0 if self.mask is None else self.mask.data_ptr(),
+            m_sb=strides[0], m_sh=strides[1], m_sl=strides[2], m_sk=strides[3],
+            dropout=int(self.dropout), threshold=dropout_threshold(dropout_p) if self.dropout else 0,
+            seed=seed, seed_ptr=0,
+        )
+        self.inv_keep = 1.0 / (1.0 - dropout_p) if self.dropout and dropout_p < 1.0 else 0.0
+        self.buffers.update(kv_range=self.kv_range, key_padding_mask=self.kpm, attn_mask=self.mask)
+
+    def arrays(self, backward, extra):
+        return self.h.attn_arrays(backward, {**self.fields, **extra}, self.scale * LOG2E, self.inv_keep)
+
+    def forward(self, expect_errors=False):
+        B, H, Lq, E = self.q.shape
+        out = torch.full((B, H, Lq, E), math.nan, dtype=self.q.dtype)
+        lse = torch.full((B, H, Lq), math.nan, dtype=torch.float32)
+        ints, reals = self.arrays(False, dict(out=out.data_ptr(), o_sb=out.stride(0), o_sh=out.stride(1),
+                                              o_sl=out.stride(2), lse=lse.data_ptr()))
+        errors = self.h.run("emu_attn_fwd", E, self.bf16, ints, reals, buffers={**self.buffers, "out": out, "lse": lse},
+                            expect_errors=expect_errors)
+        return (out, lse, errors) if expect_errors else (out, lse)
+
+    def backward(self, out, lse, dout, expect_errors=False):
+        B, H, Lq, E = self.q.shape
+        dout = dout.detach().contiguous().clone()
+        out = out.contiguous().clone()
+        dsum = torch.full((B, H, Lq), math.nan, dtype=torch.float32)
+        self.h.run("emu_dot_rows", ptr(dout), *dout.stride()[:3], ptr(out), *out.stride()[:3], B, H, Lq, E, self.bf16,
+                   ptr(dsum), buffers={"dout": dout, "out": out, "dsum": dsum})
+        # dq and its float32 accumulator share q's dense layout, which finish_dq relies on (as on the host).
+        dq = torch.full_like(self.q, math.nan)
+        dq_accum = torch.zeros_like(dq, dtype=torch.float32)
+        assert dq_accum.stride() == dq.stride()
+        dk = torch.full_like(self.k, math.nan)
+        dv = torch.full_like(self.v, math.nan)
+        ints, reals = self.arrays(True, dict(
+            dout=dout.data_ptr(), do_sb=dout.stride(0), do_sh=dout.stride(1), do_sl=dout.stride(2),
+            lse=lse.data_ptr(), dsum=dsum.data_ptr(), dq_accum=dq_accum.data_ptr(), dq_sb=dq_accum.stride(0),
+            dq_sh=dq_accum.stride(1), dq_sl=dq_accum.stride(2), dk=dk.data_ptr(), dk_sb=dk.stride(0),
+            dk_sh=dk.stride(1), dk_sl=dk.stride(2), dv=dv.data_ptr(), dv_sb=dv.stride(0), dv_sh=dv.stride(1),
+            dv_sl=dv.stride(2)))
+        errors = self.h.run("emu_attn_bwd", E, self.bf16, ints, reals,
+                            buffers={**self.buffers, "dout": dout, "lse": lse, "dsum": dsum, "dq_accum": dq_accum,
+                                     "dk": dk, "dv": dv}, expect_errors=expect_errors)
+        self.h.run("emu_finish_dq", ptr(dq_accum), self.scale, ptr(dq), dq.numel(), self.bf16,
+                   buffers={"dq_accum": dq_accum, "dq": dq})
+        return (dq, dk, dv, errors) if expect_errors else (dq, dk, dv)
+
+    def dropout_factors(self, dtype=torch.float32):
+        z = torch.full((self.B, self.H, self.Lq, self.Lk), math.nan, dtype=dtype)
+        ints, reals = self.arrays(False, dict(out=0, o_sb=0, o_sh=0, o_sl=0, lse=0))
+        self.h.run("emu_dropout_factors", ints, reals, 0, self.Lq, ptr(z), int(dtype == torch.float64),
+                   buffers={**self.buffers, "z": z})
+        return z

@@ -1,0 +1,101 @@
+"""Teeth: known bugs planted in temporary copies of the kernels (the repository's files are never
+touched; the harness build takes the altered text as an override) must each be caught, by a
+sanitizer report or by a wrong result. Each plant is a textual replacement that must match the
+kernel source exactly once, so a kernel edit that removes the planted line fails here loudly
+rather than making the test vacuous."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attention_support
+import emu_build
+from attention_emu import Problem
+from attention_support import run_reference
+from harness import ACTIVATIONS, harness, ptr
+
+pytestmark = pytest.mark.emu
+
+ATTN = emu_build.CSRC / "cuda" / "attention"
+
+
+def plant(path, old, new):
+    text = path.read_text()
+    assert text.count(old) == 1, f"the planted line is no longer in {path.name}: {old!r}"
+    return path.name, text.replace(old, new)
+
+
+# (plant, head dim, what must be reported: a substring of a report, or None for a wrong result)
+ATTENTION_PLANTS = {
+    "off-by-one tile bound (loads one row past the end)": (
+        plant(ATTN / "attn_device.cuh", "const bool ok = r < nvalid;", "const bool ok = r <= nvalid;"), 64,
+        "global out of bounds"),
+    "wrong swizzle (row bits of the 32-wide tile)": (
+        plant(ATTN / "attn_device.cuh", "return r * W + ((c ^ ((r >> 1) & 3)) << 3);",
+              "return r * W + ((c ^ ((r >> 1) & 7)) << 3);"), 32, None),
+    "swizzle missing on one side (epilogue read-back)": (
+        plant(ATTN / "attn_fwd.cuh", "*reinterpret_cast<const uint4*>(sQ + swz<D>(rr, c));",
+              "*reinterpret_cast<const uint4*>(sQ + rr * D + c * 8);"), 64, None),
+    "missing barrier before a buffer is refilled": (
+        plant(ATTN / "attn_fwd.cuh", "    __syncthreads();  // every warp is done with this buffer",
+              "    // every warp is done with this buffer"), 64, "race"),
+    "missing barrier after the copies land": (
+        plant(ATTN / "attn_fwd.cuh", "      cp_async_wait<0>();\n    }\n    __syncthreads();",
+              "      cp_async_wait<0>();\n    }\n"), 64, "race"),
+    "cp.async waited for one group too few": (
+        plant(ATTN / "attn_fwd.cuh", "      cp_async_wait<1>();", "      cp_async_wait<2>();"), 64,
+        "read before cp.async completed"),
+    "query tile never loaded": (
+        plant(ATTN / "attn_fwd.cuh", "  load_tile_async<D, kBr, kThreads>(sQ, qg + i0 * p.q_sl, p.q_sl, p.Lq - i0, qg, tid);\n",
+              ""), 64, "uninitialised shared read"),
+    "barrier reached by half the block": (
+        plant(ATTN / "attn_fwd.cuh", "  __syncwarp();\n", "  if (warp < 2) __syncthreads();\n"), 64,
+        "barrier not reached by the whole block"),
+}
+
+
+@pytest.mark.parametrize("name", list(ATTENTION_PLANTS))
+def test_planted_attention_bug_is_caught(name):
+    (file, text), E, expected = ATTENTION_PLANTS[name]
+    h = harness(((file, text),), (f"cuda/attention/fwd_hdim{E}_fp16.cu",))
+    B, H, Lq, Lk = 1, 2, 70, 150  # partial last tiles of queries and keys, three key tiles
+    g = torch.Generator().manual_seed(0)
+    q, k, v = attention_support.make_qkv(B, H, Lq, Lk, E, E, torch.float16, requires_grad=False, gen=g)
+    out, _, errors = Problem(h, q, k, v, {}, E**-0.5).forward(expect_errors=True)
+    ref, _ = run_reference(q, k, v, {}, scale=E**-0.5)
+    wrong = torch.isnan(out).any() or (out.double() - ref).abs().max() > 4e-3 * max(1.0, ref.abs().max().item())
+    if expected is None:
+        assert errors or wrong, f"{name}: neither reported nor a wrong result"
+    else:
+        assert any(expected in e for e in errors), f"{name}: expected a '{expected}' report, got {errors}"
+
+
+def test_planted_missing_barrier_in_attention_backward_is_caught():
+    # Without the barrier after dS^T is stored, warps read other warps' dS^T rows before they land.
+    file, text = plant(ATTN / "attn_bwd.cuh", "    __syncthreads();\n\n    // dQ_i (kBr x D) += dS K_j",
+                       "\n    // dQ_i (kBr x D) += dS K_j")
+    planted = harness(((file, text),), ("cuda/attention/bwd_hdim64_fp16.cu", "cuda/attention/attn_aux.cu"))
+    B, H, Lq, Lk, E = 1, 1, 70, 64, 64
+    g = torch.Generator().manual_seed(1)
+    q, k, v = attention_support.make_qkv(B, H, Lq, Lk, E, E, torch.float16, requires_grad=False, gen=g)
+    out, lse = Problem(harness(), q, k, v, {}, E**-0.5).forward()
+    dout = torch.randn(out.shape, generator=g).half()
+    *_, errors = Problem(planted, q, k, v, {}, E**-0.5).backward(out, lse, dout, expect_errors=True)
+    assert any("race (read after write)" in e for e in errors), errors
+
+
+def test_planted_tile_bound_in_concat_linear_kernel_is_caught():
+    file, text = plant(emu_build.CSRC / "cuda" / "fused_concat_linear_tc.cu",
+                       "const int valid = gr < row_limit ?", "const int valid = gr <= row_limit ?")
+    h = harness(((file, text),), ("cuda/fused_concat_linear_tc.cu",))
+    M, N, K = 37, 40, 48
+    x = torch.randn(M, K).half()
+    w = torch.randn(N, K).half()
+    out = torch.full((M, N), float("nan")).half()
+    xs = (ptr(x),)
+    import ctypes
+
+    errors = h.run("emu_tc_forward", 0, 1, (ctypes.c_void_p * 1)(*xs), (ctypes.c_int64 * 1)(K),
+                   (ctypes.c_int32 * 1)(K), (ctypes.c_int32 * 1)(0), 1, (K + 31) // 32, ptr(w), K, None, ptr(out), None,
+                   M, N, ACTIVATIONS.index("none"), buffers={"x": x, "weight": w, "out": out}, expect_errors=True)
+    assert any("global out of bounds" in e for e in errors), errors
