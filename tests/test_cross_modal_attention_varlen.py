@@ -38,7 +38,7 @@ LENGTHS = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize("Hkv", [1, 2, 4])
 @pytest.mark.parametrize("lengths", LENGTHS, ids=str)
