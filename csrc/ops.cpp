@@ -18,15 +18,31 @@ TORCH_LIBRARY(mmkernels, m) {
   // attn_mask: bool (True = may attend) or additive float, broadcastable to (B, H, Lq, Lk).
   // dropout_seed: a one-element int64 tensor (drawn from torch's generator by the Python wrapper)
   // from which the kernel derives every dropout decision, so backward needs no stored mask.
+  // causal: 0 none, 1 upper-left (query i sees keys j <= i), 2 lower-right (j <= i + Lk - Lq), a flag
+  // combined with every mask above, never materialised. k and v may have H_kv heads dividing H
+  // (grouped-query attention: query head h reads kv head h / (H / H_kv)).
   // Returns (out (B, H, Lq, Ev), lse (B, H, Lq) in the accumulation type; +inf for a row that sees no key).
   m.def(
       "cross_modal_attention(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? kv_lengths, "
-      "Tensor? attn_mask, float scale, float dropout_p, Tensor? dropout_seed) -> (Tensor, Tensor)");
+      "Tensor? attn_mask, float scale, float dropout_p, Tensor? dropout_seed, int causal=0) -> (Tensor, Tensor)");
   // Gradients (dq, dk, dv) of the above from grad_out, recomputing the scores block by block.
   m.def(
       "cross_modal_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? key_padding_mask, Tensor? kv_lengths, Tensor? attn_mask, float scale, float dropout_p, "
-      "Tensor? dropout_seed) -> (Tensor, Tensor, Tensor)");
+      "Tensor? dropout_seed, int causal=0) -> (Tensor, Tensor, Tensor)");
+
+  // The same attention over packed variable-length sequences (FlashAttention-2's varlen layout): q
+  // (total_q, H, E), k / v (total_k, H_kv, E|Ev), cu_seqlens_q / cu_seqlens_k int32 (batch + 1,) prefix
+  // sums from 0 (on the CPU), every sequence no longer than max_seqlen_q / max_seqlen_k; causal per
+  // sequence. Returns (out (total_q, H, Ev), lse (H, total_q)).
+  m.def(
+      "cross_modal_attention_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, float scale, float dropout_p, Tensor? dropout_seed, int causal=0) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "cross_modal_attention_varlen_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, float dropout_p, "
+      "Tensor? dropout_seed, int causal=0) -> (Tensor, Tensor, Tensor)");
 }
 
 // Fusion-layer ops (mmkernels.nn.LowRankFusion).

@@ -9,6 +9,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import CausalBias, CausalVariant
 
 ACTIVATIONS = {
     "none": lambda x: x,
@@ -87,6 +88,31 @@ def film(x: torch.Tensor, cond: torch.Tensor, weight: torch.Tensor, bias: torch.
     return (gamma.reshape(shape) * xt + beta.reshape(shape)).movedim(-1, dim)
 
 
+def causal_mode(is_causal: bool, attn_mask, Lq: int, Lk: int):
+    """The op's causal flag (0 none, 1 upper-left, 2 lower-right) and the attn_mask left as a tensor
+    (or None): a CausalBias attn_mask becomes the flag; is_causal=True is upper-left. Both together
+    see the intersection of the two, which is upper-left where Lk >= Lq, else lower-right."""
+    mode = 1 if is_causal else 0
+    if isinstance(attn_mask, CausalBias):
+        if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (Lq, Lk):
+            raise ValueError(
+                f"mmkernels: argument 'attn_mask': a CausalBias for (Lq, Lk) = ({attn_mask.seq_len_q}, "
+                f"{attn_mask.seq_len_kv}), expected ({Lq}, {Lk}) (those of q and k)"
+            )
+        bias_mode = 1 if attn_mask.variant == CausalVariant.UPPER_LEFT else 2
+        mode = bias_mode if mode in (0, bias_mode) else (1 if Lk >= Lq else 2)
+        attn_mask = None
+    return mode, attn_mask
+
+
+def causal_visible(mode: int, Lq: int, Lk: int, device=None) -> torch.Tensor | None:
+    """The (Lq, Lk) bool mask of the causal flag (True = may attend), or None for mode 0."""
+    if mode == 0:
+        return None
+    offset = 0 if mode == 1 else Lk - Lq
+    return torch.ones(Lq, Lk, dtype=torch.bool, device=device).tril(offset)
+
+
 def visible_keys(q, k, key_padding_mask=None, kv_lengths=None, attn_mask=None) -> torch.Tensor:
     """Which keys each query may see under the bool masks (a float attn_mask hides nothing here):
     bool, broadcastable to (B, H, Lq, Lk)."""
@@ -109,35 +135,79 @@ def cross_modal_attention(
     *,
     key_padding_mask: torch.Tensor | None = None,
     kv_lengths: torch.Tensor | None = None,
-    attn_mask: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | CausalBias | None = None,
+    is_causal: bool = False,
     scale: float | None = None,
     dropout_p: float = 0.0,
     dropout_mask: torch.Tensor | None = None,
+    enable_gqa: bool = False,
 ) -> torch.Tensor:
     """softmax(q @ k.T * scale + masks) @ v, with the score matrix materialised.
 
-    q (B, H, Lq, E), k (B, H, Lk, E), v (B, H, Lk, Ev). key_padding_mask: bool (B, Lk), True = ignore;
-    kv_lengths: int (B,); attn_mask: bool (True = may attend) or additive float, broadcastable to
-    (B, H, Lq, Lk). A row that sees no key gives zeros (and zero gradient). Dropout: with
-    dropout_mask (a bool keep-mask broadcastable to (B, H, Lq, Lk)) the kept probabilities are
-    scaled by 1 / (1 - dropout_p); without it, dropout_p > 0 samples a mask with torch's generator.
+    q (B, H, Lq, E), k (B, H_kv, Lk, E), v (B, H_kv, Lk, Ev); H_kv < H (dividing it) with enable_gqa:
+    query head h reads kv head h // (H // H_kv) (K and V repeated here). key_padding_mask: bool (B, Lk),
+    True = ignore; kv_lengths: int (B,); attn_mask: bool (True = may attend) or additive float,
+    broadcastable to (B, H, Lq, Lk), or a CausalBias; is_causal: query i sees keys j <= i.
+    A key is hidden by a bool mask, padding, the causal flag or a -inf float mask, whatever its score
+    (NaN included); a row whose scores are all hidden (or -inf) gives zeros (and zero gradient); a NaN
+    among a row's other scores makes the row NaN. Dropout: with dropout_mask (a bool keep-mask
+    broadcastable to (B, H, Lq, Lk)) the kept probabilities are scaled by 1 / (1 - dropout_p); without
+    it, dropout_p > 0 samples a mask with torch's generator.
     Computed in float32 (float64 for float64 inputs) and returned in q's dtype.
     """
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    causal, attn_mask = causal_mode(is_causal, attn_mask, q.shape[-2], k.shape[-2])
+    if k.shape[1] != q.shape[1]:
+        if not enable_gqa:
+            raise ValueError(f"mmkernels: argument 'k': expected {q.shape[1]} heads (those of q), got {k.shape[1]}")
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     s = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale
     visible = visible_keys(q, k, key_padding_mask, kv_lengths, attn_mask)
     if attn_mask is not None and attn_mask.dtype != torch.bool:
         s = s + attn_mask.to(ct)
+        visible = visible & (attn_mask != float("-inf"))
+    if causal:
+        visible = visible & causal_visible(causal, q.shape[-2], k.shape[-2], q.device)
     s = s.masked_fill(~visible, float("-inf"))
-    # Rows with no visible key: softmax of a finite stand-in (so no NaN reaches the gradient),
-    # then zeroed.
-    any_visible = (s > float("-inf")).any(-1, keepdim=True)
+    # Rows with no visible score: softmax of a finite stand-in (so no NaN reaches the gradient), then
+    # zeroed. NaN counts as visible (s != -inf), so that it propagates.
+    any_visible = (s != float("-inf")).any(-1, keepdim=True)
     p = torch.softmax(torch.where(any_visible, s, 0.0), dim=-1)
-    p = torch.where(any_visible, p, 0.0)
+    # A hidden key gets probability 0 even in a NaN row: it is never read (its value's gradient is 0).
+    p = torch.where(any_visible & visible, p, 0.0)
     if dropout_mask is not None:
         p = p * dropout_mask.to(ct) / (1.0 - dropout_p) if dropout_p < 1.0 else p * 0.0
     elif dropout_p > 0.0:
         p = F.dropout(p, dropout_p)
     # A row that sees no key is zeros whatever the values hold (0 * NaN would be NaN): no key is read.
     return torch.matmul(p, v.to(ct)).masked_fill(~any_visible, 0.0).to(q.dtype)
+
+
+def cross_modal_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    *,
+    is_causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Packed variable-length attention: cross_modal_attention on each sequence's rows of q
+    (total_q, H, E) and k / v (total_k, H_kv, E|Ev), concatenated back to (total_q, H, Ev)."""
+    outs = []
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(cq) - 1):
+        qb = q[cq[b]:cq[b + 1]].transpose(0, 1).unsqueeze(0)
+        kb = k[ck[b]:ck[b + 1]].transpose(0, 1).unsqueeze(0)
+        vb = v[ck[b]:ck[b + 1]].transpose(0, 1).unsqueeze(0)
+        o = cross_modal_attention(qb, kb, vb, is_causal=is_causal, scale=scale, dropout_p=dropout_p, enable_gqa=True)
+        outs.append(o[0].transpose(0, 1))
+    if not outs:
+        return q.new_zeros(0, q.shape[1], v.shape[-1])
+    return torch.cat(outs, 0)

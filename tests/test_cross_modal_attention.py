@@ -185,11 +185,10 @@ def test_stride_zero_keys_and_values():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_row_whose_only_score_is_nan_has_zero_gradient(dtype):
-    # A NaN score alone does not make a key visible, so a row whose every score is NaN sees no key:
-    # zeros, and zero dS even where the value is NaN too (found by the long fuzz profile: backward
-    # formed 0 * NaN for that row's dS, so all of grad_q was NaN). dQ = dS K still carries k's NaN
-    # feature (0 * NaN), in the reference too.
+def test_row_whose_only_score_is_nan_is_nan(dtype):
+    # issue 19: a NaN score is a visible score, so a row whose every score is NaN is NaN, output and
+    # gradients (it used to be taken for a row that sees no key, and zeroed, hiding the NaN);
+    # the same inputs with the key hidden by kv_lengths give zeros and zero gradient.
     q = torch.randn(1, 1, 2, 2, dtype=dtype, requires_grad=True)
     k = torch.tensor([[[[float("nan"), 1.0]]]], dtype=dtype, requires_grad=True)
     v = torch.full((1, 1, 1, 3), float("nan"), dtype=dtype, requires_grad=True)
@@ -199,7 +198,10 @@ def test_row_whose_only_score_is_nan_has_zero_gradient(dtype):
     got_grads = torch.autograd.grad(got, (q, k, v), g)
     for a, b in zip((got, *got_grads), (want, *torch.autograd.grad(want, (q, k, v), g))):
         torch.testing.assert_close(a, b, equal_nan=True)
-    assert (got == 0).all() and (got_grads[0][..., 1] == 0).all()
+    assert got.isnan().all() and got_grads[0].isnan().all()
+    # The hidden key is never read (the reference's dQ = dS K would form 0 * NaN there).
+    got = mmkernels.cross_modal_attention(q, k, v, kv_lengths=torch.tensor([0]))
+    assert (got == 0).all() and all((t == 0).all() for t in torch.autograd.grad(got, (q, k, v), g))
 
 
 @pytest.mark.parametrize("visible", ["attn_mask", "kv_lengths"])

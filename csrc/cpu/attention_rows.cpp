@@ -48,22 +48,26 @@ inline float exp_approx(float x) {
 
 MMK_CLONES float scale_bias_max(float* s, const float* bias, int64_t n, float scale) {
   float m = kNegInf;
+  int nan = 0;  // a NaN score makes the row's max NaN: max() alone would skip it
   if (bias != nullptr) {
-#pragma omp simd reduction(max : m)
+#pragma omp simd reduction(max : m) reduction(| : nan)
     for (int64_t c = 0; c < n; ++c) {
-      const float x = s[c] * scale + bias[c];
+      // A key hidden by a -inf bias stays hidden whatever its score (a NaN query included).
+      const float x = bias[c] == kNegInf ? kNegInf : s[c] * scale + bias[c];
       s[c] = x;
       m = std::max(m, x);
+      nan |= x != x;
     }
   } else {
-#pragma omp simd reduction(max : m)
+#pragma omp simd reduction(max : m) reduction(| : nan)
     for (int64_t c = 0; c < n; ++c) {
       const float x = s[c] * scale;
       s[c] = x;
       m = std::max(m, x);
+      nan |= x != x;
     }
   }
-  return m;
+  return nan ? std::numeric_limits<float>::quiet_NaN() : m;
 }
 
 MMK_CLONES float exp_sum(float* s, int64_t n, float m) {
@@ -88,11 +92,12 @@ MMK_CLONES void probs_from_scores(float* s, const float* bias, int64_t n, float 
   }
   // x exactly as scale_bias_max forms it (stored, then read back: no contraction with - lse).
   if (bias != nullptr) {
-    for (int64_t c = 0; c < n; ++c) s[c] = s[c] * scale + bias[c];
+    for (int64_t c = 0; c < n; ++c) s[c] = bias[c] == kNegInf ? kNegInf : s[c] * scale + bias[c];
   } else {
     for (int64_t c = 0; c < n; ++c) s[c] = s[c] * scale;
   }
-  for (int64_t c = 0; c < n; ++c) s[c] = exp_approx(s[c] - lse);
+  // A hidden key (-inf) has probability exactly 0, even in a NaN row (lse NaN): it is never read.
+  for (int64_t c = 0; c < n; ++c) s[c] = s[c] == kNegInf ? 0.0f : exp_approx(s[c] - lse);
 }
 
 MMK_CLONES void dscore(float* ds, const float* p, const float* dp, float d, float lse, int64_t n, float scale) {
@@ -100,7 +105,8 @@ MMK_CLONES void dscore(float* ds, const float* p, const float* dp, float d, floa
     std::fill_n(ds, n, 0.0f);
     return;
   }
-  for (int64_t c = 0; c < n; ++c) ds[c] = p[c] * (dp[c] - d) * scale;
+  // p = 0 (a hidden key) passes no gradient, even in a NaN row (d NaN).
+  for (int64_t c = 0; c < n; ++c) ds[c] = p[c] == 0.0f ? 0.0f : p[c] * (dp[c] - d) * scale;
 }
 
 MMK_CLONES void dropout_factors_row(float* z, uint64_t key, uint32_t j0, int64_t n, uint32_t threshold,
@@ -144,12 +150,15 @@ MMK_CLONES void interleave_pairs(const uint16_t* a, const uint16_t* b, int64_t n
 // ------------------------------------------------------------------------------------------ double
 
 double scale_bias_max(double* s, const double* bias, int64_t n, double scale) {
-  double m = -std::numeric_limits<double>::infinity();
+  constexpr double kNegInfD = -std::numeric_limits<double>::infinity();
+  double m = kNegInfD;
+  bool nan = false;
   for (int64_t c = 0; c < n; ++c) {
-    s[c] = s[c] * scale + (bias != nullptr ? bias[c] : 0.0);
+    s[c] = bias != nullptr && bias[c] == kNegInfD ? kNegInfD : s[c] * scale + (bias != nullptr ? bias[c] : 0.0);
     m = std::max(m, s[c]);
+    nan = nan || std::isnan(s[c]);
   }
-  return m;
+  return nan ? std::numeric_limits<double>::quiet_NaN() : m;
 }
 
 double exp_sum(double* s, int64_t n, double m) {
@@ -168,14 +177,15 @@ void scale(double* x, int64_t n, double a) {
 void probs_from_scores(double* s, const double* bias, int64_t n, double scale, double lse) {
   const bool none = lse == std::numeric_limits<double>::infinity();
   for (int64_t c = 0; c < n; ++c) {
-    const double x = s[c] * scale + (bias != nullptr ? bias[c] : 0.0);
-    s[c] = none ? 0.0 : std::exp(x - lse);
+    const double b = bias != nullptr ? bias[c] : 0.0;
+    const double x = b == -std::numeric_limits<double>::infinity() ? b : s[c] * scale + b;
+    s[c] = none || x == -std::numeric_limits<double>::infinity() ? 0.0 : std::exp(x - lse);
   }
 }
 
 void dscore(double* ds, const double* p, const double* dp, double d, double lse, int64_t n, double scale) {
   const bool none = lse == std::numeric_limits<double>::infinity();
-  for (int64_t c = 0; c < n; ++c) ds[c] = none ? 0.0 : p[c] * (dp[c] - d) * scale;
+  for (int64_t c = 0; c < n; ++c) ds[c] = none || p[c] == 0.0 ? 0.0 : p[c] * (dp[c] - d) * scale;
 }
 
 void dropout_factors_row(double* z, uint64_t key, uint32_t j0, int64_t n, uint32_t threshold, double inv_keep) {

@@ -9,7 +9,8 @@
 
 namespace mmkernels::cpu::rows {
 
-// s = s * scale + bias (bias may be null); returns max(s).
+// s = s * scale + bias (bias may be null; where bias is -inf, s = -inf whatever the score, so a hidden
+// key stays hidden even for a NaN query); returns max(s), or NaN if any s is NaN (a NaN row).
 float scale_bias_max(float* s, const float* bias, int64_t n, float scale);
 // s = exp(s - m); returns sum(s). Entries at -inf give exactly 0.
 float exp_sum(float* s, int64_t n, float m);
@@ -17,11 +18,11 @@ float exp_sum(float* s, int64_t n, float m);
 void scale(float* x, int64_t n, float a);
 // s = exp(s * scale + bias - lse) for one query row (bias may be null), with s * scale + bias
 // rounded exactly as scale_bias_max rounds it, so that backward's probabilities are the forward's to
-// the bit. All 0 when lse = +inf (a row that saw no key), even where a score is NaN (a NaN score
-// alone does not make a key visible, as in the reference).
+// the bit. All 0 when lse = +inf (a row that saw no key); NaN everywhere when lse is NaN (a row
+// whose visible scores held a NaN, whose output is NaN too) except at hidden keys (-inf), which are 0.
 void probs_from_scores(float* s, const float* bias, int64_t n, float scale, float lse);
 // ds = p * (dp - d) * scale for one query row; ds may alias dp. All 0 when lse = +inf (a row that
-// saw no key), whatever dp holds: its gradient is zero even where a value is NaN.
+// saw no key), whatever dp holds: its gradient is zero even where a value is NaN; 0 where p is 0.
 void dscore(float* ds, const float* p, const float* dp, float d, float lse, int64_t n, float scale);
 // z[c] = inv_keep where hash(key, j0 + c) >= threshold else 0: one query row over a run of keys.
 void dropout_factors_row(float* z, uint64_t key, uint32_t j0, int64_t n, uint32_t threshold, float inv_keep);

@@ -107,7 +107,12 @@ enum class MaskKind { None, Bool, Float };
 
 struct Problem {
   int64_t B = 0, H = 0, Lq = 0, Lk = 0, E = 0, Ev = 0;
+  // Grouped-query attention: Hkv kv heads, each read by G = H / Hkv consecutive query heads.
+  int64_t Hkv = 0, G = 1;
   double scale = 1.0;
+  // Causal flag: query i sees keys j < i + 1 + causal_offset (0 upper-left, Lk - Lq lower-right).
+  bool causal = false;
+  int64_t causal_offset = 0;
   // Per batch: the key range [kbeg, kend) that kv_lengths and key_padding_mask leave visible.
   std::vector<int64_t> kbeg, kend;
   // key_padding_mask as (B, Lk) additive bias (0 / -inf) in the compute type, or undefined.
@@ -120,6 +125,17 @@ struct Problem {
   uint64_t seed = 0;
   uint32_t threshold = 0;
   double inv_keep = 1.0;
+
+  // The end of the keys query block [i0, i0 + nq) of batch b may see: the batch's visible range cut
+  // at the causal diagonal of its last row (never below kbeg: an empty range then).
+  int64_t key_limit(int64_t b, int64_t i0, int64_t nq) const {
+    if (!causal) return kend[b];
+    return std::clamp(i0 + nq + causal_offset, kbeg[b], kend[b]);
+  }
+  // How many of the nk keys from j0 query row i sees under the causal flag.
+  int64_t causal_cols(int64_t i, int64_t j0, int64_t nk) const {
+    return causal ? std::clamp<int64_t>(i + 1 + causal_offset - j0, 0, nk) : nk;
+  }
 };
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
@@ -132,11 +148,16 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
 Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& kv_lengths,
                      const std::optional<at::Tensor>& attn_mask, double scale, double dropout_p,
-                     const std::optional<at::Tensor>& dropout_seed, at::ScalarType compute) {
+                     const std::optional<at::Tensor>& dropout_seed, int64_t causal, at::ScalarType compute) {
   check_inputs(q, k, v);
+  MMK_CHECK_ARG(causal >= 0 && causal <= 2, "causal", "expected 0 (none), 1 (upper-left) or 2 (lower-right), got ",
+                causal);
   Problem p;
   p.B = q.size(0), p.H = q.size(1), p.Lq = q.size(2), p.Lk = k.size(2), p.E = q.size(3), p.Ev = v.size(3);
+  p.Hkv = k.size(1), p.G = p.Hkv > 0 ? p.H / p.Hkv : 1;
   p.scale = scale;
+  p.causal = causal != 0;
+  p.causal_offset = causal == 2 ? p.Lk - p.Lq : 0;
   p.kbeg.assign(p.B, 0);
   p.kend.assign(p.B, p.Lk);
   check_attention_options(q, k, key_padding_mask, kv_lengths, attn_mask, dropout_p, dropout_seed);
@@ -274,6 +295,59 @@ void pack_key_block(const In* kr, int64_t ks2, const In* vr, int64_t vs2, int64_
   }
 }
 
+// Decoding: queries per head up to which the forward may split the keys across threads.
+constexpr int64_t kDecodeMaxLq = 4;
+
+// Merges the key chunks' partial results (normalised outputs part_out (nsplit, B, H, Lq, Ev) and
+// their log-sum-exps part_lse (nsplit, B, H, Lq), -inf for a chunk with no visible key) into out and
+// lse: out = sum_c exp(lse_c - lse) out_c, lse = log sum_c exp(lse_c). A row with no visible key in
+// any chunk gets zeros and lse = +inf; a NaN in any chunk makes the row NaN.
+template <typename T, typename In>
+void merge_key_splits(const Problem& p, const T* part_out, const T* part_lse, int64_t nsplit, at::Tensor& out,
+                      at::Tensor& lse) {
+  In* od = out.data_ptr<In>();
+  T* ld = lse.data_ptr<T>();
+  const int64_t rows_all = p.B * p.H * p.Lq, os2 = out.stride(2);
+  at::parallel_for(0, rows_all, 16, [&](int64_t r0, int64_t r1) {
+    std::vector<T> acc(p.Ev);
+    for (int64_t row = r0; row < r1; ++row) {
+      const int64_t bh = row / p.Lq, i = row % p.Lq, b = bh / p.H, h = bh % p.H;
+      T mx = -std::numeric_limits<T>::infinity();
+      bool nan = false;
+      for (int64_t c = 0; c < nsplit; ++c) {
+        const T lc = part_lse[c * rows_all + row];
+        nan = nan || std::isnan(lc);
+        mx = std::max(mx, lc);
+      }
+      std::fill(acc.begin(), acc.end(), T(0));
+      T lse_row;
+      if (nan) {
+        std::fill(acc.begin(), acc.end(), std::numeric_limits<T>::quiet_NaN());
+        lse_row = std::numeric_limits<T>::quiet_NaN();
+      } else if (mx == -std::numeric_limits<T>::infinity()) {
+        lse_row = std::numeric_limits<T>::infinity();  // no visible key: zeros
+      } else {
+        T sum = 0;
+        for (int64_t c = 0; c < nsplit; ++c) sum += std::exp(part_lse[c * rows_all + row] - mx);
+        lse_row = mx + std::log(sum);
+        for (int64_t c = 0; c < nsplit; ++c) {
+          const T w = std::exp(part_lse[c * rows_all + row] - lse_row);
+          if (w == T(0)) continue;  // (also a chunk with no visible key: its rows are not read)
+          const T* po = part_out + (c * rows_all + row) * p.Ev;
+          for (int64_t e = 0; e < p.Ev; ++e) acc[e] += w * po[e];
+        }
+      }
+      ld[row] = lse_row;
+      In* o = od + b * out.stride(0) + h * out.stride(1) + i * os2;
+      if constexpr (std::is_same_v<In, at::BFloat16>) {
+        rows::to_bf16(acc.data(), reinterpret_cast<uint16_t*>(o), p.Ev);
+      } else {  // float, double; float16 rounds each value in c10::Half(float), as the unsplit path
+        std::copy_n(acc.data(), p.Ev, o);
+      }
+    }
+  });
+}
+
 // T: accumulation type (float, double); In: operand type (T, or bfloat16 / float16 with T = float).
 // float16 runs the float GEMMs on blocks converted to float (Q per query block, K and V as packed).
 // q, k, v: last dim contiguous, any other strides (bfloat16: k's rows and their pairs 4-byte aligned,
@@ -300,13 +374,15 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
   const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
   const int64_t os0 = out.stride(0), os1 = out.stride(1), os2 = out.stride(2);
   const int64_t nthreads = at::get_num_threads();
-  // A task is a run of query blocks of one head, which shares one packed copy of the head's visible
-  // keys and (bfloat16) values (pack_key_block); runs are cut short enough to leave about 8 tasks per
-  // thread for balance. Past kMaxKeptBlocks key blocks, each block is packed where it is used instead,
-  // so that the scratch stays O(threads * BK * E) for long key sequences.
+  // A task is a run of query blocks of one kv head's group of query heads (G = 1 without GQA), which
+  // shares one packed copy of the kv head's visible keys and (bfloat16) values (pack_key_block);
+  // runs are cut short enough to leave about 8 tasks per thread for balance. Past kMaxKeptBlocks key
+  // blocks, each block is packed where it is used instead, so that the scratch stays
+  // O(threads * BK * E) for long key sequences. A run's items are (query head in group, query block).
   constexpr int64_t kMaxKeptBlocks = 16;
-  const int64_t runs_per_head = std::clamp<int64_t>((8 * nthreads + p.B * p.H - 1) / (p.B * p.H), 1, nqb);
-  const int64_t run = (nqb + runs_per_head - 1) / runs_per_head, nruns = (nqb + run - 1) / run;
+  const int64_t nitems = p.G * nqb, nunits = p.B * p.Hkv;
+  const int64_t runs_per_unit = std::clamp<int64_t>((8 * nthreads + nunits - 1) / nunits, 1, nitems);
+  const int64_t run = (nitems + runs_per_unit - 1) / runs_per_unit, nruns = (nitems + run - 1) / run;
   const bool keep_packed = num_key_blocks(p.Lk) <= kMaxKeptBlocks;
   const int64_t slots = keep_packed ? num_key_blocks(p.Lk) : 1;
   // Packed block sizes in In elements, and their scratch in T elements (bfloat16: two per T).
@@ -320,8 +396,29 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
                        (kHalf ? (BQ + BK) * p.E : 0));
   const at::Tensor scratch_t = aligned_scratch<T>(per_thread * nthreads);
   T* const scratch = scratch_t.data_ptr<T>();
-  parallel_tasks(p.B * p.H * nruns, [&](int64_t task, int tid) {
-    const int64_t bh = task / nruns, b = bh / p.H, h = bh % p.H;
+  // Decoding (few rows, many keys): too few tasks to keep every thread busy, so the keys are split
+  // into nsplit chunks of whole key blocks, each chunk a task of its own with a partial result
+  // (normalised output and log-sum-exp), merged by merge_key_splits.
+  const int64_t nkb = num_key_blocks(p.Lk);
+  int64_t nsplit = 1;
+  if (p.Lq <= kDecodeMaxLq && nunits * nruns < 2 * nthreads && nthreads > 1 && nkb > 1)
+    nsplit = std::min<int64_t>(nkb, (4 * nthreads + nunits * nruns - 1) / (nunits * nruns));
+  const int64_t split_blocks = (nkb + nsplit - 1) / nsplit;
+  at::Tensor part_out_t, part_lse_t;
+  if (nsplit > 1) {
+    part_out_t = at::empty({nsplit, p.B, p.H, p.Lq, p.Ev}, lse.options());
+    part_lse_t = at::empty({nsplit, p.B, p.H, p.Lq}, lse.options());
+  }
+  const int64_t ntasks = nunits * nruns * nsplit;
+  parallel_tasks(ntasks, [&](int64_t t, int tid) {
+    // Causal: later query blocks see more keys; taking them first balances the tail.
+    const int64_t task_split = p.causal ? ntasks - 1 - t : t;
+    const int64_t split = task_split % nsplit, task = task_split / nsplit;
+    const int64_t bk = task / nruns, b = bk / p.Hkv, hk = bk % p.Hkv;
+    // This task's keys: the whole visible range, or its chunk of whole key blocks when split.
+    const int64_t jbeg = std::min(p.kbeg[b] + split * split_blocks * BK, p.kend[b]);
+    const int64_t jend = nsplit > 1 ? std::min(jbeg + split_blocks * BK, p.kend[b]) : p.kend[b];
+    const int64_t it0 = (task % nruns) * run, it1 = std::min(nitems, it0 + run);
     Packed* kT = reinterpret_cast<Packed*>(scratch + tid * per_thread);
     Packed* vP = reinterpret_cast<Packed*>(scratch + tid * per_thread + kt_size);
     T* S = scratch + tid * per_thread + kt_size + v_size;
@@ -334,22 +431,30 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
     T* Qf = z + BK;           // float16: Q_i in float
     T* Kf = Qf + BQ * p.E;    // float16: K_j in float, before its transpose
     auto pack = [&](int64_t j0, int64_t slot) {
-      pack_key_block(kd + b * ks0 + h * ks1 + j0 * ks2, ks2, vd + b * vs0 + h * vs1 + j0 * vs2, vs2,
+      pack_key_block(kd + b * ks0 + hk * ks1 + j0 * ks2, ks2, vd + b * vs0 + hk * vs1 + j0 * vs2, vs2,
                      std::min(BK, p.kend[b] - j0), p.E, p.Ev, BK, kT + slot * kt_block, vP + slot * v_block, Kf);
     };
-    if (keep_packed)
-      for (int64_t j0 = p.kbeg[b], jb = 0; j0 < p.kend[b]; j0 += BK, ++jb) pack(j0, jb);
-    const int64_t qb_end = std::min(nqb, (task % nruns + 1) * run);
-    for (int64_t qblk = (task % nruns) * run; qblk < qb_end; ++qblk) {
-      const int64_t i0 = qblk * BQ, nq = std::min(BQ, p.Lq - i0);
+    if (keep_packed) {
+      int64_t jpack = jbeg;  // the keys any item of the run sees
+      for (int64_t it = it0; it < it1; ++it) {
+        const int64_t i0 = (it % nqb) * BQ;
+        jpack = std::max(jpack, std::min(jend, p.key_limit(b, i0, std::min(BQ, p.Lq - i0))));
+      }
+      for (int64_t j0 = jbeg, jb = 0; j0 < jpack; j0 += BK, ++jb) pack(j0, jb);
+    }
+    for (int64_t it = it0; it < it1; ++it) {
+      const int64_t h = hk * p.G + it / nqb, bh = b * p.H + h;
+      const int64_t i0 = (it % nqb) * BQ, nq = std::min(BQ, p.Lq - i0);
+      const int64_t jlim = std::min(jend, p.key_limit(b, i0, nq));
       std::fill_n(acc, nq * p.Ev, T(0));
       std::fill_n(m, nq, -std::numeric_limits<T>::infinity());
       std::fill_n(l, nq, T(0));
       const In* qb = qd + b * qs0 + h * qs1 + i0 * qs2;
       if constexpr (kHalf)
         for (int64_t r = 0; r < nq; ++r) half_to_float(qb + r * qs2, Qf + r * p.E, p.E);
-      for (int64_t j0 = p.kbeg[b], jb = 0; j0 < p.kend[b]; j0 += BK, ++jb) {
-        const int64_t nk = std::min(BK, p.kend[b] - j0), slot = keep_packed ? jb : 0;
+      for (int64_t j0 = jbeg, jb = 0; j0 < jlim; j0 += BK, ++jb) {
+        // Causal: only the blocks up to the diagonal run, the last one cut at the last row's limit.
+        const int64_t nk = std::min(BK, jlim - j0), slot = keep_packed ? jb : 0;
         if (!keep_packed) pack(j0, slot);
         if constexpr (kBf16) {  // S = Q_i K_j^T
           at::native::cpublas::brgemm(nq, nk, p.E, qs2, BKp, BK, false, qb, kT + slot * kt_block, S, true);
@@ -361,12 +466,15 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
         for (int64_t r = 0; r < nq; ++r) {
           T* s = S + r * BK;
           const T* brow = bias_for_row(p, b, h, i0 + r, j0, nk, bias);
-          const T mx = rows::scale_bias_max(s, brow, nk, scale);
-          const T mnew = std::max(m[r], mx);
+          const int64_t nv = p.causal_cols(i0 + r, j0, nk);  // the row's keys left of the diagonal
+          const T mx = rows::scale_bias_max(s, brow, nv, scale);
+          // NaN is sticky: a NaN score (returned as mx) or an earlier one (in m) makes the row NaN.
+          const T mnew = std::isnan(mx) ? mx : std::max(m[r], mx);
           if (mnew == -std::numeric_limits<T>::infinity()) {  // nothing visible yet in this row
             std::fill_n(s, nk, T(0));
           } else {
-            const T sum = rows::exp_sum(s, nk, mnew);
+            const T sum = rows::exp_sum(s, nv, mnew);
+            std::fill_n(s + nv, nk - nv, T(0));
             const T alpha = std::exp(m[r] - mnew);  // 0 on the first visible block
             if (alpha != T(1)) rows::scale(acc + r * p.Ev, p.Ev, alpha);
             l[r] = l[r] * alpha + sum;
@@ -389,8 +497,18 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
         } else if constexpr (kHalf) {
           gemm(nq, p.Ev, nk, S, BK, vP + slot * v_block, p.Ev, acc, p.Ev, true);
         } else {
-          gemm(nq, p.Ev, nk, S, BK, vd + b * vs0 + h * vs1 + j0 * vs2, vs2, acc, p.Ev, true);
+          gemm(nq, p.Ev, nk, S, BK, vd + b * vs0 + hk * vs1 + j0 * vs2, vs2, acc, p.Ev, true);
         }
+      }
+      if (nsplit > 1) {  // a partial result: normalised rows and their lse (-inf: no key in this chunk)
+        T* po = part_out_t.data_ptr<T>() + ((split * p.B * p.H + bh) * p.Lq + i0) * p.Ev;
+        T* pl = part_lse_t.data_ptr<T>() + (split * p.B * p.H + bh) * p.Lq + i0;
+        for (int64_t r = 0; r < nq; ++r) {
+          if (l[r] != T(0)) rows::scale(acc + r * p.Ev, p.Ev, T(1) / l[r]);
+          pl[r] = l[r] != T(0) ? m[r] + std::log(l[r]) : -std::numeric_limits<T>::infinity();
+          std::copy_n(acc + r * p.Ev, p.Ev, po + r * p.Ev);
+        }
+        continue;
       }
       In* ob = od + b * os0 + h * os1 + i0 * os2;
       T* lb = ld + bh * p.Lq + i0;
@@ -413,6 +531,8 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
     }
     if constexpr (std::is_same_v<T, float>) at::native::cpublas::brgemm_release(kBf16);
   });
+  if (nsplit > 1)
+    merge_key_splits<T, In>(p, part_out_t.const_data_ptr<T>(), part_lse_t.const_data_ptr<T>(), nsplit, out, lse);
 }
 
 // ------------------------------------------------------------------------------------------ backward
@@ -443,7 +563,7 @@ at::Tensor row_dot(const at::Tensor& dout, const at::Tensor& out, const Problem&
 template <typename T>
 void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& D, at::Tensor& dq_acc,
-                     at::Tensor& dk, at::Tensor& dv, int64_t nkb_per_task, bool per_thread_dq) {
+                     at::Tensor& dk, at::Tensor& dv, int64_t nkb_per_task, bool per_thread_dq, int64_t hsplit) {
   const int64_t BQ = std::min(kBlockQ, std::max<int64_t>(p.Lq, 1)), BK = key_block(p.Lk);
   const int64_t nkb = num_key_blocks(p.Lk);
   const int64_t nchunks = (nkb + nkb_per_task - 1) / nkb_per_task;
@@ -458,7 +578,7 @@ void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k,
   T* dqd = dq_acc.data_ptr<T>();
   T* dkd = dk.data_ptr<T>();
   T* dvd = dv.data_ptr<T>();
-  const int64_t dks2 = dk.stride(2), dvs2 = dv.stride(2);
+  const int64_t dks2 = dk.stride(3), dvs2 = dv.stride(3);
   const int64_t qs2 = q.stride(2), ks2 = k.stride(2), vs2 = v.stride(2), dos2 = dout.stride(2);
   const int64_t nthreads = at::get_num_threads();
   const int64_t dqs2 = dq_acc.stride(3);
@@ -469,8 +589,15 @@ void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k,
                              aligned_slice<T>(3 * BQ * BK + (BK + BQ) * (p.E + p.Ev) + BK);
   const at::Tensor scratch_t = aligned_scratch<T>(per_thread * nthreads);
   T* const scratch = scratch_t.data_ptr<T>();
-  parallel_tasks(p.B * p.H * nchunks, [&](int64_t task, int tid) {
-    const int64_t bh = task / nchunks, b = bh / p.H, h = bh % p.H;
+  // A task is a chunk of key blocks of one kv head, for every query head of its group: dK and dV sum
+  // over the group in the task's accumulators, and each K / V block is transposed once for the group.
+  // With hsplit > 1 (grouped-query attention with few kv heads), a task takes a subgroup of the query
+  // heads, and dK / dV go to the subgroup's own slice of dk / dv (hsplit, B, H_kv, Lk, E|Ev), summed after.
+  const int64_t ntasks = p.B * p.Hkv * hsplit * nchunks;
+  parallel_tasks(ntasks, [&](int64_t t, int tid) {
+    const int64_t task = t;  // causal: early key blocks (the costly ones) already come first
+    const int64_t hs = (task / nchunks) % hsplit, bk = task / nchunks / hsplit, b = bk / p.Hkv, hk = bk % p.Hkv;
+    const int64_t g_begin = hs * p.G / hsplit, g_end = (hs + 1) * p.G / hsplit;
     const int64_t kb_first = (task % nchunks) * nkb_per_task;
     T* kT = scratch + tid * per_thread;
     T* vT = kT + aligned_slice<T>(p.E * BK);
@@ -482,66 +609,78 @@ void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k,
     T* Qt = dVt + p.Ev * BK;
     T* dOt = Qt + p.E * BQ;
     T* bias = dOt + p.Ev * BQ;
-    // dQ partial sums per key chunk, not per thread: tasks go to threads dynamically, so a
-    // per-thread sum would add in a run-dependent order; per chunk, the final sum's order is fixed.
-    T* dqb = dqd + (per_thread_dq ? (task % nchunks) * dq_acc.stride(0) : 0) + b * dq_acc.stride(1) +
-             h * dq_acc.stride(2);
-    const T* qb = qd + b * q.stride(0) + h * q.stride(1);
-    const T* dob = dod + b * dout.stride(0) + h * dout.stride(1);
-    const T* lseb = lsed + bh * p.Lq;
-    const T* Db = Dd + bh * p.Lq;
     for (int64_t kb = kb_first; kb < std::min(nkb, kb_first + nkb_per_task); ++kb) {
       // Key block kb computes keys [j0, j1): the forward's kb-th block of the batch's visible range.
       // Rows outside that range have zero gradient: slot [a0, a1) of the key axis zeroes its share.
       const int64_t j0 = std::min(p.kbeg[b] + kb * BK, p.kend[b]), j1 = std::min(j0 + BK, p.kend[b]);
       const int64_t nk = j1 - j0;
       const int64_t a0 = kb * BK, a1 = std::min(p.Lk, a0 + BK);
-      T* dk_out = dkd + b * dk.stride(0) + h * dk.stride(1);
-      T* dv_out = dvd + b * dv.stride(0) + h * dv.stride(1);
+      T* dk_out = dkd + hs * dk.stride(0) + b * dk.stride(1) + hk * dk.stride(2);
+      T* dv_out = dvd + hs * dv.stride(0) + b * dv.stride(1) + hk * dv.stride(2);
       for (int64_t j = a0; j < a1; ++j) {
         if (j >= p.kbeg[b] && j < p.kend[b]) continue;
         std::fill_n(dk_out + j * dks2, p.E, T(0));
         std::fill_n(dv_out + j * dvs2, p.Ev, T(0));
       }
       if (nk == 0) continue;
-      const T* kr = kd + b * k.stride(0) + h * k.stride(1) + j0 * ks2;
+      const T* kr = kd + b * k.stride(0) + hk * k.stride(1) + j0 * ks2;
       transpose(kr, ks2, nk, p.E, kT, BK);
-      transpose(vd + b * v.stride(0) + h * v.stride(1) + j0 * vs2, vs2, nk, p.Ev, vT, BK);
+      transpose(vd + b * v.stride(0) + hk * v.stride(1) + j0 * vs2, vs2, nk, p.Ev, vT, BK);
       std::fill_n(dKt, p.E * BK, T(0));
       std::fill_n(dVt, p.Ev * BK, T(0));
-      for (int64_t i0 = 0; i0 < p.Lq; i0 += BQ) {
-        const int64_t nq = std::min(BQ, p.Lq - i0);
-        const T* qi = qb + i0 * qs2;
-        const T* doi = dob + i0 * dos2;
-        // S = Q_i K_j^T and P = exp(S * scale + bias - lse), row by row with the forward's GEMM and
-        // its rounding of S * scale + bias, so that P is the forward's to the bit (transposed, the
-        // GEMM may sum the head dim in another order: one ulp of a 1e5 logit is 1% of a probability).
-        gemm(nq, nk, p.E, qi, qs2, kT, BK, P, BK, false);
-        for (int64_t r = 0; r < nq; ++r) {
-          const T* brow = bias_for_row(p, b, h, i0 + r, j0, nk, bias);
-          rows::probs_from_scores(P + r * BK, brow, nk, scale, lseb[i0 + r]);
-        }
-        const T* PZ = P;
-        if (p.dropout) {
-          // DS temporarily holds P * Z (the probabilities that reached the output).
+      // Causal: the query blocks before the first row that sees key j0 have nothing here.
+      const int64_t i_first = p.causal ? std::clamp<int64_t>(j0 - p.causal_offset, 0, p.Lq) / BQ * BQ : 0;
+      for (int64_t g = g_begin; g < g_end; ++g) {
+        const int64_t h = hk * p.G + g, bh = b * p.H + h;
+        // dQ partial sums per key chunk, not per thread: tasks go to threads dynamically, so a
+        // per-thread sum would add in a run-dependent order; per chunk, the final sum's order is fixed.
+        T* dqb = dqd + (per_thread_dq ? (task % nchunks) * dq_acc.stride(0) : 0) + b * dq_acc.stride(1) +
+                 h * dq_acc.stride(2);
+        const T* qb = qd + b * q.stride(0) + h * q.stride(1);
+        const T* dob = dod + b * dout.stride(0) + h * dout.stride(1);
+        const T* lseb = lsed + bh * p.Lq;
+        const T* Db = Dd + bh * p.Lq;
+        for (int64_t i0 = i_first; i0 < p.Lq; i0 += BQ) {
+          const int64_t nq = std::min(BQ, p.Lq - i0);
+          // The forward's width for this (query block, key block) pair: cut at the causal diagonal.
+          const int64_t nkq = std::min(j1, p.key_limit(b, i0, nq)) - j0;
+          if (nkq <= 0) continue;
+          const T* qi = qb + i0 * qs2;
+          const T* doi = dob + i0 * dos2;
+          // S = Q_i K_j^T and P = exp(S * scale + bias - lse), row by row with the forward's GEMM and
+          // its rounding of S * scale + bias, so that P is the forward's to the bit (transposed, the
+          // GEMM may sum the head dim in another order: one ulp of a 1e5 logit is 1% of a probability).
+          gemm(nq, nkq, p.E, qi, qs2, kT, BK, P, BK, false);
           for (int64_t r = 0; r < nq; ++r) {
-            rows::dropout_factors_row(Z + r * BK, dropout_row_key(p.seed, bh, p.Lq, i0 + r),
-                                      static_cast<uint32_t>(j0), nk, p.threshold, inv_keep);
-            std::copy_n(P + r * BK, nk, DS + r * BK);
-            rows::mul(DS + r * BK, Z + r * BK, nk);
+            const T* brow = bias_for_row(p, b, h, i0 + r, j0, nkq, bias);
+            const int64_t nv = p.causal_cols(i0 + r, j0, nkq);
+            rows::probs_from_scores(P + r * BK, brow, nv, scale, lseb[i0 + r]);
+            std::fill_n(P + r * BK + nv, nkq - nv, T(0));
           }
-          PZ = DS;
+          const T* PZ = P;
+          if (p.dropout) {
+            // DS temporarily holds P * Z (the probabilities that reached the output).
+            for (int64_t r = 0; r < nq; ++r) {
+              rows::dropout_factors_row(Z + r * BK, dropout_row_key(p.seed, bh, p.Lq, i0 + r),
+                                        static_cast<uint32_t>(j0), nkq, p.threshold, inv_keep);
+              std::copy_n(P + r * BK, nkq, DS + r * BK);
+              rows::mul(DS + r * BK, Z + r * BK, nkq);
+            }
+            PZ = DS;
+          }
+          transpose(doi, dos2, nq, p.Ev, dOt, BQ);
+          gemm(p.Ev, nkq, nq, dOt, BQ, PZ, BK, dVt, BK, true);  // dV_j^T += dO_i^T (P Z)
+          gemm(nq, nkq, p.Ev, doi, dos2, vT, BK, DS, BK, false);  // dP = dO_i V_j^T
+          for (int64_t r = 0; r < nq; ++r) {
+            const int64_t nv = p.causal_cols(i0 + r, j0, nkq);
+            if (p.dropout) rows::mul(DS + r * BK, Z + r * BK, nv);
+            rows::dscore(DS + r * BK, P + r * BK, DS + r * BK, Db[i0 + r], lseb[i0 + r], nv, scale);  // dS, scaled
+            std::fill_n(DS + r * BK + nv, nkq - nv, T(0));  // keys right of the diagonal: never seen
+          }
+          transpose(qi, qs2, nq, p.E, Qt, BQ);
+          gemm(p.E, nkq, nq, Qt, BQ, DS, BK, dKt, BK, true);                  // dK_j^T += Q_i^T dS
+          gemm(nq, p.E, nkq, DS, BK, kr, ks2, dqb + i0 * dqs2, dqs2, true);   // dQ_i += dS K_j
         }
-        transpose(doi, dos2, nq, p.Ev, dOt, BQ);
-        gemm(p.Ev, nk, nq, dOt, BQ, PZ, BK, dVt, BK, true);  // dV_j^T += dO_i^T (P Z)
-        gemm(nq, nk, p.Ev, doi, dos2, vT, BK, DS, BK, false);  // dP = dO_i V_j^T
-        for (int64_t r = 0; r < nq; ++r) {
-          if (p.dropout) rows::mul(DS + r * BK, Z + r * BK, nk);
-          rows::dscore(DS + r * BK, P + r * BK, DS + r * BK, Db[i0 + r], lseb[i0 + r], nk, scale);  // dS, scaled
-        }
-        transpose(qi, qs2, nq, p.E, Qt, BQ);
-        gemm(p.E, nk, nq, Qt, BQ, DS, BK, dKt, BK, true);                               // dK_j^T += Q_i^T dS
-        gemm(nq, p.E, nk, DS, BK, kr, ks2, dqb + i0 * dqs2, dqs2, true);                // dQ_i += dS K_j
       }
       transpose(dKt, BK, p.E, nk, dk_out + j0 * dks2, dks2);
       transpose(dVt, BK, p.Ev, nk, dv_out + j0 * dvs2, dvs2);
@@ -557,9 +696,10 @@ at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kD
 std::tuple<at::Tensor, at::Tensor> cross_modal_attention_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& kv_lengths, const std::optional<at::Tensor>& attn_mask, double scale,
-    double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
+    double dropout_p, const std::optional<at::Tensor>& dropout_seed, int64_t causal) {
   const auto ct = compute_type(q.scalar_type());  // make_problem checks q, k, v
-  Problem p = make_problem(q, k, v, key_padding_mask, kv_lengths, attn_mask, scale, dropout_p, dropout_seed, ct);
+  Problem p =
+      make_problem(q, k, v, key_padding_mask, kv_lengths, attn_mask, scale, dropout_p, dropout_seed, causal, ct);
   at::Tensor lse = at::empty({p.B, p.H, p.Lq}, q.options().dtype(ct));
   if (q.scalar_type() == at::kBFloat16 && p.E % 2 == 0) {
     // bfloat16 GEMMs on the inputs (float32 accumulation), K and V packed per task.
@@ -595,9 +735,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_modal_attention_backward_cp
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& kv_lengths, const std::optional<at::Tensor>& attn_mask, double scale,
-    double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
+    double dropout_p, const std::optional<at::Tensor>& dropout_seed, int64_t causal) {
   const auto ct = compute_type(q.scalar_type());  // make_problem checks q, k, v
-  Problem p = make_problem(q, k, v, key_padding_mask, kv_lengths, attn_mask, scale, dropout_p, dropout_seed, ct);
+  Problem p =
+      make_problem(q, k, v, key_padding_mask, kv_lengths, attn_mask, scale, dropout_p, dropout_seed, causal, ct);
   MMK_CHECK_ARG(grad_out.sizes() == at::IntArrayRef({p.B, p.H, p.Lq, p.Ev}), "grad_out", "expected shape (", p.B,
                 ", ", p.H, ", ", p.Lq, ", ", p.Ev, "), got ", grad_out.sizes());
   MMK_CHECK_ARG(out.sizes() == grad_out.sizes(), "out", "expected shape ", grad_out.sizes(), ", got ", out.sizes());
@@ -616,24 +757,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_modal_attention_backward_cp
   const int64_t nthreads = at::get_num_threads();
   const int64_t nkb = num_key_blocks(p.Lk);
   int64_t per_task = std::max<int64_t>(nkb, 1);
-  if (p.B * p.H > 0 && p.B * p.H < 4 * nthreads && nthreads > 1) {
-    const int64_t want_chunks = (4 * nthreads + p.B * p.H - 1) / (p.B * p.H);
+  // Tasks per kv head: a task covers its group of query heads, or with few kv heads a subgroup
+  // (hsplit of them: dK / dV partials of k's size each, not dQ partials of q's size).
+  int64_t hsplit = 1;
+  if (p.G > 1 && p.B * p.Hkv > 0 && p.B * p.Hkv < 4 * nthreads && nthreads > 1)
+    hsplit = std::min<int64_t>(p.G, (4 * nthreads + p.B * p.Hkv - 1) / (p.B * p.Hkv));
+  const int64_t units = p.B * p.Hkv * hsplit;
+  if (units > 0 && units < 4 * nthreads && nthreads > 1) {
+    const int64_t want_chunks = (4 * nthreads + units - 1) / units;
     per_task = std::max<int64_t>(1, (nkb + want_chunks - 1) / want_chunks);
   }
   const bool per_thread_dq = per_task < nkb && nthreads > 1;
-  // One dQ accumulator per key chunk (about 4 * threads / (B * H) of them): bitwise deterministic.
+  // One dQ accumulator per key chunk (about 4 * threads / (B * H_kv) of them): bitwise deterministic.
   const int64_t nchunks = (nkb + per_task - 1) / per_task;
   // With one accumulator it is dq itself, in dq's layout.
   at::Tensor dq_acc = per_thread_dq ? at::zeros({nchunks, p.B, p.H, p.Lq, p.E}, q.options().dtype(ct))
                                     : empty_grad_like(q, ct).zero_().unsqueeze(0);
+  at::Tensor dk_acc = hsplit > 1 ? at::empty({hsplit, p.B, p.Hkv, p.Lk, p.E}, k.options().dtype(ct)) : dk.unsqueeze(0);
+  at::Tensor dv_acc = hsplit > 1 ? at::empty({hsplit, p.B, p.Hkv, p.Lk, p.Ev}, v.options().dtype(ct)) : dv.unsqueeze(0);
   if (p.B * p.H * p.Lk > 0) {
     if (ct == at::kDouble) {
       const at::Tensor D = row_dot<double>(doc, oc, p);
-      backward_kernel<double>(p, qc, kc, vc, doc, lsec, D, dq_acc, dk, dv, per_task, per_thread_dq);
+      backward_kernel<double>(p, qc, kc, vc, doc, lsec, D, dq_acc, dk_acc, dv_acc, per_task, per_thread_dq, hsplit);
     } else {
       const at::Tensor D = row_dot<float>(doc, oc, p);
-      backward_kernel<float>(p, qc, kc, vc, doc, lsec, D, dq_acc, dk, dv, per_task, per_thread_dq);
+      backward_kernel<float>(p, qc, kc, vc, doc, lsec, D, dq_acc, dk_acc, dv_acc, per_task, per_thread_dq, hsplit);
     }
+    if (hsplit > 1) {  // every row of every slice was written by its tasks
+      at::sum_out(dk, dk_acc, 0);
+      at::sum_out(dv, dv_acc, 0);
+    }
+  } else if (hsplit > 1) {
+    dk.zero_();
+    dv.zero_();
   }
   const auto dt = q.scalar_type();
   at::Tensor dq;

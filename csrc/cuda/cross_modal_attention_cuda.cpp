@@ -49,6 +49,11 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
   check_device_and_dtypes(q, "q", c10::DeviceType::CUDA, {at::kHalf, at::kBFloat16, at::kFloat, at::kDouble},
                           "float16, bfloat16, float32 or float64 on CUDA");
   check_attention_qkv(q, k, v);
+  // The CUDA kernels have no grouped-query indexing yet; the Python wrapper sends such calls to the
+  // reference, so only a direct op call lands here.
+  MMK_CHECK_ARG(k.size(1) == q.size(1), "k", "grouped-query attention (", k.size(1), " kv heads for ", q.size(1),
+                " query heads) is not implemented by the CUDA kernels; call mmkernels.cross_modal_attention, "
+                "which routes it to the reference");
   constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
   MMK_CHECK_ARG(q.size(2) < kMax && k.size(2) < kMax && q.size(0) * q.size(1) < kMax, "q",
                 "sizes beyond int32 range are not supported, got q ", q.sizes(), " and k ", k.sizes());
@@ -317,11 +322,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_fallback(const Prepared&
 
 // ------------------------------------------------------------------------------------------ ops
 
+// The causal flag is a CPU-kernel feature so far; the Python wrapper routes causal CUDA calls to the
+// reference, so only a direct op call lands here.
+void check_no_causal(int64_t causal) {
+  MMK_CHECK_ARG(causal == 0, "causal", "causal attention (causal=", causal, ") is not implemented by the CUDA "
+                "kernels; call mmkernels.cross_modal_attention, which routes it to the reference");
+}
+
 std::tuple<at::Tensor, at::Tensor> cross_modal_attention_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& kv_lengths, const std::optional<at::Tensor>& attn_mask, double scale,
-    double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
+    double dropout_p, const std::optional<at::Tensor>& dropout_seed, int64_t causal) {
   check_inputs(q, k, v);
+  check_no_causal(causal);
   const c10::cuda::CUDAGuard guard(q.device());
   const bool fast_dtype = q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16;
   const at::ScalarType mask_type = fast_dtype ? at::kFloat : compute_type(q.scalar_type());
@@ -357,8 +370,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_modal_attention_backward_cu
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& kv_lengths, const std::optional<at::Tensor>& attn_mask, double scale,
-    double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
+    double dropout_p, const std::optional<at::Tensor>& dropout_seed, int64_t causal) {
   check_inputs(q, k, v);
+  check_no_causal(causal);
   const c10::cuda::CUDAGuard guard(q.device());
   const bool fast_dtype = q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16;
   const at::ScalarType mask_type = fast_dtype ? at::kFloat : compute_type(q.scalar_type());

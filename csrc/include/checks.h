@@ -65,8 +65,11 @@ inline void check_attention_qkv(const at::Tensor& q, const at::Tensor& k, const 
   check_same_device_dtype(v, q, "v");
   MMK_CHECK_ARG(k.size(0) == q.size(0), "k", "expected batch size ", q.size(0), " (that of q), got ", k.size(0));
   MMK_CHECK_ARG(v.size(0) == q.size(0), "v", "expected batch size ", q.size(0), " (that of q), got ", v.size(0));
-  MMK_CHECK_ARG(k.size(1) == q.size(1), "k", "expected ", q.size(1), " heads (those of q), got ", k.size(1));
-  MMK_CHECK_ARG(v.size(1) == q.size(1), "v", "expected ", q.size(1), " heads (those of q), got ", v.size(1));
+  // Grouped-query attention: k and v may have fewer heads, a divisor of q's (the Python wrapper
+  // requires enable_gqa=True for that, as SDPA does).
+  MMK_CHECK_ARG(k.size(1) > 0 ? q.size(1) % k.size(1) == 0 : q.size(1) == 0, "k", "expected a head count dividing ",
+                q.size(1), " (the heads of q), got ", k.size(1));
+  MMK_CHECK_ARG(v.size(1) == k.size(1), "v", "expected ", k.size(1), " heads (those of k), got ", v.size(1));
   MMK_CHECK_ARG(k.size(3) == q.size(3), "k", "expected head dim ", q.size(3), " (that of q), got ", k.size(3));
   MMK_CHECK_ARG(v.size(2) == k.size(2), "v", "expected ", k.size(2), " keys (Lk of k), got ", v.size(2));
 }

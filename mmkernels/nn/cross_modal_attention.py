@@ -9,7 +9,12 @@ Differences from nn.MultiheadAttention, all deliberate:
   Only with dropout in training is the output made from materialised, dropped weights, as
   nn.MultiheadAttention does (so that the returned weights are the ones that made it): that is the
   slow path.
-- ``is_causal`` is a hint, as in nn.MultiheadAttention: ``attn_mask`` must be given and is what is used.
+- ``is_causal`` is a hint, as in nn.MultiheadAttention: ``attn_mask`` must be given with it. Where the
+  hint is taken (square self-attention, no ``add_bias_kv`` / ``add_zero_attn``, the output path) the
+  op's causal flag replaces the mask, trusting the hint as nn.MultiheadAttention's fast path does, so
+  the key blocks above the diagonal are skipped; the ``need_weights`` weights still use ``attn_mask``.
+- A NaN in a query, or in a key or value a row sees, makes that row NaN (as in
+  nn.MultiheadAttention); only a row that sees no key at all gives zeros.
 - Dropout masks come from the op's own generator draw, so they differ from nn.MultiheadAttention's
   for the same seed when ``need_weights=False`` (same distribution; the same seed reproduces ours).
 - With a bool ``key_padding_mask`` that hides at least 1/8 of the keys (except on the slow path),
@@ -217,6 +222,8 @@ class CrossModalAttention(nn.Module):
         is_causal: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Same arguments, shapes and return value as ``nn.MultiheadAttention.forward``."""
+        if any(isinstance(t, torch.Tensor) and t.is_nested for t in (query, key, value)):
+            return self._forward_nested(query, key, value, key_padding_mask, need_weights, attn_mask)
         batched = check_inputs(self, query, key, value, key_padding_mask, attn_mask, is_causal)
         if batched:
             seq_dim = 0 if not self.batch_first else 1
@@ -244,8 +251,13 @@ class CrossModalAttention(nn.Module):
             if average_attn_weights:
                 weights = weights.mean(dim=1)
         else:
-            kpm, mask = op_masks(key_padding_mask, attn_mask, batch, self.num_heads, added, q.dtype)
-            out = ops.cross_modal_attention(q, k, v, key_padding_mask=kpm, attn_mask=mask, dropout_p=dropout_p)
+            # The is_causal hint (nn.TransformerDecoderLayer's tgt_is_causal) on square self-attention
+            # with no added keys: the op's causal flag replaces the mask, so masked blocks are skipped.
+            causal = is_causal and added == 0 and len_q == k.shape[2]
+            kpm, mask = op_masks(key_padding_mask, None if causal else attn_mask, batch, self.num_heads, added, q.dtype)
+            out = ops.cross_modal_attention(
+                q, k, v, key_padding_mask=kpm, attn_mask=mask, is_causal=causal, dropout_p=dropout_p
+            )
             if need_weights:
                 # Computed beside the output, not under it: if the caller drops them (`out, _ = mha(...)`),
                 # nothing of theirs is kept for backward.
@@ -264,6 +276,43 @@ class CrossModalAttention(nn.Module):
         if weights is not None and not batched:
             weights = weights.squeeze(0)
         return out, weights
+
+    def _forward_nested(self, query, key, value, key_padding_mask, need_weights, attn_mask):
+        """Jagged nested (B, j, E) query / key / value (batch_first): the sequences' lengths are the
+        padding. The projections run on the packed values, attention on cross_modal_attention_varlen
+        (no padding work), and the output comes back nested; training included."""
+        if not self.batch_first:
+            raise ValueError(f"{_NAME}: argument 'query': nested tensors need batch_first=True")
+        for arg, t in (("query", query), ("key", key), ("value", value)):
+            if not (isinstance(t, torch.Tensor) and t.is_nested and t.layout == torch.jagged and t.dim() == 3):
+                raise ValueError(f"{_NAME}: argument '{arg}': expected a (B, j, E) jagged-layout nested tensor "
+                                 "(as the other inputs)")
+        for arg, t in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+            if t is not None:
+                raise ValueError(f"{_NAME}: argument '{arg}': not supported with nested inputs (their lengths are "
+                                 "the padding)")
+        if need_weights:
+            raise ValueError(f"{_NAME}: argument 'need_weights': attention weights are not returned for nested "
+                             "inputs; pass need_weights=False")
+        if self.bias_k is not None or self.add_zero_attn:
+            raise ValueError(f"{_NAME}: argument 'key': nested inputs with add_bias_kv / add_zero_attn are not "
+                             "supported")
+        # values() once per distinct tensor, so _project still sees self-attention as one GEMM.
+        packed = {}
+        q_in, k_in, v_in = (packed.setdefault(id(t), t.values()) for t in (query, key, value))
+        q_off, k_off = query.offsets(), key.offsets()
+        if not torch.equal(k_off, value.offsets()):
+            raise ValueError(f"{_NAME}: argument 'value': expected the sequence lengths of key")
+        q, k, v = self._project(q_in, k_in, v_in)
+        heads = lambda t: t.unflatten(-1, (self.num_heads, self.head_dim))  # noqa: E731
+        max_q = int(q_off.diff().max()) if q_off.numel() > 1 else 0
+        max_k = int(k_off.diff().max()) if k_off.numel() > 1 else 0
+        out = ops.cross_modal_attention_varlen(
+            heads(q), heads(k), heads(v), q_off.to(torch.int32), k_off.to(torch.int32), max_q, max_k,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        out = _linear(out.flatten(-2), self.out_proj.weight, self.out_proj.bias)
+        return torch.nested.nested_tensor_from_jagged(out, q_off), None
 
     def _weights_scale(self) -> float:
         return math.sqrt(1.0 / float(self.head_dim))  # MHA's exact expression, for bitwise-equal scores

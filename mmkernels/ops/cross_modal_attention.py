@@ -3,6 +3,7 @@ autograd."""
 from __future__ import annotations
 
 import torch
+from torch.nn.attention.bias import CausalBias
 
 from .. import reference
 from ._common import KERNELS, fake_check_same_device, warn_once
@@ -11,7 +12,24 @@ from ._common import KERNELS, fake_check_same_device, warn_once
 _ATTN_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def _check_attention(q, k, v, key_padding_mask, kv_lengths, attn_mask, dropout_p) -> None:
+def _check_heads(q, k, v, enable_gqa) -> None:
+    H, Hk = q.shape[1], k.shape[1]
+    if Hk != H:
+        if not enable_gqa:
+            raise ValueError(
+                f"mmkernels: argument 'k': expected {H} heads (those of q), got {Hk}; pass enable_gqa=True for "
+                "grouped-query attention"
+            )
+        if Hk == 0 or H % Hk != 0:
+            raise ValueError(
+                f"mmkernels: argument 'k': expected a head count dividing {H} (the heads of q) for grouped-query "
+                f"attention, got {Hk}"
+            )
+    if v.shape[1] != Hk:
+        raise ValueError(f"mmkernels: argument 'v': expected {Hk} heads (those of k), got {v.shape[1]}")
+
+
+def _check_attention(q, k, v, key_padding_mask, kv_lengths, attn_mask, dropout_p, enable_gqa=False) -> None:
     """Shape/dtype checks with errors that name the argument (the kernels check again in C++)."""
     for name, t, dims in (("q", q, "(B, H, Lq, E)"), ("k", k, "(B, H, Lk, E)"), ("v", v, "(B, H, Lk, Ev)")):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -29,8 +47,7 @@ def _check_attention(q, k, v, key_padding_mask, kv_lengths, attn_mask, dropout_p
     for name, t in (("k", k), ("v", v)):
         if t.shape[0] != B:
             raise ValueError(f"mmkernels: argument '{name}': expected batch size {B} (that of q), got {t.shape[0]}")
-        if t.shape[1] != H:
-            raise ValueError(f"mmkernels: argument '{name}': expected {H} heads (those of q), got {t.shape[1]}")
+    _check_heads(q, k, v, enable_gqa)
     if k.shape[3] != E:
         raise ValueError(f"mmkernels: argument 'k': expected head dim {E} (that of q), got {k.shape[3]}")
     if v.shape[2] != Lk:
@@ -94,34 +111,58 @@ def cross_modal_attention(
     *,
     key_padding_mask: torch.Tensor | None = None,
     kv_lengths: torch.Tensor | None = None,
-    attn_mask: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | CausalBias | None = None,
+    is_causal: bool = False,
     scale: float | None = None,
     dropout_p: float = 0.0,
+    enable_gqa: bool = False,
 ) -> torch.Tensor:
     """Attention of q over (k, v) in the SDPA layout, without materialising the score matrix.
 
-    q (B, H, Lq, E), k (B, H, Lk, E), v (B, H, Lk, Ev) -> (B, H, Lq, Ev), stored as (B, Lq, H, Ev)
+    q (B, H, Lq, E), k (B, H_kv, Lk, E), v (B, H_kv, Lk, Ev) -> (B, H, Lq, Ev), stored as (B, Lq, H, Ev)
     (``out.transpose(1, 2)`` is contiguous: merging the heads is a view). Gradients take the layout
     of q, k, v where it keeps the last dim contiguous.
     key_padding_mask: bool (B, Lk), True = ignore that key. kv_lengths: int (B,), keys >= length ignored.
-    attn_mask: bool (True = may attend) or float (added to the scores), broadcastable to (B, H, Lq, Lk).
+    attn_mask: bool (True = may attend) or float (added to the scores), broadcastable to (B, H, Lq, Lk),
+    or a torch.nn.attention.bias.CausalBias (upper-left or lower-right), applied as a flag.
+    is_causal: query i sees keys j <= i (SDPA's upper-left alignment), combined with every other mask;
+    the kernel skips the key blocks above the diagonal.
+    enable_gqa: k and v may have H_kv heads dividing H; query head h reads kv head h // (H // H_kv),
+    without copying K or V (SDPA's rule).
     scale: defaults to 1/sqrt(E). dropout_p: dropout on the attention probabilities (pass 0.0 in eval);
     its mask derives from a seed drawn from torch's default generator (torch.manual_seed reproduces it).
-    A query row that sees no key returns zeros and passes zero gradient.
+    A query row that sees no key returns zeros and passes zero gradient; a NaN among a row's visible
+    scores makes that row's output (and its gradients) NaN.
 
     A float attn_mask that requires grad takes the PyTorch reference path (which materialises the
     scores) so that its gradient is exact; the fused kernel treats masks as constants.
     """
-    _check_attention(q, k, v, key_padding_mask, kv_lengths, attn_mask, dropout_p)
+    if isinstance(q, torch.Tensor) and q.is_nested:
+        return _nested_attention(q, k, v, key_padding_mask, kv_lengths, attn_mask, is_causal, scale, dropout_p,
+                                 enable_gqa)
+    causal, op_mask = 0, attn_mask
+    if isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() >= 2 and k.dim() >= 2:
+        causal, op_mask = reference.causal_mode(is_causal, attn_mask, q.shape[-2], k.shape[-2])
+    _check_attention(q, k, v, key_padding_mask, kv_lengths, op_mask, dropout_p, enable_gqa)
     _check_kv_lengths_values(kv_lengths, k.shape[2])
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     dropout_p = float(dropout_p)
     key = q.device.type.upper()
     mask_needs_grad = (
-        attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.requires_grad and torch.is_grad_enabled()
+        op_mask is not None and op_mask.dtype != torch.bool and op_mask.requires_grad and torch.is_grad_enabled()
     )
-    if mask_needs_grad or key not in KERNELS["mmkernels::cross_modal_attention"]:
-        if not mask_needs_grad:
+    # The CUDA kernels have neither the causal flag nor grouped-query indexing yet: those calls take
+    # the reference there, said once.
+    cuda_lacks = key == "CUDA" and (causal != 0 or k.shape[1] != q.shape[1])
+    if mask_needs_grad or cuda_lacks or key not in KERNELS["mmkernels::cross_modal_attention"]:
+        if cuda_lacks and not mask_needs_grad:
+            warn_once(
+                "cma-cuda-causal-gqa",
+                "mmkernels: the CUDA cross_modal_attention kernels do not implement is_causal / CausalBias or "
+                "grouped-query attention yet; using the PyTorch reference (which materialises the score "
+                "matrix) instead.",
+            )
+        elif not mask_needs_grad:
             warn_once(
                 f"cma-{key}",
                 f"mmkernels: no cross_modal_attention kernel for {key} in this build; using the PyTorch "
@@ -129,15 +170,61 @@ def cross_modal_attention(
             )
         return reference.cross_modal_attention(
             q, k, v, key_padding_mask=key_padding_mask, kv_lengths=kv_lengths, attn_mask=attn_mask,
-            scale=scale, dropout_p=dropout_p,
+            is_causal=is_causal, scale=scale, dropout_p=dropout_p, enable_gqa=enable_gqa,
         )
     # The seed comes from torch's default generator as a tensor op, so it is reproducible under
     # torch.manual_seed and traceable by torch.compile / torch.export with no graph break.
     seed = torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0.0 else None
     out, _ = torch.ops.mmkernels.cross_modal_attention.default(
-        q, k, v, key_padding_mask, kv_lengths, attn_mask, scale, dropout_p, seed
+        q, k, v, key_padding_mask, kv_lengths, op_mask, scale, dropout_p, seed, causal
     )
     return out
+
+
+def _to_packed(x: torch.Tensor, name: str):
+    """A (B, H, j, D) jagged view of a (B, j, H, D) nested tensor -> (values (total, H, D), offsets)."""
+    if not (isinstance(x, torch.Tensor) and x.is_nested and x.layout == torch.jagged and x.dim() == 4
+            and x._ragged_idx == 2):
+        if not isinstance(x, torch.Tensor):
+            got = type(x).__name__
+        elif x.is_nested:
+            got = f"a {x.layout} nested tensor of {x.dim()} dims"
+        else:
+            got = f"a dense tensor of shape {tuple(x.shape)}"
+        raise ValueError(
+            f"mmkernels: argument '{name}': expected (as q) a (B, H, j, D) view of a (B, j, H, D) jagged-layout "
+            f"nested tensor (torch.jagged), got {got}"
+        )
+    xt = x.transpose(1, 2)
+    return xt.values(), xt.offsets()
+
+
+def _nested_attention(q, k, v, key_padding_mask, kv_lengths, attn_mask, is_causal, scale, dropout_p, enable_gqa):
+    """Jagged nested q, k, v (SDPA's layout): the sequences' own lengths are the padding, so the packed
+    values go to cross_modal_attention_varlen (no padding work) and come back nested."""
+    from .cross_modal_attention_varlen import cross_modal_attention_varlen
+
+    for name, t in (("key_padding_mask", key_padding_mask), ("kv_lengths", kv_lengths), ("attn_mask", attn_mask)):
+        if t is not None:
+            raise ValueError(
+                f"mmkernels: argument '{name}': not supported with nested tensors (their lengths are the padding)"
+            )
+    (qv, q_off), (kv, k_off), (vv, v_off) = _to_packed(q, "q"), _to_packed(k, "k"), _to_packed(v, "v")
+    if qv.shape[1] != kv.shape[1] and not enable_gqa:
+        raise ValueError(
+            f"mmkernels: argument 'k': expected {qv.shape[1]} heads (those of q), got {kv.shape[1]}; pass "
+            "enable_gqa=True for grouped-query attention"
+        )
+    if k_off.shape != v_off.shape or (k_off != v_off).any():
+        raise ValueError("mmkernels: argument 'v': expected the sequence lengths of k")
+    if q_off.shape != k_off.shape:
+        raise ValueError(f"mmkernels: argument 'k': expected batch size {q_off.numel() - 1} (that of q), "
+                         f"got {k_off.numel() - 1}")
+    max_q = int(q_off.diff().max()) if q_off.numel() > 1 else 0
+    max_k = int(k_off.diff().max()) if k_off.numel() > 1 else 0
+    out = cross_modal_attention_varlen(qv, kv, vv, q_off.to(torch.int32), k_off.to(torch.int32), max_q, max_k,
+                                       is_causal=is_causal, scale=scale, dropout_p=dropout_p)
+    return torch.nested.nested_tensor_from_jagged(out, q_off).transpose(1, 2)
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -145,7 +232,9 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @torch.library.register_fake("mmkernels::cross_modal_attention")
-def _cross_modal_attention_fake(q, k, v, key_padding_mask, kv_lengths, attn_mask, scale, dropout_p, dropout_seed):
+def _cross_modal_attention_fake(
+    q, k, v, key_padding_mask, kv_lengths, attn_mask, scale, dropout_p, dropout_seed, causal=0
+):
     fake_check_same_device(q, k=k, v=v, key_padding_mask=key_padding_mask, kv_lengths=kv_lengths, attn_mask=attn_mask)
     B, H, Lq, _ = q.shape
     # The kernels' layouts (csrc/include/attention_layout.h): out is stored as (B, Lq, H, Ev).
@@ -156,7 +245,7 @@ def _cross_modal_attention_fake(q, k, v, key_padding_mask, kv_lengths, attn_mask
 
 @torch.library.register_fake("mmkernels::cross_modal_attention_backward")
 def _cross_modal_attention_backward_fake(
-    grad_out, q, k, v, out, lse, key_padding_mask, kv_lengths, attn_mask, scale, dropout_p, dropout_seed
+    grad_out, q, k, v, out, lse, key_padding_mask, kv_lengths, attn_mask, scale, dropout_p, dropout_seed, causal=0
 ):
     fake_check_same_device(q, grad_out=grad_out, k=k, v=v, out=out, lse=lse, key_padding_mask=key_padding_mask,
                             kv_lengths=kv_lengths, attn_mask=attn_mask)
@@ -170,8 +259,9 @@ def _empty_grad_like(x: torch.Tensor) -> torch.Tensor:
 
 
 def _cross_modal_attention_setup(ctx, inputs, output):
-    q, k, v, key_padding_mask, kv_lengths, attn_mask, scale, dropout_p, dropout_seed = inputs
+    q, k, v, key_padding_mask, kv_lengths, attn_mask, scale, dropout_p, dropout_seed, causal = inputs
     out, lse = output
+    ctx.causal = causal
     ctx.scale = scale
     ctx.dropout_p = dropout_p
     ctx.mark_non_differentiable(lse)  # a by-product for backward, not a result to differentiate
@@ -183,9 +273,10 @@ def _cross_modal_attention_setup(ctx, inputs, output):
 def _cross_modal_attention_backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, key_padding_mask, kv_lengths, attn_mask, dropout_seed = ctx.saved_tensors
     dq, dk, dv = torch.ops.mmkernels.cross_modal_attention_backward.default(
-        grad_out, q, k, v, out, lse, key_padding_mask, kv_lengths, attn_mask, ctx.scale, ctx.dropout_p, dropout_seed
+        grad_out, q, k, v, out, lse, key_padding_mask, kv_lengths, attn_mask, ctx.scale, ctx.dropout_p, dropout_seed,
+        ctx.causal,
     )
-    return dq, dk, dv, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd(

@@ -188,6 +188,7 @@ def _attention(a):
 
 
 def _attention_raw(a):
+    a.pop("enable_gqa", None)  # the op reads the head counts from k and v
     seed = torch.tensor(0) if a["dropout_p"] > 0 else None
     scale = a["q"].shape[-1] ** -0.5 if a["scale"] is None else a["scale"]
     return torch.ops.mmkernels.cross_modal_attention(a["q"], a["k"], a["v"], a["key_padding_mask"], a["kv_lengths"],
@@ -232,7 +233,17 @@ ATTENTION_ROWS = [
     ("dropout_p-above-1", "dropout_p", _set(dropout_p=1.5)),
     ("dropout_p-nan", "dropout_p", _set(dropout_p=float("nan"))),
 ]
-_register("cross_modal_attention", ATTENTION_ROWS, _attention, attention_args)
+# Grouped-query attention: k and v share a head count that divides q's (3 here).
+ATTENTION_ROWS += [
+    ("v-heads", r"'v'", lambda a: a.update(k=a["k"][:, :1], v=a["v"][:, :2], enable_gqa=True)),
+    ("k-heads-not-dividing", r"'k'", lambda a: a.update(k=a["k"][:, :2], v=a["v"][:, :2], enable_gqa=True)),
+]
+# The public function's own arguments (the op has no enable_gqa: its caller asked for it).
+ATTENTION_WRAPPER_ROWS = ATTENTION_ROWS + [
+    ("enable_gqa-missing", r"'k'", lambda a: a.update(k=a["k"][:, :1], v=a["v"][:, :1])),
+    ("attn_mask-causal-bias-sizes", "attn_mask", _set(attn_mask=torch.nn.attention.bias.causal_upper_left(3, 5))),
+]
+_register("cross_modal_attention", ATTENTION_WRAPPER_ROWS, _attention, attention_args)
 _register("ops.cross_modal_attention", ATTENTION_ROWS, _attention_raw, attention_args)
 
 

@@ -183,7 +183,16 @@ def flash_reference():
     materialised = reference.cross_modal_attention
 
     def sdpa(q, k, v, *, key_padding_mask=None, kv_lengths=None, attn_mask=None, scale=None, dropout_p=0.0,
-             dropout_mask=None):
+             dropout_mask=None, is_causal=False, enable_gqa=False):
+        # The causal flag folded into a bool mask, and the kv heads repeated (the flash kernel takes neither
+        # with other masks).
+        causal, attn_mask = reference.causal_mode(is_causal, attn_mask, q.shape[-2], k.shape[-2])
+        if causal:
+            tri = reference.causal_visible(causal, q.shape[-2], k.shape[-2], q.device)
+            attn_mask = tri if attn_mask is None else (
+                attn_mask & tri if attn_mask.dtype == torch.bool else attn_mask.masked_fill(~tri, -math.inf))
+        if k.shape[1] != q.shape[1]:
+            k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
         if dropout_p > 0.0 or dropout_mask is not None:
             return materialised(q, k, v, key_padding_mask=key_padding_mask, kv_lengths=kv_lengths,
                                 attn_mask=attn_mask, scale=scale, dropout_p=dropout_p, dropout_mask=dropout_mask)

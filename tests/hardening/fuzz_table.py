@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch import nn
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 import mmkernels
 from mmkernels import reference
@@ -195,12 +196,18 @@ def attention_cases(draw):
         mask = {"kind": kind, "shape": shape, "density": draw(st.sampled_from([0.0, 0.3, 0.8, 1.0]))}
     kpm = draw(st.none() | st.sampled_from([0.0, 0.3, 1.0]))
     lengths = draw(st.none() | st.sampled_from(["int32", "int64"]))
+    # The causal flag: 0 none, 1 upper-left (is_causal), 2 lower-right (a CausalBias, or is_causal
+    # where attn_mask holds a tensor mask); kv heads: all of q's, or one (grouped-query attention).
+    causal = draw(st.sampled_from([0, 0, 1, 2]))
+    h_kv = draw(st.sampled_from([h, 1]))
     # NaN/Inf only where every key is visible: masked-out keys are never read by the kernel, while
     # the reference multiplies them by a zero probability (0 * NaN = NaN). See the README.
-    inject = mask is None and kpm is None and lengths is None
+    inject = mask is None and kpm is None and lengths is None and causal == 0
     return {
         "dtype": draw(dtypes),
         "shape": [b, h, lq, lk, e, ev],
+        "h_kv": h_kv,
+        "causal": causal,
         "seed": draw(st.integers(0, 2**31 - 1)),
         # Large q scales make large logits (softmax stability); tiny ones nearly uniform attention.
         "q": draw(tensor_spec(scale=draw(st.sampled_from([1.0, 1.0, 1e-3, 30.0, 1e3])), inject=inject)),
@@ -224,7 +231,8 @@ def attention_tensors(case, dtype):
         return make_tensor(shape, dtype, layout=t["layout"], scale=t["scale"], inject=t["inject"], seed=s + offset,
                            requires_grad=t["grad"])
 
-    q, k, v = tensor("q", (b, h, lq, e), 1), tensor("k", (b, h, lk, e), 2), tensor("v", (b, h, lk, ev), 4)
+    hk = case.get("h_kv", h)
+    q, k, v = tensor("q", (b, h, lq, e), 1), tensor("k", (b, hk, lk, e), 2), tensor("v", (b, hk, lk, ev), 4)
     kpm = None
     if case["key_padding_mask"] is not None:
         kpm = torch.rand(b, lk, generator=g) < case["key_padding_mask"]
@@ -247,10 +255,16 @@ def attention_tensors(case, dtype):
 
 def attention_run(case, impl, dtype):
     q, k, v, kpm, lengths, mask = attention_tensors(case, case["dtype"])
-    kwargs = {"key_padding_mask": kpm, "kv_lengths": lengths, "scale": case["scale"], "dropout_p": case["dropout_p"]}
+    kwargs = {"key_padding_mask": kpm, "kv_lengths": lengths, "scale": case["scale"], "dropout_p": case["dropout_p"],
+              "enable_gqa": True}
+    causal = case.get("causal", 0)
+    if causal == 1 or (causal == 2 and mask is not None):
+        kwargs["is_causal"] = True
+    elif causal == 2:
+        mask = causal_lower_right(q.shape[2], k.shape[2])
     if impl == "reference":
         q, k, v = _cast(q, dtype), _cast(k, dtype), _cast(v, dtype)
-        if mask is not None and mask.dtype != torch.bool:
+        if isinstance(mask, torch.Tensor) and not isinstance(mask, CausalBias) and mask.dtype != torch.bool:
             mask = mask.to(dtype)
         if case["dropout_p"] == 1.0:  # everything dropped: the reference's explicit keep-mask of zeros
             kwargs["dropout_mask"] = torch.zeros((), dtype=torch.bool)

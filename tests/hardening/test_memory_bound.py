@@ -34,3 +34,15 @@ def test_attention_never_allocates_the_score_matrix():
     # Inputs/outputs are 0.5 MiB each here; the score matrix would be 32 MiB.
     assert fwd < scores / 8, f"forward peak {fwd} bytes, the scores are {scores}"
     assert bwd < scores / 4, f"backward peak {bwd} bytes, the scores are {scores}"
+
+
+def test_grouped_query_attention_never_expands_k_and_v():
+    # issue 13: K / V are read per kv head by every query head of its group, never repeated to H heads.
+    B, H, Hkv, L, E, Ev = 1, 16, 1, 2048, 64, 8
+    q = torch.randn(B, H, L, E)
+    k, v = torch.randn(B, Hkv, L, E), torch.randn(B, Hkv, L, Ev)
+    expanded = B * H * L * (E + Ev) * 4  # what repeat_interleave of K and V would allocate
+    assert peak_allocated_bytes(lambda: reference.cross_modal_attention(q, k, v, enable_gqa=True)) >= expanded
+    fwd = peak_allocated_bytes(lambda: mmkernels.cross_modal_attention(q, k, v, enable_gqa=True))
+    # The output (1 MiB here) and per-thread packed key blocks; the expansion would be 9.4 MB.
+    assert fwd < expanded / 2, f"forward peak {fwd} bytes, expanded K/V are {expanded}"

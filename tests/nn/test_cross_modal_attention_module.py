@@ -278,6 +278,49 @@ def test_is_causal_hint_matches_mha():
         cma(*inputs, is_causal=True)
 
 
+def test_is_causal_hint_uses_the_ops_causal_flag(monkeypatch):
+    # issue 13: with the hint on square self-attention the op gets is_causal=True and no mask tensor
+    # (so it skips the blocks above the diagonal), and the result still matches MHA.
+    calls = []
+    real = ops.cross_modal_attention
+
+    def spy(q, k, v, **kwargs):
+        calls.append(kwargs)
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(ops, "cross_modal_attention", spy)
+    mha, cma = make_pair(batch_first=True)
+    L = 9
+    inputs = make_inputs(mha, 2, L, L, sharing="self")
+    kpm = make_kpm("bool", 2, L)
+    for mask in (nn.Transformer.generate_square_subsequent_mask(L, dtype=torch.float64),
+                 torch.ones(L, L, dtype=torch.bool).triu(1)):
+        calls.clear()
+        assert_same(mha, cma, inputs, attn_mask=mask, is_causal=True, need_weights=False, key_padding_mask=kpm)
+        assert calls and all(c["is_causal"] and c["attn_mask"] is None for c in calls)
+    # With added keys the mask is what is used (MHA itself then drops the mask for SDPA's upper-left
+    # is_causal on (L, L + 1), which hides the bias key: compared with MHA given the mask alone).
+    mha2, cma2 = make_pair(batch_first=True, add_bias_kv=True)
+    calls.clear()
+    mask = nn.Transformer.generate_square_subsequent_mask(L, dtype=torch.float64)
+    inputs2 = make_inputs(mha2, 2, L, L, sharing="self")
+    ours = cma2(*inputs2, attn_mask=mask, is_causal=True, need_weights=False)[0]
+    torch.testing.assert_close(ours, mha2(*inputs2, attn_mask=mask, need_weights=False)[0], **TOL[torch.float64])
+    assert calls and not any(c["is_causal"] for c in calls)
+
+
+def test_converted_decoder_layer_with_tgt_is_causal_matches():
+    torch.manual_seed(0)
+    layer = nn.TransformerDecoderLayer(16, 4, dim_feedforward=32, dropout=0.0, batch_first=True,
+                                       dtype=torch.float64).eval()
+    converted = mmkernels.convert(layer)
+    tgt, memory = torch.randn(2, 11, 16, dtype=torch.float64), torch.randn(2, 7, 16, dtype=torch.float64)
+    mask = nn.Transformer.generate_square_subsequent_mask(11, dtype=torch.float64)
+    want = layer(tgt, memory, tgt_mask=mask, tgt_is_causal=True)
+    got = converted(tgt, memory, tgt_mask=mask, tgt_is_causal=True)
+    torch.testing.assert_close(got, want, **TOL[torch.float64])
+
+
 # --------------------------------------------------------------------------- fully masked rows
 
 
@@ -667,3 +710,44 @@ def test_forward_errors_name_the_argument(change, arg):
 
 def test_public_exports():
     assert mmkernels.nn.CrossModalAttention is CrossModalAttention
+
+
+# --------------------------------------------------------------------------- nested tensors
+
+
+@pytest.mark.parametrize("sharing", ["self", "distinct"])
+@pytest.mark.parametrize("train", [False, True])
+def test_nested_inputs_match_mha_per_sequence(sharing, train):
+    # issue 13: jagged nested inputs (B, j, E) run through cross_modal_attention_varlen; each sequence
+    # must get what nn.MultiheadAttention gives it alone, gradients included.
+    mha, cma = make_pair(batch_first=True)
+    mha.train(train)
+    cma.train(train)
+    q_lens, k_lens = [3, 6, 1], [4, 6, 2]
+    qs = [torch.randn(n, E, dtype=torch.float64) for n in q_lens]
+    ks = qs if sharing == "self" else [torch.randn(n, E, dtype=torch.float64) for n in k_lens]
+    query = torch.nested.nested_tensor(qs, layout=torch.jagged, requires_grad=True)
+    key = query if sharing == "self" else torch.nested.nested_tensor(ks, layout=torch.jagged, requires_grad=True)
+    out, weights = cma(query, key, key, need_weights=False)
+    assert out.is_nested and weights is None
+    want = [mha(a[None], b[None], b[None], need_weights=False)[0][0] for a, b in zip(qs, ks)]
+    torch.testing.assert_close(out.values(), torch.cat(want), **TOL[torch.float64])
+    g = torch.randn_like(out.values())
+    got = torch.autograd.grad(out.values(), [query, *cma.parameters()], g)
+    ref_inputs = [t.requires_grad_() for t in qs]
+    if sharing != "self":
+        ref_inputs += [t.requires_grad_() for t in ks]
+    ref_out = torch.cat([mha(a[None], b[None], b[None], need_weights=False)[0][0] for a, b in zip(qs, ks)])
+    ref = torch.autograd.grad(ref_out, [*qs, *mha.parameters()], g)
+    torch.testing.assert_close(got[0].values(), torch.cat(ref[:len(qs)]), **TOL[torch.float64])
+    for a, b in zip(got[1:], ref[len(qs):]):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+
+
+def test_nested_inputs_bad_input_names_the_argument():
+    _, cma = make_pair(batch_first=True)
+    x = torch.nested.nested_tensor([torch.randn(3, E, dtype=torch.float64)], layout=torch.jagged)
+    with pytest.raises(ValueError, match="argument 'need_weights'"):
+        cma(x, x, x)
+    with pytest.raises(ValueError, match="argument 'attn_mask'"):
+        cma(x, x, x, need_weights=False, attn_mask=torch.zeros(3, 3))

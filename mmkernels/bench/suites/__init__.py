@@ -6,13 +6,14 @@ and one line below.
 from __future__ import annotations
 
 from ..core import Suite
-from . import attention, concat_linear, convert, fusion, models
+from . import attention, attention_variants, concat_linear, convert, fusion, models
 
 SUITES: dict[str, Suite] = {s.name: s for s in (
     concat_linear.SUITE,
     attention.OP_SUITE,
     attention.MODULE_SUITE,
     attention.MODULE_DEFAULT_SUITE,
+    attention_variants.SUITE,
     fusion.LMF_SUITE,
     fusion.TRAIN_SUITE,
     convert.SUITE,
