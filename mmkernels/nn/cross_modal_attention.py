@@ -385,10 +385,17 @@ class _AveragedWeights(torch.autograd.Function):
         return total.div_(q.shape[1])
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         q, k, additive = ctx.saved_tensors
         need_q, need_k = ctx.needs_input_grad[:2]
+        if torch.is_grad_enabled():
+            # create_graph=True: differentiate the chunks over the saved q, k themselves (not detached
+            # copies), so the gradients have a derivative (this keeps every chunk, as autograd would).
+            wrt = [t for t, need in zip((q, k), (need_q, need_k)) if need]
+            weights = sum(_scores_to_weights(q[:, h], k[:, h], m, ctx.scale).sum(dim=1)
+                          for h, m in _head_chunks(q, k, additive)) / q.shape[1]
+            grads = iter(torch.autograd.grad(weights, wrt, grad, create_graph=True))
+            return next(grads) if need_q else None, next(grads) if need_k else None, None, None
         dq = torch.zeros_like(q) if need_q else None
         dk = torch.zeros_like(k) if need_k else None
         grad = grad / q.shape[1]

@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 
 from .. import reference
-from ._common import KERNELS, fake_check_same_device, plain_eager, warn_once
+from ._common import KERNELS, differentiable_backward, fake_check_same_device, plain_eager, warn_once
 
 ACTIVATIONS = tuple(reference.ACTIVATIONS)
 # Activations whose backward needs the pre-activation (the others' derivative is a function of the output).
@@ -134,13 +134,20 @@ def _fused_concat_linear_setup(ctx, inputs, output):
     # Keep the output only where the activation's derivative is read from it (relu, tanh, sigmoid),
     # so that otherwise it can be freed before backward, as with eager F.linear.
     keep_out = activation not in _NEEDS_PREACT and activation != "none"
-    ctx.save_for_backward(*xs, weight, out if keep_out else weight.new_empty(0), preact)
+    # bias only for a double backward, which recomputes the pre-activation (a view: no copy).
+    ctx.save_for_backward(*xs, weight, bias, out if keep_out else weight.new_empty(0), preact)
 
 
 def _fused_concat_linear_backward(ctx, grad_out, _grad_preact):
     if grad_out is None:  # only the (internal) pre-activation output was used
         return [None] * len(ctx.inputs_need_grad), None, None, None
-    *xs, weight, out, preact = ctx.saved_tensors
+    *xs, weight, bias, out, preact = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True or torch.func: see _double_backward
+        grad_weight, grad_bias, *grad_inputs = _double_backward(
+            grad_out, xs, weight, bias, ctx.activation,
+            [ctx.weight_needs_grad, ctx.bias_needs_grad, *ctx.inputs_need_grad],
+        )
+        return grad_inputs, grad_weight, grad_bias, None
     grad_inputs, grad_weight, grad_bias = torch.ops.mmkernels.fused_concat_linear_backward.default(
         grad_out.contiguous(),
         xs,
@@ -158,6 +165,15 @@ def _fused_concat_linear_backward(ctx, grad_out, _grad_preact):
         grad_weight if ctx.weight_needs_grad else None,
         grad_bias if ctx.bias_needs_grad else None,
         None,
+    )
+
+
+def _double_backward(grad_out, xs, weight, bias, activation, needs_grad):
+    """[grad_weight, grad_bias, *grad_inputs] from the reference's differentiable operations (which
+    materialise the concatenation), for a backward that is itself differentiated."""
+    return differentiable_backward(
+        lambda w, b, *inputs: reference.fused_concat_linear(inputs, w, b, activation),
+        grad_out, [weight, bias, *xs], needs_grad,
     )
 
 
@@ -180,15 +196,18 @@ class _FusedConcatLinearEager(torch.autograd.Function):
             out, preact = _FCL(list(inputs), weight, bias, activation)
         ctx.activation = activation
         keep_out = activation not in _NEEDS_PREACT and activation != "none"
-        ctx.save_for_backward(*inputs, weight, out if keep_out else weight.new_empty(0), preact)
+        ctx.save_for_backward(*inputs, weight, bias, out if keep_out else weight.new_empty(0), preact)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        if torch.is_grad_enabled():  # create_graph=True: the backward op has no derivative itself
-            raise RuntimeError("mmkernels: fused_concat_linear has no double backward (backward with create_graph=True)")
-        *xs, weight, out, preact = ctx.saved_tensors
+        *xs, weight, bias, out, preact = ctx.saved_tensors
         need = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: see _double_backward
+            grad_weight, grad_bias, *grad_inputs = _double_backward(
+                grad_out, xs, weight, bias, ctx.activation, [need[0], need[1], *need[3:]]
+            )
+            return grad_weight, grad_bias, None, *grad_inputs
         inputs_need_grad = list(need[3:])
         grad_inputs, grad_weight, grad_bias = _FCL_BACKWARD(
             grad_out.contiguous(), xs, weight, out, preact, ctx.activation, inputs_need_grad, need[0], need[1]

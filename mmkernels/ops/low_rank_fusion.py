@@ -6,7 +6,7 @@ from typing import Sequence
 import torch
 
 from .. import reference
-from ._common import KERNELS, fake_check_same_device, warn_once
+from ._common import KERNELS, differentiable_backward, fake_check_same_device, warn_once
 
 
 def _check_low_rank_fusion(inputs, factors, rank_weight, bias) -> None:
@@ -101,14 +101,23 @@ def _low_rank_fusion_setup(ctx, inputs, output):
     ctx.rank_weight_needs_grad = rank_weight.requires_grad
     ctx.bias_needs_grad = bias is not None and bias.requires_grad
     ctx.num_inputs = len(xs)
-    # Only the inputs and parameters: backward recomputes the projections.
-    ctx.save_for_backward(*xs, *factors, rank_weight)
+    # Only the inputs and parameters: backward recomputes the projections (bias: for a double backward).
+    ctx.save_for_backward(*xs, *factors, rank_weight, bias)
 
 
 def _low_rank_fusion_backward(ctx, grad_out):
     saved = ctx.saved_tensors
     m = ctx.num_inputs
-    xs, factors, rank_weight = saved[:m], saved[m : 2 * m], saved[2 * m]
+    xs, factors, rank_weight, bias = saved[:m], saved[m : 2 * m], saved[2 * m], saved[2 * m + 1]
+    if torch.is_grad_enabled():
+        # create_graph=True or torch.func: the backward op has no derivative, so differentiate the
+        # reference's operations (which materialise every (..., rank, N) projection) instead.
+        grads = differentiable_backward(
+            lambda w, b, *tensors: reference.low_rank_fusion(tensors[:m], tensors[m:], w, b),
+            grad_out, [rank_weight, bias, *xs, *factors],
+            [ctx.rank_weight_needs_grad, ctx.bias_needs_grad, *ctx.inputs_need_grad, *ctx.factors_need_grad],
+        )
+        return grads[2 : 2 + m], grads[2 + m :], grads[0], grads[1]
     grad_inputs, grad_factors, grad_w, grad_b = torch.ops.mmkernels.low_rank_fusion_backward.default(
         grad_out.contiguous(),
         xs,
