@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .. import ops
+from .._errors import ArgumentError
 from ._attention_masks import check_inputs, op_masks, weights_path_mask
 
 _NAME = "CrossModalAttention"
@@ -60,15 +61,15 @@ class CrossModalAttention(nn.Module):
         dtype=None,
     ) -> None:
         if embed_dim <= 0:
-            raise ValueError(f"{_NAME}: argument 'embed_dim': expected a positive int, got {embed_dim}")
+            raise ArgumentError(f"{_NAME}: argument 'embed_dim': expected a positive int, got {embed_dim}")
         if num_heads <= 0:
-            raise ValueError(f"{_NAME}: argument 'num_heads': expected a positive int, got {num_heads}")
+            raise ArgumentError(f"{_NAME}: argument 'num_heads': expected a positive int, got {num_heads}")
         if embed_dim % num_heads != 0:
-            raise ValueError(
+            raise ArgumentError(
                 f"{_NAME}: argument 'embed_dim': expected a multiple of num_heads={num_heads}, got {embed_dim}"
             )
         if not 0.0 <= dropout <= 1.0:
-            raise ValueError(f"{_NAME}: argument 'dropout': expected a probability in [0, 1], got {dropout}")
+            raise ArgumentError(f"{_NAME}: argument 'dropout': expected a probability in [0, 1], got {dropout}")
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         # Attribute names and registration order follow nn.MultiheadAttention, so state_dicts,

@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 
 from .. import reference
+from .._errors import ArgumentError
 from ._common import KERNELS, differentiable_backward, fake_check_same_device, plain_eager, warn_once
 
 ACTIVATIONS = tuple(reference.ACTIVATIONS)
@@ -17,40 +18,40 @@ _NEEDS_PREACT = ("gelu", "gelu_tanh", "silu")
 
 def _check_concat_linear(inputs, weight, bias, activation) -> None:
     if activation not in ACTIVATIONS:
-        raise ValueError(f"mmkernels: argument 'activation': expected one of {ACTIVATIONS}, got {activation!r}")
+        raise ArgumentError(f"mmkernels: argument 'activation': expected one of {ACTIVATIONS}, got {activation!r}")
     if not isinstance(inputs, (list, tuple)) or len(inputs) == 0:
-        raise ValueError("mmkernels: argument 'inputs': expected a non-empty list or tuple of tensors")
+        raise ArgumentError("mmkernels: argument 'inputs': expected a non-empty list or tuple of tensors")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError("mmkernels: argument 'weight': expected a 2-D (out_features, in_features) tensor")
+        raise ArgumentError("mmkernels: argument 'weight': expected a 2-D (out_features, in_features) tensor")
     lead = None
     total = 0
     for i, x in enumerate(inputs):
         if not isinstance(x, torch.Tensor) or x.dim() < 1:
-            raise ValueError(f"mmkernels: argument 'inputs[{i}]': expected a tensor of shape (..., features)")
+            raise ArgumentError(f"mmkernels: argument 'inputs[{i}]': expected a tensor of shape (..., features)")
         if x.dtype != weight.dtype:
-            raise ValueError(f"mmkernels: argument 'inputs[{i}]': expected dtype {weight.dtype}, got {x.dtype}")
+            raise ArgumentError(f"mmkernels: argument 'inputs[{i}]': expected dtype {weight.dtype}, got {x.dtype}")
         if x.device != weight.device:
-            raise ValueError(f"mmkernels: argument 'inputs[{i}]': expected device {weight.device}, got {x.device}")
+            raise ArgumentError(f"mmkernels: argument 'inputs[{i}]': expected device {weight.device}, got {x.device}")
         if lead is None:
             lead = x.shape[:-1]
         elif x.shape[:-1] != lead:
-            raise ValueError(
+            raise ArgumentError(
                 f"mmkernels: argument 'inputs[{i}]': expected leading dims {tuple(lead)} (those of inputs[0]), "
                 f"got {tuple(x.shape[:-1])}"
             )
         total += x.shape[-1]
     if weight.shape[1] != total:
-        raise ValueError(
+        raise ArgumentError(
             f"mmkernels: argument 'weight': expected {total} columns (the sum of the inputs' feature sizes), "
             f"got shape {tuple(weight.shape)}"
         )
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
-            raise ValueError(f"mmkernels: argument 'bias': expected a tensor or None, got {type(bias).__name__}")
+            raise ArgumentError(f"mmkernels: argument 'bias': expected a tensor or None, got {type(bias).__name__}")
         if bias.shape != (weight.shape[0],):
-            raise ValueError(f"mmkernels: argument 'bias': expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+            raise ArgumentError(f"mmkernels: argument 'bias': expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
         if bias.dtype != weight.dtype or bias.device != weight.device:
-            raise ValueError(
+            raise ArgumentError(
                 f"mmkernels: argument 'bias': expected {weight.dtype} on {weight.device}, got {bias.dtype} on {bias.device}"
             )
 

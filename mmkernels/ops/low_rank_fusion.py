@@ -6,45 +6,46 @@ from typing import Sequence
 import torch
 
 from .. import reference
+from .._errors import ArgumentError
 from ._common import KERNELS, differentiable_backward, fake_check_same_device, warn_once
 
 
 def _check_low_rank_fusion(inputs, factors, rank_weight, bias) -> None:
     if not isinstance(inputs, (list, tuple)) or len(inputs) == 0:
-        raise ValueError("mmkernels: argument 'inputs': expected a non-empty list or tuple of tensors")
+        raise ArgumentError("mmkernels: argument 'inputs': expected a non-empty list or tuple of tensors")
     if not isinstance(factors, (list, tuple)) or len(factors) != len(inputs):
-        raise ValueError(f"mmkernels: argument 'factors': expected a list of {len(inputs)} tensors (one per input)")
+        raise ArgumentError(f"mmkernels: argument 'factors': expected a list of {len(inputs)} tensors (one per input)")
     if not isinstance(rank_weight, torch.Tensor) or rank_weight.dim() != 1:
-        raise ValueError("mmkernels: argument 'rank_weight': expected a 1-D (rank,) tensor")
+        raise ArgumentError("mmkernels: argument 'rank_weight': expected a 1-D (rank,) tensor")
     dtype, device, rank = rank_weight.dtype, rank_weight.device, rank_weight.shape[0]
     if not isinstance(factors[0], torch.Tensor) or factors[0].dim() != 3:
-        raise ValueError("mmkernels: argument 'factors[0]': expected a 3-D (rank, in_features + 1, out_features) tensor")
+        raise ArgumentError("mmkernels: argument 'factors[0]': expected a 3-D (rank, in_features + 1, out_features) tensor")
     n = factors[0].shape[2]
     lead = None
     for i, (x, f) in enumerate(zip(inputs, factors)):
         for name, t in ((f"inputs[{i}]", x), (f"factors[{i}]", f)):
             if not isinstance(t, torch.Tensor) or t.dim() < 1:
-                raise ValueError(f"mmkernels: argument '{name}': expected a tensor, got {type(t).__name__}")
+                raise ArgumentError(f"mmkernels: argument '{name}': expected a tensor, got {type(t).__name__}")
             if t.dtype != dtype or t.device != device:
-                raise ValueError(
+                raise ArgumentError(
                     f"mmkernels: argument '{name}': expected {dtype} on {device} (as rank_weight), got {t.dtype} on {t.device}"
                 )
         if lead is None:
             lead = x.shape[:-1]
         elif x.shape[:-1] != lead:
-            raise ValueError(
+            raise ArgumentError(
                 f"mmkernels: argument 'inputs[{i}]': expected leading dims {tuple(lead)} (those of inputs[0]), "
                 f"got {tuple(x.shape[:-1])}"
             )
         if f.shape != (rank, x.shape[-1] + 1, n):
-            raise ValueError(
+            raise ArgumentError(
                 f"mmkernels: argument 'factors[{i}]': expected shape ({rank}, {x.shape[-1] + 1}, {n}) = "
                 f"(rank, inputs[{i}].size(-1) + 1, out_features), got {tuple(f.shape)}"
             )
     if bias is not None and not isinstance(bias, torch.Tensor):
-        raise ValueError(f"mmkernels: argument 'bias': expected a tensor or None, got {type(bias).__name__}")
+        raise ArgumentError(f"mmkernels: argument 'bias': expected a tensor or None, got {type(bias).__name__}")
     if bias is not None and (bias.shape != (n,) or bias.dtype != dtype or bias.device != device):
-        raise ValueError(
+        raise ArgumentError(
             f"mmkernels: argument 'bias': expected shape ({n},), {dtype} on {device}; "
             f"got {tuple(bias.shape)}, {bias.dtype} on {bias.device}"
         )
