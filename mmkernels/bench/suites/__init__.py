@@ -1,2 +1,2 @@
 """Suite definitions; importing this package registers every suite in core.SUITES."""
-from . import attention, concat_linear, convert, fusion  # noqa: F401
+from . import attention, concat_linear, convert, fusion, latency  # noqa: F401
