@@ -10,9 +10,9 @@ what they replace, in inference (eval, torch.inference_mode) and as a training s
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 import mmkernels
+from mmkernels import reference
 
 from ..core import OURS, Built, Case, Contender, make_step, randn, register_suite, tol_for
 from .attention import padding_mask
@@ -66,8 +66,7 @@ def _build_head(M, widths, N, activation, mode, device) -> Built:
     linear.requires_grad_(train)
     xs = [randn(M, d, dtype=dtype, device=device, requires_grad=train) for d in widths]
     g = randn(M, N, dtype=dtype, device=device) if train else None
-    act = {"none": lambda y: y, "gelu_tanh": lambda y: F.gelu(y, approximate="tanh")}.get(
-        activation, getattr(F, activation, None) or getattr(torch, activation))
+    act = reference.ACTIVATIONS[activation]  # F.relu, F.gelu, torch.tanh...: PyTorch's own functions
     leaves = [*xs, *linear.parameters()]
     return Built([
         Contender(OURS, _step(lambda: ours(*xs), mode, leaves, g)),
