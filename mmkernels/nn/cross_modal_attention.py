@@ -24,6 +24,7 @@ Differences from nn.MultiheadAttention, all deliberate:
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -331,11 +332,17 @@ class CrossModalAttention(nn.Module):
         return ", ".join(extras)
 
 
+# csrc/cpu/matmul.cpp's kOneDnnMinMacs (and its MMKERNELS_ONEDNN_MIN_MACS override): below it the op's
+# GEMM is ATen's, as F.linear's is.
+_ONEDNN_MIN_MACS = max(0, int(os.environ.get("MMKERNELS_ONEDNN_MIN_MACS", 1 << 24)))
+
+
 def _linear(x, weight, bias):
     """F.linear; on the CPU in float32 through fused_concat_linear with one input, whose GEMMs run on
     oneDNN there (csrc/cpu/matmul.cpp: 1.2-1.5x MKL's on the AMD CPUs measured), with F.linear's
-    autograd semantics."""
-    if x.device.type == "cpu" and x.dtype == torch.float32:
+    autograd semantics. Not for small GEMMs (decoding steps): there the op's GEMM is ATen's too, and
+    the op would only add its fixed cost per call (issue 19)."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() * weight.shape[0] >= _ONEDNN_MIN_MACS:
         return ops.fused_concat_linear([x], weight, bias)
     return F.linear(x, weight, bias)
 
