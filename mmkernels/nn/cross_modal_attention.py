@@ -289,6 +289,8 @@ class CrossModalAttention(nn.Module):
             return self._scores_to_weights(q, k, additive)
         scale = self._weights_scale()
         if ops.plain_eager(q, k, additive) and not (additive is not None and additive.requires_grad):
+            if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
+                return _averaged_weights(q, k, additive, scale)  # inference: no autograd.Function call
             return _AveragedWeights.apply(q, k, additive, scale)
         # Traced or transformed: plain autograd over the same chunks, which every tracer and transform
         # understands (it keeps every chunk's probabilities for backward).
@@ -375,6 +377,15 @@ def _head_chunks(q, k, additive):
         yield heads, mask
 
 
+def _averaged_weights(q, k, additive, scale):
+    """The head-averaged weights, a chunk of heads at a time, summed in place (no graph)."""
+    total = None
+    for heads, mask in _head_chunks(q, k, additive):
+        part = _scores_to_weights(q[:, heads], k[:, heads], mask, scale).sum(dim=1)
+        total = part if total is None else total.add_(part)
+    return total.div_(q.shape[1])
+
+
 class _AveragedWeights(torch.autograd.Function):
     """The head-averaged attention weights (B, Lq, Lk), a few heads at a time, keeping nothing of
     the per-head probabilities: backward recomputes each chunk's (activation checkpointing). So at
@@ -386,11 +397,7 @@ class _AveragedWeights(torch.autograd.Function):
     def forward(ctx, q, k, additive, scale):
         ctx.scale = scale
         ctx.save_for_backward(q, k, additive)
-        total = None
-        for heads, mask in _head_chunks(q, k, additive):
-            part = _scores_to_weights(q[:, heads], k[:, heads], mask, scale).sum(dim=1)
-            total = part if total is None else total.add_(part)
-        return total.div_(q.shape[1])
+        return _averaged_weights(q, k, additive, scale)
 
     @staticmethod
     def backward(ctx, grad):
