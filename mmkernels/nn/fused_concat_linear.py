@@ -33,7 +33,9 @@ class FusedConcatLinear(nn.Module):
         super().__init__()
         in_features = tuple(int(d) for d in in_features)
         if not in_features or any(d <= 0 for d in in_features):
-            raise ArgumentError(f"FusedConcatLinear: argument 'in_features': expected positive sizes, got {in_features}")
+            raise ArgumentError(
+                f"FusedConcatLinear: argument 'in_features': expected positive sizes, got {in_features}"
+            )
         if activation not in ops.ACTIVATIONS:
             raise ArgumentError(
                 f"FusedConcatLinear: argument 'activation': expected one of {ops.ACTIVATIONS}, got {activation!r}"

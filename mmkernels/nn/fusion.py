@@ -122,7 +122,9 @@ class LowRankFusion(nn.Module):
         if int(rank) <= 0:
             raise ArgumentError(f"LowRankFusion: argument 'rank': expected a positive int, got {rank!r}")
         if int(out_features) <= 0:
-            raise ArgumentError(f"LowRankFusion: argument 'out_features': expected a positive int, got {out_features!r}")
+            raise ArgumentError(
+                f"LowRankFusion: argument 'out_features': expected a positive int, got {out_features!r}"
+            )
         self.out_features, self.rank = int(out_features), int(rank)
         factory = {"device": device, "dtype": dtype}
         self.factors = nn.ParameterList(

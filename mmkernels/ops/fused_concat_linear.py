@@ -49,7 +49,9 @@ def _check_concat_linear(inputs, weight, bias, activation) -> None:
         if not isinstance(bias, torch.Tensor):
             raise ArgumentError(f"mmkernels: argument 'bias': expected a tensor or None, got {type(bias).__name__}")
         if bias.shape != (weight.shape[0],):
-            raise ArgumentError(f"mmkernels: argument 'bias': expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+            raise ArgumentError(
+                f"mmkernels: argument 'bias': expected shape ({weight.shape[0]},), got {tuple(bias.shape)}"
+            )
         if bias.dtype != weight.dtype or bias.device != weight.device:
             raise ArgumentError(
                 f"mmkernels: argument 'bias': expected {weight.dtype} on {weight.device}, got {bias.dtype} on {bias.device}"

@@ -19,7 +19,9 @@ def _check_low_rank_fusion(inputs, factors, rank_weight, bias) -> None:
         raise ArgumentError("mmkernels: argument 'rank_weight': expected a 1-D (rank,) tensor")
     dtype, device, rank = rank_weight.dtype, rank_weight.device, rank_weight.shape[0]
     if not isinstance(factors[0], torch.Tensor) or factors[0].dim() != 3:
-        raise ArgumentError("mmkernels: argument 'factors[0]': expected a 3-D (rank, in_features + 1, out_features) tensor")
+        raise ArgumentError(
+            "mmkernels: argument 'factors[0]': expected a 3-D (rank, in_features + 1, out_features) tensor"
+        )
     n = factors[0].shape[2]
     lead = None
     for i, (x, f) in enumerate(zip(inputs, factors)):

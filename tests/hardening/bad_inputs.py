@@ -41,7 +41,8 @@ def _register(prefix, rows, invoke, base):
     CASES[f"{prefix}/valid"] = BadCase(lambda: invoke(base()), None)
     for row in rows:
         case_id, names, mutate = row[:3]
-        raises = row[3] if len(row) > 3 else (ArgumentError,) if prefix.startswith("nn.") else (ValueError, RuntimeError)
+        default = (ArgumentError,) if prefix.startswith("nn.") else (ValueError, RuntimeError)
+        raises = row[3] if len(row) > 3 else default
 
         def call(mutate=mutate):
             args = base()
