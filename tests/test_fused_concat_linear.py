@@ -315,6 +315,9 @@ for M, widths, N, act in [(3, (5, 7), 4, "gelu"), (8, (64, 64, 64), 64, "relu"),
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     for a, e in zip(got, expected):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=2e-4)
+    public = mmkernels.fused_concat_linear(xs, w, b, act)  # small ones: cat + F.linear (the documented rule)
+    assert (public.grad_fn.name() == "_FusedConcatLinearEagerBackward") == (M * sum(widths) * N >= 1 << 24)
+    torch.testing.assert_close(public, ref, rtol=1e-4, atol=1e-4)
 print("ok")
 """
     env = {k: v for k, v in os.environ.items() if k != "MMKERNELS_ONEDNN_MIN_MACS"}

@@ -3,6 +3,7 @@ public function, fakes, autograd."""
 from __future__ import annotations
 
 import math
+import os
 from typing import Sequence
 
 import torch
@@ -78,11 +79,12 @@ def fused_concat_linear(
             "(torch.cat + F.linear) instead.",
         )
         return reference.fused_concat_linear(inputs, weight, bias, activation)
-    if key == "CPU" and _few_rows(inputs, weight):
-        # Shape rule (issue 2, measured in benchmarks/RESULTS.md): with M * 8 <= N rows the
+    if key == "CPU" and (_few_rows(inputs, weight) or _small(inputs, weight)):
+        # Shape rules (issue 2, measured in benchmarks/RESULTS.md): with M * 8 <= N rows the
         # concatenation is small next to W, so there is nothing to fuse away, and PyTorch's own
         # cat + linear + activation beats any call into an op by its fixed cost. torch.ops callers
-        # still get the op, whose kernel takes the same concatenate-then-one-GEMM path.
+        # still get the op, whose kernel takes the same concatenate-then-one-GEMM path. The same for
+        # a GEMM below oneDNN's size (issue 19): the kernel would run ATen's GEMM, as F.linear does.
         return reference.fused_concat_linear(inputs, weight, bias, activation)
     if plain_eager(*inputs, weight, bias):
         if torch.is_grad_enabled() and (
@@ -102,6 +104,15 @@ _FCL_BACKWARD = torch.ops.mmkernels.fused_concat_linear_backward.default
 def _few_rows(inputs, weight) -> bool:
     """The kernels' concat_is_cheaper rule (csrc/cpu/fused_concat_linear.cpp): several inputs and M * 8 <= N."""
     return len(inputs) > 1 and math.prod(inputs[0].shape[:-1]) * 8 <= weight.shape[0]
+
+
+# csrc/cpu/matmul.cpp's kOneDnnMinMacs and its override (the tests set 0, so that the kernel serves their
+# small shapes): below it every GEMM of the kernel is ATen's mm.
+_ONEDNN_MIN_MACS = max(0, int(os.environ.get("MMKERNELS_ONEDNN_MIN_MACS", 1 << 24)))
+
+
+def _small(inputs, weight) -> bool:
+    return math.prod(inputs[0].shape[:-1]) * weight.shape[0] * weight.shape[1] < _ONEDNN_MIN_MACS
 
 
 @torch.library.register_fake("mmkernels::fused_concat_linear")
