@@ -6,12 +6,13 @@ cross_modal_attention_varlen: the same over packed variable-length sequences (Fl
 """
 from . import nn
 from ._build import build_info
+from ._errors import ArgumentError
 from .ops import cross_modal_attention, cross_modal_attention_varlen, fused_concat_linear, low_rank_fusion
 
 __version__ = "0.1.0"
 
 __all__ = ["cross_modal_attention", "cross_modal_attention_varlen", "fused_concat_linear", "low_rank_fusion", "nn",
-           "build_info", "__version__"]
+           "build_info", "ArgumentError", "__version__"]
 
 # Swapping standard fusion layers of existing models for the fused ones.
 from .convert import ConversionReport, convert, revert  # noqa: E402

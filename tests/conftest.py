@@ -6,7 +6,11 @@ import zlib
 import pytest
 import torch
 
-import mmkernels
+# Every float32 GEMM through oneDNN whatever its size (csrc/cpu/matmul.cpp sends small ones to ATen's mm
+# by default), so that the tests' small shapes still cover oneDNN's layouts; subprocesses inherit it.
+os.environ.setdefault("MMKERNELS_ONEDNN_MIN_MACS", "0")
+
+import mmkernels  # noqa: E402
 
 
 def _inductor_cache_for_this_build() -> None:

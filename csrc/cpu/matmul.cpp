@@ -9,13 +9,15 @@
 //
 // MMKERNELS_CPU_GEMM=aten keeps every GEMM on ATen's mm (MKL), e.g. to compare; the rule also
 // stays with ATen where torch was built without oneDNN, where the user disabled it
-// (torch.backends.mkldnn.enabled = False), and for layouts oneDNN serves badly or not at all.
+// (torch.backends.mkldnn.enabled = False), for layouts oneDNN serves badly or not at all, and for
+// small GEMMs (kOneDnnMinMacs), where oneDNN's fixed cost per call outweighs its faster kernel.
 #include "matmul.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Config.h>
 #include <ATen/Context.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <string_view>
 
@@ -43,6 +45,23 @@ bool onednn_requested() {
 bool row_major(const at::Tensor& t) { return t.stride(1) == 1 && (t.size(0) == 1 || t.stride(0) >= t.size(1)); }
 bool col_major(const at::Tensor& t) { return t.stride(0) == 1 && (t.size(1) == 1 || t.stride(1) >= t.size(0)); }
 
+// Below this many multiply-adds, ATen's mm: each mkldnn_matmul call pays a fixed cost (primitive
+// lookup and set-up), measured at 70-250 us against 4-60 us for the whole ATen GEMM on the issue-19
+// decoding and fusion-head shapes (1 x 256 -> 768, 8 x 192 -> 64; Intel Xeon, 1 thread, a loaded
+// machine); oneDNN draws level at about 2^24 (64 x 512 -> 512) and pulls ahead above (256 x 512 -> 256:
+// 1.3x).
+constexpr int64_t kOneDnnMinMacs = int64_t(1) << 24;
+
+// MMKERNELS_ONEDNN_MIN_MACS overrides it: the tests set 0, so that their small shapes still run every
+// layout through oneDNN (tests/conftest.py).
+int64_t onednn_min_macs() {
+  static const int64_t macs = [] {
+    const char* env = std::getenv("MMKERNELS_ONEDNN_MIN_MACS");
+    return env == nullptr ? kOneDnnMinMacs : std::max<int64_t>(0, std::atoll(env));
+  }();
+  return macs;
+}
+
 }  // namespace
 
 bool matmul_uses_onednn(at::ScalarType dtype) {
@@ -57,7 +76,8 @@ bool matmul_uses_onednn(at::ScalarType dtype) {
 void matmul_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
   const bool empty = out.numel() == 0 || a.size(1) == 0;
   const bool layouts_ok = (row_major(a) || col_major(a)) && (row_major(b) || col_major(b)) && row_major(out);
-  if (!empty && layouts_ok && matmul_uses_onednn(out.scalar_type())) {
+  const bool large = a.size(0) * a.size(1) * b.size(1) >= onednn_min_macs();
+  if (!empty && large && layouts_ok && matmul_uses_onednn(out.scalar_type())) {
     at::native::mkldnn_matmul(a, b, out, accumulate ? 1.0f : 0.0f, 1.0f);
   } else if (accumulate) {
     at::Tensor dst = out;

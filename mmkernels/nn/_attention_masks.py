@@ -13,11 +13,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._errors import ArgumentError
+
 _NAME = "CrossModalAttention"
 
 
 def _fail(arg: str, message: str):
-    raise ValueError(f"{_NAME}: argument '{arg}': {message}")
+    raise ArgumentError(f"{_NAME}: argument '{arg}': {message}")
 
 
 def _check_mask_dtype(arg: str, mask: torch.Tensor) -> None:

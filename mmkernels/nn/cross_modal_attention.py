@@ -29,6 +29,7 @@ Differences from nn.MultiheadAttention, all deliberate:
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,7 @@ from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .. import ops
+from .._errors import ArgumentError
 from ._attention_masks import check_inputs, op_masks, weights_path_mask
 
 _NAME = "CrossModalAttention"
@@ -65,15 +67,15 @@ class CrossModalAttention(nn.Module):
         dtype=None,
     ) -> None:
         if embed_dim <= 0:
-            raise ValueError(f"{_NAME}: argument 'embed_dim': expected a positive int, got {embed_dim}")
+            raise ArgumentError(f"{_NAME}: argument 'embed_dim': expected a positive int, got {embed_dim}")
         if num_heads <= 0:
-            raise ValueError(f"{_NAME}: argument 'num_heads': expected a positive int, got {num_heads}")
+            raise ArgumentError(f"{_NAME}: argument 'num_heads': expected a positive int, got {num_heads}")
         if embed_dim % num_heads != 0:
-            raise ValueError(
+            raise ArgumentError(
                 f"{_NAME}: argument 'embed_dim': expected a multiple of num_heads={num_heads}, got {embed_dim}"
             )
         if not 0.0 <= dropout <= 1.0:
-            raise ValueError(f"{_NAME}: argument 'dropout': expected a probability in [0, 1], got {dropout}")
+            raise ArgumentError(f"{_NAME}: argument 'dropout': expected a probability in [0, 1], got {dropout}")
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         # Attribute names and registration order follow nn.MultiheadAttention, so state_dicts,
@@ -336,6 +338,8 @@ class CrossModalAttention(nn.Module):
             return self._scores_to_weights(q, k, additive)
         scale = self._weights_scale()
         if ops.plain_eager(q, k, additive) and not (additive is not None and additive.requires_grad):
+            if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
+                return _averaged_weights(q, k, additive, scale)  # inference: no autograd.Function call
             return _AveragedWeights.apply(q, k, additive, scale)
         # Traced or transformed: plain autograd over the same chunks, which every tracer and transform
         # understands (it keeps every chunk's probabilities for backward).
@@ -379,11 +383,17 @@ class CrossModalAttention(nn.Module):
         return ", ".join(extras)
 
 
+# csrc/cpu/matmul.cpp's kOneDnnMinMacs (and its MMKERNELS_ONEDNN_MIN_MACS override): below it the op's
+# GEMM is ATen's, as F.linear's is.
+_ONEDNN_MIN_MACS = max(0, int(os.environ.get("MMKERNELS_ONEDNN_MIN_MACS", 1 << 24)))
+
+
 def _linear(x, weight, bias):
     """F.linear; on the CPU in float32 through fused_concat_linear with one input, whose GEMMs run on
     oneDNN there (csrc/cpu/matmul.cpp: 1.2-1.5x MKL's on the AMD CPUs measured), with F.linear's
-    autograd semantics."""
-    if x.device.type == "cpu" and x.dtype == torch.float32:
+    autograd semantics. Not for small GEMMs (decoding steps): there the op's GEMM is ATen's too, and
+    the op would only add its fixed cost per call (issue 19)."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() * weight.shape[0] >= _ONEDNN_MIN_MACS:
         return ops.fused_concat_linear([x], weight, bias)
     return F.linear(x, weight, bias)
 
@@ -416,6 +426,15 @@ def _head_chunks(q, k, additive):
         yield heads, mask
 
 
+def _averaged_weights(q, k, additive, scale):
+    """The head-averaged weights, a chunk of heads at a time, summed in place (no graph)."""
+    total = None
+    for heads, mask in _head_chunks(q, k, additive):
+        part = _scores_to_weights(q[:, heads], k[:, heads], mask, scale).sum(dim=1)
+        total = part if total is None else total.add_(part)
+    return total.div_(q.shape[1])
+
+
 class _AveragedWeights(torch.autograd.Function):
     """The head-averaged attention weights (B, Lq, Lk), a few heads at a time, keeping nothing of
     the per-head probabilities: backward recomputes each chunk's (activation checkpointing). So at
@@ -427,17 +446,20 @@ class _AveragedWeights(torch.autograd.Function):
     def forward(ctx, q, k, additive, scale):
         ctx.scale = scale
         ctx.save_for_backward(q, k, additive)
-        total = None
-        for heads, mask in _head_chunks(q, k, additive):
-            part = _scores_to_weights(q[:, heads], k[:, heads], mask, scale).sum(dim=1)
-            total = part if total is None else total.add_(part)
-        return total.div_(q.shape[1])
+        return _averaged_weights(q, k, additive, scale)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         q, k, additive = ctx.saved_tensors
         need_q, need_k = ctx.needs_input_grad[:2]
+        if torch.is_grad_enabled():
+            # create_graph=True: differentiate the chunks over the saved q, k themselves (not detached
+            # copies), so the gradients have a derivative (this keeps every chunk, as autograd would).
+            wrt = [t for t, need in zip((q, k), (need_q, need_k)) if need]
+            weights = sum(_scores_to_weights(q[:, h], k[:, h], m, ctx.scale).sum(dim=1)
+                          for h, m in _head_chunks(q, k, additive)) / q.shape[1]
+            grads = iter(torch.autograd.grad(weights, wrt, grad, create_graph=True))
+            return next(grads) if need_q else None, next(grads) if need_k else None, None, None
         dq = torch.zeros_like(q) if need_q else None
         dk = torch.zeros_like(k) if need_k else None
         grad = grad / q.shape[1]

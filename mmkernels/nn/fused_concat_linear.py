@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from .._errors import ArgumentError
 
 
 class FusedConcatLinear(nn.Module):
@@ -32,13 +33,15 @@ class FusedConcatLinear(nn.Module):
         super().__init__()
         in_features = tuple(int(d) for d in in_features)
         if not in_features or any(d <= 0 for d in in_features):
-            raise ValueError(f"FusedConcatLinear: argument 'in_features': expected positive sizes, got {in_features}")
+            raise ArgumentError(
+                f"FusedConcatLinear: argument 'in_features': expected positive sizes, got {in_features}"
+            )
         if activation not in ops.ACTIVATIONS:
-            raise ValueError(
+            raise ArgumentError(
                 f"FusedConcatLinear: argument 'activation': expected one of {ops.ACTIVATIONS}, got {activation!r}"
             )
         if int(out_features) < 0:
-            raise ValueError(f"FusedConcatLinear: argument 'out_features': expected a size >= 0, got {out_features}")
+            raise ArgumentError(f"FusedConcatLinear: argument 'out_features': expected a size >= 0, got {out_features}")
         self.in_features = in_features
         self.out_features = int(out_features)
         self.activation = activation
@@ -64,7 +67,7 @@ class FusedConcatLinear(nn.Module):
             inputs = tuple(inputs[0])
         sizes = tuple(x.shape[-1] for x in inputs)
         if sizes != self.in_features:
-            raise ValueError(
+            raise ArgumentError(
                 f"FusedConcatLinear: expected inputs with feature sizes {self.in_features}, got {sizes}"
             )
         return ops.fused_concat_linear(inputs, self.weight, self.bias, self.activation)
@@ -75,7 +78,7 @@ class FusedConcatLinear(nn.Module):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"FusedConcatLinear.from_linear: argument 'linear': expected nn.Linear, got {type(linear).__name__}")
         if sum(in_features) != linear.in_features:
-            raise ValueError(
+            raise ArgumentError(
                 f"FusedConcatLinear.from_linear: argument 'in_features': sizes {tuple(in_features)} sum to "
                 f"{sum(in_features)}, but the linear layer takes {linear.in_features}"
             )

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from .._errors import ArgumentError
 from .fused_concat_linear import FusedConcatLinear
 
 Features = Union[Sequence[int], Mapping[str, int]]
@@ -26,7 +27,7 @@ def _feature_spec(owner: str, in_features: Features, min_inputs: int = 1):
     else:
         names, sizes = None, tuple(int(d) for d in in_features)
     if len(sizes) < min_inputs or any(d <= 0 for d in sizes):
-        raise ValueError(
+        raise ArgumentError(
             f"{owner}: argument 'in_features': expected at least {min_inputs} positive sizes, got {in_features!r}"
         )
     return names, sizes
@@ -37,19 +38,19 @@ def _gather(owner: str, names, sizes, inputs: tuple, arg: str = "inputs") -> lis
     if len(inputs) == 1 and isinstance(inputs[0], Mapping):
         given = tuple(sorted(inputs[0]))
         if names is not None and given != names:
-            raise ValueError(f"{owner}: argument '{arg}': expected modalities {list(names)}, got {list(given)}")
+            raise ArgumentError(f"{owner}: argument '{arg}': expected modalities {list(names)}, got {list(given)}")
         xs = [inputs[0][k] for k in given]
     elif len(inputs) == 1 and isinstance(inputs[0], (list, tuple)):
         xs = list(inputs[0])
     else:
         xs = list(inputs)
     if len(xs) != len(sizes):
-        raise ValueError(f"{owner}: argument '{arg}': expected {len(sizes)} modalities, got {len(xs)}")
+        raise ArgumentError(f"{owner}: argument '{arg}': expected {len(sizes)} modalities, got {len(xs)}")
     for i, (x, d) in enumerate(zip(xs, sizes)):
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != d:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             label = names[i] if names is not None else i
-            raise ValueError(f"{owner}: argument '{arg}[{label!r}]': expected a tensor (..., {d}), got {got}")
+            raise ArgumentError(f"{owner}: argument '{arg}[{label!r}]': expected a tensor (..., {d}), got {got}")
     return xs
 
 
@@ -69,7 +70,7 @@ class ConcatFusion(nn.Module):
             self.proj = FusedConcatLinear(self.in_features, out_features, bias=bias, activation=activation,
                                           device=device, dtype=dtype)
         elif activation != "none":
-            raise ValueError("ConcatFusion: argument 'activation': needs out_features (there is no projection)")
+            raise ArgumentError("ConcatFusion: argument 'activation': needs out_features (there is no projection)")
 
     def forward(self, *inputs) -> torch.Tensor:
         xs = _gather("ConcatFusion", self.names, self.in_features, inputs)
@@ -119,9 +120,11 @@ class LowRankFusion(nn.Module):
         super().__init__()
         self.names, self.in_features = _feature_spec("LowRankFusion", in_features)
         if int(rank) <= 0:
-            raise ValueError(f"LowRankFusion: argument 'rank': expected a positive int, got {rank!r}")
+            raise ArgumentError(f"LowRankFusion: argument 'rank': expected a positive int, got {rank!r}")
         if int(out_features) <= 0:
-            raise ValueError(f"LowRankFusion: argument 'out_features': expected a positive int, got {out_features!r}")
+            raise ArgumentError(
+                f"LowRankFusion: argument 'out_features': expected a positive int, got {out_features!r}"
+            )
         self.out_features, self.rank = int(out_features), int(rank)
         factory = {"device": device, "dtype": dtype}
         self.factors = nn.ParameterList(
@@ -163,15 +166,15 @@ class FiLM(nn.Module):
             cond_features = (cond_features,)
         self.names, self.cond_features = _feature_spec("FiLM", cond_features)
         if int(num_features) <= 0:
-            raise ValueError(f"FiLM: argument 'num_features': expected a positive int, got {num_features!r}")
+            raise ArgumentError(f"FiLM: argument 'num_features': expected a positive int, got {num_features!r}")
         self.num_features, self.dim = int(num_features), int(dim)
         self.proj = FusedConcatLinear(self.cond_features, 2 * self.num_features, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, cond) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or not -x.dim() <= self.dim < x.dim():
-            raise ValueError(f"FiLM: argument 'x': expected a tensor with a feature axis at dim {self.dim}")
+            raise ArgumentError(f"FiLM: argument 'x': expected a tensor with a feature axis at dim {self.dim}")
         if x.shape[self.dim] != self.num_features:
-            raise ValueError(
+            raise ArgumentError(
                 f"FiLM: argument 'x': expected {self.num_features} features along dim {self.dim}, got shape {tuple(x.shape)}"
             )
         conds = _gather("FiLM", self.names, self.cond_features, (cond,),
@@ -179,7 +182,7 @@ class FiLM(nn.Module):
         xt = x.movedim(self.dim, -1)
         batch = conds[0].shape[:-1]
         if len(batch) > xt.dim() - 1 or xt.shape[: len(batch)] != batch:
-            raise ValueError(
+            raise ArgumentError(
                 f"FiLM: argument 'cond': leading dims {tuple(batch)} must be a prefix of x's non-feature dims "
                 f"{tuple(xt.shape[:-1])}"
             )

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from .._errors import ArgumentError
 from .cross_modal_attention import CrossModalAttention
 
 
@@ -33,7 +34,7 @@ class GatedCrossAttention(nn.Module):
                  dropout: float = 0.0, bias: bool = True, device=None, dtype=None) -> None:
         super().__init__()
         if int(ff_mult) <= 0:
-            raise ValueError(f"GatedCrossAttention: argument 'ff_mult': expected a positive int, got {ff_mult!r}")
+            raise ArgumentError(f"GatedCrossAttention: argument 'ff_mult': expected a positive int, got {ff_mult!r}")
         factory = {"device": device, "dtype": dtype}
         self.dim = int(dim)
         self.media_dim = int(media_dim) if media_dim is not None else self.dim
@@ -50,16 +51,16 @@ class GatedCrossAttention(nn.Module):
         name = "GatedCrossAttention"
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"{name}: argument 'x': expected (batch, length, {self.dim}), got {got}")
+            raise ArgumentError(f"{name}: argument 'x': expected (batch, length, {self.dim}), got {got}")
         if not isinstance(media, torch.Tensor) or media.dim() != 3 or media.shape[-1] != self.media_dim \
                 or media.shape[0] != x.shape[0]:
             got = tuple(media.shape) if isinstance(media, torch.Tensor) else type(media).__name__
-            raise ValueError(f"{name}: argument 'media': expected ({x.shape[0]}, media_length, {self.media_dim}), "
+            raise ArgumentError(f"{name}: argument 'media': expected ({x.shape[0]}, media_length, {self.media_dim}), "
                              f"got {got}")
         if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool
                                  or mask.shape != media.shape[:2]):
             got = (tuple(mask.shape), mask.dtype) if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise ValueError(f"{name}: argument 'media_key_padding_mask': expected a bool tensor of shape "
+            raise ArgumentError(f"{name}: argument 'media_key_padding_mask': expected a bool tensor of shape "
                              f"{tuple(media.shape[:2])} (True = padding), got {got}")
 
     def forward(self, x: torch.Tensor, media: torch.Tensor,
@@ -87,10 +88,10 @@ class ModalityGraphAttention(nn.Module):
         super().__init__()
         name = "ModalityGraphAttention"
         if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
-            raise ValueError(f"{name}: argument 'embed_dim': expected a positive multiple of num_heads={num_heads}, "
+            raise ArgumentError(f"{name}: argument 'embed_dim': expected a positive multiple of num_heads={num_heads}, "
                              f"got {embed_dim}")
         if num_modalities <= 0:
-            raise ValueError(f"{name}: argument 'num_modalities': expected a positive int, got {num_modalities}")
+            raise ArgumentError(f"{name}: argument 'num_modalities': expected a positive int, got {num_modalities}")
         self.embed_dim, self.num_heads, self.num_modalities = int(embed_dim), int(num_heads), int(num_modalities)
         self.dropout = float(dropout)
         factory = {"device": device, "dtype": dtype}
@@ -106,7 +107,7 @@ class ModalityGraphAttention(nn.Module):
         shapes = [(m, m)] + ([(batch, m, m)] if batched else [])
         if not isinstance(adj, torch.Tensor) or adj.dtype != torch.bool or tuple(adj.shape) not in shapes:
             got = (tuple(adj.shape), adj.dtype) if isinstance(adj, torch.Tensor) else type(adj).__name__
-            raise ValueError(f"ModalityGraphAttention: argument 'adjacency': expected a bool tensor of shape "
+            raise ArgumentError(f"ModalityGraphAttention: argument 'adjacency': expected a bool tensor of shape "
                              f"{' or '.join(map(str, shapes))} (True = may attend), got {got}")
 
     def forward(self, x, adjacency: torch.Tensor | None = None) -> torch.Tensor:
@@ -116,7 +117,7 @@ class ModalityGraphAttention(nn.Module):
             x = torch.stack(list(x), dim=1)
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1:] != (self.num_modalities, self.embed_dim):
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"ModalityGraphAttention: argument 'x': expected (batch, {self.num_modalities}, "
+            raise ArgumentError(f"ModalityGraphAttention: argument 'x': expected (batch, {self.num_modalities}, "
                              f"{self.embed_dim}), got {got}")
         b, m, d = x.shape
         if adjacency is None:

@@ -43,3 +43,19 @@ def fake_check_same_device(ref: torch.Tensor, **named) -> None:
     for name, t in named.items():
         if t is not None and t.device != ref.device:
             raise RuntimeError(f"mmkernels: argument '{name}': expected device {ref.device}, got {t.device}")
+
+
+def differentiable_backward(reference_fn, grad_out, inputs, needs_grad) -> list:
+    """The gradients of ``reference_fn(*inputs)`` for the inputs flagged in ``needs_grad`` (None for the
+    others), built from differentiable PyTorch operations so that they have a derivative themselves.
+
+    The backward ops have none, so a formula that finds grad mode on inside backward (backward with
+    create_graph=True, torch.func transforms) computes its gradients here instead: a second derivative
+    through the backward op would come back as zeros, silently."""
+    wrt = [t for t, need in zip(inputs, needs_grad) if need]
+    if not wrt:
+        return [None] * len(inputs)
+    with torch.enable_grad():
+        out = reference_fn(*inputs)
+    grads = iter(torch.autograd.grad(out, wrt, grad_out, create_graph=True, allow_unused=True))
+    return [next(grads) if need else None for need in needs_grad]

@@ -6,7 +6,7 @@ import torch
 from torch.nn.attention.bias import CausalBias
 
 from .. import reference
-from ._common import KERNELS, fake_check_same_device, warn_once
+from ._common import KERNELS, differentiable_backward, fake_check_same_device, warn_once
 
 
 _ATTN_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -272,6 +272,11 @@ def _cross_modal_attention_setup(ctx, inputs, output):
 
 def _cross_modal_attention_backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, key_padding_mask, kv_lengths, attn_mask, dropout_seed = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True or torch.func: see _double_backward
+        return _double_backward(
+            ctx.needs_input_grad, grad_out, q, k, v, key_padding_mask, kv_lengths, attn_mask, ctx.scale,
+            ctx.dropout_p, dropout_seed, ctx.causal,
+        )
     dq, dk, dv = torch.ops.mmkernels.cross_modal_attention_backward.default(
         grad_out, q, k, v, out, lse, key_padding_mask, kv_lengths, attn_mask, ctx.scale, ctx.dropout_p, dropout_seed,
         ctx.causal,
@@ -282,3 +287,39 @@ def _cross_modal_attention_backward(ctx, grad_out, _grad_lse):
 torch.library.register_autograd(
     "mmkernels::cross_modal_attention", _cross_modal_attention_backward, setup_context=_cross_modal_attention_setup
 )
+
+
+# The op's argument names, in order: _double_backward hands them to the reference by name, so an
+# argument added to the op reaches it with no edit here.
+_OP_ARGUMENTS = tuple(a.name for a in torch.ops.mmkernels.cross_modal_attention.default._schema.arguments)
+
+
+def _double_backward(needs_input_grad, grad_out, *op_args):
+    """Gradients for every argument of the op (op_args: the op's arguments, in its order), from the
+    reference's differentiable operations (which materialise the scores), for a backward that is
+    itself differentiated: the backward op has no derivative, and differentiating through it would
+    give zeros silently. Dropout cannot be replayed (the reference cannot redraw the kernel's mask)."""
+    if len(op_args) != len(_OP_ARGUMENTS):
+        raise RuntimeError(f"mmkernels: cross_modal_attention double backward: expected the op's {_OP_ARGUMENTS}, "
+                           f"got {len(op_args)} arguments")
+    named = dict(zip(_OP_ARGUMENTS, op_args))
+    named.pop("dropout_seed", None)
+    if named.get("dropout_p", 0.0) > 0.0:
+        raise NotImplementedError(
+            "mmkernels: cross_modal_attention has no double backward (backward with create_graph=True, "
+            "torch.func transforms) with dropout_p > 0: its dropout mask cannot be replayed"
+        )
+    q, k, v = named.pop("q"), named.pop("k"), named.pop("v")
+    # The op's causal mode (0 none, 1 upper-left, 2 lower-right) joins the attention mask as the keys it
+    # hides (-inf in a float mask); grouped-query heads are the reference's enable_gqa.
+    visible = reference.causal_visible(named.pop("causal"), q.shape[-2], k.shape[-2], q.device)
+    mask = named["attn_mask"]
+    if visible is not None:
+        named["attn_mask"] = (visible if mask is None else mask & visible if mask.dtype == torch.bool
+                              else torch.where(visible, mask, float("-inf")))
+    named["enable_gqa"] = k.shape[1] != q.shape[1]
+    grads = differentiable_backward(
+        lambda q, k, v: reference.cross_modal_attention(q, k, v, **named), grad_out, [q, k, v],
+        needs_input_grad[:3],
+    )
+    return (*grads, *[None] * (len(op_args) - 3))

@@ -3,12 +3,14 @@ public function, fakes, autograd."""
 from __future__ import annotations
 
 import math
+import os
 from typing import Sequence
 
 import torch
 
 from .. import reference
-from ._common import KERNELS, fake_check_same_device, plain_eager, warn_once
+from .._errors import ArgumentError
+from ._common import KERNELS, differentiable_backward, fake_check_same_device, plain_eager, warn_once
 
 ACTIVATIONS = tuple(reference.ACTIVATIONS)
 # Activations whose backward needs the pre-activation (the others' derivative is a function of the output).
@@ -17,40 +19,42 @@ _NEEDS_PREACT = ("gelu", "gelu_tanh", "silu")
 
 def _check_concat_linear(inputs, weight, bias, activation) -> None:
     if activation not in ACTIVATIONS:
-        raise ValueError(f"mmkernels: argument 'activation': expected one of {ACTIVATIONS}, got {activation!r}")
+        raise ArgumentError(f"mmkernels: argument 'activation': expected one of {ACTIVATIONS}, got {activation!r}")
     if not isinstance(inputs, (list, tuple)) or len(inputs) == 0:
-        raise ValueError("mmkernels: argument 'inputs': expected a non-empty list or tuple of tensors")
+        raise ArgumentError("mmkernels: argument 'inputs': expected a non-empty list or tuple of tensors")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError("mmkernels: argument 'weight': expected a 2-D (out_features, in_features) tensor")
+        raise ArgumentError("mmkernels: argument 'weight': expected a 2-D (out_features, in_features) tensor")
     lead = None
     total = 0
     for i, x in enumerate(inputs):
         if not isinstance(x, torch.Tensor) or x.dim() < 1:
-            raise ValueError(f"mmkernels: argument 'inputs[{i}]': expected a tensor of shape (..., features)")
+            raise ArgumentError(f"mmkernels: argument 'inputs[{i}]': expected a tensor of shape (..., features)")
         if x.dtype != weight.dtype:
-            raise ValueError(f"mmkernels: argument 'inputs[{i}]': expected dtype {weight.dtype}, got {x.dtype}")
+            raise ArgumentError(f"mmkernels: argument 'inputs[{i}]': expected dtype {weight.dtype}, got {x.dtype}")
         if x.device != weight.device:
-            raise ValueError(f"mmkernels: argument 'inputs[{i}]': expected device {weight.device}, got {x.device}")
+            raise ArgumentError(f"mmkernels: argument 'inputs[{i}]': expected device {weight.device}, got {x.device}")
         if lead is None:
             lead = x.shape[:-1]
         elif x.shape[:-1] != lead:
-            raise ValueError(
+            raise ArgumentError(
                 f"mmkernels: argument 'inputs[{i}]': expected leading dims {tuple(lead)} (those of inputs[0]), "
                 f"got {tuple(x.shape[:-1])}"
             )
         total += x.shape[-1]
     if weight.shape[1] != total:
-        raise ValueError(
+        raise ArgumentError(
             f"mmkernels: argument 'weight': expected {total} columns (the sum of the inputs' feature sizes), "
             f"got shape {tuple(weight.shape)}"
         )
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
-            raise ValueError(f"mmkernels: argument 'bias': expected a tensor or None, got {type(bias).__name__}")
+            raise ArgumentError(f"mmkernels: argument 'bias': expected a tensor or None, got {type(bias).__name__}")
         if bias.shape != (weight.shape[0],):
-            raise ValueError(f"mmkernels: argument 'bias': expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+            raise ArgumentError(
+                f"mmkernels: argument 'bias': expected shape ({weight.shape[0]},), got {tuple(bias.shape)}"
+            )
         if bias.dtype != weight.dtype or bias.device != weight.device:
-            raise ValueError(
+            raise ArgumentError(
                 f"mmkernels: argument 'bias': expected {weight.dtype} on {weight.device}, got {bias.dtype} on {bias.device}"
             )
 
@@ -75,11 +79,12 @@ def fused_concat_linear(
             "(torch.cat + F.linear) instead.",
         )
         return reference.fused_concat_linear(inputs, weight, bias, activation)
-    if key == "CPU" and _few_rows(inputs, weight):
-        # Shape rule (issue 2, measured in benchmarks/RESULTS.md): with M * 8 <= N rows the
+    if key == "CPU" and (_few_rows(inputs, weight) or _small(inputs, weight)):
+        # Shape rules (issue 2, measured in benchmarks/RESULTS.md): with M * 8 <= N rows the
         # concatenation is small next to W, so there is nothing to fuse away, and PyTorch's own
         # cat + linear + activation beats any call into an op by its fixed cost. torch.ops callers
-        # still get the op, whose kernel takes the same concatenate-then-one-GEMM path.
+        # still get the op, whose kernel takes the same concatenate-then-one-GEMM path. The same for
+        # a GEMM below oneDNN's size (issue 19): the kernel would run ATen's GEMM, as F.linear does.
         return reference.fused_concat_linear(inputs, weight, bias, activation)
     if plain_eager(*inputs, weight, bias):
         if torch.is_grad_enabled() and (
@@ -99,6 +104,15 @@ _FCL_BACKWARD = torch.ops.mmkernels.fused_concat_linear_backward.default
 def _few_rows(inputs, weight) -> bool:
     """The kernels' concat_is_cheaper rule (csrc/cpu/fused_concat_linear.cpp): several inputs and M * 8 <= N."""
     return len(inputs) > 1 and math.prod(inputs[0].shape[:-1]) * 8 <= weight.shape[0]
+
+
+# csrc/cpu/matmul.cpp's kOneDnnMinMacs and its override (the tests set 0, so that the kernel serves their
+# small shapes): below it every GEMM of the kernel is ATen's mm.
+_ONEDNN_MIN_MACS = max(0, int(os.environ.get("MMKERNELS_ONEDNN_MIN_MACS", 1 << 24)))
+
+
+def _small(inputs, weight) -> bool:
+    return math.prod(inputs[0].shape[:-1]) * weight.shape[0] * weight.shape[1] < _ONEDNN_MIN_MACS
 
 
 @torch.library.register_fake("mmkernels::fused_concat_linear")
@@ -134,13 +148,20 @@ def _fused_concat_linear_setup(ctx, inputs, output):
     # Keep the output only where the activation's derivative is read from it (relu, tanh, sigmoid),
     # so that otherwise it can be freed before backward, as with eager F.linear.
     keep_out = activation not in _NEEDS_PREACT and activation != "none"
-    ctx.save_for_backward(*xs, weight, out if keep_out else weight.new_empty(0), preact)
+    # bias only for a double backward, which recomputes the pre-activation (a view: no copy).
+    ctx.save_for_backward(*xs, weight, bias, out if keep_out else weight.new_empty(0), preact)
 
 
 def _fused_concat_linear_backward(ctx, grad_out, _grad_preact):
     if grad_out is None:  # only the (internal) pre-activation output was used
         return [None] * len(ctx.inputs_need_grad), None, None, None
-    *xs, weight, out, preact = ctx.saved_tensors
+    *xs, weight, bias, out, preact = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True or torch.func: see _double_backward
+        grad_weight, grad_bias, *grad_inputs = _double_backward(
+            grad_out, xs, weight, bias, ctx.activation,
+            [ctx.weight_needs_grad, ctx.bias_needs_grad, *ctx.inputs_need_grad],
+        )
+        return grad_inputs, grad_weight, grad_bias, None
     grad_inputs, grad_weight, grad_bias = torch.ops.mmkernels.fused_concat_linear_backward.default(
         grad_out.contiguous(),
         xs,
@@ -158,6 +179,15 @@ def _fused_concat_linear_backward(ctx, grad_out, _grad_preact):
         grad_weight if ctx.weight_needs_grad else None,
         grad_bias if ctx.bias_needs_grad else None,
         None,
+    )
+
+
+def _double_backward(grad_out, xs, weight, bias, activation, needs_grad):
+    """[grad_weight, grad_bias, *grad_inputs] from the reference's differentiable operations (which
+    materialise the concatenation), for a backward that is itself differentiated."""
+    return differentiable_backward(
+        lambda w, b, *inputs: reference.fused_concat_linear(inputs, w, b, activation),
+        grad_out, [weight, bias, *xs], needs_grad,
     )
 
 
@@ -180,15 +210,18 @@ class _FusedConcatLinearEager(torch.autograd.Function):
             out, preact = _FCL(list(inputs), weight, bias, activation)
         ctx.activation = activation
         keep_out = activation not in _NEEDS_PREACT and activation != "none"
-        ctx.save_for_backward(*inputs, weight, out if keep_out else weight.new_empty(0), preact)
+        ctx.save_for_backward(*inputs, weight, bias, out if keep_out else weight.new_empty(0), preact)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        if torch.is_grad_enabled():  # create_graph=True: the backward op has no derivative itself
-            raise RuntimeError("mmkernels: fused_concat_linear has no double backward (backward with create_graph=True)")
-        *xs, weight, out, preact = ctx.saved_tensors
+        *xs, weight, bias, out, preact = ctx.saved_tensors
         need = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: see _double_backward
+            grad_weight, grad_bias, *grad_inputs = _double_backward(
+                grad_out, xs, weight, bias, ctx.activation, [need[0], need[1], *need[3:]]
+            )
+            return grad_weight, grad_bias, None, *grad_inputs
         inputs_need_grad = list(need[3:])
         grad_inputs, grad_weight, grad_bias = _FCL_BACKWARD(
             grad_out.contiguous(), xs, weight, out, preact, ctx.activation, inputs_need_grad, need[0], need[1]

@@ -6,45 +6,48 @@ from typing import Sequence
 import torch
 
 from .. import reference
-from ._common import KERNELS, fake_check_same_device, warn_once
+from .._errors import ArgumentError
+from ._common import KERNELS, differentiable_backward, fake_check_same_device, warn_once
 
 
 def _check_low_rank_fusion(inputs, factors, rank_weight, bias) -> None:
     if not isinstance(inputs, (list, tuple)) or len(inputs) == 0:
-        raise ValueError("mmkernels: argument 'inputs': expected a non-empty list or tuple of tensors")
+        raise ArgumentError("mmkernels: argument 'inputs': expected a non-empty list or tuple of tensors")
     if not isinstance(factors, (list, tuple)) or len(factors) != len(inputs):
-        raise ValueError(f"mmkernels: argument 'factors': expected a list of {len(inputs)} tensors (one per input)")
+        raise ArgumentError(f"mmkernels: argument 'factors': expected a list of {len(inputs)} tensors (one per input)")
     if not isinstance(rank_weight, torch.Tensor) or rank_weight.dim() != 1:
-        raise ValueError("mmkernels: argument 'rank_weight': expected a 1-D (rank,) tensor")
+        raise ArgumentError("mmkernels: argument 'rank_weight': expected a 1-D (rank,) tensor")
     dtype, device, rank = rank_weight.dtype, rank_weight.device, rank_weight.shape[0]
     if not isinstance(factors[0], torch.Tensor) or factors[0].dim() != 3:
-        raise ValueError("mmkernels: argument 'factors[0]': expected a 3-D (rank, in_features + 1, out_features) tensor")
+        raise ArgumentError(
+            "mmkernels: argument 'factors[0]': expected a 3-D (rank, in_features + 1, out_features) tensor"
+        )
     n = factors[0].shape[2]
     lead = None
     for i, (x, f) in enumerate(zip(inputs, factors)):
         for name, t in ((f"inputs[{i}]", x), (f"factors[{i}]", f)):
             if not isinstance(t, torch.Tensor) or t.dim() < 1:
-                raise ValueError(f"mmkernels: argument '{name}': expected a tensor, got {type(t).__name__}")
+                raise ArgumentError(f"mmkernels: argument '{name}': expected a tensor, got {type(t).__name__}")
             if t.dtype != dtype or t.device != device:
-                raise ValueError(
+                raise ArgumentError(
                     f"mmkernels: argument '{name}': expected {dtype} on {device} (as rank_weight), got {t.dtype} on {t.device}"
                 )
         if lead is None:
             lead = x.shape[:-1]
         elif x.shape[:-1] != lead:
-            raise ValueError(
+            raise ArgumentError(
                 f"mmkernels: argument 'inputs[{i}]': expected leading dims {tuple(lead)} (those of inputs[0]), "
                 f"got {tuple(x.shape[:-1])}"
             )
         if f.shape != (rank, x.shape[-1] + 1, n):
-            raise ValueError(
+            raise ArgumentError(
                 f"mmkernels: argument 'factors[{i}]': expected shape ({rank}, {x.shape[-1] + 1}, {n}) = "
                 f"(rank, inputs[{i}].size(-1) + 1, out_features), got {tuple(f.shape)}"
             )
     if bias is not None and not isinstance(bias, torch.Tensor):
-        raise ValueError(f"mmkernels: argument 'bias': expected a tensor or None, got {type(bias).__name__}")
+        raise ArgumentError(f"mmkernels: argument 'bias': expected a tensor or None, got {type(bias).__name__}")
     if bias is not None and (bias.shape != (n,) or bias.dtype != dtype or bias.device != device):
-        raise ValueError(
+        raise ArgumentError(
             f"mmkernels: argument 'bias': expected shape ({n},), {dtype} on {device}; "
             f"got {tuple(bias.shape)}, {bias.dtype} on {bias.device}"
         )
@@ -101,14 +104,23 @@ def _low_rank_fusion_setup(ctx, inputs, output):
     ctx.rank_weight_needs_grad = rank_weight.requires_grad
     ctx.bias_needs_grad = bias is not None and bias.requires_grad
     ctx.num_inputs = len(xs)
-    # Only the inputs and parameters: backward recomputes the projections.
-    ctx.save_for_backward(*xs, *factors, rank_weight)
+    # Only the inputs and parameters: backward recomputes the projections (bias: for a double backward).
+    ctx.save_for_backward(*xs, *factors, rank_weight, bias)
 
 
 def _low_rank_fusion_backward(ctx, grad_out):
     saved = ctx.saved_tensors
     m = ctx.num_inputs
-    xs, factors, rank_weight = saved[:m], saved[m : 2 * m], saved[2 * m]
+    xs, factors, rank_weight, bias = saved[:m], saved[m : 2 * m], saved[2 * m], saved[2 * m + 1]
+    if torch.is_grad_enabled():
+        # create_graph=True or torch.func: the backward op has no derivative, so differentiate the
+        # reference's operations (which materialise every (..., rank, N) projection) instead.
+        grads = differentiable_backward(
+            lambda w, b, *tensors: reference.low_rank_fusion(tensors[:m], tensors[m:], w, b),
+            grad_out, [rank_weight, bias, *xs, *factors],
+            [ctx.rank_weight_needs_grad, ctx.bias_needs_grad, *ctx.inputs_need_grad, *ctx.factors_need_grad],
+        )
+        return grads[2 : 2 + m], grads[2 + m :], grads[0], grads[1]
     grad_inputs, grad_factors, grad_w, grad_b = torch.ops.mmkernels.low_rank_fusion_backward.default(
         grad_out.contiguous(),
         xs,

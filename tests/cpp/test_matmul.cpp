@@ -30,19 +30,21 @@ void expect_matches_mm(const at::Tensor& a, const at::Tensor& b, bool accumulate
 TEST(Matmul, LayoutsAndAccumulationMatchMm) {
   at::manual_seed(0);
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
-  const at::Tensor a = at::randn({37, 70}, f32);
-  const at::Tensor w = at::randn({23, 100}, f32);
+  // 137 x 700 x 180: above kOneDnnMinMacs, so oneDNN serves the layouts it takes; one row: ATen (small).
+  const at::Tensor a = at::randn({137, 700}, f32);
+  const at::Tensor w = at::randn({180, 1000}, f32);
   for (bool accumulate : {false, true}) {
-    expect_matches_mm(a, at::randn({70, 23}, f32), accumulate);               // row-major
-    expect_matches_mm(a, w.narrow(1, 30, 70).t(), accumulate);                // W[:, cols].T, column-major
-    expect_matches_mm(at::randn({70, 37}, f32).t(), w.narrow(1, 0, 70).t(), accumulate);  // both transposed
-    expect_matches_mm(a, at::randn({70, 46}, f32).slice(1, 0, 46, 2), accumulate);        // strided both ways: ATen
-    expect_matches_mm(a.narrow(0, 0, 1), at::randn({70, 23}, f32), accumulate);            // one row
-    at::Tensor out_t = at::randn({23, 37}, f32).t();                                        // column-major out: ATen
+    expect_matches_mm(a, at::randn({700, 180}, f32), accumulate);              // row-major
+    expect_matches_mm(a, w.narrow(1, 300, 700).t(), accumulate);               // W[:, cols].T, column-major
+    expect_matches_mm(at::randn({700, 137}, f32).t(), w.narrow(1, 0, 700).t(), accumulate);  // both transposed
+    expect_matches_mm(a, at::randn({700, 360}, f32).slice(1, 0, 360, 2), accumulate);       // strided both ways: ATen
+    expect_matches_mm(a.narrow(0, 0, 1), at::randn({700, 180}, f32), accumulate);            // one row
+    expect_matches_mm(a.narrow(1, 0, 70), w.narrow(1, 0, 70).t(), accumulate);               // small: ATen
+    at::Tensor out_t = at::randn({180, 137}, f32).t();                                        // column-major out: ATen
     const at::Tensor before = out_t.clone();
-    matmul_out(out_t, a, at::randn({70, 23}, f32), accumulate);
+    matmul_out(out_t, a, at::randn({700, 180}, f32), accumulate);
     EXPECT_FALSE(at::equal(out_t, before));
-    expect_matches_mm(a.narrow(1, 0, 0), at::randn({0, 23}, f32), accumulate);             // K = 0
+    expect_matches_mm(a.narrow(1, 0, 0), at::randn({0, 180}, f32), accumulate);             // K = 0
   }
 }
 

@@ -2,7 +2,9 @@
 
 Each case is a function that builds otherwise valid inputs, breaks exactly one thing, and makes the
 call. It must raise ValueError or RuntimeError (TypeError too, where marked: a non-tensor passed for a
-tensor) whose message matches `names` (the argument's name). Each group also has a `valid` control
+tensor) whose message matches `names` (the argument's name). A module (`nn.*`) must raise
+mmkernels.ArgumentError, a ValueError that is also an AssertionError, as nn.MultiheadAttention raises
+AssertionError for malformed shapes. Each group also has a `valid` control
 case, which must NOT raise, so a mutation cannot pass by accident of a broken baseline.
 
 Cases run in a subprocess (bad_input_runner.py, driven by test_bad_inputs.py), so a crash or a hang
@@ -19,6 +21,7 @@ from typing import Callable
 import torch
 
 import mmkernels
+from mmkernels import ArgumentError
 from mmkernels.nn import FusedConcatLinear
 
 
@@ -38,7 +41,8 @@ def _register(prefix, rows, invoke, base):
     CASES[f"{prefix}/valid"] = BadCase(lambda: invoke(base()), None)
     for row in rows:
         case_id, names, mutate = row[:3]
-        raises = row[3] if len(row) > 3 else (ValueError, RuntimeError)
+        default = (ArgumentError,) if prefix.startswith("nn.") else (ValueError, RuntimeError)
+        raises = row[3] if len(row) > 3 else default
 
         def call(mutate=mutate):
             args = base()

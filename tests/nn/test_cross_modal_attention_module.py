@@ -751,3 +751,28 @@ def test_nested_inputs_bad_input_names_the_argument():
         cma(x, x, x)
     with pytest.raises(ValueError, match="argument 'attn_mask'"):
         cma(x, x, x, need_weights=False, attn_mask=torch.zeros(3, 3))
+
+
+def test_malformed_shapes_raise_what_multihead_attention_raises():
+    """nn.MultiheadAttention asserts on malformed shapes (a wrong attn_mask shape is its RuntimeError);
+    code that catches AssertionError from it must catch ours too, and ValueError still works
+    (mmkernels.ArgumentError is both)."""
+    from mmkernels import ArgumentError
+
+    mha = torch.nn.MultiheadAttention(8, 2)
+    ours = CrossModalAttention.from_module(mha)
+    q, kv = torch.randn(4, 2, 8), torch.randn(5, 2, 8)
+    bad_calls = {
+        "key": lambda m: m(q, kv[:, :1], kv),
+        "value": lambda m: m(q, kv, kv[:4]),
+        "key_padding_mask": lambda m: m(q, kv, kv, key_padding_mask=torch.zeros(2, 4, dtype=torch.bool)),
+        "query": lambda m: m(q[..., :6], kv, kv),
+    }
+    for name, call in bad_calls.items():
+        with pytest.raises(AssertionError):
+            call(mha)
+        with pytest.raises(AssertionError, match=name) as info:
+            call(ours)
+        assert isinstance(info.value, ValueError) and type(info.value) is ArgumentError
+    with pytest.raises(AssertionError, match="num_heads"):
+        CrossModalAttention(8, 3)

@@ -6,7 +6,7 @@ and one line below.
 from __future__ import annotations
 
 from ..core import Suite
-from . import attention, attention_variants, concat_linear, convert, fusion, models
+from . import attention, attention_variants, concat_linear, convert, fusion, latency, models
 
 SUITES: dict[str, Suite] = {s.name: s for s in (
     concat_linear.SUITE,
@@ -17,5 +17,6 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
     fusion.LMF_SUITE,
     fusion.TRAIN_SUITE,
     convert.SUITE,
+    latency.SUITE,
     models.SUITE,
 )}
