@@ -5,11 +5,14 @@ concatenation, the score matrix).
 """
 from __future__ import annotations
 
-from typing import Sequence
+import sys
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import CausalBias, CausalVariant
+
+if TYPE_CHECKING:
+    from torch.nn.attention.bias import CausalBias
 
 ACTIVATIONS = {
     "none": lambda x: x,
@@ -93,13 +96,16 @@ def causal_mode(is_causal: bool, attn_mask, Lq: int, Lk: int):
     (or None): a CausalBias attn_mask becomes the flag; is_causal=True is upper-left. Both together
     see the intersection of the two, which is upper-left where Lk >= Lq, else lower-right."""
     mode = 1 if is_causal else 0
-    if isinstance(attn_mask, CausalBias):
+    # torch.nn.attention.bias is imported lazily (it pulls in torch._dynamo and DTensor, ~1 s): a
+    # CausalBias argument means its module is loaded already.
+    bias_module = sys.modules.get("torch.nn.attention.bias")
+    if bias_module is not None and isinstance(attn_mask, bias_module.CausalBias):
         if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (Lq, Lk):
             raise ValueError(
                 f"mmkernels: argument 'attn_mask': a CausalBias for (Lq, Lk) = ({attn_mask.seq_len_q}, "
                 f"{attn_mask.seq_len_kv}), expected ({Lq}, {Lk}) (those of q and k)"
             )
-        bias_mode = 1 if attn_mask.variant == CausalVariant.UPPER_LEFT else 2
+        bias_mode = 1 if attn_mask.variant == bias_module.CausalVariant.UPPER_LEFT else 2
         mode = bias_mode if mode in (0, bias_mode) else (1 if Lk >= Lq else 2)
         attn_mask = None
     return mode, attn_mask

@@ -131,15 +131,17 @@ _DENSE_SPLITS = {
     "batch": {**_DENSE, "key_padding_mask": 0, "kv_lengths": 0, "dropout_seed": None},
     "heads": {**{name: 1 for name in _DENSE}, "key_padding_mask": None, "kv_lengths": None, "dropout_seed": None},
 }
-# Each attention op: its splits and its outputs in return order. The varlen op, packed as
-# (total, H, E) with cu_seqlens_* (batch + 1,) offsets, would split by heads only, e.g.
-#   "cross_modal_attention_varlen": ({"heads": {"q": 1, "k": 1, "v": 1, "out": 1, "cu_seqlens_q": None,
-#                                     "cu_seqlens_k": None, "dropout_seed": None, "lse": <its heads dim>}},
-#                                    ("out", "lse")),
-# and its backward alike; ops not in this build are skipped at registration.
+# The varlen ops pack every sequence along dim 0 ((total, H, E), cu_seqlens_* (batch + 1,) offsets,
+# lse (H, total_q)), so they split by heads only.
+_VARLEN = {"q": 1, "k": 1, "v": 1, "out": 1, "grad_out": 1, "dq": 1, "dk": 1, "dv": 1, "lse": 0}
+_VARLEN_SPLITS = {"heads": {**_VARLEN, "cu_seqlens_q": None, "cu_seqlens_k": None, "dropout_seed": None}}
+# Each attention op: its splits and its outputs in return order; ops not in this build are skipped
+# at registration.
 ATTENTION_OPS = {
     "cross_modal_attention": (_DENSE_SPLITS, ("out", "lse")),
     "cross_modal_attention_backward": (_DENSE_SPLITS, ("dq", "dk", "dv")),
+    "cross_modal_attention_varlen": (_VARLEN_SPLITS, ("out", "lse")),
+    "cross_modal_attention_varlen_backward": (_VARLEN_SPLITS, ("dq", "dk", "dv")),
 }
 
 
@@ -164,8 +166,7 @@ def _heads_split_ok(q: DTensorSpec, k: DTensorSpec) -> bool:
 
 def attention_rules(op_name: str):
     """The rule function of an attention op, from its schema's argument names. Non-tensor arguments
-    (scale, dropout_p, flags a later schema adds) pass through untouched; the varlen op, if added,
-    needs only its own role table (its sequences are packed along dim 0, so only heads split)."""
+    (scale, dropout_p, max_seqlen_*, flags a later schema adds) pass through untouched."""
     op = getattr(_ops, op_name).default
     names = [a.name for a in op._schema.arguments]
     splits, outputs = ATTENTION_OPS[op_name]

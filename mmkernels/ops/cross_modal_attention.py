@@ -2,8 +2,12 @@
 autograd."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from torch.nn.attention.bias import CausalBias
+
+if TYPE_CHECKING:
+    from torch.nn.attention.bias import CausalBias
 
 from .. import reference
 from ._common import KERNELS, differentiable_backward, fake_check_same_device, warn_once

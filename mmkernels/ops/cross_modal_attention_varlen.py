@@ -52,8 +52,9 @@ def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
 
 
 def _check_varlen_values(cu, name, total, max_len, max_name) -> None:
-    # Values are data: checked eagerly only (the kernel checks them again at run time).
-    if torch.compiler.is_compiling():
+    # Values are data: checked eagerly on plain tensors only (the kernel checks them again at run time,
+    # also where a tensor subclass such as a DTensor hands it the local values).
+    if torch.compiler.is_compiling() or type(cu) is not torch.Tensor:
         return
     c = cu.tolist()
     if c[0] != 0:

@@ -139,6 +139,7 @@ def _attention_cases():
         "bool attn_mask (B, H, Lq, Lk)": {"attn_mask": torch.rand(B, H, Lq, Lk, generator=g) < 0.7},
         "float attn_mask (H, Lq, Lk)": {"attn_mask": torch.randn(H, Lq, Lk, generator=g, dtype=F64)},
         "float attn_mask (Lq, Lk) and scale": {"attn_mask": torch.randn(Lq, Lk, generator=g, dtype=F64), "scale": 0.3},
+        "is_causal with key_padding_mask": {"is_causal": True, "key_padding_mask": kpm},
     }, (B, H, Lq, Lk, E)
 
 
@@ -212,6 +213,27 @@ def check_attention_rules_keep_query_groups_together():
     out = no_collectives(lambda: mmkernels.cross_modal_attention(qd, kd, vd, enable_gqa=True))
     expected = reference.cross_modal_attention(q, k, v, enable_gqa=True)
     assert_whole(out, expected, "grouped-query attention by heads")
+
+
+def check_varlen_attention_by_heads():
+    """Packed variable-length attention (sequences along dim 0) splits by heads, causal and GQA included."""
+    lens_q, lens_k = [3, 0, 5], [4, 2, 6]
+    cu_q = torch.tensor([0, 3, 3, 8], dtype=torch.int32)
+    cu_k = torch.tensor([0, 4, 6, 12], dtype=torch.int32)
+    for h_kv, causal in ((4, False), (2, True)):
+        what = f"varlen, {h_kv} kv heads, causal={causal}"
+        q, k, v = leaf(sum(lens_q), 4, 8, seed=60), leaf(sum(lens_k), h_kv, 8, seed=61), leaf(sum(lens_k), h_kv, 5, seed=62)
+        qd, kd, vd = (shard(t, Shard(1)) for t in (q, k, v))
+        cq, ck = (distribute_tensor(c, mesh(), [Replicate()]) for c in (cu_q, cu_k))
+        out = no_collectives(lambda: mmkernels.cross_modal_attention_varlen(qd, kd, vd, cq, ck, 5, 6, is_causal=causal))
+        assert out.placements == (Shard(1),), f"{what}: output {out.placements}"
+        expected = reference.cross_modal_attention_varlen(q, k, v, cu_q, cu_k, 5, 6, is_causal=causal)
+        assert_whole(out, expected, what)
+        grad = leaf(*expected.shape, seed=63).detach()
+        out.backward(distribute_tensor(grad, mesh(), [Shard(1)]))
+        expected.backward(grad)
+        for name, d, t in (("q", qd, q), ("k", kd, k), ("v", vd, v)):
+            assert_whole(d.grad, t.grad, f"{what}: grad of {name}")
 
 
 def check_ops_reject_nothing_they_accept_replicated():

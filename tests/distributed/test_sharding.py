@@ -16,6 +16,7 @@ CHECKS = [
     "check_attention_batch_and_heads",
     "check_attention_dropout_is_the_shards_own",
     "check_attention_rules_keep_query_groups_together",
+    "check_varlen_attention_by_heads",
     "check_ops_reject_nothing_they_accept_replicated",
     "check_tp_cross_modal_attention_by_heads",
     "check_tp_fused_concat_linear_colwise_then_rowwise",
