@@ -16,7 +16,8 @@ from ._common import KERNELS, differentiable_backward, fake_check_same_device, w
 _ATTN_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def _check_heads(q, k, v, enable_gqa) -> None:
+def check_heads(q, k, v, enable_gqa) -> None:
+    """Heads are dim 1 in both layouts: H_kv == H, or with enable_gqa H_kv divides H."""
     H, Hk = q.shape[1], k.shape[1]
     if Hk != H:
         if not enable_gqa:
@@ -33,12 +34,13 @@ def _check_heads(q, k, v, enable_gqa) -> None:
         raise ValueError(f"mmkernels: argument 'v': expected {Hk} heads (those of k), got {v.shape[1]}")
 
 
-def _check_attention(q, k, v, key_padding_mask, kv_lengths, attn_mask, dropout_p, enable_gqa=False) -> None:
-    """Shape/dtype checks with errors that name the argument (the kernels check again in C++)."""
-    for name, t, dims in (("q", q, "(B, H, Lq, E)"), ("k", k, "(B, H, Lk, E)"), ("v", v, "(B, H, Lk, Ev)")):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+def check_qkv(q, k, v, layouts) -> None:
+    """Rank, dtype and device of q, k, v (the dense and the varlen op); layouts: their shapes in words."""
+    for name, t, dims in zip("qkv", (q, k, v), layouts):
+        rank = dims.count(",") + 1
+        if not isinstance(t, torch.Tensor) or t.dim() != rank:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"mmkernels: argument '{name}': expected a 4-D {dims} tensor, got {shape}")
+            raise ValueError(f"mmkernels: argument '{name}': expected a {rank}-D {dims} tensor, got {shape}")
     if q.dtype not in _ATTN_DTYPES:
         raise ValueError(f"mmkernels: argument 'q': expected a floating dtype {_ATTN_DTYPES}, got {q.dtype}")
     for name, t in (("k", k), ("v", v)):
@@ -46,12 +48,17 @@ def _check_attention(q, k, v, key_padding_mask, kv_lengths, attn_mask, dropout_p
             raise ValueError(
                 f"mmkernels: argument '{name}': expected {q.dtype} on {q.device} (as q), got {t.dtype} on {t.device}"
             )
+
+
+def _check_attention(q, k, v, key_padding_mask, kv_lengths, attn_mask, dropout_p, enable_gqa=False) -> None:
+    """Shape/dtype checks with errors that name the argument (the kernels check again in C++)."""
+    check_qkv(q, k, v, ("(B, H, Lq, E)", "(B, H, Lk, E)", "(B, H, Lk, Ev)"))
     B, H, Lq, E = q.shape
     Lk = k.shape[2]
     for name, t in (("k", k), ("v", v)):
         if t.shape[0] != B:
             raise ValueError(f"mmkernels: argument '{name}': expected batch size {B} (that of q), got {t.shape[0]}")
-    _check_heads(q, k, v, enable_gqa)
+    check_heads(q, k, v, enable_gqa)
     if k.shape[3] != E:
         raise ValueError(f"mmkernels: argument 'k': expected head dim {E} (that of q), got {k.shape[3]}")
     if v.shape[2] != Lk:

@@ -6,29 +6,15 @@ import torch
 
 from .. import reference
 from ._common import KERNELS, fake_check_same_device, warn_once
-from .cross_modal_attention import _ATTN_DTYPES, _lse_dtype
+from .cross_modal_attention import _lse_dtype, check_heads, check_qkv
 
 _OP = "mmkernels::cross_modal_attention_varlen"
 
 
 def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p) -> None:
     """Shape/dtype checks with errors that name the argument (the kernel checks again in C++)."""
-    for name, t, dims in (("q", q, "(total_q, H, E)"), ("k", k, "(total_k, H_kv, E)"), ("v", v, "(total_k, H_kv, Ev)")):
-        if not isinstance(t, torch.Tensor) or t.dim() != 3:
-            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"mmkernels: argument '{name}': expected a 3-D {dims} tensor, got {shape}")
-    if q.dtype not in _ATTN_DTYPES:
-        raise ValueError(f"mmkernels: argument 'q': expected a floating dtype {_ATTN_DTYPES}, got {q.dtype}")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype or t.device != q.device:
-            raise ValueError(
-                f"mmkernels: argument '{name}': expected {q.dtype} on {q.device} (as q), got {t.dtype} on {t.device}"
-            )
-    H, Hk = q.shape[1], k.shape[1]
-    if Hk == 0 or H % Hk != 0:
-        raise ValueError(f"mmkernels: argument 'k': expected a head count dividing {H} (the heads of q), got {Hk}")
-    if v.shape[1] != Hk:
-        raise ValueError(f"mmkernels: argument 'v': expected {Hk} heads (those of k), got {v.shape[1]}")
+    check_qkv(q, k, v, ("(total_q, H, E)", "(total_k, H_kv, E)", "(total_k, H_kv, Ev)"))
+    check_heads(q, k, v, enable_gqa=True)  # grouped-query heads need no flag here, as in FlashAttention
     if k.shape[2] != q.shape[2]:
         raise ValueError(f"mmkernels: argument 'k': expected head dim {q.shape[2]} (that of q), got {k.shape[2]}")
     if v.shape[0] != k.shape[0]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.attention.bias  # CausalBias cases (mmkernels imports it lazily)
 
 import mmkernels
 from mmkernels import ArgumentError
