@@ -26,11 +26,6 @@ class Stats:
     calls_per_rep: int
     samples_s: list[float] = field(default_factory=list, repr=False)  # time per call, one per repetition
 
-    @property
-    def iqr_pct(self) -> float:
-        """Interquartile range relative to the median: the noise of this measurement."""
-        return 100.0 * (self.q3_s - self.q1_s) / self.median_s if self.median_s > 0 else 0.0
-
 
 @dataclass
 class Budget:

@@ -34,11 +34,11 @@ from __future__ import annotations
 
 import inspect
 import sys
-import warnings
 
 import torch
 
 from .. import ops
+from ..ops import warn_once
 
 __all__ = ["NAME", "register", "attention_forward", "is_registered", "TESTED_VERSIONS"]
 
@@ -57,15 +57,6 @@ _EAGER_ONLY = {
     "sinks": "attention sinks",
     "head_mask": "a head mask",
 }
-_warned: set = set()
-
-
-def _warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
 # --------------------------------------------------------------------------- registration
 
 
@@ -94,7 +85,7 @@ def register() -> str:
         mask_interface.register(NAME, sdpa_mask)
     missing = [name for name, have in (("is_causal", NATIVE_CAUSAL), ("enable_gqa", NATIVE_GQA)) if not have]
     if missing:
-        _warn_once(
+        warn_once(
             "route",
             f"mmkernels: this build's cross_modal_attention has no {' / '.join(missing)}; the transformers backend "
             "materialises causal masks and/or repeats grouped K/V heads (exact, slower) until it has them.",
@@ -132,7 +123,7 @@ def attention_forward(
     """transformers' attention-function signature: returns (output (B, Lq, H, Dv), None)."""
     reason = _eager_reason(module, kwargs)
     if reason is not None:
-        _warn_once(f"eager-{reason}", f"mmkernels: {reason} needs the eager attention; {type(module).__name__} "
+        warn_once(f"eager-{reason}", f"mmkernels: {reason} needs the eager attention; {type(module).__name__} "
                                       "and every attention like it run eager attention instead.")
         extra = {"position_bias": position_bias} if position_bias is not None else {}
         mask = _eager_mask(module, query, key, attention_mask, is_causal)

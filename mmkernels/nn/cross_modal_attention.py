@@ -29,7 +29,6 @@ Differences from nn.MultiheadAttention, all deliberate:
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +36,7 @@ from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .. import ops
+from ..ops.fused_concat_linear import ONEDNN_MIN_MACS
 from .._errors import ArgumentError
 from ._attention_masks import check_inputs, op_masks, weights_path_mask
 
@@ -225,7 +225,7 @@ class CrossModalAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Same arguments, shapes and return value as ``nn.MultiheadAttention.forward``."""
         if any(isinstance(t, torch.Tensor) and t.is_nested for t in (query, key, value)):
-            return self._forward_nested(query, key, value, key_padding_mask, need_weights, attn_mask)
+            return self._forward_nested(query, key, value, key_padding_mask, need_weights, attn_mask, is_causal)
         batched = check_inputs(self, query, key, value, key_padding_mask, attn_mask, is_causal)
         if batched:
             seq_dim = 0 if not self.batch_first else 1
@@ -279,39 +279,40 @@ class CrossModalAttention(nn.Module):
             weights = weights.squeeze(0)
         return out, weights
 
-    def _forward_nested(self, query, key, value, key_padding_mask, need_weights, attn_mask):
+    def _forward_nested(self, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal):
         """Jagged nested (B, j, E) query / key / value (batch_first): the sequences' lengths are the
         padding. The projections run on the packed values, attention on cross_modal_attention_varlen
-        (no padding work), and the output comes back nested; training included."""
+        (no padding work; is_causal: causal within each sequence, as there is no attn_mask to hint at),
+        and the output comes back nested; training included."""
         if not self.batch_first:
-            raise ValueError(f"{_NAME}: argument 'query': nested tensors need batch_first=True")
+            raise ArgumentError(f"{_NAME}: argument 'query': nested tensors need batch_first=True")
         for arg, t in (("query", query), ("key", key), ("value", value)):
             if not (isinstance(t, torch.Tensor) and t.is_nested and t.layout == torch.jagged and t.dim() == 3):
-                raise ValueError(f"{_NAME}: argument '{arg}': expected a (B, j, E) jagged-layout nested tensor "
+                raise ArgumentError(f"{_NAME}: argument '{arg}': expected a (B, j, E) jagged-layout nested tensor "
                                  "(as the other inputs)")
         for arg, t in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
             if t is not None:
-                raise ValueError(f"{_NAME}: argument '{arg}': not supported with nested inputs (their lengths are "
+                raise ArgumentError(f"{_NAME}: argument '{arg}': not supported with nested inputs (their lengths are "
                                  "the padding)")
         if need_weights:
-            raise ValueError(f"{_NAME}: argument 'need_weights': attention weights are not returned for nested "
+            raise ArgumentError(f"{_NAME}: argument 'need_weights': attention weights are not returned for nested "
                              "inputs; pass need_weights=False")
         if self.bias_k is not None or self.add_zero_attn:
-            raise ValueError(f"{_NAME}: argument 'key': nested inputs with add_bias_kv / add_zero_attn are not "
+            raise ArgumentError(f"{_NAME}: argument 'key': nested inputs with add_bias_kv / add_zero_attn are not "
                              "supported")
         # values() once per distinct tensor, so _project still sees self-attention as one GEMM.
         packed = {}
         q_in, k_in, v_in = (packed.setdefault(id(t), t.values()) for t in (query, key, value))
         q_off, k_off = query.offsets(), key.offsets()
         if not torch.equal(k_off, value.offsets()):
-            raise ValueError(f"{_NAME}: argument 'value': expected the sequence lengths of key")
+            raise ArgumentError(f"{_NAME}: argument 'value': expected the sequence lengths of key")
         q, k, v = self._project(q_in, k_in, v_in)
         heads = lambda t: t.unflatten(-1, (self.num_heads, self.head_dim))  # noqa: E731
         max_q = int(q_off.diff().max()) if q_off.numel() > 1 else 0
         max_k = int(k_off.diff().max()) if k_off.numel() > 1 else 0
         out = ops.cross_modal_attention_varlen(
             heads(q), heads(k), heads(v), q_off.to(torch.int32), k_off.to(torch.int32), max_q, max_k,
-            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0,
         )
         out = _linear(out.flatten(-2), self.out_proj.weight, self.out_proj.bias)
         return torch.nested.nested_tensor_from_jagged(out, q_off), None
@@ -383,17 +384,13 @@ class CrossModalAttention(nn.Module):
         return ", ".join(extras)
 
 
-# csrc/cpu/matmul.cpp's kOneDnnMinMacs (and its MMKERNELS_ONEDNN_MIN_MACS override): below it the op's
-# GEMM is ATen's, as F.linear's is.
-_ONEDNN_MIN_MACS = max(0, int(os.environ.get("MMKERNELS_ONEDNN_MIN_MACS", 1 << 24)))
-
-
 def _linear(x, weight, bias):
     """F.linear; on the CPU in float32 through fused_concat_linear with one input, whose GEMMs run on
     oneDNN there (csrc/cpu/matmul.cpp: 1.2-1.5x MKL's on the AMD CPUs measured), with F.linear's
     autograd semantics. Not for small GEMMs (decoding steps): there the op's GEMM is ATen's too, and
     the op would only add its fixed cost per call (issue 19)."""
-    if x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() * weight.shape[0] >= _ONEDNN_MIN_MACS:
+    # Below ONEDNN_MIN_MACS the op's GEMM is ATen's, as F.linear's is.
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS:
         return ops.fused_concat_linear([x], weight, bias)
     return F.linear(x, weight, bias)
 

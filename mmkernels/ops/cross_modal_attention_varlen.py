@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ._common import KERNELS, fake_check_same_device, warn_once
+from ._common import KERNELS, differentiable_backward, fake_check_same_device, warn_once
 from .cross_modal_attention import _lse_dtype, check_heads, check_qkv
 
 _OP = "mmkernels::cross_modal_attention_varlen"
@@ -102,7 +102,7 @@ def cross_modal_attention_varlen(
 @torch.library.register_fake(_OP)
 def _varlen_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, dropout_p, dropout_seed,
                  causal=0):
-    fake_check_same_device(q, k=k, v=v)
+    fake_check_same_device(q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     out = q.new_empty((q.shape[0], q.shape[1], v.shape[-1]))
     lse = q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q.dtype))
     return out, lse
@@ -111,7 +111,8 @@ def _varlen_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
 @torch.library.register_fake(_OP + "_backward")
 def _varlen_backward_fake(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                           dropout_p, dropout_seed, causal=0):
-    fake_check_same_device(q, grad_out=grad_out, k=k, v=v, out=out, lse=lse)
+    fake_check_same_device(q, grad_out=grad_out, k=k, v=v, out=out, lse=lse, cu_seqlens_q=cu_seqlens_q,
+                           cu_seqlens_k=cu_seqlens_k)
     return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(
         k, memory_format=torch.contiguous_format), torch.empty_like(v, memory_format=torch.contiguous_format)
 
@@ -128,6 +129,18 @@ def _varlen_setup(ctx, inputs, output):
 def _varlen_backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, cu_q, cu_k, dropout_seed = ctx.saved_tensors
     max_q, max_k, scale, dropout_p = ctx.args
+    if torch.is_grad_enabled():  # create_graph=True or torch.func: as the dense op's _double_backward
+        if dropout_p > 0.0:
+            raise NotImplementedError(
+                "mmkernels: cross_modal_attention_varlen has no double backward (backward with create_graph=True, "
+                "torch.func transforms) with dropout_p > 0: its dropout mask cannot be replayed"
+            )
+        grads = differentiable_backward(
+            lambda q, k, v: reference.cross_modal_attention_varlen(
+                q, k, v, cu_q, cu_k, max_q, max_k, is_causal=ctx.causal == 1, scale=scale),
+            grad_out, [q, k, v], ctx.needs_input_grad[:3],
+        )
+        return (*grads, None, None, None, None, None, None, None, None)
     dq, dk, dv = torch.ops.mmkernels.cross_modal_attention_varlen_backward.default(
         grad_out.contiguous(), q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, dropout_p, dropout_seed, ctx.causal
     )

@@ -108,11 +108,11 @@ def _few_rows(inputs, weight) -> bool:
 
 # csrc/cpu/matmul.cpp's kOneDnnMinMacs and its override (the tests set 0, so that the kernel serves their
 # small shapes): below it every GEMM of the kernel is ATen's mm.
-_ONEDNN_MIN_MACS = max(0, int(os.environ.get("MMKERNELS_ONEDNN_MIN_MACS", 1 << 24)))
+ONEDNN_MIN_MACS = max(0, int(os.environ.get("MMKERNELS_ONEDNN_MIN_MACS", 1 << 24)))
 
 
 def _small(inputs, weight) -> bool:
-    return math.prod(inputs[0].shape[:-1]) * weight.shape[0] * weight.shape[1] < _ONEDNN_MIN_MACS
+    return math.prod(inputs[0].shape[:-1]) * weight.shape[0] * weight.shape[1] < ONEDNN_MIN_MACS
 
 
 @torch.library.register_fake("mmkernels::fused_concat_linear")

@@ -445,7 +445,7 @@ def test_dropout_reaches_the_op():
 
 @pytest.mark.parametrize("option", ["softcap", "output_attentions"])
 def test_unsupported_options_take_the_eager_path_with_a_warning(option, monkeypatch, op_calls):
-    monkeypatch.setattr(backend, "_warned", set())
+    monkeypatch.setattr(mmkernels.ops._common, "_warned", set())
     module = _Attention(is_causal=True, groups=2)
     q, k, v = _qkv(H=4, H_kv=2, Lq=5, Lk=5)
     kwargs = {"softcap": 2.0} if option == "softcap" else {"output_attentions": True}

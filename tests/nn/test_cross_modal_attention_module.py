@@ -751,6 +751,19 @@ def test_nested_inputs_bad_input_names_the_argument():
         cma(x, x, x)
     with pytest.raises(ValueError, match="argument 'attn_mask'"):
         cma(x, x, x, need_weights=False, attn_mask=torch.zeros(3, 3))
+    with pytest.raises(AssertionError, match="argument 'need_weights'"):  # mmkernels.ArgumentError
+        cma(x, x, x)
+
+
+def test_nested_inputs_is_causal_is_causal_within_each_sequence():
+    # The hint had been dropped on the nested route (non-causal attention came back).
+    mha, cma = make_pair(batch_first=True)
+    qs = [torch.randn(n, E, dtype=torch.float64) for n in (4, 1, 6)]
+    x = torch.nested.nested_tensor(qs, layout=torch.jagged)
+    out, _ = cma(x, x, x, need_weights=False, is_causal=True)
+    want = [mha(a[None], a[None], a[None], need_weights=False,
+                attn_mask=torch.ones(len(a), len(a), dtype=torch.bool).triu(1))[0][0] for a in qs]
+    torch.testing.assert_close(out.values(), torch.cat(want), **TOL[torch.float64])
 
 
 def test_malformed_shapes_raise_what_multihead_attention_raises():
