@@ -176,6 +176,9 @@ def cross_modal_attention(
         visible = visible & (attn_mask != float("-inf"))
     if causal:
         visible = visible & causal_visible(causal, q.shape[-2], k.shape[-2], q.device)
+    # A score of -inf (an infinite query or key) hides its key as a -inf mask does: probability 0 even
+    # in a row made NaN by another key (inf - inf), as the kernels compute it.
+    visible = visible & (s != float("-inf"))
     s = s.masked_fill(~visible, float("-inf"))
     # Rows with no visible score: softmax of a finite stand-in (so no NaN reaches the gradient), then
     # zeroed. NaN counts as visible (s != -inf), so that it propagates.
