@@ -7,21 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from harness import ACTIVATIONS, DTYPE_CODE, harness, ptr
+from mmkernels import reference
 
 pytestmark = pytest.mark.emu
 
 TOL = {torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1e-2), torch.float32: (1e-5, 1e-5),
        torch.float64: (1e-12, 1e-12)}
-
-TORCH_ACT = {
-    "none": lambda x: x,
-    "relu": torch.relu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "silu": F.silu,
-    "tanh": torch.tanh,
-    "sigmoid": torch.sigmoid,
-}
 
 
 def check(actual, expected, dtype, what):
@@ -43,7 +34,7 @@ def test_bias_act(dtype, act, M, N):
           ACTIVATIONS.index(act), buffers={"acc": acc, "bias": bias, "out": out, "preact": preact})
     z = acc.double() + bias.double()
     check(preact, z, dtype, "preact")
-    check(out, TORCH_ACT[act](z), dtype, "out")
+    check(out, reference.ACTIVATIONS[act](z), dtype, "out")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -62,7 +53,7 @@ def test_bias_act_in_place_without_bias(dtype):
 def test_act_backward(dtype, act):
     n = 301
     x = torch.randn(n, dtype=torch.float64, requires_grad=True)
-    y = TORCH_ACT[act](x)
+    y = reference.ACTIVATIONS[act](x)
     grad = torch.randn(n, dtype=torch.float64)
     (expected,) = torch.autograd.grad(y, x, grad)
     # gelu, gelu_tanh and silu take the pre-activation; the others the output.
@@ -75,7 +66,7 @@ def test_act_backward(dtype, act):
     seen, gd = z.double(), g.double()
     if act in ("gelu", "gelu_tanh", "silu"):
         x_seen = seen.requires_grad_()
-        (expected,) = torch.autograd.grad(TORCH_ACT[act](x_seen), x_seen, gd)
+        (expected,) = torch.autograd.grad(reference.ACTIVATIONS[act](x_seen), x_seen, gd)
     else:  # the derivative as a function of the output y
         dy = {"none": torch.ones_like(seen), "relu": (seen > 0).double(), "tanh": 1 - seen * seen,
               "sigmoid": seen * (1 - seen)}[act]
