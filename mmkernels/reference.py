@@ -185,7 +185,10 @@ def cross_modal_attention(
     any_visible = (s != float("-inf")).any(-1, keepdim=True)
     p = torch.softmax(torch.where(any_visible, s, 0.0), dim=-1)
     # A hidden key gets probability 0 even in a NaN row: it is never read (its value's gradient is 0).
-    p = torch.where(any_visible & visible, p, 0.0)
+    # Elsewhere its 0 stays connected to the softmax, so that a NaN or Inf value behind it, which
+    # makes the output row NaN (0 * NaN), makes the row's score gradient NaN too: the flash backward's
+    # rowsum(dO * O), as the kernels and PyTorch's SDPA form it.
+    p = torch.where(any_visible & (visible | (p == 0)), p, 0.0)
     if dropout_mask is not None:
         p = p * dropout_mask.to(ct) / (1.0 - dropout_p) if dropout_p < 1.0 else p * 0.0
     elif dropout_p > 0.0:

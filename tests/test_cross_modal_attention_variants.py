@@ -314,6 +314,28 @@ def test_row_of_nan_query_that_sees_no_key_is_zero():
     assert dq[1, 0, 2].isnan().all() and not dq[1, 0, [0, 1, 3]].isnan().any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_nan_value_behind_a_minus_inf_score_makes_the_row_gradient_nan(dtype):
+    # CI's long fuzz, 2026-12-02: an infinite key gives query 1 a -inf score (probability 0) and its
+    # value is NaN, so out[1] = 0 * NaN + ... is NaN. The kernels' backward then forms D = rowsum(dO O)
+    # = NaN and a NaN grad_q row, as PyTorch's SDPA does; the reference used to block that key's
+    # gradient and give zeros.
+    q = torch.tensor([[0.66, 0.27, 0.06, 0.62, -0.45], [-0.17, -1.52, 0.38, -1.03, -0.56]], dtype=dtype)
+    k = torch.randn(2, 5, dtype=dtype)
+    k[0, 0] = float("inf")  # scores: [+inf, finite] for query 0, [-inf, finite] for query 1
+    v = torch.tensor([[float("nan")], [0.23]], dtype=dtype)
+    q = q[None, None].requires_grad_()
+    k, v = k[None, None], v[None, None]
+    g = torch.ones(1, 1, 2, 1, dtype=dtype)
+    out = mmkernels.cross_modal_attention(q, k, v)
+    want = reference.cross_modal_attention(q, k, v)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert out.isnan().all() and want.isnan().all()
+    (dq,), (rq,), (sq,) = (torch.autograd.grad(o, (q,), g) for o in (out, want, sdpa))
+    assert dq[0, 0, 1].isnan().all()
+    assert dq.isnan().eq(rq.isnan()).all() and dq.isnan().eq(sq.isnan()).all()
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_keys_hidden_by_any_mask_are_never_read_by_a_nan_row(dtype):
     # A NaN query row with a bool / -inf float / causal mask: the hidden keys get no gradient.

@@ -35,6 +35,13 @@ set -euo pipefail
 #  - cross_modal_attention, float32, an infinite value whose probability is subnormal (1e-40): the
 #    kernel's exp flushed it to 0, so the output was 0 * inf = NaN where PyTorch's is inf (a real
 #    bug, fixed: the exp keeps subnormal results; regression test).
+#  - cross_modal_attention, an infinite key that gives a query a -inf score, and a NaN value behind
+#    it (CI, 2026-12-02): out = 0 * NaN + ... is NaN in both, but the reference blocked that key's
+#    gradient, so its D = sum P dP stayed finite while the kernels' rowsum(dO O) (and SDPA's) is NaN.
+#    The reference now keeps the zero probability connected (regression test).
+#  - cross_modal_attention, float16, values of 65504 (local, seed 2): a true grad_k of 84963 is +Inf
+#    in float16, and ours was, but the harness compared it with the finite float64 value. It now
+#    also accepts the float64 reference rounded to the case's dtype.
 # Also: no example database in the long profile, so the seed alone fixes the draw (replayed
 # examples can make two runs of one seed draw different cases, as CI and a local run once did).
 # Run from the repo root: bash tests/hardening/long/run_long_fuzz.sh
