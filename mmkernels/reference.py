@@ -178,23 +178,59 @@ def cross_modal_attention(
         visible = visible & causal_visible(causal, q.shape[-2], k.shape[-2], q.device)
     # A score of -inf (an infinite query or key) hides its key as a -inf mask does: probability 0 even
     # in a row made NaN by another key (inf - inf), as the kernels compute it.
-    visible = visible & (s != float("-inf"))
-    s = s.masked_fill(~visible, float("-inf"))
-    # Rows with no visible score: softmax of a finite stand-in (so no NaN reaches the gradient), then
-    # zeroed. NaN counts as visible (s != -inf), so that it propagates.
-    any_visible = (s != float("-inf")).any(-1, keepdim=True)
-    p = torch.softmax(torch.where(any_visible, s, 0.0), dim=-1)
-    # A hidden key gets probability 0 even in a NaN row: it is never read (its value's gradient is 0).
-    # Elsewhere its 0 stays connected to the softmax, so that a NaN or Inf value behind it, which
-    # makes the output row NaN (0 * NaN), makes the row's score gradient NaN too: the flash backward's
-    # rowsum(dO * O), as the kernels and PyTorch's SDPA form it.
-    p = torch.where(any_visible & (visible | (p == 0)), p, 0.0)
+    s = s.masked_fill(~(visible & (s != float("-inf"))), float("-inf"))
+    z = None  # dropout's factors: 0 or 1 / (1 - p)
     if dropout_mask is not None:
-        p = p * dropout_mask.to(ct) / (1.0 - dropout_p) if dropout_p < 1.0 else p * 0.0
+        z = dropout_mask.to(ct).expand(s.shape) / (1.0 - dropout_p) if dropout_p < 1.0 else torch.zeros_like(s)
     elif dropout_p > 0.0:
-        p = F.dropout(p, dropout_p)
-    # A row that sees no key is zeros whatever the values hold (0 * NaN would be NaN): no key is read.
-    return torch.matmul(p, v.to(ct)).masked_fill(~any_visible, 0.0).to(q.dtype)
+        z = F.dropout(torch.ones_like(s), dropout_p)
+    return _SoftmaxTimesValues.apply(s, z, v.to(ct)).to(q.dtype)
+
+
+def _softmax_probs(s: torch.Tensor):
+    """softmax over the keys whose score is not -inf (NaN counts as visible, so that it propagates),
+    0 at the others even in a NaN row; a row with none gets all 0 (a finite stand-in keeps NaN out of
+    the gradient). Returns the probabilities and which rows see a key."""
+    visible = s != float("-inf")
+    any_visible = visible.any(-1, keepdim=True)
+    p = torch.softmax(torch.where(any_visible, s, 0.0), dim=-1)
+    return torch.where(any_visible & visible, p, 0.0), any_visible
+
+
+class _SoftmaxTimesValues(torch.autograd.Function):
+    """(softmax(s) * z) @ v, zeros for a row that sees no key, with the backward every flash kernel
+    (ours, SDPA's) forms: D = rowsum(dO * out), dS = P * (z * dO v^T - D), and dS = 0 where P is 0. So
+    a NaN value behind a zero probability (a hidden or underflowed key), which makes the output row
+    NaN (0 * NaN), makes that row's D and its other score gradients NaN too, while the key whose
+    probability is 0 passes none. The backward recomputes from the inputs with differentiable
+    operations, so it can itself be differentiated (double backward)."""
+
+    generate_vmap_rule = True  # torch.func.vmap / grad / jacrev work through it
+
+    @staticmethod
+    def forward(s, z, v):
+        return _SoftmaxTimesValues._out(s, z, v)[0]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def _out(s, z, v):
+        p, any_visible = _softmax_probs(s)
+        pz = p if z is None else p * z
+        # A row that sees no key is zeros whatever the values hold (0 * NaN would be NaN).
+        return torch.matmul(pz, v).masked_fill(~any_visible, 0.0), p, pz
+
+    @staticmethod
+    def backward(ctx, dout):
+        s, z, v = ctx.saved_tensors
+        out, p, pz = _SoftmaxTimesValues._out(s, z, v)
+        dp = torch.matmul(dout, v.transpose(-1, -2))
+        if z is not None:
+            dp = dp * z
+        ds = torch.where(p == 0, 0.0, p * (dp - (dout * out).sum(-1, keepdim=True)))
+        return ds, None, torch.matmul(pz.transpose(-1, -2), dout)
 
 
 def cross_modal_attention_varlen(

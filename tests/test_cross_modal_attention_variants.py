@@ -336,6 +336,22 @@ def test_nan_value_behind_a_minus_inf_score_makes_the_row_gradient_nan(dtype):
     assert dq.isnan().eq(rq.isnan()).all() and dq.isnan().eq(sq.isnan()).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_key_with_underflowed_probability_passes_no_gradient_in_a_nan_row(dtype):
+    # Local long fuzz, seed 7: logits of scale 1000 give key 1 a probability of exactly 0, and key 0's
+    # value is NaN, so the row is NaN. Key 1 had no influence: its dS is 0 (the flash backward's rule,
+    # now the reference's too), where the materialised softmax forms 0 * NaN.
+    q = torch.full((1, 1, 1, 1), 1000.0, dtype=dtype, requires_grad=True)
+    k = torch.tensor([0.5, -0.5, 0.4], dtype=dtype).view(1, 1, 3, 1).requires_grad_()
+    v = torch.tensor([float("nan"), 1.0, 2.0], dtype=dtype).view(1, 1, 3, 1)
+    out = mmkernels.cross_modal_attention(q, k, v)
+    want = reference.cross_modal_attention(q, k, v)
+    assert out.isnan().all() and want.isnan().all()
+    (dk,), (rk,) = (torch.autograd.grad(o, (k,), torch.ones_like(o)) for o in (out, want))
+    assert dk[0, 0, 1] == 0 and rk[0, 0, 1] == 0
+    assert dk.isnan().eq(rk.isnan()).all() and dk[0, 0, [0, 2]].isnan().all()
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_keys_hidden_by_any_mask_are_never_read_by_a_nan_row(dtype):
     # A NaN query row with a bool / -inf float / causal mask: the hidden keys get no gradient.

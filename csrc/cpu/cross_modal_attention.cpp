@@ -295,7 +295,9 @@ void pack_key_block(const In* kr, int64_t ks2, const In* vr, int64_t vs2, int64_
   }
 }
 
-// Decoding: queries per head up to which the forward may split the keys across threads.
+// Decoding: queries per head up to which the forward may split the keys across threads, and (float,
+// double) forward and backward form the scores from K's rows directly (rows::scores_from_rows):
+// packing K^T for a GEMM of so few rows would write and read K once more than the dots read it.
 constexpr int64_t kDecodeMaxLq = 4;
 
 // Merges the key chunks' partial results (normalised outputs part_out (nsplit, B, H, Lq, Ev) and
@@ -384,6 +386,7 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
   const int64_t runs_per_unit = std::clamp<int64_t>((8 * nthreads + nunits - 1) / nunits, 1, nitems);
   const int64_t run = (nitems + runs_per_unit - 1) / runs_per_unit, nruns = (nitems + run - 1) / run;
   const bool keep_packed = num_key_blocks(p.Lk) <= kMaxKeptBlocks;
+  const bool direct_scores = !kBf16 && !kHalf && p.Lq <= kDecodeMaxLq;  // nothing to pack then
   const int64_t slots = keep_packed ? num_key_blocks(p.Lk) : 1;
   // Packed block sizes in In elements, and their scratch in T elements (bfloat16: two per T).
   const int64_t kt_block = p.E * (kBf16 ? BKp : BK), v_block = kBf16 ? BKp * p.Ev : (kHalf ? BK * p.Ev : 0);
@@ -434,7 +437,7 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
       pack_key_block(kd + b * ks0 + hk * ks1 + j0 * ks2, ks2, vd + b * vs0 + hk * vs1 + j0 * vs2, vs2,
                      std::min(BK, p.kend[b] - j0), p.E, p.Ev, BK, kT + slot * kt_block, vP + slot * v_block, Kf);
     };
-    if (keep_packed) {
+    if (keep_packed && !direct_scores) {
       int64_t jpack = jbeg;  // the keys any item of the run sees
       for (int64_t it = it0; it < it1; ++it) {
         const int64_t i0 = (it % nqb) * BQ;
@@ -455,11 +458,13 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
       for (int64_t j0 = jbeg, jb = 0; j0 < jlim; j0 += BK, ++jb) {
         // Causal: only the blocks up to the diagonal run, the last one cut at the last row's limit.
         const int64_t nk = std::min(BK, jlim - j0), slot = keep_packed ? jb : 0;
-        if (!keep_packed) pack(j0, slot);
+        if (!keep_packed && !direct_scores) pack(j0, slot);
         if constexpr (kBf16) {  // S = Q_i K_j^T
           at::native::cpublas::brgemm(nq, nk, p.E, qs2, BKp, BK, false, qb, kT + slot * kt_block, S, true);
         } else if constexpr (kHalf) {
           gemm(nq, nk, p.E, Qf, p.E, kT + slot * kt_block, BK, S, BK, false);
+        } else if (direct_scores) {
+          rows::scores_from_rows(qb, qs2, nq, kd + b * ks0 + hk * ks1 + j0 * ks2, ks2, nk, p.E, S, BK);
         } else {
           gemm(nq, nk, p.E, qb, qs2, kT + slot * kt_block, BK, S, BK, false);
         }
@@ -594,6 +599,7 @@ void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k,
   // With hsplit > 1 (grouped-query attention with few kv heads), a task takes a subgroup of the query
   // heads, and dK / dV go to the subgroup's own slice of dk / dv (hsplit, B, H_kv, Lk, E|Ev), summed after.
   const int64_t ntasks = p.B * p.Hkv * hsplit * nchunks;
+  const bool direct_scores = p.Lq <= kDecodeMaxLq;  // as the forward formed them
   parallel_tasks(ntasks, [&](int64_t t, int tid) {
     const int64_t task = t;  // causal: early key blocks (the costly ones) already come first
     const int64_t hs = (task / nchunks) % hsplit, bk = task / nchunks / hsplit, b = bk / p.Hkv, hk = bk % p.Hkv;
@@ -624,7 +630,7 @@ void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k,
       }
       if (nk == 0) continue;
       const T* kr = kd + b * k.stride(0) + hk * k.stride(1) + j0 * ks2;
-      transpose(kr, ks2, nk, p.E, kT, BK);
+      if (!direct_scores) transpose(kr, ks2, nk, p.E, kT, BK);
       transpose(vd + b * v.stride(0) + hk * v.stride(1) + j0 * vs2, vs2, nk, p.Ev, vT, BK);
       std::fill_n(dKt, p.E * BK, T(0));
       std::fill_n(dVt, p.Ev * BK, T(0));
@@ -650,7 +656,11 @@ void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k,
           // S = Q_i K_j^T and P = exp(S * scale + bias - lse), row by row with the forward's GEMM and
           // its rounding of S * scale + bias, so that P is the forward's to the bit (transposed, the
           // GEMM may sum the head dim in another order: one ulp of a 1e5 logit is 1% of a probability).
-          gemm(nq, nkq, p.E, qi, qs2, kT, BK, P, BK, false);
+          if (direct_scores) {
+            rows::scores_from_rows(qi, qs2, nq, kr, ks2, nkq, p.E, P, BK);
+          } else {
+            gemm(nq, nkq, p.E, qi, qs2, kT, BK, P, BK, false);
+          }
           for (int64_t r = 0; r < nq; ++r) {
             const T* brow = bias_for_row(p, b, h, i0 + r, j0, nkq, bias);
             const int64_t nv = p.causal_cols(i0 + r, j0, nkq);

@@ -38,7 +38,10 @@ set -euo pipefail
 #  - cross_modal_attention, an infinite key that gives a query a -inf score, and a NaN value behind
 #    it (CI, 2026-12-02): out = 0 * NaN + ... is NaN in both, but the reference blocked that key's
 #    gradient, so its D = sum P dP stayed finite while the kernels' rowsum(dO O) (and SDPA's) is NaN.
-#    The reference now keeps the zero probability connected (regression test).
+#    The reference's softmax-times-values now has the flash backward's formula (D = rowsum(dO O),
+#    dS = 0 where P = 0), as the kernels' (regression test). The same fix covers a key whose
+#    probability underflows to exactly 0 in a row made NaN by another key (local, seed 7): the
+#    materialised softmax formed 0 * NaN there, the kernels 0 (regression test).
 #  - cross_modal_attention, float16, values of 65504 (local, seed 2): a true grad_k of 84963 is +Inf
 #    in float16, and ours was, but the harness compared it with the finite float64 value. It now
 #    also accepts the float64 reference rounded to the case's dtype.
