@@ -605,7 +605,8 @@ def test_build_mask_returns_sdpas_mask_and_a_layout_that_stands_for_it(padding, 
 def test_build_mask_leaves_custom_mask_functions_to_the_dense_mask():
     from transformers.masking_utils import sliding_window_causal_mask_function
 
-    mask = backend.build_mask(batch_size=3, q_length=6, kv_length=6, mask_function=sliding_window_causal_mask_function(3),
+    mask = backend.build_mask(batch_size=3, q_length=6, kv_length=6,
+                              mask_function=sliding_window_causal_mask_function(3),
                               attention_mask=_padding_2d("left", 3, 6), allow_is_causal_skip=False)
     assert mask is not None and getattr(mask, backend._LAYOUT, None) is None
 
