@@ -1,7 +1,7 @@
 """transformers' attention backend: ``attn_implementation="mmkernels"``.
 
 ``register()`` adds ``"mmkernels"`` to transformers' ``AttentionInterface`` (the attention function
-below) and ``AttentionMaskInterface`` (transformers' own SDPA mask builder: 4-D bool masks, True =
+below) and ``AttentionMaskInterface`` (``build_mask``: transformers' own SDPA masks, 4-D bool, True =
 may attend, or None where ``is_causal`` says it all, which is the op's convention). From then on
 ``from_config(..., attn_implementation="mmkernels")``, ``from_pretrained(...)`` and
 ``model.set_attn_implementation("mmkernels")`` run every attention of a model through
@@ -10,9 +10,15 @@ may attend, or None where ``is_causal`` says it all, which is the op's conventio
 What the attention function does with what transformers passes:
 
 * q (B, H, Lq, D), k/v (B, H_kv, Lk, D): self- and cross-attention, KV caches, one-query decoding.
-* masks: a 4-D bool or additive float mask goes to the op as ``attn_mask`` (broadcast, not copied);
-  no mask plus ``is_causal`` is SDPA's upper-left causal attention, which the op takes as a flag
-  where it has ``is_causal`` (see "Two routes").
+* masks, worked out once per forward: where the model's mask is plain causal or bidirectional
+  attention over a 2-D padding mask (the usual case), ``build_mask`` attaches its structure
+  (``MaskLayout``: a causal flag, upper-left or lower-right, and ``kv_lengths`` for right padding or
+  ``key_padding_mask``), and every layer passes that to the op instead of the 4-D mask: the kernel
+  skips masked key blocks and the blocks above the diagonal. Any other mask (sliding windows, packed
+  sequences, custom masks, masks made under torch.compile, or by the user) goes to the op as
+  ``attn_mask``, bool or additive float (broadcast, not copied); no mask plus ``is_causal`` is
+  SDPA's upper-left causal attention, which the op takes as a flag where it has ``is_causal`` (see
+  "Two routes").
 * grouped-query heads (H_kv < H): the op's ``enable_gqa`` where it has it; see "Two routes".
 * ``scaling``, ``dropout``; a ``position_bias`` (additive, e.g. relative positions) is folded into the
   mask as transformers' SDPA path does, and gets its gradient (the op takes its exact reference
@@ -32,6 +38,7 @@ block read once per group.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import sys
 
@@ -77,12 +84,13 @@ def _import_transformers():
 def register() -> str:
     """Registers ``"mmkernels"`` with transformers' attention and mask interfaces; returns the name
     to pass as ``attn_implementation``. Calling it again changes nothing."""
-    _, attention_interface, mask_interface, sdpa_mask = _import_transformers()
+    _, attention_interface, mask_interface, _ = _import_transformers()
     if not is_registered():
         attention_interface.register(NAME, attention_forward)
         # transformers builds a mask only for implementations its mask interface knows (else none
-        # at all, padding lost): its SDPA builder gives exactly the op's convention.
-        mask_interface.register(NAME, sdpa_mask)
+        # at all, padding lost): ours is its SDPA builder's mask plus the structure the op takes
+        # natively (see build_mask).
+        mask_interface.register(NAME, build_mask)
     missing = [name for name, have in (("is_causal", NATIVE_CAUSAL), ("enable_gqa", NATIVE_GQA)) if not have]
     if missing:
         warn_once(
@@ -101,8 +109,100 @@ def is_registered() -> bool:
 
     return (
         AttentionInterface._global_mapping.get(NAME) is attention_forward
-        and NAME in AttentionMaskInterface._global_mapping
+        and AttentionMaskInterface._global_mapping.get(NAME) is build_mask
     )
+
+
+# --------------------------------------------------------------------------- masks, once per forward
+
+_LAYOUT = "_mmkernels_layout"  # attribute of the masks build_mask returns: their structure for the op
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskLayout:
+    """What a plain causal or bidirectional transformers mask is, in the op's own arguments: a causal
+    flag (0 none, 1 upper-left, 2 lower-right) and the padding as kv_lengths (right padding only) or
+    key_padding_mask (True = ignore). Built once per model forward by build_mask; every layer then
+    passes these instead of the 4-D mask, so the kernel skips the key blocks above the diagonal and
+    the padded ones, and builds no per-row bias from a (B, 1, Lq, Lk) tensor."""
+
+    q_len: int
+    kv_len: int
+    causal: int
+    kv_lengths: torch.Tensor | None = None
+    key_padding_mask: torch.Tensor | None = None
+
+    def dense(self) -> torch.Tensor:
+        """The (B or 1, 1, Lq, Lk) bool mask (True = may attend) this layout stands for: what the
+        tests hold it against."""
+        keep = torch.ones(1, self.kv_len, dtype=torch.bool)
+        if self.kv_lengths is not None:
+            keep = torch.arange(self.kv_len, device=self.kv_lengths.device)[None] < self.kv_lengths[:, None]
+        if self.key_padding_mask is not None:
+            keep = ~self.key_padding_mask
+        mask = keep[:, None, None, :].expand(-1, 1, self.q_len, -1)
+        if self.causal:
+            offset = 0 if self.causal == 1 else self.kv_len - self.q_len
+            mask = mask & torch.ones(self.q_len, self.kv_len, dtype=torch.bool, device=mask.device).tril(offset)
+        return mask
+
+
+def build_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0, mask_function=None,
+               attention_mask=None, local_size=None, use_vmap=False, **kwargs):
+    """The mask function registered for "mmkernels" in transformers' AttentionMaskInterface.
+
+    Returns exactly what transformers' SDPA builder returns (a 4-D bool mask, True = may attend, or
+    None where is_causal says it all), so that model code and the eager fallback see an ordinary
+    mask; where that mask is plain causal or bidirectional attention over a 2-D padding mask, it
+    also carries its MaskLayout (attribute ``_mmkernels_layout``), which attention_forward passes to
+    the op instead of the tensor. Anything else (sliding windows, packed sequences, custom mask
+    functions, a traced offset, torch.compile) carries none and goes to the op as the 4-D tensor."""
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+    if mask_function is None:
+        mask_function = causal_mask_function
+    mask = sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                     kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                     local_size=local_size, use_vmap=use_vmap, **kwargs)
+    if mask is None or use_vmap or local_size is not None or torch.compiler.is_compiling():
+        return mask
+    layout = _layout(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask)
+    if layout is not None:
+        setattr(mask, _LAYOUT, layout)
+    return mask
+
+
+def _layout(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask):
+    from transformers.masking_utils import (bidirectional_mask_function, causal_mask_function,
+                                            prepare_padding_mask)
+
+    if mask_function is causal_mask_function:
+        # transformers' causal rule: key j is visible to query i iff j + kv_offset <= i + q_offset.
+        if isinstance(q_offset, torch.Tensor) or isinstance(kv_offset, torch.Tensor):
+            return None
+        shift = q_offset - kv_offset
+        if shift >= kv_length - 1:
+            causal = 0  # every query sees every key (one query at the end of its cache)
+        elif shift == 0:
+            causal = 1
+        elif shift == kv_length - q_length:
+            causal = 2
+        else:
+            return None
+    elif mask_function is bidirectional_mask_function:
+        causal = 0
+    else:
+        return None
+    padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    if padding is None:
+        return MaskLayout(q_length, kv_length, causal)
+    keep = padding[:, kv_offset: kv_offset + kv_length].to(torch.bool).expand(batch_size, kv_length)
+    if keep.all():
+        return MaskLayout(q_length, kv_length, causal)
+    lengths = keep.sum(-1)
+    if torch.equal(keep, torch.arange(kv_length, device=keep.device)[None] < lengths[:, None]):
+        return MaskLayout(q_length, kv_length, causal, kv_lengths=lengths)  # right padding only
+    return MaskLayout(q_length, kv_length, causal, key_padding_mask=~keep)
 
 
 # --------------------------------------------------------------------------- the attention function
@@ -134,49 +234,78 @@ def attention_forward(
         batch = max(query.shape[0], key.shape[0])
         query, key, value = (t.expand(batch, *t.shape[1:]) for t in (query, key, value))
     q_len = query.shape[2]
-    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    # As transformers' SDPA path: the mask builder returns None only where causal-or-nothing is
-    # exact, and one query sees every key.
-    causal = q_len > 1 and attention_mask is None and bool(is_causal)
-    if causal and key.shape[2] > q_len:
-        # Upper-left causal: keys past Lq are invisible to every query (a static cache's empty tail).
-        key, value = key[:, :, :q_len], value[:, :, :q_len]
-        if position_bias is not None:
-            position_bias = position_bias[..., :q_len]
-    mask = attention_mask
-    if mask is not None and mask.shape[-1] > key.shape[2]:
-        mask = mask[..., : key.shape[2]]  # as eager functions do: a mask built for a longer cache
-    if position_bias is not None:
-        mask = _with_position_bias(position_bias, mask, causal, q_len, key.shape[2])
-        causal = False
-
     op_kwargs = {}
+    layout = _usable_layout(attention_mask, query, key, position_bias)
+    if layout is not None:
+        # The mask's structure, worked out once per forward by build_mask: padding and the causal
+        # flag instead of the 4-D mask.
+        mask, causal = None, layout.causal
+        if layout.kv_lengths is not None:
+            op_kwargs["kv_lengths"] = layout.kv_lengths
+        if layout.key_padding_mask is not None:
+            op_kwargs["key_padding_mask"] = layout.key_padding_mask
+    else:
+        is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        # As transformers' SDPA path: the mask builder returns None only where causal-or-nothing is
+        # exact, and one query sees every key.
+        causal = 1 if q_len > 1 and attention_mask is None and bool(is_causal) else 0
+        if causal and key.shape[2] > q_len:
+            # Upper-left causal: keys past Lq are invisible to every query (a static cache's empty tail).
+            key, value = key[:, :, :q_len], value[:, :, :q_len]
+            if position_bias is not None:
+                position_bias = position_bias[..., :q_len]
+        mask = attention_mask
+        if mask is not None and mask.shape[-1] > key.shape[2]:
+            mask = mask[..., : key.shape[2]]  # as eager functions do: a mask built for a longer cache
+        if position_bias is not None:
+            mask = _with_position_bias(position_bias, mask, causal, q_len, key.shape[2])
+            causal = 0
+
     heads, kv_heads = query.shape[1], key.shape[1]
     grouped = heads != kv_heads
     packed = False
     if grouped:
         if heads % kv_heads:
             raise ValueError(f"mmkernels: argument 'key': {kv_heads} key/value heads do not divide {heads} query heads")
-        if q_len == 1 and (mask is None or (mask.dim() == 4 and mask.shape[1] == 1)):
+        if q_len == 1 and not causal and (mask is None or (mask.dim() == 4 and mask.shape[1] == 1)):
             # One query (decoding): the query heads of a group become that kv head's queries, a view,
             # so each K/V block is read once for the whole group (also with enable_gqa, which reads
-            # it once per query head). The mask (B, 1, 1, Lk) broadcasts over them unchanged.
+            # it once per query head). A mask (B, 1, 1, Lk) or the padding broadcasts over them.
             query = query.reshape(query.shape[0], kv_heads, heads // kv_heads, query.shape[3])
             packed = True
         elif NATIVE_GQA:
             op_kwargs["enable_gqa"] = True
         else:
             key, value = _repeat_kv(key, heads // kv_heads), _repeat_kv(value, heads // kv_heads)
-    if causal:
+    if causal == 1:
         if NATIVE_CAUSAL:
             op_kwargs["is_causal"] = True
         else:
             mask = torch.ones(q_len, key.shape[2], dtype=torch.bool, device=query.device).tril()
+    elif causal == 2:  # only from a layout, which needs NATIVE_CAUSAL: queries after a cache
+        from torch.nn.attention.bias import causal_lower_right
+
+        mask = causal_lower_right(q_len, key.shape[2])
 
     out = ops.cross_modal_attention(query, key, value, attn_mask=mask, scale=scaling, dropout_p=dropout, **op_kwargs)
     if packed:  # (B, H_kv, group, Dv) -> (B, 1, H, Dv): tiny, one query
         return out.reshape(out.shape[0], 1, heads, out.shape[-1]), None
     return out.transpose(1, 2), None  # (B, Lq, H, Dv): the op's storage, a view
+
+
+def _usable_layout(mask, query, key, position_bias) -> MaskLayout | None:
+    """The MaskLayout build_mask attached to this mask, where it describes this call's q and k."""
+    layout = getattr(mask, _LAYOUT, None) if isinstance(mask, torch.Tensor) else None
+    if layout is None or position_bias is not None or (layout.causal and not NATIVE_CAUSAL):
+        return None
+    if layout.causal and query.device.type != "cpu":
+        return None  # the CUDA kernels have no causal flag yet (the op would take its reference path)
+    if (layout.q_len, layout.kv_len) != (query.shape[2], key.shape[2]):
+        return None  # e.g. a layer that crops its keys
+    padding = layout.kv_lengths if layout.kv_lengths is not None else layout.key_padding_mask
+    if padding is not None and padding.shape[0] != query.shape[0]:
+        return None
+    return layout
 
 
 def _eager_reason(module, kwargs) -> str | None:

@@ -532,3 +532,128 @@ def test_models_bench_suite_is_listed_with_transformers_installed():
     assert {c.mode for c in cases} == {"fwd", "fwd+bwd"} and len(cases) == 10
     assert all(c.baselines == ("sdpa", "eager") for c in cases)
     assert len(suite.select("default")) == 1  # one small case keeps the default run short
+
+
+# --------------------------------------------------------------------------- masks built once per forward
+
+
+@pytest.fixture
+def op_kwargs(monkeypatch):
+    """Records the keyword arguments of every call of the fused op."""
+    calls = []
+    inner = mmkernels.ops.cross_modal_attention
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(mmkernels.ops, "cross_modal_attention", recording)
+    return calls
+
+
+def _padding_2d(kind, B, length, start=0):
+    """A 2-D padding mask as transformers hands it to mask functions (bool, True = token), its
+    padding at or after start."""
+    keep = torch.ones(B, length, dtype=torch.bool)
+    if kind == "right":
+        keep[1, length - 2:] = keep[2, length - 3:] = False
+    elif kind == "left":
+        keep[1, start: start + 2] = keep[2, start: start + 3] = False
+    elif kind == "holes":
+        keep[1, start + 1] = keep[2, start::2] = False
+    return None if kind == "none" else keep
+
+
+# (q_length, kv_length, q_offset, kv_offset, 2-D mask length, the causal flag the layout should take
+# or None where no layout fits): training and prefill, one query after a cache, a chunk of queries
+# after a cache (lower-right), a static cache's prefill (upper-left, empty tail padded), a static
+# cache part-filled (no flag fits: the 4-D mask), and a cache whose window starts past position 0.
+CAUSAL_GEOMETRIES = [(5, 5, 0, 0, 5, 1), (1, 9, 8, 0, 9, 0), (3, 9, 6, 0, 9, 2), (4, 10, 0, 0, 4, 1),
+                     (2, 10, 3, 0, 5, None), (3, 6, 7, 4, 10, 2)]
+
+
+def _build_both(kind, padding, geometry):
+    from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
+
+    q_len, kv_len, q_off, kv_off, mask_len, _ = geometry
+    args = dict(batch_size=3, q_length=q_len, kv_length=kv_len, q_offset=q_off, kv_offset=kv_off,
+                mask_function=causal_mask_function if kind == "causal" else bidirectional_mask_function,
+                attention_mask=_padding_2d(padding, 3, mask_len, kv_off), allow_is_causal_skip=kind == "causal",
+                allow_is_bidirectional_skip=False, dtype=torch.float32, device="cpu")
+    return backend.build_mask(**args), sdpa_mask(**args)
+
+
+@pytest.mark.parametrize("padding", ["none", "all_kept", "right", "left", "holes"])
+@pytest.mark.parametrize("geometry", CAUSAL_GEOMETRIES + [(5, 7, 0, 0, 7, 0)], ids=str)
+def test_build_mask_returns_sdpas_mask_and_a_layout_that_stands_for_it(padding, geometry):
+    kind = "bidirectional" if geometry == (5, 7, 0, 0, 7, 0) else "causal"
+    ours, sdpa = _build_both(kind, padding, geometry)
+    if sdpa is None:
+        assert ours is None  # SDPA's is_causal shortcut: the attention function's own causal rule
+        return
+    assert ours.dtype == torch.bool and torch.equal(ours, sdpa)
+    layout = getattr(ours, backend._LAYOUT, None)
+    if geometry[-1] is None:
+        assert layout is None, "no causal flag fits this geometry: the op must get the 4-D mask"
+        return
+    assert layout is not None and layout.causal == geometry[-1]
+    assert torch.equal(layout.dense().expand_as(ours), ours)
+    assert (layout.kv_lengths is not None) == (padding == "right")  # right padding: the cheap form
+    assert (layout.key_padding_mask is not None) == (padding in ("left", "holes"))
+
+
+def test_build_mask_leaves_custom_mask_functions_to_the_dense_mask():
+    from transformers.masking_utils import sliding_window_causal_mask_function
+
+    mask = backend.build_mask(batch_size=3, q_length=6, kv_length=6,
+                              mask_function=sliding_window_causal_mask_function(3),
+                              attention_mask=_padding_2d("left", 3, 6), allow_is_causal_skip=False)
+    assert mask is not None and getattr(mask, backend._LAYOUT, None) is None
+
+
+# Where SDPA's builder returns a mask with a layout (without padding it returns none for training,
+# one-query decoding and a static cache's prefill: is_causal, covered by the mask-free tests).
+LAYOUT_CASES = [(p, g) for g in CAUSAL_GEOMETRIES if g[-1] is not None
+                for p in ("none", "right", "left", "holes") if p != "none" or g[2] != 0 and g[0] > 1]
+
+
+@pytest.mark.parametrize("padding, geometry", LAYOUT_CASES, ids=str)
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2)])
+def test_attention_with_a_layout_matches_the_dense_mask(padding, geometry, heads, route, op_kwargs):
+    ours, _ = _build_both("causal", padding, geometry)
+    (H, H_kv), (q_len, kv_len) = heads, geometry[:2]
+    module = _Attention(is_causal=True, groups=H // H_kv)
+    q, k, v = _qkv(B=3, H=H, H_kv=H_kv, Lq=q_len, Lk=kv_len, requires_grad=True)
+    out, _ = backend.attention_forward(module, q, k, v, ours, scaling=0.3)
+    dense = ours.clone()  # the same mask without its layout
+    assert getattr(dense, backend._LAYOUT, None) is None
+    want, _ = sdpa_attention_forward(module, q, k, v, dense, scaling=0.3)
+    structured = route == "native" or geometry[-1] == 0  # the fallback route has no causal flag
+    dense_passed = type(op_kwargs[0].get("attn_mask")) is torch.Tensor  # (a CausalBias is a subclass)
+    assert dense_passed != structured, op_kwargs[0]
+    torch.testing.assert_close(_valid_rows(dense, out), _valid_rows(dense, want), atol=2e-6, rtol=2e-5)
+    g = torch.randn_like(want)
+    got_grads = torch.autograd.grad(_valid_rows(dense, out * g).sum(), (q, k, v))
+    want_grads = torch.autograd.grad(_valid_rows(dense, want * g).sum(), (q, k, v))
+    for a, b, what in zip(got_grads, want_grads, "qkv"):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=lambda m, w=what: f"grad of {w}: {m}")
+
+
+def test_a_left_padded_generate_passes_padding_not_a_4d_mask(op_kwargs):
+    """Llama's generate() with left padding: prefill and decoding steps get key_padding_mask (and
+    the causal flag in prefill), never the 4-D mask."""
+    family = FAMILIES["llama_gqa"]
+    with torch.no_grad():
+        family.generate(_model(family, "mmkernels"), family.inputs())
+    assert op_kwargs and all(kw.get("attn_mask") is None and "key_padding_mask" in kw for kw in op_kwargs)
+    assert any(kw.get("is_causal") for kw in op_kwargs) and not all(kw.get("is_causal") for kw in op_kwargs)
+
+
+def test_a_right_padded_training_forward_passes_kv_lengths(op_kwargs):
+    family = FAMILIES["llama_gqa"]
+    inputs = family.inputs()
+    inputs["attention_mask"] = inputs["attention_mask"].flip(-1)
+    model = _model(family, "mmkernels").train()
+    model(**inputs).logits.sum().backward()
+    assert len(op_kwargs) == 2 and all(
+        kw.get("attn_mask") is None and "kv_lengths" in kw and kw.get("is_causal") for kw in op_kwargs)
