@@ -146,7 +146,7 @@ bool linear_is_small(const at::Tensor& x, int64_t n_out, long long min_macs) {
 
 std::optional<at::Tensor> opt(const at::Tensor* t) { return t ? std::optional<at::Tensor>(*t) : std::nullopt; }
 
-// The attention op through the dispatcher (its CPU kernel; no autograd is recorded: see the caller).
+// The attention op through the dispatcher (with its registered autograd where a gradient is needed).
 std::tuple<at::Tensor, at::Tensor> attention_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                 const std::optional<at::Tensor>& kpm, double scale) {
   static auto op = c10::Dispatcher::singleton()
@@ -169,8 +169,7 @@ at::Tensor scores_to_weights(const at::Tensor& q, const at::Tensor& k, const std
 
 // attention_small(query, key, value, key_padding_mask, need_weights, average, in_proj_weight, in_proj_bias,
 //                 out_weight, out_bias, num_heads, batch_first, weights_chunk, min_macs) -> (out, weights) | None
-// CrossModalAttention.forward for a batched inference call (nothing needs a gradient, or grad mode is off)
-// with packed in-projection weights, no attn_mask / is_causal / added keys / dropout, and projections
+// CrossModalAttention.forward for a batched call (need_weights only where nothing needs a gradient) with packed in-projection weights, no attn_mask / is_causal / added keys / dropout, and projections
 // below min_macs: the same ATen ops and the same op call, in the same order, as the Python forward.
 PyObject* attention_small(PyObject*, PyObject* args) {
   HANDLE_TH_ERRORS
@@ -211,9 +210,11 @@ PyObject* attention_small(PyObject*, PyObject* args) {
               !kpm->device().is_cpu())) {
     Py_RETURN_NONE;
   }
-  if (at::GradMode::is_enabled()) {
+  // A training step records its graph through these same ATen ops and the op's registered autograd;
+  // the need_weights weights keep the Python path there (their backward recomputes them: _AveragedWeights).
+  if (need_weights && at::GradMode::is_enabled()) {
     for (const at::Tensor* t : {query, key, value, w, ow, b, ob}) {
-      if (t && t->requires_grad()) Py_RETURN_NONE;  // training: the Python forward and its autograd
+      if (t && t->requires_grad()) Py_RETURN_NONE;
     }
   }
 

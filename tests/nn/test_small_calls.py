@@ -82,10 +82,10 @@ def test_attention_route_against_mha_and_nan_behaviour(monkeypatch):
 def test_attention_route_hands_back_what_it_does_not_serve():
     m = CrossModalAttention(64, 4, batch_first=True)
     q, k = torch.randn(2, 3, 64), torch.randn(2, 9, 64)
-    route = lambda q, k, v, kpm=None: _C.attention_small(  # noqa: E731
-        q, k, v, kpm, False, True, m.in_proj_weight, m.in_proj_bias, m.out_proj.weight, m.out_proj.bias, 4, True,
-        1 << 22, 1 << 24)
-    assert route(q, k, k) is None  # parameters need a gradient: training takes the Python path
+    route = lambda q, k, v, kpm=None, need_weights=False: _C.attention_small(  # noqa: E731
+        q, k, v, kpm, need_weights, True, m.in_proj_weight, m.in_proj_bias, m.out_proj.weight, m.out_proj.bias, 4,
+        True, 1 << 22, 1 << 24)
+    assert route(q, k, k, need_weights=True) is None  # training weights: the Python path (_AveragedWeights)
     with torch.no_grad():
         assert route(q, k, k) is not None
         assert route(q, k, k, torch.zeros(2, 9)) is None  # float padding mask
@@ -144,3 +144,37 @@ def test_concat_linear_route_hands_back_what_it_does_not_serve():
     seen = []
     torch.func.vmap(lambda x: seen.append(route([x, xs[1]], w, b, "relu", 1 << 24, None)) or x)(xs[0].unsqueeze(0))
     assert seen == [None]  # a functorch transform: the Python path
+
+
+@pytest.mark.parametrize("batch_first,sharing,padding", list(itertools.product(
+    (True, False), ("self", "kv", "none"), (None, "most"))))
+def test_attention_route_training_step_is_the_python_path(monkeypatch, batch_first, sharing, padding):
+    # A training step (no dropout, need_weights=False) records its graph through the route's ATen ops and
+    # the op's registered autograd: the same gradients, bitwise, and a double backward.
+    monkeypatch.setattr(cma_module, "ONEDNN_MIN_MACS", 1 << 24)
+    torch.manual_seed(3)
+    B, E, H = 2, 32, 2
+    Lq, Lk = (5, 5) if sharing == "self" else (3, 11)
+    m = CrossModalAttention(E, H, batch_first=batch_first, dtype=torch.float64)
+    q, k, v = (t.requires_grad_() for t in _inputs(B, Lq, Lk, E, batch_first, "none", torch.float64))
+    args = (q, q, q) if sharing == "self" else (q, k, k) if sharing == "kv" else (q, k, v)
+    kpm = None
+    if padding:
+        kpm = torch.zeros(B, Lk, dtype=torch.bool)
+        kpm[:, 2:] = True
+    leaves = [q, k, v, *m.parameters()]
+    assert _C.attention_small(*args, kpm, False, True, m.in_proj_weight, m.in_proj_bias, m.out_proj.weight,
+                              m.out_proj.bias, H, batch_first, 1 << 22, 1 << 24) is not None
+
+    def step():
+        out = m(*args, key_padding_mask=kpm, need_weights=False)[0]
+        grads = torch.autograd.grad(out, leaves, torch.ones_like(out), allow_unused=True, create_graph=True)
+        second = torch.autograd.grad(grads[0].square().sum(), m.in_proj_weight)[0]
+        return out, grads, second
+
+    out, grads, second = step()
+    _python_path(monkeypatch)
+    ref_out, ref_grads, ref_second = step()
+    assert torch.equal(out, ref_out)
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(grads, ref_grads))
+    torch.testing.assert_close(second, ref_second, rtol=1e-10, atol=1e-12)
