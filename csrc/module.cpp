@@ -10,6 +10,7 @@
 #endif
 
 #include "cpu/matmul.h"
+#include "small_calls.h"
 
 #define MMK_STR2(x) #x
 #define MMK_STR(x) MMK_STR2(x)
@@ -29,6 +30,7 @@ static PyModuleDef mmkernels_module = {PyModuleDef_HEAD_INIT, "_C", "mmkernels c
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* m = PyModule_Create(&mmkernels_module);
   if (m == nullptr) return nullptr;
+  if (PyModule_AddFunctions(m, mmkernels::small_call_method_table()) < 0) return nullptr;
   PyModule_AddStringConstant(m, "torch_version",
                              MMK_STR(TORCH_VERSION_MAJOR) "." MMK_STR(TORCH_VERSION_MINOR) "." MMK_STR(
                                  TORCH_VERSION_PATCH));

@@ -36,6 +36,7 @@ from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .. import ops
+from .._C import attention_small
 from ..ops.fused_concat_linear import ONEDNN_MIN_MACS
 from .._errors import ArgumentError
 from ._attention_masks import check_inputs, op_masks, weights_path_mask
@@ -224,6 +225,21 @@ class CrossModalAttention(nn.Module):
         is_causal: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Same arguments, shapes and return value as ``nn.MultiheadAttention.forward``."""
+        if (
+            attn_mask is None and not is_causal and self.in_proj_weight is not None and self.bias_k is None
+            and not self.add_zero_attn and (self.dropout == 0.0 or not self.training)
+            and not torch.compiler.is_compiling()
+        ):
+            # A decoding step's inference call: this whole forward in one C++ call (csrc/small_calls.cpp:
+            # the same ops in the same order), where the projections are ATen's GEMMs. None otherwise:
+            # training, tensor subclasses or modes, autocast, larger shapes, anything to check below.
+            result = attention_small(
+                query, key, value, key_padding_mask, need_weights, average_attn_weights, self.in_proj_weight,
+                self.in_proj_bias, self.out_proj.weight, self.out_proj.bias, self.num_heads, self.batch_first,
+                _WEIGHTS_CHUNK_SCORES, ONEDNN_MIN_MACS,
+            )
+            if result is not None:
+                return result
         if any(isinstance(t, torch.Tensor) and t.is_nested for t in (query, key, value)):
             return self._forward_nested(query, key, value, key_padding_mask, need_weights, attn_mask, is_causal)
         batched = check_inputs(self, query, key, value, key_padding_mask, attn_mask, is_causal)

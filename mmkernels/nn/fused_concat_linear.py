@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from .. import ops
+from .._C import concat_linear_small
 from .._errors import ArgumentError
+from ..ops.fused_concat_linear import ONEDNN_MIN_MACS
 
 
 class FusedConcatLinear(nn.Module):
@@ -65,6 +67,13 @@ class FusedConcatLinear(nn.Module):
             inputs = tuple(inputs[0][k] for k in sorted(inputs[0]))
         elif len(inputs) == 1 and isinstance(inputs[0], (list, tuple)):
             inputs = tuple(inputs[0])
+        if not torch.compiler.is_compiling():
+            # Small shapes, plain eager: the op's shape rule and this module's size check in one C++ call
+            # (csrc/small_calls.cpp); None for anything else, checked below.
+            out = concat_linear_small(inputs, self.weight, self.bias, self.activation, ONEDNN_MIN_MACS,
+                                      self.in_features)
+            if out is not None:
+                return out
         sizes = tuple(x.shape[-1] for x in inputs)
         if sizes != self.in_features:
             raise ArgumentError(

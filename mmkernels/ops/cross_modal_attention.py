@@ -10,7 +10,7 @@ if TYPE_CHECKING:
     from torch.nn.attention.bias import CausalBias
 
 from .. import reference
-from ._common import KERNELS, differentiable_backward, fake_check_same_device, warn_once
+from ._common import KERNELS, differentiable_backward, fake_check_same_device, plain_eager, warn_once
 
 
 _ATTN_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -186,10 +186,19 @@ def cross_modal_attention(
     # The seed comes from torch's default generator as a tensor op, so it is reproducible under
     # torch.manual_seed and traceable by torch.compile / torch.export with no graph break.
     seed = torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0.0 else None
-    out, _ = torch.ops.mmkernels.cross_modal_attention.default(
-        q, k, v, key_padding_mask, kv_lengths, op_mask, scale, dropout_p, seed, causal
-    )
+    args = (q, k, v, key_padding_mask, kv_lengths, op_mask, scale, dropout_p, seed, causal)
+    if plain_eager(q, k, v, key_padding_mask, kv_lengths, op_mask):
+        # Plain eager calls skip torch.library's generic autograd kernel (argument defaults, pytree of
+        # the outputs: about as long as a small call's kernel, issue 19), with or without grad.
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return _CrossModalAttentionEager.apply(*args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return _ATTENTION(*args)[0]
+    out, _ = _ATTENTION(*args)
     return out
+
+
+_ATTENTION = torch.ops.mmkernels.cross_modal_attention.default
 
 
 def _to_packed(x: torch.Tensor, name: str):
@@ -334,3 +343,21 @@ def _double_backward(needs_input_grad, grad_out, *op_args):
         needs_input_grad[:3],
     )
     return (*grads, *[None] * (len(op_args) - 3))
+
+
+class _CrossModalAttentionEager(torch.autograd.Function):
+    """The registered formula above (same saved tensors, backward op and double backward) for plain eager
+    calls that need a gradient: flat arguments in the op's order, the op called below autograd."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding_mask, kv_lengths, attn_mask, scale, dropout_p, dropout_seed, causal):
+        with torch._C._AutoDispatchBelowAutograd():
+            out, lse = _ATTENTION(q, k, v, key_padding_mask, kv_lengths, attn_mask, scale, dropout_p, dropout_seed,
+                                  causal)
+        ctx.causal, ctx.scale, ctx.dropout_p = causal, scale, dropout_p
+        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, kv_lengths, attn_mask, dropout_seed)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _cross_modal_attention_backward(ctx, grad_out, None)

@@ -11,6 +11,7 @@ import torch
 from .. import reference
 from .._errors import ArgumentError
 from ._common import KERNELS, differentiable_backward, fake_check_same_device, plain_eager, warn_once
+from .._C import concat_linear_small
 
 ACTIVATIONS = tuple(reference.ACTIVATIONS)
 # Activations whose backward needs the pre-activation (the others' derivative is a function of the output).
@@ -70,6 +71,12 @@ def fused_concat_linear(
     inputs: tensors ``(..., D_i)`` with identical leading dims; weight ``(N, sum D_i)``; bias ``(N,)``.
     activation: one of ``none, relu, gelu, gelu_tanh, silu, tanh, sigmoid``.
     """
+    if not torch.compiler.is_compiling():
+        # The shape rules below, whole, in one C++ call for a plain eager call on the CPU; None otherwise
+        # (and for any wrong argument, which the checks below then name).
+        out = concat_linear_small(inputs, weight, bias, activation, ONEDNN_MIN_MACS, None)
+        if out is not None:
+            return out
     _check_concat_linear(inputs, weight, bias, activation)
     key = weight.device.type.upper()
     if key not in KERNELS["mmkernels::fused_concat_linear"]:
@@ -85,6 +92,8 @@ def fused_concat_linear(
         # cat + linear + activation beats any call into an op by its fixed cost. torch.ops callers
         # still get the op, whose kernel takes the same concatenate-then-one-GEMM path. The same for
         # a GEMM below oneDNN's size (issue 19): the kernel would run ATen's GEMM, as F.linear does.
+        # (csrc/small_calls.cpp takes the same rule first for plain eager calls; this is the route of
+        # the others: tensor subclasses, modes, functorch.)
         return reference.fused_concat_linear(inputs, weight, bias, activation)
     if plain_eager(*inputs, weight, bias):
         if torch.is_grad_enabled() and (
