@@ -442,8 +442,8 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
             m[r] = mnew;
             if (p.dropout) {
               // The row sum above is of the undropped probabilities; only P V sees the mask.
-              rows::dropout_factors_row(z, dropout_row_key(p.seed, bh, p.Lq, i0 + r), static_cast<uint32_t>(j0), nk,
-                                        p.threshold, inv_keep);
+              rows::dropout_factors_row(z, dropout_row_key(p.seed, bh + p.head0, p.Lq, i0 + r),
+                                        static_cast<uint32_t>(j0), nk, p.threshold, inv_keep);
               rows::mul(s, z, nk);
             }
           }
@@ -622,7 +622,7 @@ void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k,
           if (p.dropout) {
             // DS temporarily holds P * Z (the probabilities that reached the output).
             for (int64_t r = 0; r < nq; ++r) {
-              rows::dropout_factors_row(Z + r * BK, dropout_row_key(p.seed, bh, p.Lq, i0 + r),
+              rows::dropout_factors_row(Z + r * BK, dropout_row_key(p.seed, bh + p.head0, p.Lq, i0 + r),
                                         static_cast<uint32_t>(j0), nkq, p.threshold, inv_keep);
               std::copy_n(P + r * BK, nkq, DS + r * BK);
               rows::mul(DS + r * BK, Z + r * BK, nkq);

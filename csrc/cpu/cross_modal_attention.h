@@ -30,8 +30,10 @@ struct Problem {
   // attn_mask as a 4-D (B, H, Lq, Lk) view (stride 0 where broadcast), in bool or compute type.
   MaskKind mask_kind = MaskKind::None;
   at::Tensor mask;
-  // Dropout.
+  // Dropout. head0: where the problem is one kv head's group of a larger one (B = 1), the index of
+  // its first query head there, so that its rows draw the larger problem's mask.
   bool dropout = false;
+  int64_t head0 = 0;
   uint64_t seed = 0;
   uint32_t threshold = 0;
   double inv_keep = 1.0;

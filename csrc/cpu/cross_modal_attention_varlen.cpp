@@ -2,10 +2,11 @@
 // varlen layout). Each sequence is a problem of the dense kernel (cross_modal_attention.h) on strided
 // views of the packed tensors ((1, H, L_b, E) views of its rows: no copy in, no padding), writing
 // into views of the packed outputs. The whole batch is scheduled at once: a sequence large enough to
-// keep every thread busy runs alone with the kernel's own parallel tasks; the others run side by
-// side, one sequence per thread (the kernel's nested parallel loops run inline), longest first from
-// a shared counter. Dropout: each sequence's seed is the call's seed mixed with its index, so
-// sequences draw independent masks.
+// keep every thread busy runs alone with the kernel's own parallel tasks; the others are cut into
+// one problem per kv head (with its group of query heads), which run side by side, one per thread
+// (the kernel's nested parallel loops run inline), longest first from a shared counter. Dropout: each
+// sequence's seed is the call's seed mixed with its index, so sequences draw independent masks, and
+// a kv head's problem draws the whole sequence's mask for its heads (Problem::head0).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -92,10 +93,13 @@ Shared check_shared(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   return c;
 }
 
-Problem seq_problem(const Shared& c, int64_t nq, int64_t nk, size_t b) {
+// Sequence b's problem over kv heads [hk0, hk0 + nhk) and their query heads.
+Problem seq_problem(const Shared& c, const Packed& s, size_t b, int64_t hk0, int64_t nhk) {
+  const int64_t nq = s.q_off[b + 1] - s.q_off[b], nk = s.k_off[b + 1] - s.k_off[b];
   Problem p;
-  p.B = 1, p.H = c.H, p.Lq = nq, p.Lk = nk, p.E = c.E, p.Ev = c.Ev;
-  p.Hkv = c.Hkv, p.G = c.Hkv > 0 ? c.H / c.Hkv : 1;
+  p.G = c.Hkv > 0 ? c.H / c.Hkv : 1;
+  p.B = 1, p.H = nhk * p.G, p.Hkv = nhk, p.Lq = nq, p.Lk = nk, p.E = c.E, p.Ev = c.Ev;
+  p.head0 = hk0 * p.G;
   p.scale = c.scale;
   p.causal = c.causal != 0;
   p.causal_offset = c.causal == 2 ? nk - nq : 0;
@@ -111,37 +115,53 @@ Problem seq_problem(const Shared& c, int64_t nq, int64_t nk, size_t b) {
   return p;
 }
 
-// Runs run(b) for every sequence b with queries: sequences costing at least 1 / (2 threads) of the
-// batch alone, one after another, each over every thread; the others side by side, longest first,
-// each on one thread (a dense call inside a parallel region runs its tasks inline).
+// Runs run(b, hk0, nhk) over every sequence b with queries: a sequence costing at least 1 / (2 threads)
+// of the batch alone, over all its kv heads and every thread; the others as one problem per kv head,
+// side by side, longest first, each on one thread (a dense call inside a parallel region runs its
+// tasks inline).
 template <typename F>
-void for_each_sequence(const Packed& s, int64_t H, F&& run) {
-  std::vector<int64_t> seqs;
-  std::vector<double> cost(s.q_off.size(), 0.0);
+void for_each_problem(const Packed& s, int64_t Hkv, F&& run) {
+  struct Unit {
+    int64_t b, hk;
+    double cost;
+  };
+  std::vector<Unit> units;
   double total = 0.0;
   for (size_t b = 0; b + 1 < s.q_off.size(); ++b) {
     const int64_t nq = s.q_off[b + 1] - s.q_off[b], nk = s.k_off[b + 1] - s.k_off[b];
-    if (nq == 0) continue;
-    // Score work, plus a fixed cost per (head, query block) for what every block does besides.
-    cost[b] = static_cast<double>(H) * static_cast<double>(nq) * static_cast<double>(nk + 64);
-    total += cost[b];
-    seqs.push_back(static_cast<int64_t>(b));
+    if (nq == 0 || Hkv == 0) continue;
+    // Score work, plus a fixed cost per query row for what every block does besides.
+    const double cost = static_cast<double>(nq) * static_cast<double>(nk + 64);
+    units.push_back({static_cast<int64_t>(b), -1, cost});
+    total += cost;
   }
   const int64_t nthreads = at::get_num_threads();
-  std::vector<int64_t> side_by_side;
-  for (int64_t b : seqs) {
-    if (nthreads > 1 && cost[b] * 2 * nthreads >= total) {
-      run(b);
+  std::vector<Unit> side_by_side;
+  for (const Unit& u : units) {
+    if (nthreads > 1 && u.cost * 2 * nthreads >= total) {
+      run(u.b, 0, Hkv);
     } else {
-      side_by_side.push_back(b);
+      for (int64_t hk = 0; hk < Hkv; ++hk) side_by_side.push_back({u.b, hk, u.cost});
     }
   }
-  std::stable_sort(side_by_side.begin(), side_by_side.end(), [&](int64_t x, int64_t y) { return cost[x] > cost[y]; });
-  parallel_tasks(static_cast<int64_t>(side_by_side.size()), [&](int64_t t, int) { run(side_by_side[t]); });
+  std::stable_sort(side_by_side.begin(), side_by_side.end(),
+                   [](const Unit& x, const Unit& y) { return x.cost > y.cost; });
+  parallel_tasks(static_cast<int64_t>(side_by_side.size()),
+                 [&](int64_t t, int) { run(side_by_side[t].b, side_by_side[t].hk, 1); });
 }
 
-// Sequence rows [off, off + n) of a packed (heads, total) tensor as a (1, heads, n) view.
-at::Tensor seq_rows(const at::Tensor& x, int64_t off, int64_t n) { return x.narrow(1, off, n).unsqueeze(0); }
+// The views of packed tensors that a problem of sequence b reads and writes: its query rows and
+// heads of (total_q, H, D) tensors, its key rows and kv heads of (total_k, H_kv, D) ones, as
+// (1, heads, n, D); and its rows and heads of (H, total_q) ones (lse, D) as (1, heads, n).
+struct Views {
+  int64_t q0, nq, k0, nk, h0, nh, hk0, nhk;
+  Views(const Packed& s, int64_t b, const Problem& p, int64_t hk0_)
+      : q0(s.q_off[b]), nq(s.q_off[b + 1] - q0), k0(s.k_off[b]), nk(s.k_off[b + 1] - k0), h0(p.head0), nh(p.H),
+        hk0(hk0_), nhk(p.Hkv) {}
+  at::Tensor q(const at::Tensor& x) const { return seq_view(x, q0, nq).narrow(1, h0, nh); }
+  at::Tensor k(const at::Tensor& x) const { return seq_view(x, k0, nk).narrow(1, hk0, nhk); }
+  at::Tensor rows(const at::Tensor& x) const { return x.narrow(1, q0, nq).narrow(0, h0, nh).unsqueeze(0); }
+};
 
 std::tuple<at::Tensor, at::Tensor> cross_modal_attention_varlen_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
@@ -160,11 +180,11 @@ std::tuple<at::Tensor, at::Tensor> cross_modal_attention_varlen_cpu(
   const at::Tensor vc = last_dim_contiguous(in_place ? v : v.to(ct));
   at::Tensor out = at::empty({q.size(0), s.H, s.Ev}, q.options().dtype(in_place ? dt : ct));
   at::Tensor lse = at::empty({s.H, q.size(0)}, q.options().dtype(ct));
-  for_each_sequence(s, s.H, [&](int64_t b) {
-    const int64_t q0 = s.q_off[b], nq = s.q_off[b + 1] - q0, k0 = s.k_off[b], nk = s.k_off[b + 1] - k0;
-    const Problem p = seq_problem(c, nq, nk, static_cast<size_t>(b));
-    at::Tensor ob = seq_view(out, q0, nq), lb = seq_rows(lse, q0, nq);
-    attention_forward(p, seq_view(qc, q0, nq), seq_view(kc, k0, nk), seq_view(vc, k0, nk), ob, lb);
+  for_each_problem(s, c.Hkv, [&](int64_t b, int64_t hk0, int64_t nhk) {
+    const Problem p = seq_problem(c, s, static_cast<size_t>(b), hk0, nhk);
+    const Views view(s, b, p, hk0);
+    at::Tensor ob = view.q(out), lb = view.rows(lse);
+    attention_forward(p, view.q(qc), view.k(kc), view.k(vc), ob, lb);
   });
   return {out.scalar_type() == dt ? out : out.to(dt), lse};
 }
@@ -201,12 +221,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_modal_attention_varlen_back
     dk.narrow(0, s.k_off[b], s.k_off[b + 1] - s.k_off[b]).zero_();
     dv.narrow(0, s.k_off[b], s.k_off[b + 1] - s.k_off[b]).zero_();
   }
-  for_each_sequence(s, s.H, [&](int64_t b) {
-    const int64_t q0 = s.q_off[b], nq = s.q_off[b + 1] - q0, k0 = s.k_off[b], nk = s.k_off[b + 1] - k0;
-    const Problem p = seq_problem(c, nq, nk, static_cast<size_t>(b));
-    at::Tensor dqb = seq_view(dq, q0, nq), dkb = seq_view(dk, k0, nk), dvb = seq_view(dv, k0, nk);
-    attention_backward(p, seq_view(qc, q0, nq), seq_view(kc, k0, nk), seq_view(vc, k0, nk), seq_view(doc, q0, nq),
-                       seq_rows(lsec, q0, nq), seq_rows(D, q0, nq), dqb, dkb, dvb);
+  for_each_problem(s, c.Hkv, [&](int64_t b, int64_t hk0, int64_t nhk) {
+    const Problem p = seq_problem(c, s, static_cast<size_t>(b), hk0, nhk);
+    const Views view(s, b, p, hk0);
+    at::Tensor dqb = view.q(dq), dkb = view.k(dk), dvb = view.k(dv);
+    attention_backward(p, view.q(qc), view.k(kc), view.k(vc), view.q(doc), view.rows(lsec), view.rows(D), dqb, dkb,
+                       dvb);
   });
   if (dt == ct) return {dq, dk, dv};
   return {dq.to(dt), dk.to(dt), dv.to(dt)};
