@@ -242,9 +242,10 @@ def test_dropout_same_seed_same_result_across_calls(two_threads):
 
 
 def test_output_and_dropout_mask_do_not_depend_on_the_schedule():
-    # One thread: every sequence is cut into kv-head problems run inline; two: the long one runs whole.
-    q, k, v, cu_q, cu_k, mq, mk = packed([3, 1, 5, 2] * 4 + [300], [4, 2, 5, 1] * 4 + [280], 4, 2, 16, 16,
-                                         torch.float32, requires_grad=False)
+    # One thread: 5 sequences, each run whole; two: the long one runs whole over both threads, and the
+    # 4 short ones, too few to balance 2 threads, as one problem per kv head (each its heads' mask).
+    q, k, v, cu_q, cu_k, mq, mk = packed([3, 1, 5, 2, 300], [4, 2, 5, 1, 280], 4, 2, 16, 16, torch.float32,
+                                         requires_grad=False)
     before = torch.get_num_threads()
     outs = []
     try:

@@ -2,9 +2,10 @@
 // varlen layout). Each sequence is a problem of the dense kernel (cross_modal_attention.h) on strided
 // views of the packed tensors ((1, H, L_b, E) views of its rows: no copy in, no padding), writing
 // into views of the packed outputs. The whole batch is scheduled at once: a sequence large enough to
-// keep every thread busy runs alone with the kernel's own parallel tasks; the others are cut into
-// one problem per kv head (with its group of query heads), which run side by side, one per thread
-// (the kernel's nested parallel loops run inline), longest first from a shared counter. Dropout: each
+// keep every thread busy runs alone with the kernel's own parallel tasks; the others run side by
+// side, one per thread (the kernel's nested parallel loops run inline), longest first from a shared
+// counter: whole, or one problem per kv head (with its query heads) when they are too few to balance
+// the threads. Dropout: each
 // sequence's seed is the call's seed mixed with its index, so sequences draw independent masks, and
 // a kv head's problem draws the whole sequence's mask for its heads (Problem::head0).
 #include <ATen/ATen.h>
@@ -116,9 +117,9 @@ Problem seq_problem(const Shared& c, const Packed& s, size_t b, int64_t hk0, int
 }
 
 // Runs run(b, hk0, nhk) over every sequence b with queries: a sequence costing at least 1 / (2 threads)
-// of the batch alone, over all its kv heads and every thread; the others as one problem per kv head,
-// side by side, longest first, each on one thread (a dense call inside a parallel region runs its
-// tasks inline).
+// of the batch alone, over all its kv heads and every thread; the others side by side, longest first,
+// each on one thread (a dense call inside a parallel region runs its tasks inline), whole or, when
+// they are too few to balance the threads, as one problem per kv head.
 template <typename F>
 void for_each_problem(const Packed& s, int64_t Hkv, F&& run) {
   struct Unit {
@@ -141,13 +142,28 @@ void for_each_problem(const Packed& s, int64_t Hkv, F&& run) {
     if (nthreads > 1 && u.cost * 2 * nthreads >= total) {
       run(u.b, 0, Hkv);
     } else {
-      for (int64_t hk = 0; hk < Hkv; ++hk) side_by_side.push_back({u.b, hk, u.cost});
+      side_by_side.push_back(u);
     }
+  }
+  // Too few sequences to balance the threads: one problem per kv head instead (each call has a fixed
+  // cost, its scratch, so sequences stay whole where there are enough of them).
+  if (static_cast<int64_t>(side_by_side.size()) < 4 * nthreads && Hkv > 1) {
+    std::vector<Unit> heads;
+    for (const Unit& u : side_by_side)
+      for (int64_t hk = 0; hk < Hkv; ++hk) heads.push_back({u.b, hk, u.cost / static_cast<double>(Hkv)});
+    side_by_side.swap(heads);
   }
   std::stable_sort(side_by_side.begin(), side_by_side.end(),
                    [](const Unit& x, const Unit& y) { return x.cost > y.cost; });
   parallel_tasks(static_cast<int64_t>(side_by_side.size()),
-                 [&](int64_t t, int) { run(side_by_side[t].b, side_by_side[t].hk, 1); });
+                 [&](int64_t t, int) {
+                   const Unit& u = side_by_side[t];
+                   if (u.hk < 0) {
+                     run(u.b, 0, Hkv);
+                   } else {
+                     run(u.b, u.hk, 1);
+                   }
+                 });
 }
 
 // The views of packed tensors that a problem of sequence b reads and writes: its query rows and
