@@ -164,6 +164,111 @@ def test_bad_input_names_the_argument(name, change):
             OP(*a.values(), 0.5, 0.0, None, 0)
 
 
+# --------------------------------------------------------------------------- the batch schedule
+# The kernel runs a sequence worth >= 1/(2 threads) of the batch alone over every thread and the
+# others side by side, one per thread; with 2 threads these batches take both paths.
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+MIXED = [
+    ([1, 3, 2, 5, 1, 4, 2, 1] * 6 + [300], [4, 1, 2, 6, 1, 9, 3, 2] * 6 + [270]),  # many short, one long
+    ([0, 7, 0, 1, 200, 0, 3], [5, 0, 0, 1, 180, 2, 3]),  # empty q, empty k, both empty
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("Hkv", [1, 4])
+@pytest.mark.parametrize("lengths", MIXED, ids=["short+long", "empty"])
+def test_mixed_batch_matches_reference(two_threads, lengths, Hkv, is_causal, dtype):
+    q, k, v, cu_q, cu_k, mq, mk = packed(*lengths, 4, Hkv, 16, 8, dtype)
+    out = mmkernels.cross_modal_attention_varlen(q, k, v, cu_q, cu_k, mq, mk, is_causal=is_causal)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = reference.cross_modal_attention_varlen(*leaves, cu_q, cu_k, is_causal=is_causal)
+    assert_close(out, ref, dtype, "out")
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    for name, a, b in zip("qkv", grads, torch.autograd.grad(ref, leaves, g.double())):
+        assert_close(a, b, dtype, f"grad {name}")
+    # A query with no key: zeros and zero gradient; keys no query reads: zero gradient.
+    lq, lk = lengths
+    for b in range(len(lq)):
+        rq, rk = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
+        if lk[b] == 0:
+            assert (out[rq] == 0).all() and (grads[0][rq] == 0).all()
+        if lq[b] == 0:
+            assert (grads[1][rk] == 0).all() and (grads[2][rk] == 0).all()
+
+
+def test_schedule_gives_each_sequence_the_dense_result(two_threads):
+    # Short sequences run one per thread (inline), the long one over both threads: either way each
+    # sequence's output is the dense op's on its rows, to the bit; gradients within rounding.
+    lq, lk = [2, 9, 1, 4] * 5 + [300], [3, 9, 5, 1] * 5 + [260]
+    q, k, v, cu_q, cu_k, mq, mk = packed(lq, lk, 4, 2, 16, 16, torch.float32)
+    out = mmkernels.cross_modal_attention_varlen(q, k, v, cu_q, cu_k, mq, mk, is_causal=True)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    for b in range(len(lq)):
+        rq, rk = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
+        qb, kb, vb = (t[r].detach().transpose(0, 1)[None].requires_grad_() for t, r in ((q, rq), (k, rk), (v, rk)))
+        dense = mmkernels.cross_modal_attention(qb, kb, vb, is_causal=True, enable_gqa=True)
+        torch.testing.assert_close(out[rq], dense[0].transpose(0, 1), rtol=0, atol=0)
+        want = torch.autograd.grad(dense, (qb, kb, vb), g[rq].transpose(0, 1)[None])
+        for name, got, w, r in zip("qkv", grads, want, (rq, rk, rk)):
+            torch.testing.assert_close(got[r], w[0].transpose(0, 1), msg=lambda m: f"grad {name} of {b}: {m}")
+
+
+def test_dropout_same_seed_same_result_across_calls(two_threads):
+    q, k, v, cu_q, cu_k, mq, mk = packed([3, 1, 5, 2] * 4 + [300], [4, 2, 5, 1] * 4 + [280], 4, 2, 16, 16,
+                                         torch.float32)
+    g = torch.randn(q.shape[0], 4, 16)
+
+    def run(seed):
+        torch.manual_seed(seed)
+        out = mmkernels.cross_modal_attention_varlen(q, k, v, cu_q, cu_k, mq, mk, dropout_p=0.3, is_causal=True)
+        return (out, *torch.autograd.grad(out, (q, k, v), g))
+
+    first, again, other = run(7), run(7), run(8)
+    for a, b in zip(first, again):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(first[0], other[0])
+
+
+def test_output_and_dropout_mask_do_not_depend_on_the_schedule():
+    # One thread: 5 sequences, each run whole; two: the long one runs whole over both threads, and the
+    # 4 short ones, too few to balance 2 threads, as one problem per kv head (each its heads' mask).
+    q, k, v, cu_q, cu_k, mq, mk = packed([3, 1, 5, 2, 300], [4, 2, 5, 1, 280], 4, 2, 16, 16, torch.float32,
+                                         requires_grad=False)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            torch.manual_seed(11)
+            outs.append(mmkernels.cross_modal_attention_varlen(q, k, v, cu_q, cu_k, mq, mk, dropout_p=0.3))
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+@pytest.mark.parametrize("causal", [0, 1])
+def test_gradcheck_mixed_batch(two_threads, causal, dropout_p):
+    # Short sequences side by side and a longer one alone, GQA, empty sequences on either side; with
+    # a fixed seed the dropout mask is a fixed function, so backward must replay the forward's.
+    q, k, v, cu_q, cu_k, mq, mk = packed([1, 0, 12, 2, 3, 1], [4, 3, 11, 0, 3, 2], 4, 2, 3, 4, torch.float64)
+    seed = torch.tensor(123) if dropout_p > 0 else None
+    fn = lambda q, k, v: OP(q, k, v, cu_q, cu_k, mq, mk, 0.7, dropout_p, seed, causal)[0]
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
 # --------------------------------------------------------------------------- nested tensors
 
 

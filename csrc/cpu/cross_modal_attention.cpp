@@ -36,6 +36,7 @@
 #include "attention_layout.h"
 #include "attention_rows.h"
 #include "checks.h"
+#include "cross_modal_attention.h"
 #include "dropout_hash.h"
 #include "half_convert.h"
 #include "matmul.h"
@@ -103,41 +104,6 @@ void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const d
 
 // ------------------------------------------------------------------------------------------ problem
 
-enum class MaskKind { None, Bool, Float };
-
-struct Problem {
-  int64_t B = 0, H = 0, Lq = 0, Lk = 0, E = 0, Ev = 0;
-  // Grouped-query attention: Hkv kv heads, each read by G = H / Hkv consecutive query heads.
-  int64_t Hkv = 0, G = 1;
-  double scale = 1.0;
-  // Causal flag: query i sees keys j < i + 1 + causal_offset (0 upper-left, Lk - Lq lower-right).
-  bool causal = false;
-  int64_t causal_offset = 0;
-  // Per batch: the key range [kbeg, kend) that kv_lengths and key_padding_mask leave visible.
-  std::vector<int64_t> kbeg, kend;
-  // key_padding_mask as (B, Lk) additive bias (0 / -inf) in the compute type, or undefined.
-  at::Tensor kpm_bias;
-  // attn_mask as a 4-D (B, H, Lq, Lk) view (stride 0 where broadcast), in bool or compute type.
-  MaskKind mask_kind = MaskKind::None;
-  at::Tensor mask;
-  // Dropout.
-  bool dropout = false;
-  uint64_t seed = 0;
-  uint32_t threshold = 0;
-  double inv_keep = 1.0;
-
-  // The end of the keys query block [i0, i0 + nq) of batch b may see: the batch's visible range cut
-  // at the causal diagonal of its last row (never below kbeg: an empty range then).
-  int64_t key_limit(int64_t b, int64_t i0, int64_t nq) const {
-    if (!causal) return kend[b];
-    return std::clamp(i0 + nq + causal_offset, kbeg[b], kend[b]);
-  }
-  // How many of the nk keys from j0 query row i sees under the causal flag.
-  int64_t causal_cols(int64_t i, int64_t j0, int64_t nk) const {
-    return causal ? std::clamp<int64_t>(i + 1 + causal_offset - j0, 0, nk) : nk;
-  }
-};
-
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   check_attention_ranks(q, k, v);
   check_device_and_dtypes(q, "q", c10::DeviceType::CPU, {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf},
@@ -197,6 +163,8 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   return p;
 }
 
+}  // namespace
+
 // Rows BLAS can address: unit stride along the last dim and a row stride (the leading dimension) of at
 // least the row length; BLAS rejects anything else (e.g. a stride-0 expanded dim). A fresh contiguous
 // copy otherwise: .contiguous() would keep the stride of a size-1 dim, which BLAS checks too.
@@ -213,17 +181,7 @@ at::Tensor bf16_pairs_aligned(const at::Tensor& x) {
   return ok ? x : x.clone(at::MemoryFormat::Contiguous);
 }
 
-// Calls fn(task, thread) for task in [0, n) with dynamic scheduling: threads take tasks from a
-// shared counter, so blocks of uneven cost (kv_lengths, masks) still balance.
-template <typename F>
-void parallel_tasks(int64_t n, F&& fn) {
-  std::atomic<int64_t> next{0};
-  const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
-  at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
-    const int tid = at::get_thread_num();
-    for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < n;) fn(t, tid);
-  });
-}
+namespace {
 
 // The additive bias over keys [j0, j0 + n) of query row i of (b, h), into buf; or null when no mask.
 template <typename T>
@@ -339,7 +297,7 @@ void merge_key_splits(const Problem& p, const T* part_out, const T* part_lse, in
           for (int64_t e = 0; e < p.Ev; ++e) acc[e] += w * po[e];
         }
       }
-      ld[row] = lse_row;
+      ld[b * lse.stride(0) + h * lse.stride(1) + i] = lse_row;
       In* o = od + b * out.stride(0) + h * out.stride(1) + i * os2;
       if constexpr (std::is_same_v<In, at::BFloat16>) {
         rows::to_bf16(acc.data(), reinterpret_cast<uint16_t*>(o), p.Ev);
@@ -353,8 +311,8 @@ void merge_key_splits(const Problem& p, const T* part_out, const T* part_lse, in
 // T: accumulation type (float, double); In: operand type (T, or bfloat16 / float16 with T = float).
 // float16 runs the float GEMMs on blocks converted to float (Q per query block, K and V as packed).
 // q, k, v: last dim contiguous, any other strides (bfloat16: k's rows and their pairs 4-byte aligned,
-// see bf16_pairs_aligned). out: (B, H, Lq, Ev) in In, last dim contiguous; lse (B, H, Lq)
-// contiguous in T.
+// see bf16_pairs_aligned). out: (B, H, Lq, Ev) in In, last dim contiguous; lse (B, H, Lq) in T,
+// last dim contiguous.
 template <typename T, typename In>
 void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     at::Tensor& out, at::Tensor& lse) {
@@ -375,7 +333,10 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
   const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
   const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
   const int64_t os0 = out.stride(0), os1 = out.stride(1), os2 = out.stride(2);
-  const int64_t nthreads = at::get_num_threads();
+  // The threads the tasks spread over (1 when called inside a parallel region), and the scratch
+  // slots: one per thread id that may run a task.
+  const int64_t nthreads = task_threads();
+  const int64_t scratch_threads = std::max<int64_t>(at::get_num_threads(), at::get_thread_num() + 1);
   // A task is a run of query blocks of one kv head's group of query heads (G = 1 without GQA), which
   // shares one packed copy of the kv head's visible keys and (bfloat16) values (pack_key_block);
   // runs are cut short enough to leave about 8 tasks per thread for balance. Past kMaxKeptBlocks key
@@ -397,7 +358,7 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
   const int64_t per_thread = kt_size + v_size +
       aligned_slice<T>(BQ * BK + BQ * p.Ev + 2 * BQ + BK + BK + (kBf16 ? (BQ * BKp + 1) / 2 : 0) +
                        (kHalf ? (BQ + BK) * p.E : 0));
-  const at::Tensor scratch_t = aligned_scratch<T>(per_thread * nthreads);
+  const at::Tensor scratch_t = aligned_scratch<T>(per_thread * scratch_threads);
   T* const scratch = scratch_t.data_ptr<T>();
   // Decoding (few rows, many keys): too few tasks to keep every thread busy, so the keys are split
   // into nsplit chunks of whole key blocks, each chunk a task of its own with a partial result
@@ -486,8 +447,8 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
             m[r] = mnew;
             if (p.dropout) {
               // The row sum above is of the undropped probabilities; only P V sees the mask.
-              rows::dropout_factors_row(z, dropout_row_key(p.seed, bh, p.Lq, i0 + r), static_cast<uint32_t>(j0), nk,
-                                        p.threshold, inv_keep);
+              rows::dropout_factors_row(z, dropout_row_key(p.seed, bh + p.head0, p.Lq, i0 + r),
+                                        static_cast<uint32_t>(j0), nk, p.threshold, inv_keep);
               rows::mul(s, z, nk);
             }
           }
@@ -516,7 +477,7 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
         continue;
       }
       In* ob = od + b * os0 + h * os1 + i0 * os2;
-      T* lb = ld + bh * p.Lq + i0;
+      T* lb = ld + b * lse.stride(0) + h * lse.stride(1) + i0;
       for (int64_t r = 0; r < nq; ++r) {
         // l is exactly 0 only when no key was visible; a NaN score makes it NaN, which must reach the
         // output (as in the reference) rather than be mistaken for "no visible key" by a `> 0` test.
@@ -563,7 +524,7 @@ at::Tensor row_dot(const at::Tensor& dout, const at::Tensor& out, const Problem&
   return D;
 }
 
-// q, k, v, dout: last dim contiguous. lse and D (B, H, Lq) contiguous. dq_acc (key chunks or 1, B,
+// q, k, v, dout: last dim contiguous. lse and D (B, H, Lq), last dim contiguous. dq_acc (key chunks or 1, B,
 // H, Lq, E) zeroed, last dim contiguous; dk, dv last dim contiguous (every row is written).
 template <typename T>
 void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -585,14 +546,14 @@ void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k,
   T* dvd = dv.data_ptr<T>();
   const int64_t dks2 = dk.stride(3), dvs2 = dv.stride(3);
   const int64_t qs2 = q.stride(2), ks2 = k.stride(2), vs2 = v.stride(2), dos2 = dout.stride(2);
-  const int64_t nthreads = at::get_num_threads();
+  const int64_t scratch_threads = std::max<int64_t>(at::get_num_threads(), at::get_thread_num() + 1);
   const int64_t dqs2 = dq_acc.stride(3);
   // Per-thread scratch: K_j^T and V_j^T (E x BK, Ev x BK: the score GEMMs' B operands, laid out
   // as in the forward), P, dP / dS, dropout factors (each BQ x BK), dK^T and dV^T accumulators
   // (E x BK, Ev x BK), Q_i^T and dO_i^T (E x BQ, Ev x BQ), bias row.
   const int64_t per_thread = aligned_slice<T>(p.E * BK) + aligned_slice<T>(p.Ev * BK) +
                              aligned_slice<T>(3 * BQ * BK + (BK + BQ) * (p.E + p.Ev) + BK);
-  const at::Tensor scratch_t = aligned_scratch<T>(per_thread * nthreads);
+  const at::Tensor scratch_t = aligned_scratch<T>(per_thread * scratch_threads);
   T* const scratch = scratch_t.data_ptr<T>();
   // A task is a chunk of key blocks of one kv head, for every query head of its group: dK and dV sum
   // over the group in the task's accumulators, and each K / V block is transposed once for the group.
@@ -644,8 +605,8 @@ void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k,
                  h * dq_acc.stride(2);
         const T* qb = qd + b * q.stride(0) + h * q.stride(1);
         const T* dob = dod + b * dout.stride(0) + h * dout.stride(1);
-        const T* lseb = lsed + bh * p.Lq;
-        const T* Db = Dd + bh * p.Lq;
+        const T* lseb = lsed + b * lse.stride(0) + h * lse.stride(1);
+        const T* Db = Dd + b * D.stride(0) + h * D.stride(1);
         for (int64_t i0 = i_first; i0 < p.Lq; i0 += BQ) {
           const int64_t nq = std::min(BQ, p.Lq - i0);
           // The forward's width for this (query block, key block) pair: cut at the causal diagonal.
@@ -671,7 +632,7 @@ void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k,
           if (p.dropout) {
             // DS temporarily holds P * Z (the probabilities that reached the output).
             for (int64_t r = 0; r < nq; ++r) {
-              rows::dropout_factors_row(Z + r * BK, dropout_row_key(p.seed, bh, p.Lq, i0 + r),
+              rows::dropout_factors_row(Z + r * BK, dropout_row_key(p.seed, bh + p.head0, p.Lq, i0 + r),
                                         static_cast<uint32_t>(j0), nkq, p.threshold, inv_keep);
               std::copy_n(P + r * BK, nkq, DS + r * BK);
               rows::mul(DS + r * BK, Z + r * BK, nkq);
@@ -698,6 +659,72 @@ void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k,
     if constexpr (std::is_same_v<T, float>) at::native::cpublas::brgemm_release(false);
   });
 }
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------ entry points
+
+void attention_forward(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       at::Tensor& out, at::Tensor& lse) {
+  if (lse.numel() == 0) return;
+  switch (q.scalar_type()) {
+    case at::kBFloat16:
+      TORCH_CHECK(p.E % 2 == 0, "mmkernels: internal: the bfloat16 forward needs an even head dim, got ", p.E);
+      forward_kernel<float, at::BFloat16>(p, q, k, v, out, lse);
+      break;
+    case at::kHalf: forward_kernel<float, at::Half>(p, q, k, v, out, lse); break;
+    case at::kDouble: forward_kernel<double, double>(p, q, k, v, out, lse); break;
+    default: forward_kernel<float, float>(p, q, k, v, out, lse);
+  }
+}
+
+at::Tensor attention_row_dot(const at::Tensor& dout, const at::Tensor& out, const Problem& p) {
+  return dout.scalar_type() == at::kDouble ? row_dot<double>(dout, out, p) : row_dot<float>(dout, out, p);
+}
+
+void attention_backward(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& D, at::Tensor& dq,
+                        at::Tensor& dk, at::Tensor& dv) {
+  // Key blocks of one head on one task when there are enough heads to keep every thread busy;
+  // otherwise each key block is a task and dQ is accumulated per thread, then summed.
+  const int64_t nthreads = task_threads();
+  const int64_t nkb = num_key_blocks(p.Lk);
+  int64_t per_task = std::max<int64_t>(nkb, 1);
+  // Tasks per kv head: a task covers its group of query heads, or with few kv heads a subgroup
+  // (hsplit of them: dK / dV partials of k's size each, not dQ partials of q's size).
+  int64_t hsplit = 1;
+  if (p.G > 1 && p.B * p.Hkv > 0 && p.B * p.Hkv < 4 * nthreads && nthreads > 1)
+    hsplit = std::min<int64_t>(p.G, (4 * nthreads + p.B * p.Hkv - 1) / (p.B * p.Hkv));
+  const int64_t units = p.B * p.Hkv * hsplit;
+  if (units > 0 && units < 4 * nthreads && nthreads > 1) {
+    const int64_t want_chunks = (4 * nthreads + units - 1) / units;
+    per_task = std::max<int64_t>(1, (nkb + want_chunks - 1) / want_chunks);
+  }
+  const bool per_thread_dq = per_task < nkb && nthreads > 1;
+  // One dQ accumulator per key chunk (about 4 * threads / (B * H_kv) of them): bitwise deterministic.
+  const int64_t nchunks = (nkb + per_task - 1) / per_task;
+  // With one accumulator it is dq itself, in dq's layout.
+  at::Tensor dq_acc = per_thread_dq ? at::zeros({nchunks, p.B, p.H, p.Lq, p.E}, dq.options()) : dq.zero_().unsqueeze(0);
+  at::Tensor dk_acc = hsplit > 1 ? at::empty({hsplit, p.B, p.Hkv, p.Lk, p.E}, dk.options()) : dk.unsqueeze(0);
+  at::Tensor dv_acc = hsplit > 1 ? at::empty({hsplit, p.B, p.Hkv, p.Lk, p.Ev}, dv.options()) : dv.unsqueeze(0);
+  if (p.B * p.H * p.Lk > 0) {
+    if (q.scalar_type() == at::kDouble) {
+      backward_kernel<double>(p, q, k, v, dout, lse, D, dq_acc, dk_acc, dv_acc, per_task, per_thread_dq, hsplit);
+    } else {
+      backward_kernel<float>(p, q, k, v, dout, lse, D, dq_acc, dk_acc, dv_acc, per_task, per_thread_dq, hsplit);
+    }
+    if (hsplit > 1) {  // every row of every slice was written by its tasks
+      at::sum_out(dk, dk_acc, 0);
+      at::sum_out(dv, dv_acc, 0);
+    }
+  } else {
+    dk.zero_();
+    dv.zero_();
+  }
+  if (per_thread_dq) at::sum_out(dq, dq_acc, 0);
+}
+
+namespace {
 
 // ------------------------------------------------------------------------------------------ ops
 
@@ -760,55 +787,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_modal_attention_backward_cp
   const at::Tensor doc = last_dim_contiguous(grad_out.to(ct));
   const at::Tensor oc = last_dim_contiguous(out.to(ct));
   const at::Tensor lsec = lse.to(ct).contiguous();
+  at::Tensor dq = empty_grad_like(q, ct);
   at::Tensor dk = empty_grad_like(k, ct);
   at::Tensor dv = empty_grad_like(v, ct);
-  // Key blocks of one head on one task when there are enough heads to keep every thread busy;
-  // otherwise each key block is a task and dQ is accumulated per thread, then summed.
-  const int64_t nthreads = at::get_num_threads();
-  const int64_t nkb = num_key_blocks(p.Lk);
-  int64_t per_task = std::max<int64_t>(nkb, 1);
-  // Tasks per kv head: a task covers its group of query heads, or with few kv heads a subgroup
-  // (hsplit of them: dK / dV partials of k's size each, not dQ partials of q's size).
-  int64_t hsplit = 1;
-  if (p.G > 1 && p.B * p.Hkv > 0 && p.B * p.Hkv < 4 * nthreads && nthreads > 1)
-    hsplit = std::min<int64_t>(p.G, (4 * nthreads + p.B * p.Hkv - 1) / (p.B * p.Hkv));
-  const int64_t units = p.B * p.Hkv * hsplit;
-  if (units > 0 && units < 4 * nthreads && nthreads > 1) {
-    const int64_t want_chunks = (4 * nthreads + units - 1) / units;
-    per_task = std::max<int64_t>(1, (nkb + want_chunks - 1) / want_chunks);
-  }
-  const bool per_thread_dq = per_task < nkb && nthreads > 1;
-  // One dQ accumulator per key chunk (about 4 * threads / (B * H_kv) of them): bitwise deterministic.
-  const int64_t nchunks = (nkb + per_task - 1) / per_task;
-  // With one accumulator it is dq itself, in dq's layout.
-  at::Tensor dq_acc = per_thread_dq ? at::zeros({nchunks, p.B, p.H, p.Lq, p.E}, q.options().dtype(ct))
-                                    : empty_grad_like(q, ct).zero_().unsqueeze(0);
-  at::Tensor dk_acc = hsplit > 1 ? at::empty({hsplit, p.B, p.Hkv, p.Lk, p.E}, k.options().dtype(ct)) : dk.unsqueeze(0);
-  at::Tensor dv_acc = hsplit > 1 ? at::empty({hsplit, p.B, p.Hkv, p.Lk, p.Ev}, v.options().dtype(ct)) : dv.unsqueeze(0);
-  if (p.B * p.H * p.Lk > 0) {
-    if (ct == at::kDouble) {
-      const at::Tensor D = row_dot<double>(doc, oc, p);
-      backward_kernel<double>(p, qc, kc, vc, doc, lsec, D, dq_acc, dk_acc, dv_acc, per_task, per_thread_dq, hsplit);
-    } else {
-      const at::Tensor D = row_dot<float>(doc, oc, p);
-      backward_kernel<float>(p, qc, kc, vc, doc, lsec, D, dq_acc, dk_acc, dv_acc, per_task, per_thread_dq, hsplit);
-    }
-    if (hsplit > 1) {  // every row of every slice was written by its tasks
-      at::sum_out(dk, dk_acc, 0);
-      at::sum_out(dv, dv_acc, 0);
-    }
-  } else if (hsplit > 1) {
-    dk.zero_();
-    dv.zero_();
-  }
+  attention_backward(p, qc, kc, vc, doc, lsec, attention_row_dot(doc, oc, p), dq, dk, dv);
   const auto dt = q.scalar_type();
-  at::Tensor dq;
-  if (per_thread_dq) {
-    dq = empty_grad_like(q, ct);
-    at::sum_out(dq, dq_acc, 0);
-  } else {
-    dq = dq_acc[0];
-  }
   return {dq.to(dt), dk.to(dt), dv.to(dt)};
 }
 

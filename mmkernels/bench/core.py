@@ -43,6 +43,9 @@ class Built:
     contenders: list[Contender]
     oracle: str  # the contender whose output is the correctness reference
     tol: float  # max relative error (see rel_error) allowed against the oracle
+    # Per contender, a function taking its output to the layout the check compares in (e.g. padded
+    # results to packed rows); applied in the correctness check only, never timed.
+    check_layout: dict[str, Callable[[Any], Any]] = field(default_factory=dict)
 
 
 @dataclass

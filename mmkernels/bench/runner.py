@@ -94,6 +94,7 @@ def _run(case: Case, device: torch.device, budget: Budget, options: Options) -> 
     if built.oracle not in outputs:
         res.error = f"oracle {built.oracle!r} unavailable: {res.unavailable.get(built.oracle)}"
         return res
+    outputs = {name: built.check_layout.get(name, lambda o: o)(out) for name, out in outputs.items()}
     for name, out in outputs.items():
         if name == built.oracle:
             continue

@@ -1,9 +1,9 @@
 """cross_modal_attention's variants (issue 13) against F.scaled_dot_product_attention: causal
 self-attention (our own call with the causal mask as a tensor as a second baseline: the skipped
 blocks), grouped-query
-attention (SDPA with enable_gqa=True), and decoding steps (Lq = 1, many keys, forward).
-
-The varlen cases of issue 13 wait for cross_modal_attention_varlen.
+attention (SDPA with enable_gqa=True), decoding steps (Lq = 1, many keys, forward), and packed
+variable-length batches (cross_modal_attention_varlen against our dense op and SDPA on the same
+batch padded to its longest sequence, with the padded keys masked).
 """
 from __future__ import annotations
 
@@ -20,6 +20,11 @@ CAUSAL_SHAPES = [(4, 8, 2048, 64), (2, 16, 4096, 128), (8, 12, 1024, 64)]
 GQA_SHAPES = [(2, 16, 4, 1024, 64), (1, 16, 2, 2048, 64), (1, 16, 1, 4096, 64)]
 # (B, H, Lq, Lk, E) decoding steps, forward.
 DECODE_SHAPES = [(1, 8, 1, 8192, 128), (2, 4, 1, 32768, 64), (1, 1, 1, 65536, 128)]
+# (B, H, E, spread, Lmin, Lmax) packed self-attention batches, fwd and fwd+bwd: lengths uniform in
+# [Lmin, Lmax], or long-tailed (most sequences short, a few long: Lmax * u^4, at least Lmin).
+# The first is the issue's target: 16 sequences of 32..1024.
+VARLEN_SHAPES = [(16, 8, 64, "uniform", 32, 1024), (32, 8, 64, "uniform", 1, 256), (8, 8, 64, "uniform", 1, 512),
+                 (32, 8, 64, "longtail", 1, 1024)]
 
 
 def _missing() -> str | None:
@@ -67,6 +72,54 @@ def _build_decode(B, H, Lq, Lk, E, mode, dtype, device) -> Built:
     ], oracle="sdpa", tol=tol_for(dtype))
 
 
+def varlen_lengths(B, spread, Lmin, Lmax) -> list[int]:
+    """B sequence lengths in [Lmin, Lmax] (torch's generator: the runner seeds it per case); the
+    longest is Lmax, so that the padded batch is as long as the spread says."""
+    if spread == "uniform":
+        lens = torch.randint(Lmin, Lmax + 1, (B,))
+    else:
+        lens = (Lmax * torch.rand(B) ** 4).ceil().long().clamp(Lmin, Lmax)
+    lens[torch.randint(0, B, ())] = Lmax
+    return lens.tolist()
+
+
+def _build_varlen(B, H, E, spread, Lmin, Lmax, mode, dtype, device) -> Built:
+    grad = mode != "fwd"
+    lens = varlen_lengths(B, spread, Lmin, Lmax)
+    total, L = sum(lens), max(lens)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    # Packed (total, H, E) and the same values padded into (B, H, L, E) (zeros in the padding).
+    valid = torch.arange(L, device=device)[None, :] < torch.tensor(lens, device=device)[:, None]  # (B, L)
+    pad = ~valid  # key_padding_mask: True = ignore
+
+    def padded_from(x):
+        out = x.new_zeros(B, L, H, E)
+        out[valid] = x
+        return out.transpose(1, 2).contiguous()
+
+    def packed_from(y):  # (B, H, L, E) -> (total, H, E)
+        return y.transpose(1, 2)[valid]
+
+    qp, kp, vp = (randn(total, H, E, dtype=dtype, device=device) for _ in range(3))
+    gp = randn(total, H, E, dtype=dtype, device=device) if grad else None
+    q, k, v = (t.clone().requires_grad_(grad) for t in (qp, kp, vp))
+    qd, kd, vd = (padded_from(t).requires_grad_(grad) for t in (qp, kp, vp))
+    gd = padded_from(gp) if grad else None
+    keep = ~pad[:, None, None, :]  # SDPA's bool mask: True = may attend
+
+    def to_packed(out):  # a padded contender's (out, grads...) in the packed layout of ours
+        return tuple(packed_from(t) for t in out) if isinstance(out, tuple) else packed_from(out)
+
+    return Built([
+        Contender(OURS, make_step(
+            lambda: mmkernels.cross_modal_attention_varlen(q, k, v, cu, cu, L, L), mode, [q, k, v], gp)),
+        Contender("ours_padded", make_step(
+            lambda: mmkernels.cross_modal_attention(qd, kd, vd, key_padding_mask=pad), mode, [qd, kd, vd], gd)),
+        Contender("sdpa_padded", make_step(
+            lambda: F.scaled_dot_product_attention(qd, kd, vd, attn_mask=keep), mode, [qd, kd, vd], gd)),
+    ], oracle="sdpa_padded", tol=tol_for(dtype), check_layout={"ours_padded": to_packed, "sdpa_padded": to_packed})
+
+
 def _cases() -> list[Case]:
     # The default run: the first causal and the first decoding shape (float32).
     dt = torch.float32
@@ -92,13 +145,27 @@ def _cases() -> list[Case]:
             params={"variant": "decode", "B": B, "H": H, "Lq": Lq, "Lk": Lk, "E": E}, baselines=("sdpa",),
             flops=4.0 * B * H * Lq * Lk * E, default=i == 0,
         ))
+    for B, H, E, spread, Lmin, Lmax in VARLEN_SHAPES:  # none in the default run
+        for mode in ("fwd", "fwd+bwd"):
+            cases.append(Case(
+                suite="attention_variants", shape=f"varlen {spread} B{B} H{H} L{Lmin}..{Lmax} E{E}", mode=mode,
+                dtype=dt, build=lambda device, s=(B, H, E, spread, Lmin, Lmax), m=mode: _build_varlen(*s, m, dt, device),
+                params={"variant": "varlen", "B": B, "H": H, "E": E, "spread": spread, "Lmin": Lmin, "Lmax": Lmax},
+                baselines=("ours_padded", "sdpa_padded"),
+            ))
     return cases
 
 
 SUITE = Suite(
-    "attention_variants", "cross_modal_attention's causal, grouped-query and decoding calls vs SDPA", _cases,
+    "attention_variants",
+    "cross_modal_attention's causal, grouped-query and decoding calls vs SDPA; cross_modal_attention_varlen vs "
+    "padded batches", _cases,
     contenders={
-        OURS: "mmkernels.cross_modal_attention with is_causal=True / enable_gqa=True, or a decoding step (Lq = 1)",
+        OURS: "mmkernels.cross_modal_attention with is_causal=True / enable_gqa=True, or a decoding step (Lq = 1); "
+              "varlen cases: mmkernels.cross_modal_attention_varlen on the packed batch",
         "sdpa": "F.scaled_dot_product_attention with the same flags",
         "ours_mask": "mmkernels.cross_modal_attention with the causal mask as a bool attn_mask (no block skipping)",
+        "ours_padded": "varlen cases: mmkernels.cross_modal_attention on the batch padded to its longest sequence, "
+                       "key_padding_mask",
+        "sdpa_padded": "varlen cases: F.scaled_dot_product_attention on the padded batch, the padding as a bool mask",
     }, unavailable=_missing)
