@@ -109,32 +109,6 @@ MMK_CLONES void dscore(float* ds, const float* p, const float* dp, float d, floa
   for (int64_t c = 0; c < n; ++c) ds[c] = p[c] == 0.0f ? 0.0f : p[c] * (dp[c] - d) * scale;
 }
 
-MMK_CLONES void scores_from_rows(const float* q, int64_t qs, int64_t nq, const float* k, int64_t ks, int64_t nk,
-                                 int64_t E, float* S, int64_t ldS) {
-  // Four keys at a time: four independent vector sums per query row, each key row read once. A last
-  // group of fewer keys repeats its last key, so that every score comes from the same instructions.
-  for (int64_t c = 0; c < nk; c += 4) {
-    const int64_t n = std::min<int64_t>(4, nk - c);
-    const float* k0 = k + c * ks;
-    const float* k1 = k + (c + std::min<int64_t>(1, n - 1)) * ks;
-    const float* k2 = k + (c + std::min<int64_t>(2, n - 1)) * ks;
-    const float* k3 = k + (c + n - 1) * ks;
-    for (int64_t r = 0; r < nq; ++r) {
-      const float* x = q + r * qs;
-      float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-      for (int64_t e = 0; e < E; ++e) {
-        s0 += x[e] * k0[e];
-        s1 += x[e] * k1[e];
-        s2 += x[e] * k2[e];
-        s3 += x[e] * k3[e];
-      }
-      const float sums[4] = {s0, s1, s2, s3};
-      std::copy_n(sums, n, S + r * ldS + c);
-    }
-  }
-}
-
 MMK_CLONES void dropout_factors_row(float* z, uint64_t key, uint32_t j0, int64_t n, uint32_t threshold,
                                     float inv_keep) {
   for (int64_t c = 0; c < n; ++c) z[c] = dropout_hash(key, j0 + static_cast<uint32_t>(c)) >= threshold ? inv_keep : 0.0f;
@@ -212,16 +186,6 @@ void probs_from_scores(double* s, const double* bias, int64_t n, double scale, d
 void dscore(double* ds, const double* p, const double* dp, double d, double lse, int64_t n, double scale) {
   const bool none = lse == std::numeric_limits<double>::infinity();
   for (int64_t c = 0; c < n; ++c) ds[c] = none || p[c] == 0.0 ? 0.0 : p[c] * (dp[c] - d) * scale;
-}
-
-void scores_from_rows(const double* q, int64_t qs, int64_t nq, const double* k, int64_t ks, int64_t nk, int64_t E,
-                      double* S, int64_t ldS) {
-  for (int64_t c = 0; c < nk; ++c)
-    for (int64_t r = 0; r < nq; ++r) {
-      double s0 = 0.0;
-      for (int64_t e = 0; e < E; ++e) s0 += q[r * qs + e] * k[c * ks + e];
-      S[r * ldS + c] = s0;
-    }
 }
 
 void dropout_factors_row(double* z, uint64_t key, uint32_t j0, int64_t n, uint32_t threshold, double inv_keep) {

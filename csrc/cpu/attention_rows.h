@@ -33,11 +33,6 @@ void mul(float* x, const float* z, int64_t n);
 // forms each dP = dO V^T entry. So a row that sees one key (P = 1, O = V exactly) gets D = dP to
 // the bit, hence dS = 0, as the materialised softmax's gradient is.
 void dot_rows(const float* x, int64_t ldx, const float* y, int64_t ldy, int64_t rows, int64_t n, float* out);
-// S[r][c] = sum_e q[r][e] * k[c][e] for r < nq, c < nk (leading dims qs, ks, ldS): the scores of a
-// few query rows read straight from K's rows (decoding), in an order fixed per instruction set, so
-// that forward and backward form them to the bit.
-void scores_from_rows(const float* q, int64_t qs, int64_t nq, const float* k, int64_t ks, int64_t nk, int64_t E,
-                      float* S, int64_t ldS);
 // dst = bfloat16(src), round to nearest even (bit patterns; src finite).
 void to_bf16(const float* src, uint16_t* dst, int64_t n);
 // dst[2c] = a[c], dst[2c + 1] = b[c] (0 where b is null), c < n: two rows of 16-bit values
@@ -53,7 +48,5 @@ void dscore(double* ds, const double* p, const double* dp, double d, double lse,
 void dropout_factors_row(double* z, uint64_t key, uint32_t j0, int64_t n, uint32_t threshold, double inv_keep);
 void mul(double* x, const double* z, int64_t n);
 void dot_rows(const double* x, int64_t ldx, const double* y, int64_t ldy, int64_t rows, int64_t n, double* out);
-void scores_from_rows(const double* q, int64_t qs, int64_t nq, const double* k, int64_t ks, int64_t nk, int64_t E,
-                      double* S, int64_t ldS);
 
 }  // namespace mmkernels::cpu::rows

@@ -58,6 +58,9 @@ extern "C" {
 void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
             const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
             const int* ldc) __attribute__((weak));
+void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
 }
 
 // Row-major C (M x N, ldc) (+)= A (M x K, lda) B (K x N, ldb).
@@ -253,8 +256,37 @@ void pack_key_block(const In* kr, int64_t ks2, const In* vr, int64_t vs2, int64_
   }
 }
 
+// S (nq x nk, ldS) = Q (nq x E) K^T with K's rows read in place (K transposed as the GEMM's operand,
+// not packed): the BLAS's GEMV-like path for decoding's few query rows, where torch's BLAS exports
+// sgemm_ / dgemm_; else plain loops.
+template <typename T>
+void scores_from_key_rows(int64_t nq, int64_t nk, int64_t E, const T* q, int64_t qs, const T* k, int64_t ks, T* S,
+                          int64_t ldS) {
+  if (nq == 0 || nk == 0) return;
+  static const bool force_loops = std::getenv("MMKERNELS_NO_BLAS_SYMBOLS") != nullptr;
+  constexpr bool kFloat = std::is_same_v<T, float>;
+  if (E > 0 && (kFloat ? sgemm_ != nullptr : dgemm_ != nullptr) && !force_loops) {
+    // Column-major: S^T (nk x nq) = K (k's rows as the columns of an E x nk matrix, transposed) Q^T.
+    const int m = static_cast<int>(nk), n = static_cast<int>(nq), kk = static_cast<int>(E);
+    const int la = static_cast<int>(ks), lb = static_cast<int>(qs), lc = static_cast<int>(ldS);
+    const T one = 1, zero = 0;
+    if constexpr (kFloat) {
+      sgemm_("T", "N", &m, &n, &kk, &one, k, &la, q, &lb, &zero, S, &lc);
+    } else {
+      dgemm_("T", "N", &m, &n, &kk, &one, k, &la, q, &lb, &zero, S, &lc);
+    }
+    return;
+  }
+  for (int64_t r = 0; r < nq; ++r)
+    for (int64_t c = 0; c < nk; ++c) {
+      T acc = 0;
+      for (int64_t e = 0; e < E; ++e) acc += q[r * qs + e] * k[c * ks + e];
+      S[r * ldS + c] = acc;
+    }
+}
+
 // Decoding: queries per head up to which the forward may split the keys across threads, and (float,
-// double) forward and backward form the scores from K's rows directly (rows::scores_from_rows):
+// double) forward and backward form the scores from K's rows directly (scores_from_key_rows):
 // packing K^T for a GEMM of so few rows would write and read K once more than the dots read it.
 constexpr int64_t kDecodeMaxLq = 4;
 
@@ -425,7 +457,7 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
         } else if constexpr (kHalf) {
           gemm(nq, nk, p.E, Qf, p.E, kT + slot * kt_block, BK, S, BK, false);
         } else if (direct_scores) {
-          rows::scores_from_rows(qb, qs2, nq, kd + b * ks0 + hk * ks1 + j0 * ks2, ks2, nk, p.E, S, BK);
+          scores_from_key_rows(nq, nk, p.E, qb, qs2, kd + b * ks0 + hk * ks1 + j0 * ks2, ks2, S, BK);
         } else {
           gemm(nq, nk, p.E, qb, qs2, kT + slot * kt_block, BK, S, BK, false);
         }
@@ -618,7 +650,7 @@ void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k,
           // its rounding of S * scale + bias, so that P is the forward's to the bit (transposed, the
           // GEMM may sum the head dim in another order: one ulp of a 1e5 logit is 1% of a probability).
           if (direct_scores) {
-            rows::scores_from_rows(qi, qs2, nq, kr, ks2, nkq, p.E, P, BK);
+            scores_from_key_rows(nq, nkq, p.E, qi, qs2, kr, ks2, P, BK);
           } else {
             gemm(nq, nkq, p.E, qi, qs2, kT, BK, P, BK, false);
           }
