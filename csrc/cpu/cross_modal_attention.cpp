@@ -380,7 +380,7 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
   const int64_t run = (nitems + runs_per_unit - 1) / runs_per_unit, nruns = (nitems + run - 1) / run;
   const bool keep_packed = num_key_blocks(p.Lk) <= kMaxKeptBlocks;
   const bool direct_scores = !kBf16 && !kHalf && p.Lq <= kDecodeMaxLq;  // nothing to pack then
-  const int64_t slots = keep_packed ? num_key_blocks(p.Lk) : 1;
+  const int64_t slots = direct_scores ? 0 : keep_packed ? num_key_blocks(p.Lk) : 1;  // packed K^T blocks
   // Packed block sizes in In elements, and their scratch in T elements (bfloat16: two per T).
   const int64_t kt_block = p.E * (kBf16 ? BKp : BK), v_block = kBf16 ? BKp * p.Ev : (kHalf ? BK * p.Ev : 0);
   const int64_t kt_size = aligned_slice<T>(kt_block * slots * sizeof(Packed) / sizeof(T));
