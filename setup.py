@@ -69,7 +69,7 @@ def extensions():
     if sanitize:
         cxx += [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer"]
         link += [f"-fsanitize={sanitize}"]
-    sources = ["csrc/ops.cpp", "csrc/module.cpp", "csrc/small_calls.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/ops.cpp", "csrc/module.cpp", "csrc/small_calls.cpp", "csrc/attention_call.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     if not with_cuda:
         return [

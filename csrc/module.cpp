@@ -31,6 +31,7 @@ PyMODINIT_FUNC PyInit__C(void) {
   PyObject* m = PyModule_Create(&mmkernels_module);
   if (m == nullptr) return nullptr;
   if (PyModule_AddFunctions(m, mmkernels::small_call_method_table()) < 0) return nullptr;
+  if (PyModule_AddFunctions(m, mmkernels::attention_call_method_table()) < 0) return nullptr;
   PyModule_AddStringConstant(m, "torch_version",
                              MMK_STR(TORCH_VERSION_MAJOR) "." MMK_STR(TORCH_VERSION_MINOR) "." MMK_STR(
                                  TORCH_VERSION_PATCH));

@@ -10,9 +10,6 @@
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/PythonTorchFunctionTLS.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
-#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
@@ -25,20 +22,8 @@
 
 #include "small_calls.h"
 
+namespace mmkernels {
 namespace {
-
-// No torch-function mode, no dispatch mode (fake tensors, tracing), no functorch transform: what
-// mmkernels.ops._common.plain_eager tests besides torch.compile, which the Python side rules out.
-bool plain_context() {
-  // functorch includes its front-mode key while any transform (vmap, grad, jvp...) is active.
-  return !at::impl::torch_function_mode_enabled() && c10::impl::TorchDispatchModeTLS::stack_len() == 0 &&
-         !c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode);
-}
-
-// A plain torch.Tensor or nn.Parameter (no subclass with its own __torch_function__ / dispatch).
-const at::Tensor* plain_tensor(PyObject* obj) {
-  return THPVariable_CheckExact(obj) ? &THPVariable_Unpack(obj) : nullptr;
-}
 
 enum class Act { none, relu, gelu, gelu_tanh, silu, tanh, sigmoid, unknown };
 
@@ -145,18 +130,6 @@ bool linear_is_small(const at::Tensor& x, int64_t n_out, long long min_macs) {
 }
 
 std::optional<at::Tensor> opt(const at::Tensor* t) { return t ? std::optional<at::Tensor>(*t) : std::nullopt; }
-
-// The attention op through the dispatcher (with its registered autograd where a gradient is needed).
-std::tuple<at::Tensor, at::Tensor> attention_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                const std::optional<at::Tensor>& kpm, double scale) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("mmkernels::cross_modal_attention", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(
-                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                           const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double, double,
-                           const std::optional<at::Tensor>&, int64_t)>();
-  return op.call(q, k, v, kpm, std::nullopt, std::nullopt, scale, 0.0, std::nullopt, 0);
-}
 
 // nn/cross_modal_attention.py's _scores_to_weights, op for op.
 at::Tensor scores_to_weights(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& additive,
@@ -273,7 +246,7 @@ PyObject* attention_small(PyObject*, PyObject* args) {
   };
   q = split_heads(q), k = split_heads(k), v = split_heads(v);
 
-  at::Tensor out = std::get<0>(attention_op(q, k, v, opt(kpm), std::pow(static_cast<double>(D), -0.5)));
+  at::Tensor out = attention_out(q, k, v, opt(kpm), std::nullopt, std::nullopt, std::pow(static_cast<double>(D), -0.5), 0);
   PyObject* weights_obj = Py_None;
   at::Tensor weights;
   if (need_weights) {
@@ -319,8 +292,6 @@ PyMethodDef small_call_methods[] = {
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
-
-namespace mmkernels {
 
 PyMethodDef* small_call_method_table() { return small_call_methods; }
 

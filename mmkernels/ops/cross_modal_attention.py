@@ -10,6 +10,7 @@ if TYPE_CHECKING:
     from torch.nn.attention.bias import CausalBias
 
 from .. import reference
+from .._C import attention_call
 from ._common import KERNELS, differentiable_backward, fake_check_same_device, plain_eager, warn_once
 
 
@@ -148,6 +149,13 @@ def cross_modal_attention(
     A float attn_mask that requires grad takes the PyTorch reference path (which materialises the
     scores) so that its gradient is exact; the fused kernel treats masks as constants.
     """
+    if not torch.compiler.is_compiling():
+        # A plain eager CPU call, checked and run in one C++ crossing (csrc/attention_call.cpp: the op
+        # below autograd, and its formula as a C++ node where a gradient is needed); None otherwise.
+        out = attention_call(q, k, v, key_padding_mask, kv_lengths, attn_mask, is_causal, scale, dropout_p,
+                             enable_gqa)
+        if out is not None:
+            return out
     if isinstance(q, torch.Tensor) and q.is_nested:
         return _nested_attention(q, k, v, key_padding_mask, kv_lengths, attn_mask, is_causal, scale, dropout_p,
                                  enable_gqa)
