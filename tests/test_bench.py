@@ -266,3 +266,23 @@ def test_estimates_come_from_the_latest_saved_run(tmp_path):
         os.utime(tmp_path / name / "results.json", (1e9 + wall, 1e9 + wall))
     os.utime(tmp_path / "new" / "results.json", (2e9, 2e9))
     assert cli.measured_costs(str(tmp_path)) == {f"cpu:{case.id}": 12.5}
+
+
+def test_efficiency_is_attention_rate_over_the_runs_best_gemm_rate():
+    from mmkernels.bench.runner import Result
+    from mmkernels.bench.timing import Stats
+
+    def result(shape, role, flops, medians, dtype=torch.float32):
+        case = Case(suite="efficiency", shape=shape, mode="fwd", dtype=dtype, build=None, params={"role": role},
+                    flops=flops)
+        return Result(case, "cpu", times={n: Stats(m, m, m, 3, 1) for n, m in medians.items()})
+
+    results = [
+        result("gemm", "gemm", 100e9, {OURS: 0.5, "linear": 0.4}),  # best: 250 GFLOP/s
+        result("attn", "attention", 200e9, {OURS: 1.0, "sdpa": 2.0}),  # 200 and 100 GFLOP/s
+        result("attn", "attention", 200e9, {OURS: 1.0}, dtype=torch.bfloat16),  # no gemm case in bf16
+    ]
+    (e,) = report.efficiency(results)
+    assert e["dtype"] == "float32" and e["gemm_gflops"] == pytest.approx(250)
+    assert e["fraction"] == pytest.approx({OURS: 0.8, "sdpa": 0.4})
+    assert any("efficiency (cpu, float32) attn: mmkernels 80%, sdpa 40%" in line for line in report.summary_lines(results))

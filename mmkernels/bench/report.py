@@ -71,10 +71,7 @@ def notes(results: list[Result]) -> list[str]:
 
 def groups(results: Iterable[Result]) -> dict[tuple[str, str], list[Result]]:
     """Results by (suite, device), in run order."""
-    out: dict[tuple[str, str], list[Result]] = defaultdict(list)
-    for r in results:
-        out[(r.case.suite, r.device)].append(r)
-    return out
+    return _by(results, lambda r: (r.case.suite, r.device))
 
 
 def geomean(xs: list[float]) -> float:
@@ -98,8 +95,35 @@ def summary(results: list[Result]) -> list[dict]:
     return out
 
 
+def efficiency(results: list[Result]) -> list[dict]:
+    """Per (device, dtype) of the cases whose params name a role: each "attention" case's FLOP rate,
+    ours and each baseline's, as a fraction of the best rate any contender reached on a "gemm" case of
+    the same run (the efficiency suite)."""
+    rate = lambda r, name: r.case.flops / r.times[name].median_s  # noqa: E731
+    out = []
+    for (device, dtype), rs in _by(results, lambda r: (r.device, r.case.dtype_name)).items():
+        peaks = [rate(r, n) for r in rs if r.case.params.get("role") == "gemm" and not r.error for n in r.times]
+        if not peaks:
+            continue
+        peak = max(peaks)
+        for r in rs:
+            if r.case.params.get("role") == "attention" and not r.error:
+                out.append({"device": device, "dtype": dtype, "case": r.case.shape, "gemm_gflops": peak / 1e9,
+                            "fraction": {n: rate(r, n) / peak for n in r.times}})
+    return out
+
+
+def _by(results, key) -> dict:
+    out = defaultdict(list)
+    for r in results:
+        out[key(r)].append(r)
+    return out
+
+
 def summary_lines(results: list[Result]) -> list[str]:
-    lines = []
+    lines = [f"efficiency ({e['device']}, {e['dtype']}) {e['case']}: "
+             + ", ".join(f"{n} {f:.0%}" for n, f in e["fraction"].items())
+             + f" of the best GEMM rate, {e['gemm_gflops']:.0f} GFLOP/s" for e in efficiency(results)]
     for s in summary(results):
         line = (f"{s['suite']} ({s['device']}) vs {s['baseline']}: geomean {s['geomean']:.2f}x over {s['cases']} "
                 f"case{'s' * (s['cases'] != 1)}: {len(s['wins'])} faster, {len(s['loses'])} slower, "
@@ -172,7 +196,7 @@ def to_dict(results: list[Result], info: dict) -> dict:
                     "dtype": r.case.dtype_name, "shape": r.case.shape, "params": r.case.params,
                     "flops": r.case.flops, "wall_s": round(r.wall_s, 2), "error": r.error or None,
                     "contenders": contenders})
-    return {"meta": info, "results": out, "summary": summary(results)}
+    return {"meta": info, "results": out, "summary": summary(results), "efficiency": efficiency(results)}
 
 
 def write_json(path, results: list[Result], info: dict) -> None:

@@ -6,7 +6,7 @@ and one line below.
 from __future__ import annotations
 
 from ..core import Suite
-from . import attention, attention_variants, concat_linear, convert, fusion, latency, models
+from . import attention, attention_variants, concat_linear, convert, efficiency, fusion, latency, models
 
 SUITES: dict[str, Suite] = {s.name: s for s in (
     concat_linear.SUITE,
@@ -19,4 +19,5 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
     convert.SUITE,
     latency.SUITE,
     models.SUITE,
+    efficiency.SUITE,
 )}

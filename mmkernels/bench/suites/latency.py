@@ -6,10 +6,13 @@ what they replace, in inference (eval, torch.inference_mode) and as a training s
   key padding, need_weights both ways (True is MHA's default call; the weights are computed, then dropped).
 - Fusion heads: FusedConcatLinear vs nn.Linear over torch.cat plus the activation, M 1-32 rows, 1-4
   segments, every activation.
+- The functional ops' fixed cost, on tiny tensors: cross_modal_attention vs SDPA, fused_concat_linear vs
+  F.linear over torch.cat (the target: within 5 us of theirs; the runner prints both medians).
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 import mmkernels
 from mmkernels import reference
@@ -74,6 +77,26 @@ def _build_head(M, widths, N, activation, mode, device) -> Built:
     ], oracle="eager", tol=tol_for(dtype))
 
 
+def _build_fixed_cost(op, mode, device) -> Built:
+    train = mode != "fwd"
+    dtype = torch.float32
+    if op == "attn":
+        q, k, v = (randn(1, 1, n, 8, dtype=dtype, device=device, requires_grad=train) for n in (1, 4, 4))
+        g = randn(1, 1, 1, 8, dtype=dtype, device=device) if train else None
+        return Built([
+            Contender(OURS, _step(lambda: mmkernels.cross_modal_attention(q, k, v), mode, [q, k, v], g)),
+            Contender("sdpa", _step(lambda: F.scaled_dot_product_attention(q, k, v), mode, [q, k, v], g)),
+        ], oracle="sdpa", tol=tol_for(dtype))
+    xs = [randn(4, 8, dtype=dtype, device=device, requires_grad=train) for _ in range(3)]
+    w = randn(8, 24, dtype=dtype, device=device, requires_grad=train)
+    b = randn(8, dtype=dtype, device=device, requires_grad=train)
+    g = randn(4, 8, dtype=dtype, device=device) if train else None
+    return Built([
+        Contender(OURS, _step(lambda: mmkernels.fused_concat_linear(xs, w, b), mode, [*xs, w, b], g)),
+        Contender("linear", _step(lambda: F.linear(torch.cat(xs, -1), w, b), mode, [*xs, w, b], g)),
+    ], oracle="linear", tol=tol_for(dtype))
+
+
 def _cases() -> list[Case]:
     # The default run: the issue's first decoding step (inference, MHA's need_weights=False call) and its
     # first fusion head (inference, relu).
@@ -108,6 +131,13 @@ def _cases() -> list[Case]:
                     baselines=("eager",),
                     default=mode == "fwd" and (M, widths, N) == HEAD_SHAPES[0] and activation == "relu",
                 ))
+        for op, shape, baseline in (("attn", "op attn B1 H1 Lq1 Lk4 E8", "sdpa"),
+                                    ("concat", "op concat 4x(8,8,8)->8", "linear")):
+            cases.append(Case(
+                suite="latency", shape=shape, mode=mode, dtype=torch.float32,
+                build=lambda device, op=op, mode=mode: _build_fixed_cost(op, mode, device),
+                params={"op": op}, baselines=(baseline,),
+            ))
     return cases
 
 
@@ -117,5 +147,7 @@ SUITE = Suite(
         OURS: "mmkernels.nn.CrossModalAttention / FusedConcatLinear (inference under torch.inference_mode)",
         "mha": "torch.nn.MultiheadAttention with the same weights and call",
         "eager": "the activation of nn.Linear over torch.cat(xs, -1)",
+        "sdpa": "F.scaled_dot_product_attention (the functional attention's fixed cost)",
+        "linear": "F.linear over torch.cat(xs, -1) (the functional concat-linear's fixed cost)",
     },
 )
