@@ -6,10 +6,9 @@ Differences from nn.MultiheadAttention, all deliberate:
 - ``need_weights=True`` (nn.MultiheadAttention's default) still computes the output with the fused
   op and computes the weights beside it (averaged a few heads at a time, and recomputed so in their
   backward: see _AveragedWeights), so a caller that drops them keeps nothing of them for backward.
-  With dropout in training the output is made from materialised, dropped weights, as
+  Only with dropout in training is the output made from materialised, dropped weights, as
   nn.MultiheadAttention does (so that the returned weights are the ones that made it): that is the
-  slow path. With few scores (B * H * Lq * Lk <= 2^17) the output is made from the weights too, which
-  is then the cheaper order (one softmax, not two).
+  slow path.
 - ``is_causal`` is a hint, as in nn.MultiheadAttention: ``attn_mask`` must be given with it. Where the
   hint is taken (square self-attention, no ``add_bias_kv`` / ``add_zero_attn``, the output path) the
   op's causal flag replaces the mask, trusting the hint as nn.MultiheadAttention's fast path does, so
@@ -265,11 +264,7 @@ class CrossModalAttention(nn.Module):
         q, k, v = (self._split_heads(t, seq_dim) for t in (q, k, v))
 
         weights = None
-        # With need_weights and few scores (a decoding or small training step), nn.MultiheadAttention's
-        # own order costs less: the weights made once and the output from them, rather than the fused
-        # op plus weights recomputed beside it (and again in their backward).
-        materialise = slow or (need_weights and q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= _SMALL_SCORES)
-        if materialise:
+        if slow:
             out, weights = self._attention_with_weights(q, k, v, key_padding_mask, attn_mask, added, dropout_p)
             if average_attn_weights:
                 weights = weights.mean(dim=1)
@@ -345,13 +340,11 @@ class CrossModalAttention(nn.Module):
         return _scores_to_weights(q, k, additive, self._weights_scale())
 
     def _attention_with_weights(self, q, k, v, key_padding_mask, attn_mask, added, dropout_p):
-        """need_weights=True with dropout, or with few scores: materialises (B, H, Lq, Lk) weights as
+        """need_weights=True with dropout: materialises (B, H, Lq, Lk) weights as
         nn.MultiheadAttention does, in the same order (so dropout draws the same mask for the same
         seed); the output is made from the dropped weights, which are returned."""
         additive = weights_path_mask(key_padding_mask, attn_mask, q.shape[0], self.num_heads, added, q.dtype)
-        weights = self._scores_to_weights(q, k, additive)
-        if dropout_p > 0.0:
-            weights = F.dropout(weights, p=dropout_p)
+        weights = F.dropout(self._scores_to_weights(q, k, additive), p=dropout_p)
         return torch.matmul(weights, v), weights
 
     def _weights(self, q, k, key_padding_mask, attn_mask, added, average):
@@ -431,9 +424,6 @@ def _scores_to_weights(q, k, additive, scale):
 
 # Scores alive at once while the head-averaged weights are computed (16 MB of float32).
 _WEIGHTS_CHUNK_SCORES = 1 << 22
-# At most this many scores (B * H * Lq * Lk, 512 KB of float32), need_weights=True materialises the
-# weights once and makes the output from them (see forward).
-_SMALL_SCORES = 1 << 17
 
 
 def _head_chunks(q, k, additive):
