@@ -142,8 +142,9 @@ at::Tensor scores_to_weights(const at::Tensor& q, const at::Tensor& k, const std
 
 // attention_small(query, key, value, key_padding_mask, need_weights, average, in_proj_weight, in_proj_bias,
 //                 out_weight, out_bias, num_heads, batch_first, weights_chunk, min_macs) -> (out, weights) | None
-// CrossModalAttention.forward for a batched call (need_weights only where nothing needs a gradient) with packed in-projection weights, no attn_mask / is_causal / added keys / dropout, and projections
-// below min_macs: the same ATen ops and the same op call, in the same order, as the Python forward.
+// CrossModalAttention.forward for a batched call with packed in-projection weights, no attn_mask / is_causal /
+// added keys / dropout, and projections below min_macs: the same ATen ops and the same op call, in the
+// same order, as the Python forward (the weights of a training step excepted: see below).
 PyObject* attention_small(PyObject*, PyObject* args) {
   HANDLE_TH_ERRORS
   PyObject *query_obj, *key_obj, *value_obj, *kpm_obj, *w_obj, *b_obj, *ow_obj, *ob_obj;
@@ -183,13 +184,9 @@ PyObject* attention_small(PyObject*, PyObject* args) {
               !kpm->device().is_cpu())) {
     Py_RETURN_NONE;
   }
-  // A training step records its graph through these same ATen ops and the op's registered autograd;
-  // the need_weights weights keep the Python path there (their backward recomputes them: _AveragedWeights).
-  if (need_weights && at::GradMode::is_enabled()) {
-    for (const at::Tensor* t : {query, key, value, w, ow, b, ob}) {
-      if (t && t->requires_grad()) Py_RETURN_NONE;
-    }
-  }
+  // A training step records its graph through these same ATen ops and the op's autograd node. With
+  // need_weights, the weights' graph is ATen's too: it keeps their probabilities (a few KB at these
+  // sizes) where the Python path's _AveragedWeights would recompute them.
 
   // _visible_key_rows: with a bool mask hiding at least 1/8 of the keys, project the visible rows only.
   std::optional<at::Tensor> key_rows;

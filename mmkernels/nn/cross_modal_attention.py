@@ -230,9 +230,10 @@ class CrossModalAttention(nn.Module):
             and not self.add_zero_attn and (self.dropout == 0.0 or not self.training)
             and not torch.compiler.is_compiling()
         ):
-            # A decoding step's inference call: this whole forward in one C++ call (csrc/small_calls.cpp:
-            # the same ops in the same order), where the projections are ATen's GEMMs. None otherwise:
-            # training, tensor subclasses or modes, autocast, larger shapes, anything to check below.
+            # A small call (a decoding step, a small training step): this whole forward in one C++ call
+            # (csrc/small_calls.cpp: the same ops in the same order), where the projections are ATen's
+            # GEMMs. None otherwise: tensor subclasses or modes, autocast, larger shapes, anything to
+            # check below.
             result = attention_small(
                 query, key, value, key_padding_mask, need_weights, average_attn_weights, self.in_proj_weight,
                 self.in_proj_bias, self.out_proj.weight, self.out_proj.bias, self.num_heads, self.batch_first,

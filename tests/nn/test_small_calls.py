@@ -85,7 +85,6 @@ def test_attention_route_hands_back_what_it_does_not_serve():
     route = lambda q, k, v, kpm=None, need_weights=False: _C.attention_small(  # noqa: E731
         q, k, v, kpm, need_weights, True, m.in_proj_weight, m.in_proj_bias, m.out_proj.weight, m.out_proj.bias, 4,
         True, 1 << 22, 1 << 24)
-    assert route(q, k, k, need_weights=True) is None  # training weights: the Python path (_AveragedWeights)
     with torch.no_grad():
         assert route(q, k, k) is not None
         assert route(q, k, k, torch.zeros(2, 9)) is None  # float padding mask
@@ -178,3 +177,44 @@ def test_attention_route_training_step_is_the_python_path(monkeypatch, batch_fir
     assert torch.equal(out, ref_out)
     assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(grads, ref_grads))
     torch.testing.assert_close(second, ref_second, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("sharing,padding,average", list(itertools.product(("self", "kv"), (None, "most"),
+                                                                           (True, False))))
+def test_attention_route_training_step_with_weights(monkeypatch, sharing, padding, average):
+    # need_weights=True in a training step: the route's weights record ATen's graph (the Python path's
+    # _AveragedWeights recomputes them in backward): the same values and gradients up to rounding, those
+    # of nn.MultiheadAttention, and a double backward.
+    monkeypatch.setattr(cma_module, "ONEDNN_MIN_MACS", 1 << 24)
+    torch.manual_seed(4)
+    B, E, H = 2, 32, 2
+    Lq, Lk = (5, 5) if sharing == "self" else (3, 11)
+    mha = torch.nn.MultiheadAttention(E, H, batch_first=True, dtype=torch.float64)
+    m = CrossModalAttention.from_module(mha)
+    q, k = (t.requires_grad_() for t in _inputs(B, Lq, Lk, E, True, "none", torch.float64)[:2])
+    args = (q, q, q) if sharing == "self" else (q, k, k)
+    kpm = None
+    if padding:
+        kpm = torch.zeros(B, Lk, dtype=torch.bool)
+        kpm[:, 2:] = True
+    leaves = [q, k, *m.parameters()]
+    assert _C.attention_small(*args, kpm, True, average, m.in_proj_weight, m.in_proj_bias, m.out_proj.weight,
+                              m.out_proj.bias, H, True, 1 << 22, 1 << 24) is not None
+
+    def step(module):
+        out, weights = module(*args, key_padding_mask=kpm, average_attn_weights=average)
+        loss = out.square().sum() + (weights * torch.arange(weights.numel(), dtype=weights.dtype).view_as(weights)).sum()
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True, create_graph=True)
+        second = torch.autograd.grad(grads[0].square().sum(), m.in_proj_weight)[0]
+        return out, weights, grads, second
+
+    ours = step(m)
+    _python_path(monkeypatch)
+    for ref in (step(m), step(mha)):
+        for a, b in zip(ours[:2], ref[:2]):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        for a, b in zip(ours[2], ref[2]):
+            assert (a is None) == (b is None) or (a is not None and not a.any()) or (b is not None and not b.any())
+            if a is not None and b is not None:
+                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(ours[3], ref[3], rtol=1e-9, atol=1e-11)
