@@ -42,6 +42,15 @@
 namespace mmkernels::cuda {
 namespace {
 
+// tests/emu/test_emu_low_rank_fusion_host.py compiles this file against the CPU build of torch with
+// MMK_EMU_HOST: the CUDA headers replaced by csrc/emu/host, the kernels running on the emulator, CPU
+// tensors standing in for device memory. Only the lines under MMK_EMU_HOST differ.
+#ifdef MMK_EMU_HOST
+constexpr auto kDeviceType = c10::DeviceType::CPU;
+#else
+constexpr auto kDeviceType = c10::DeviceType::CUDA;
+#endif
+
 // Bytes of chunk buffers (projections, dP) alive at once.
 constexpr int64_t kChunkBytes = int64_t(64) << 20;
 
@@ -57,7 +66,7 @@ struct Problem {
 
 Problem make_problem(at::TensorList inputs, at::TensorList factors, const at::Tensor& rank_weight,
                      const std::optional<at::Tensor>& bias) {
-  check_device_and_dtypes(rank_weight, "rank_weight", c10::DeviceType::CUDA,
+  check_device_and_dtypes(rank_weight, "rank_weight", kDeviceType,
                           {at::kHalf, at::kBFloat16, at::kFloat, at::kDouble}, "float16, bfloat16, float32 or float64");
   Problem p;
   p.lead = check_low_rank_fusion(inputs, factors, rank_weight, bias);
@@ -101,7 +110,11 @@ at::Tensor project(const Problem& p, size_t m, int64_t r0, int64_t n) {
   if (p.x[m].size(1) == 0) return at::Tensor();
   const at::Tensor x = p.x[m].narrow(0, r0, n);
   if (p.acc == p.dt) return at::mm(x, p.fw[m]);
+#ifdef MMK_EMU_HOST
+  return at::mm(x.to(p.acc), p.fw[m].to(p.acc));  // ATen's CPU mm has no out_dtype
+#else
   return at::mm(x, p.fw[m], p.acc);  // float16 / bfloat16 in, float32 out
+#endif
 }
 
 template <typename acc_t>
@@ -275,9 +288,11 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Ten
 
 }  // namespace
 
+#ifndef MMK_EMU_HOST
 TORCH_LIBRARY_IMPL(mmkernels, CUDA, m) {
   m.impl("low_rank_fusion", &low_rank_fusion_cuda);
   m.impl("low_rank_fusion_backward", &low_rank_fusion_backward_cuda);
 }
+#endif
 
 }  // namespace mmkernels::cuda
