@@ -105,9 +105,9 @@ int64_t chunk_rows(const Problem& p, int64_t buffers) {
 }
 
 // Modality m's projections x_m[r0 : r0 + n] @ F_m[:, :D_m, :] as a (n, R * N) compute-type matrix;
-// undefined when D_m == 0 (the projection is the row alone).
+// undefined when D_m == 0 (the projection is the row alone) or R * N == 0 (nothing to project).
 at::Tensor project(const Problem& p, size_t m, int64_t r0, int64_t n) {
-  if (p.x[m].size(1) == 0) return at::Tensor();
+  if (p.x[m].size(1) == 0 || p.R * p.N == 0) return at::Tensor();
   const at::Tensor x = p.x[m].narrow(0, r0, n);
   if (p.acc == p.dt) return at::mm(x, p.fw[m]);
 #ifdef MMK_EMU_HOST
