@@ -10,8 +10,6 @@ from __future__ import annotations
 import sys
 
 KNOWN_MISSING = {
-    "low_rank_fusion": "CPU kernel only so far; on CUDA the Python wrapper falls back to the reference",
-    "low_rank_fusion_backward": "CPU kernel only so far (see low_rank_fusion)",
     "cross_modal_attention_varlen": "CPU kernel only so far; on CUDA the Python wrapper runs the reference per sequence",
     "cross_modal_attention_varlen_backward": "CPU kernel only so far (see cross_modal_attention_varlen)",
 }

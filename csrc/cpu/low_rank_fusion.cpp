@@ -35,44 +35,23 @@ struct Problem {
 
 Problem make_problem(at::TensorList inputs, at::TensorList factors, const at::Tensor& rank_weight,
                      const std::optional<at::Tensor>& bias) {
-  MMK_CHECK_ARG(!inputs.empty(), "inputs", "expected at least one tensor, got an empty list");
-  MMK_CHECK_ARG(factors.size() == inputs.size(), "factors", "expected one factor per input (", inputs.size(),
-                "), got ", factors.size());
   MMK_CHECK_ARG(rank_weight.dim() == 1, "rank_weight", "expected a 1-D (rank,) tensor, got shape ",
                 rank_weight.sizes());
   const auto dt = rank_weight.scalar_type();
   MMK_CHECK_ARG(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf, "rank_weight",
                 "expected float32, float64, bfloat16 or float16, got ", dt);
   Problem p;
+  p.lead = check_low_rank_fusion(inputs, factors, rank_weight, bias);  // shared with the CUDA kernel
   p.R = rank_weight.size(0);
-  MMK_CHECK_ARG(factors[0].dim() == 3, "factors[0]", "expected a 3-D (rank, in_features + 1, out_features) tensor, got ",
-                factors[0].dim(), "-D");
   p.N = factors[0].size(2);
   p.acc = at::toOpMathType(dt);
-  MMK_CHECK_ARG(inputs[0].dim() >= 1, "inputs[0]", "expected at least 1 dimension (..., features), got a 0-D tensor");
-  p.lead = inputs[0].sizes().vec();
-  p.lead.pop_back();
   p.rows = c10::multiply_integers(p.lead);
   for (size_t m = 0; m < inputs.size(); ++m) {
-    const auto& x = inputs[m];
-    const auto& f = factors[m];
-    const std::string xn = "inputs[" + std::to_string(m) + "]", fn = "factors[" + std::to_string(m) + "]";
-    MMK_CHECK_ARG(x.dim() >= 1, xn, "expected at least 1 dimension (..., features), got a 0-D tensor");
-    check_same_device_dtype(x, rank_weight, xn.c_str());
-    check_same_device_dtype(f, rank_weight, fn.c_str());
-    MMK_CHECK_ARG(x.sizes().slice(0, x.dim() - 1).equals(p.lead), xn, "expected leading dims ", at::IntArrayRef(p.lead),
-                  " (those of inputs[0]), got ", x.sizes().slice(0, x.dim() - 1));
-    const int64_t d = x.size(-1);
-    MMK_CHECK_ARG(f.dim() == 3 && f.size(0) == p.R && f.size(1) == d + 1 && f.size(2) == p.N, fn, "expected shape (",
-                  p.R, ", ", d + 1, ", ", p.N, ") = (rank, ", xn, ".size(-1) + 1, out_features), got ", f.sizes());
-    p.x.push_back(x.reshape({p.rows, d}));
-    const at::Tensor fa = f.to(p.acc);  // no copy unless bfloat16/float16
+    const int64_t d = inputs[m].size(-1);
+    p.x.push_back(inputs[m].reshape({p.rows, d}));
+    const at::Tensor fa = factors[m].to(p.acc);  // no copy unless bfloat16/float16
     p.fw.push_back(fa.narrow(1, 0, d));
     p.fb.push_back(fa.select(1, d));
-  }
-  if (bias.has_value()) {
-    MMK_CHECK_ARG(bias->dim() == 1 && bias->size(0) == p.N, "bias", "expected shape (", p.N, "), got ", bias->sizes());
-    check_same_device_dtype(*bias, rank_weight, "bias");
   }
   const at::Tensor w = rank_weight.to(at::kDouble).contiguous();
   p.w.assign(w.data_ptr<double>(), w.data_ptr<double>() + p.R);

@@ -8,6 +8,7 @@
 
 #include "attn_params.h"
 #include "fcl_launch.h"
+#include "low_rank_fusion_launch.h"
 
 namespace mmkernels::cuda::attn {
 // The dynamic shared memory of the attention kernels (`extern __shared__ uint16_t smem[]`): one
@@ -60,6 +61,30 @@ void by_head_dim(int D, F&& f) {
   if (D == 32) f(std::integral_constant<int, 32>{});
   if (D == 64) f(std::integral_constant<int, 64>{});
   if (D == 128) f(std::integral_constant<int, 128>{});
+}
+
+// low_rank_fusion: the modality table from arrays of pointers (null entries allowed), as the host code
+// builds it per chunk. dtype codes as above; float64 computes in float64, the others in float32.
+template <typename T, typename acc_t>
+LrfModalities<acc_t> lrf_table(int count, const void* const* proj, const void* const* row, void* const* grad) {
+  LrfModalities<acc_t> t{};
+  t.count = count;
+  for (int m = 0; m < count; ++m) {
+    t.proj[m] = static_cast<const acc_t*>(proj[m]);
+    t.row[m] = static_cast<const acc_t*>(row[m]);
+    t.grad[m] = grad != nullptr ? static_cast<acc_t*>(grad[m]) : nullptr;
+  }
+  return t;
+}
+
+template <class F>
+void by_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case 0: f(c10::Half{}, float{}); break;
+    case 1: f(c10::BFloat16{}, float{}); break;
+    case 2: f(float{}, float{}); break;
+    default: f(double{}, double{});
+  }
 }
 
 }  // namespace
@@ -169,5 +194,27 @@ void emu_tc_forward(int bf16, int count, const void* const* x, const int64_t* x_
                                  static_cast<c10::Half*>(out), static_cast<c10::Half*>(preact), M, N, a, nullptr);
   }
 }
+
+void emu_lrf_forward(int dtype, int count, const void* const* proj, const void* const* row, const void* w,
+                     const void* bias, void* out, int64_t rows, int64_t N, int64_t R) {
+  by_dtype(dtype, [&](auto t, auto a) {
+    using T = decltype(t);
+    using acc_t = decltype(a);
+    launch_lrf_forward<T, acc_t>(lrf_table<T, acc_t>(count, proj, row, nullptr), static_cast<const acc_t*>(w),
+                                 static_cast<const T*>(bias), static_cast<T*>(out), rows, N, R, nullptr);
+  });
+}
+
+void emu_lrf_backward(int dtype, int count, const void* const* proj, const void* const* row, void* const* grad,
+                      const void* grad_out, const void* w, void* w_partial, int64_t rows, int64_t N, int64_t R) {
+  by_dtype(dtype, [&](auto t, auto a) {
+    using T = decltype(t);
+    using acc_t = decltype(a);
+    launch_lrf_backward<T, acc_t>(lrf_table<T, acc_t>(count, proj, row, grad), static_cast<const T*>(grad_out),
+                                  static_cast<const acc_t*>(w), static_cast<acc_t*>(w_partial), rows, N, R, nullptr);
+  });
+}
+
+int emu_lrf_backward_blocks(int64_t rows, int64_t N) { return lrf_backward_blocks(rows, N); }
 
 }  // extern "C"

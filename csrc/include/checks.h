@@ -58,6 +58,41 @@ inline std::vector<int64_t> check_concat_linear(at::TensorList inputs, const at:
   return lead;
 }
 
+// low_rank_fusion's inputs, factors, rank weight and bias, the same on every backend (the rank weight's
+// device type and dtype are the backend's to check first). Returns the inputs' common leading dims.
+inline std::vector<int64_t> check_low_rank_fusion(at::TensorList inputs, at::TensorList factors,
+                                                  const at::Tensor& rank_weight, const std::optional<at::Tensor>& bias) {
+  MMK_CHECK_ARG(!inputs.empty(), "inputs", "expected at least one tensor, got an empty list");
+  MMK_CHECK_ARG(factors.size() == inputs.size(), "factors", "expected one factor per input (", inputs.size(),
+                "), got ", factors.size());
+  MMK_CHECK_ARG(rank_weight.dim() == 1, "rank_weight", "expected a 1-D (rank,) tensor, got shape ",
+                rank_weight.sizes());
+  MMK_CHECK_ARG(factors[0].dim() == 3, "factors[0]",
+                "expected a 3-D (rank, in_features + 1, out_features) tensor, got ", factors[0].dim(), "-D");
+  const int64_t R = rank_weight.size(0), N = factors[0].size(2);
+  MMK_CHECK_ARG(inputs[0].dim() >= 1, "inputs[0]", "expected at least 1 dimension (..., features), got a 0-D tensor");
+  auto lead = inputs[0].sizes().vec();
+  lead.pop_back();
+  for (size_t m = 0; m < inputs.size(); ++m) {
+    const auto& x = inputs[m];
+    const auto& f = factors[m];
+    const std::string xn = "inputs[" + std::to_string(m) + "]", fn = "factors[" + std::to_string(m) + "]";
+    MMK_CHECK_ARG(x.dim() >= 1, xn, "expected at least 1 dimension (..., features), got a 0-D tensor");
+    check_same_device_dtype(x, rank_weight, xn.c_str());
+    check_same_device_dtype(f, rank_weight, fn.c_str());
+    MMK_CHECK_ARG(x.sizes().slice(0, x.dim() - 1).equals(lead), xn, "expected leading dims ", at::IntArrayRef(lead),
+                  " (those of inputs[0]), got ", x.sizes().slice(0, x.dim() - 1));
+    const int64_t d = x.size(-1);
+    MMK_CHECK_ARG(f.dim() == 3 && f.size(0) == R && f.size(1) == d + 1 && f.size(2) == N, fn, "expected shape (", R,
+                  ", ", d + 1, ", ", N, ") = (rank, ", xn, ".size(-1) + 1, out_features), got ", f.sizes());
+  }
+  if (bias.has_value()) {
+    MMK_CHECK_ARG(bias->dim() == 1 && bias->size(0) == N, "bias", "expected shape (", N, "), got ", bias->sizes());
+    check_same_device_dtype(*bias, rank_weight, "bias");
+  }
+  return lead;
+}
+
 // cross_modal_attention's q, k, v: ranks, and the sizes, device and dtype they must share (q's device
 // type and dtype are the backend's to check first).
 inline void check_attention_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {

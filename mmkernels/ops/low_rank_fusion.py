@@ -67,6 +67,8 @@ def low_rank_fusion(
     """
     _check_low_rank_fusion(inputs, factors, rank_weight, bias)
     key = rank_weight.device.type.upper()
+    # CPU and CUDA have kernels; only a device the build has none for (a CPU-only build with CUDA
+    # tensors, or another backend) takes the reference, with a warning.
     if key not in KERNELS["mmkernels::low_rank_fusion"]:
         warn_once(
             f"lrf-{key}",

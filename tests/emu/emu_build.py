@@ -28,6 +28,7 @@ BUILD = pathlib.Path(os.environ.get("MMK_EMU_BUILD_DIR", ROOT / "build" / "emu")
 KERNEL_SOURCES = [
     "cuda/fused_concat_linear_elementwise.cu",
     "cuda/fused_concat_linear_tc.cu",
+    "cuda/low_rank_fusion_elementwise.cu",
     "cuda/attention/attn_aux.cu",
     *[f"cuda/attention/{d}_hdim{e}_{t}.cu" for d in ("fwd", "bwd") for e in (32, 64, 128) for t in ("fp16", "bf16")],
     "emu/fragment_probe.cu",

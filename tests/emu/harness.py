@@ -44,6 +44,11 @@ _SIGNATURES = {
     "emu_act_backward": ([ctypes.c_int, VP, VP, VP, I64, ctypes.c_int], None),
     "emu_tc_forward": ([ctypes.c_int, ctypes.c_int, ctypes.POINTER(VP), ctypes.POINTER(I64), ctypes.POINTER(I32),
                         ctypes.POINTER(I32), ctypes.c_uint32, I32, VP, I64, VP, VP, VP, I64, I64, ctypes.c_int], None),
+    "emu_lrf_forward": ([ctypes.c_int, ctypes.c_int, ctypes.POINTER(VP), ctypes.POINTER(VP), VP, VP, VP, I64, I64, I64],
+                        None),
+    "emu_lrf_backward": ([ctypes.c_int, ctypes.c_int, ctypes.POINTER(VP), ctypes.POINTER(VP), ctypes.POINTER(VP), VP, VP,
+                          VP, I64, I64, I64], None),
+    "emu_lrf_backward_blocks": ([I64, I64], ctypes.c_int),
 }
 
 DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}

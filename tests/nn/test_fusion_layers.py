@@ -148,7 +148,7 @@ def test_low_rank_fusion_errors_name_the_argument():
 
 
 def test_low_rank_fusion_falls_back_visibly(monkeypatch):
-    # A device without a kernel (CUDA here) takes the reference and says so once per process.
+    # A device the build has no kernel for (emptied kernel table here) takes the reference and says so once.
     monkeypatch.setitem(ops.KERNELS, "mmkernels::low_rank_fusion", frozenset())
     monkeypatch.setattr(ops._common, "_warned", set())
     xs, fs, w, b = lmf_case((4,), (3, 2), 2, 5, torch.float32)
