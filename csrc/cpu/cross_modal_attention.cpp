@@ -119,14 +119,12 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                      const std::optional<at::Tensor>& attn_mask, double scale, double dropout_p,
                      const std::optional<at::Tensor>& dropout_seed, int64_t causal, at::ScalarType compute) {
   check_inputs(q, k, v);
-  MMK_CHECK_ARG(causal >= 0 && causal <= 2, "causal", "expected 0 (none), 1 (upper-left) or 2 (lower-right), got ",
-                causal);
+  check_causal_mode(causal);
   Problem p;
   p.B = q.size(0), p.H = q.size(1), p.Lq = q.size(2), p.Lk = k.size(2), p.E = q.size(3), p.Ev = v.size(3);
   p.Hkv = k.size(1), p.G = p.Hkv > 0 ? p.H / p.Hkv : 1;
   p.scale = scale;
-  p.causal = causal != 0;
-  p.causal_offset = causal == 2 ? p.Lk - p.Lq : 0;
+  p.set_causal(causal);
   p.kbeg.assign(p.B, 0);
   p.kend.assign(p.B, p.Lk);
   check_attention_options(q, k, key_padding_mask, kv_lengths, attn_mask, dropout_p, dropout_seed);
@@ -157,12 +155,7 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     p.mask = mm.expand({p.B, p.H, p.Lq, p.Lk});  // a view: stride 0 on broadcast dims
     p.mask_kind = m.scalar_type() == at::kBool ? MaskKind::Bool : MaskKind::Float;
   }
-  if (dropout_p > 0.0) {
-    p.dropout = true;
-    p.seed = static_cast<uint64_t>(dropout_seed->to(at::kCPU).item<int64_t>());
-    p.threshold = dropout_threshold(dropout_p);
-    p.inv_keep = dropout_p >= 1.0 ? 0.0 : 1.0 / (1.0 - dropout_p);
-  }
+  if (dropout_p > 0.0) p.set_dropout(dropout_p, static_cast<uint64_t>(dropout_seed->to(at::kCPU).item<int64_t>()));
   return p;
 }
 

@@ -11,6 +11,8 @@
 #include <atomic>
 #include <vector>
 
+#include "dropout_hash.h"
+
 namespace mmkernels::cpu {
 
 enum class MaskKind { None, Bool, Float };
@@ -47,6 +49,18 @@ struct Problem {
   // How many of the nk keys from j0 query row i sees under the causal flag.
   int64_t causal_cols(int64_t i, int64_t j0, int64_t nk) const {
     return causal ? std::clamp<int64_t>(i + 1 + causal_offset - j0, 0, nk) : nk;
+  }
+  // The op's causal mode (0 none, 1 upper-left, 2 lower-right, checked by the caller) as the flag.
+  void set_causal(int64_t mode) {
+    causal = mode != 0;
+    causal_offset = mode == 2 ? Lk - Lq : 0;
+  }
+  // Dropout with probability dropout_p (> 0) from the seed the rows' masks derive from.
+  void set_dropout(double dropout_p, uint64_t mask_seed) {
+    dropout = true;
+    seed = mask_seed;
+    threshold = dropout_threshold(dropout_p);
+    inv_keep = dropout_p >= 1.0 ? 0.0 : 1.0 / (1.0 - dropout_p);
   }
 };
 

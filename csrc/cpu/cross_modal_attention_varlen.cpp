@@ -86,8 +86,7 @@ Shared check_shared(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const at::Tensor q4 = q.unsqueeze(0).transpose(1, 2), k4 = k.unsqueeze(0).transpose(1, 2);
   check_attention_qkv(q4, k4, v.unsqueeze(0).transpose(1, 2));
   check_attention_options(q4, k4, std::nullopt, std::nullopt, std::nullopt, dropout_p, dropout_seed);
-  MMK_CHECK_ARG(causal >= 0 && causal <= 2, "causal", "expected 0 (none), 1 (upper-left) or 2 (lower-right), got ",
-                causal);
+  check_causal_mode(causal);
   Shared c;
   c.H = s.H, c.Hkv = k.size(1), c.E = s.E, c.Ev = s.Ev, c.scale = scale, c.causal = causal, c.dropout_p = dropout_p;
   if (dropout_p > 0.0) c.seed = static_cast<uint64_t>(dropout_seed->to(at::kCPU).item<int64_t>());
@@ -102,17 +101,11 @@ Problem seq_problem(const Shared& c, const Packed& s, size_t b, int64_t hk0, int
   p.B = 1, p.H = nhk * p.G, p.Hkv = nhk, p.Lq = nq, p.Lk = nk, p.E = c.E, p.Ev = c.Ev;
   p.head0 = hk0 * p.G;
   p.scale = c.scale;
-  p.causal = c.causal != 0;
-  p.causal_offset = c.causal == 2 ? nk - nq : 0;
+  p.set_causal(c.causal);
   p.kbeg.assign(1, 0);
   p.kend.assign(1, nk);
-  if (c.dropout_p > 0.0) {
-    // An independent seed per sequence (an odd multiplier keeps distinct indices distinct).
-    p.dropout = true;
-    p.seed = (c.seed + (b + 1) * 0x9E3779B97F4A7C15ull) >> 2;
-    p.threshold = dropout_threshold(c.dropout_p);
-    p.inv_keep = c.dropout_p >= 1.0 ? 0.0 : 1.0 / (1.0 - c.dropout_p);
-  }
+  // An independent seed per sequence (an odd multiplier keeps distinct indices distinct).
+  if (c.dropout_p > 0.0) p.set_dropout(c.dropout_p, (c.seed + (b + 1) * 0x9E3779B97F4A7C15ull) >> 2);
   return p;
 }
 

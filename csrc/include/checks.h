@@ -116,6 +116,12 @@ inline void check_attention_ranks(const at::Tensor& q, const at::Tensor& k, cons
   MMK_CHECK_ARG(v.dim() == 4, "v", "expected a 4-D (batch, heads, Lk, Ev) tensor, got shape ", v.sizes());
 }
 
+// The op's causal mode: 0 none, 1 upper-left, 2 lower-right.
+inline void check_causal_mode(int64_t causal) {
+  MMK_CHECK_ARG(causal >= 0 && causal <= 2, "causal", "expected 0 (none), 1 (upper-left) or 2 (lower-right), got ",
+                causal);
+}
+
 // cross_modal_attention's masks, lengths and dropout arguments (after check_attention_qkv). Masks live
 // on q's device; kv_lengths may also be a CPU tensor. Values are the backend's to check.
 inline void check_attention_options(const at::Tensor& q, const at::Tensor& k,
