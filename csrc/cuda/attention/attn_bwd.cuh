@@ -19,6 +19,15 @@
 // a final scale-and-convert kernel, and a summation order that varies from run to run (dq is not
 // bitwise deterministic; dk and dv are). Measuring both on a GPU is still to do.
 //
+// Grouped-query attention: a block owns a key tile of one kv head and steps through the query tiles
+// of every query head of its group (G = H / H_kv of them, one after the other), so dK and dV sum
+// over the group in its registers: no race, no partial buffers, each K / V tile loaded once per
+// group. (The grid has B * H_kv * key tiles blocks: with few kv heads and short keys it can leave
+// SMs idle; splitting the group over blocks would need a reduction of dK / dV. Not measured.)
+// Causal: a key tile is seen only by the query rows i >= j0 - offset, so the loop starts at the
+// query tile holding the first of them (tiles before the diagonal are never loaded), and only the
+// query tiles that cross the diagonal mask per element. A key tile no query sees writes zeros.
+//
 // Key tiles outside the batch's visible key range write zero dK / dV and stop. D = 128 takes query
 // tiles of 16 rows: its dK and dV accumulators already hold 128 registers per thread, and with 32
 // rows ptxas spilled (~100 bytes) at the 255-register limit.
@@ -56,16 +65,23 @@ __global__ void __launch_bounds__(BwdTraits<D>::kThreads) attn_bwd_kernel(const 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t4 = lane % 4;
   const int nkt = (p.Lk + kBc - 1) / kBc;
-  const int bh = blockIdx.x / nkt, b = bh / p.H, h = bh % p.H;
+  const int bhk = blockIdx.x / nkt, b = bhk / p.H_kv, hkv = bhk % p.H_kv;
+  const int group = p.H / p.H_kv;
   const int j0 = (blockIdx.x % nkt) * kBc;
 
   int kbeg = 0, kend = p.Lk;
   if (p.kv_range != nullptr) kbeg = p.kv_range[2 * b], kend = p.kv_range[2 * b + 1];
-  uint16_t* dkg = static_cast<uint16_t*>(p.dk) + b * p.dk_sb + h * p.dk_sh;
-  uint16_t* dvg = static_cast<uint16_t*>(p.dv) + b * p.dv_sb + h * p.dv_sh;
+  uint16_t* dkg = static_cast<uint16_t*>(p.dk) + b * p.dk_sb + hkv * p.dk_sh;
+  uint16_t* dvg = static_cast<uint16_t*>(p.dv) + b * p.dv_sb + hkv * p.dv_sh;
+  // Query tiles [qt_first, nqt) of each query head of the group: causal skips those before the
+  // first row that sees key j0.
+  const int coff = causal_offset(p);
+  const int nqt = (p.Lq + kBr - 1) / kBr;
+  const int qt_first = p.causal ? max(0, j0 - coff) / kBr : 0;
+  const int nq = nqt - qt_first;  // query tiles per query head
 
-  if (j0 + kBc <= kbeg || j0 >= kend || p.Lq == 0) {
-    // No visible key in this tile (or no query): zero gradients, nothing to compute.
+  if (j0 + kBc <= kbeg || j0 >= kend || nq <= 0 || (p.causal && j0 - coff >= p.Lq)) {
+    // No visible key in this tile (or no query that sees one): zero gradients, nothing to compute.
     const int rows = min(kBc, p.Lk - j0);
     for (int idx = tid; idx < rows * (D / 8); idx += kThreads) {
       const int64_t j = j0 + idx / (D / 8), c = (idx % (D / 8)) * 8;
@@ -75,18 +91,22 @@ __global__ void __launch_bounds__(BwdTraits<D>::kThreads) attn_bwd_kernel(const 
     return;
   }
 
-  const uint16_t* qg = static_cast<const uint16_t*>(p.q) + b * p.q_sb + h * p.q_sh;
-  const uint16_t* kg = static_cast<const uint16_t*>(p.k) + b * p.k_sb + h * p.k_sh;
-  const uint16_t* vg = static_cast<const uint16_t*>(p.v) + b * p.v_sb + h * p.v_sh;
-  const uint16_t* dog = static_cast<const uint16_t*>(p.dout) + b * p.do_sb + h * p.do_sh;
-  const float* lseg = p.lse + static_cast<int64_t>(bh) * p.Lq;
-  const float* dsg = p.dsum + static_cast<int64_t>(bh) * p.Lq;
-  float* dqg = p.dq_accum + b * p.dq_sb + h * p.dq_sh;
+  const uint16_t* kg = static_cast<const uint16_t*>(p.k) + b * p.k_sb + hkv * p.k_sh;
+  const uint16_t* vg = static_cast<const uint16_t*>(p.v) + b * p.v_sb + hkv * p.v_sh;
+  // Step `it` of the loop is query tile qt_first + it % nq of query head hkv * group + it / nq.
+  const uint16_t* q0 = static_cast<const uint16_t*>(p.q) + b * p.q_sb;
+  const uint16_t* do0 = static_cast<const uint16_t*>(p.dout) + b * p.do_sb;
+  auto load_step = [&](int step, int buffer) {
+    const int hq = hkv * group + step / nq, i1 = (qt_first + step % nq) * kBr;
+    const uint16_t* qg = q0 + hq * p.q_sh;
+    const uint16_t* dog = do0 + hq * p.do_sh;
+    load_tile_async<D, kBr, kThreads>(sQ + buffer * kBr * D, qg + i1 * p.q_sl, p.q_sl, p.Lq - i1, qg, tid);
+    load_tile_async<D, kBr, kThreads>(sdO + buffer * kBr * D, dog + i1 * p.do_sl, p.do_sl, p.Lq - i1, dog, tid);
+  };
 
   load_tile_async<D, kBc, kThreads>(sK, kg + j0 * p.k_sl, p.k_sl, p.Lk - j0, kg, tid);
   load_tile_async<D, kBc, kThreads>(sV, vg + j0 * p.v_sl, p.v_sl, p.Lk - j0, vg, tid);
-  load_tile_async<D, kBr, kThreads>(sQ, qg, p.q_sl, p.Lq, qg, tid);
-  load_tile_async<D, kBr, kThreads>(sdO, dog, p.do_sl, p.Lq, dog, tid);
+  load_step(0, 0);
   cp_async_commit();
 
   // This thread's two keys (C-fragment rows g and g + 8 of the warp's 16).
@@ -102,14 +122,18 @@ __global__ void __launch_bounds__(BwdTraits<D>::kThreads) attn_bwd_kernel(const 
     for (int e = 0; e < 4; ++e) dk[d][e] = dv[d][e] = 0.0f;
   }
 
-  const int nqt = (p.Lq + kBr - 1) / kBr;
-  for (int it = 0; it < nqt; ++it) {
+  const int nsteps = group * nq;
+  for (int it = 0; it < nsteps; ++it) {
     const int buf = it & 1;
-    const int i0 = it * kBr;
-    if (it + 1 < nqt) {
-      const int i1 = i0 + kBr;
-      load_tile_async<D, kBr, kThreads>(sQ + (buf ^ 1) * kBr * D, qg + i1 * p.q_sl, p.q_sl, p.Lq - i1, qg, tid);
-      load_tile_async<D, kBr, kThreads>(sdO + (buf ^ 1) * kBr * D, dog + i1 * p.do_sl, p.do_sl, p.Lq - i1, dog, tid);
+    const int hq = hkv * group + it / nq, bh = b * p.H + hq;
+    const int i0 = (qt_first + it % nq) * kBr;
+    const float* lseg = p.lse + static_cast<int64_t>(bh) * p.Lq;
+    const float* dsg = p.dsum + static_cast<int64_t>(bh) * p.Lq;
+    float* dqg = p.dq_accum + b * p.dq_sb + hq * p.dq_sh;
+    // This query tile crosses the diagonal of the key tile: some of its rows miss some of its keys.
+    const bool diag = p.causal && j0 + kBc - 1 > i0 + coff;
+    if (it + 1 < nsteps) {
+      load_step(it + 1, buf ^ 1);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
@@ -158,10 +182,10 @@ __global__ void __launch_bounds__(BwdTraits<D>::kThreads) attn_bwd_kernel(const 
         for (int r = 0; r < 2; ++r) {
           const int e = 2 * r + c;
           float x = st[n][e] * p.scale_log2;
-          if (!key_ok[r]) {
+          if (!key_ok[r] || (diag && key[r] > i + coff)) {
             x = -INFINITY;
           } else if (has_mask && i < p.Lq) {
-            const float bias = mask_bias_log2(p, b, h, i, key[r]);  // masked: -inf, as in the forward
+            const float bias = mask_bias_log2(p, b, hq, i, key[r]);  // masked: -inf, as in the forward
             x = bias == -INFINITY ? -INFINITY : x + bias;
           }
           // exp2(finite - inf) = 0; a NaN row (lse = NaN: NaN among its visible scores) gets NaN
@@ -284,7 +308,7 @@ void launch_bwd(const BwdParams& p, cudaStream_t stream) {
   if (Tr::kSmemBytes > 48 * 1024) {
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
   }
-  const dim3 grid(((p.Lk + Tr::kBc - 1) / Tr::kBc) * p.B * p.H);
+  const dim3 grid(((p.Lk + Tr::kBc - 1) / Tr::kBc) * p.B * p.H_kv);
   kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
 }
 

@@ -17,6 +17,13 @@
 // are never loaded; only the tiles at the range's edges pay the per-element range check, and the
 // per-element mask reads happen only when a mask exists.
 //
+// Causal (p.causal 1 / 2: query i sees keys j <= i + offset, offset 0 or Lk - Lq): the key loop
+// stops at the last key the tile's last row sees, so tiles past the diagonal are never loaded, and
+// only the tiles that cross the diagonal pay the per-element check. With the flag, the grid runs the
+// query tiles of a head from last to first: the long ones (most keys) start first.
+// Grouped-query attention: query head h reads K and V of kv head h / (H / H_kv); the query heads of
+// a group are adjacent in the grid, so their blocks read the same K / V from L2.
+//
 // UNVERIFIED ON A GPU: compiled for sm_80 / sm_90, not yet run. Tests: tests/test_cuda_cross_modal_attention.py.
 #pragma once
 #include "attn_device.cuh"
@@ -49,16 +56,22 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads) attn_fwd_kernel(const 
   // Flat grid, query tiles of one (b, h) adjacent: they share K and V, which then stay in L2.
   const int nqt = (p.Lq + kBr - 1) / kBr;
   const int bh = blockIdx.x / nqt, b = bh / p.H, h = bh % p.H;
-  const int i0 = (blockIdx.x % nqt) * kBr;
+  const int hkv = h / (p.H / p.H_kv);
+  const int qt = blockIdx.x % nqt;
+  const int i0 = (p.causal ? nqt - 1 - qt : qt) * kBr;
 
   int kbeg = 0, kend = p.Lk;
   if (p.kv_range != nullptr) kbeg = p.kv_range[2 * b], kend = p.kv_range[2 * b + 1];
+  // Causal: no row of this tile sees a key past the last row's diagonal; tiles that cross the
+  // diagonal (some key past the first row's) mask per element.
+  const int coff = causal_offset(p);
+  const int kstop = p.causal ? min(kend, min(i0 + kBr, p.Lq) + coff) : kend;
   const int t_first = kbeg / kBc;
-  const int t_last = kend > kbeg ? (kend + kBc - 1) / kBc : t_first;  // tiles [t_first, t_last)
+  const int t_last = kstop > kbeg ? (kstop + kBc - 1) / kBc : t_first;  // tiles [t_first, t_last)
 
   const uint16_t* qg = static_cast<const uint16_t*>(p.q) + b * p.q_sb + h * p.q_sh;
-  const uint16_t* kg = static_cast<const uint16_t*>(p.k) + b * p.k_sb + h * p.k_sh;
-  const uint16_t* vg = static_cast<const uint16_t*>(p.v) + b * p.v_sb + h * p.v_sh;
+  const uint16_t* kg = static_cast<const uint16_t*>(p.k) + b * p.k_sb + hkv * p.k_sh;
+  const uint16_t* vg = static_cast<const uint16_t*>(p.v) + b * p.v_sb + hkv * p.v_sh;
 
   load_tile_async<D, kBr, kThreads>(sQ, qg + i0 * p.q_sl, p.q_sl, p.Lq - i0, qg, tid);
   if (t_first < t_last) {
@@ -119,13 +132,14 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads) attn_fwd_kernel(const 
     // Scale (to base 2) and mask.
     const int j0 = t * kBc;
     const bool edge = j0 < kbeg || j0 + kBc > kend;
+    const bool diag = p.causal && j0 + kBc - 1 > i0 + coff;
 #pragma unroll
     for (int n = 0; n < kNT; ++n) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int i = row[e / 2], j = j0 + n * 8 + 2 * t4 + (e & 1);
         float x = s[n][e] * p.scale_log2;
-        if (edge && (j < kbeg || j >= kend)) {
+        if ((edge && (j < kbeg || j >= kend)) || (diag && j > i + coff)) {
           x = -INFINITY;
         } else if (has_mask && i < p.Lq) {
           // A masked key stays -inf even where the score is NaN: it is not seen, NaN query or not.
