@@ -36,12 +36,15 @@ struct FwdTraits {
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kBr = 16 * kWarps;  // query rows per block
   static constexpr int kBc = 64;           // keys per tile
+  // One block per SM is all the launch bounds promise: with no minimum, ptxas may aim at a higher
+  // occupancy on its own and spill to get there (D = 32: 128 registers and an 8-byte spill).
+  static constexpr int kMinBlocks = 1;
   // Q + 2 x K + 2 x V tiles of 16-bit elements.
   static constexpr int kSmemBytes = (kBr + 4 * kBc) * D * 2;
 };
 
 template <int D, bool kBF16>
-__global__ void __launch_bounds__(FwdTraits<D>::kThreads) attn_fwd_kernel(const FwdParams p) {
+__global__ void __launch_bounds__(FwdTraits<D>::kThreads, FwdTraits<D>::kMinBlocks) attn_fwd_kernel(const FwdParams p) {
   using Tr = FwdTraits<D>;
   constexpr int kBr = Tr::kBr, kBc = Tr::kBc, kThreads = Tr::kThreads;
   constexpr int kNT = kBc / 8;  // n-tiles of S per warp
@@ -64,8 +67,7 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads) attn_fwd_kernel(const 
   if (p.kv_range != nullptr) kbeg = p.kv_range[2 * b], kend = p.kv_range[2 * b + 1];
   // Causal: no row of this tile sees a key past the last row's diagonal; tiles that cross the
   // diagonal (some key past the first row's) mask per element.
-  const int coff = causal_offset(p);
-  const int kstop = p.causal ? min(kend, min(i0 + kBr, p.Lq) + coff) : kend;
+  const int kstop = p.causal ? min(kend, min(i0 + kBr, p.Lq) + causal_offset(p)) : kend;
   const int t_first = kbeg / kBc;
   const int t_last = kstop > kbeg ? (kstop + kBc - 1) / kBc : t_first;  // tiles [t_first, t_last)
 
@@ -131,15 +133,15 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads) attn_fwd_kernel(const 
 
     // Scale (to base 2) and mask.
     const int j0 = t * kBc;
-    const bool edge = j0 < kbeg || j0 + kBc > kend;
-    const bool diag = p.causal && j0 + kBc - 1 > i0 + coff;
+    // Tiles at the key range's edges or across the causal diagonal check each element.
+    const bool edge = j0 < kbeg || j0 + kBc > kend || (p.causal && j0 + kBc - 1 > i0 + causal_offset(p));
 #pragma unroll
     for (int n = 0; n < kNT; ++n) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int i = row[e / 2], j = j0 + n * 8 + 2 * t4 + (e & 1);
         float x = s[n][e] * p.scale_log2;
-        if ((edge && (j < kbeg || j >= kend)) || (diag && j > i + coff)) {
+        if (edge && (j < kbeg || j >= kend || (p.causal && j > i + causal_offset(p)))) {
           x = -INFINITY;
         } else if (has_mask && i < p.Lq) {
           // A masked key stays -inf even where the score is NaN: it is not seen, NaN query or not.
