@@ -1,9 +1,9 @@
 // Forward tensor-core attention kernel (flash-attention-2 style, written for this project).
 //
 // One thread block = 4 warps per (batch, head, tile of kBr = 64 query rows); each warp owns 16 query
-// rows. The Q tile sits in shared memory for the whole block; K and V tiles of kBc = 64 keys (32 at D = 128) stream
-// through two shared-memory buffers with cp.async, so the copy of tile t+1 overlaps the math of
-// tile t. Per key tile, per warp:
+// rows. The Q tile sits in shared memory for the whole block; K and V tiles of kBc = 64 keys (32 at
+// D = 128) stream through two shared-memory buffers with cp.async, so the copy of tile t+1 overlaps
+// the math of tile t. Per key tile, per warp:
 //   S (16 x kBc) = Q K^T           mma.sync m16n8k16, A = Q via ldmatrix, B = K via ldmatrix
 //   scale, masks, online softmax   in registers, base 2 (running max m and partial row sum l)
 //   O (16 x D)  += P V             A = P straight from the S accumulators (re-packed to 16 bit),
