@@ -238,6 +238,142 @@ def test_other_device_index():
     assert_close(out, ref, TOL[torch.float16][0], "out")
 
 
+# --------------------------------------------------------------------------- causal flag, grouped-query heads
+# The tensor-core kernels skip the key tiles past the diagonal (forward) and the query tiles before it
+# (backward); grouped-query heads index K / V by h // G and sum dK / dV over the group in one block.
+# The fallback (float32 here) applies both in its ATen composition. All of it ran on the emulation
+# harness (tests/emu/test_emu_attention.py); on a GPU: UNVERIFIED until a session with one runs this.
+
+
+def make_gqa(B, H, H_kv, Lq, Lk, E, dtype):
+    q, k, v = make_qkv(B, H, Lq, Lk, E, E, dtype)
+    k, v = (t[:, :H_kv].detach().contiguous().requires_grad_() for t in (k, v))
+    return q, k, v
+
+
+def causal_kwargs(alignment, Lq, Lk):
+    """Upper-left through is_causal=True; lower-right through the CausalBias the decoders pass."""
+    if alignment == "upper_left":
+        return {"is_causal": True}
+    from torch.nn.attention.bias import causal_lower_right
+
+    return {"attn_mask": causal_lower_right(Lq, Lk)}
+
+
+@pytest.mark.parametrize("Lq,Lk", [(200, 200), (123, 300), (300, 123), (1, 257), (257, 1)], ids=str)
+@pytest.mark.parametrize("alignment", ["upper_left", "lower_right"])
+@pytest.mark.parametrize("E", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", TC_DTYPES + [torch.float32], ids=str)
+def test_causal_matches_reference(dtype, E, alignment, Lq, Lk):
+    q, k, v = make_qkv(2, 3, Lq, Lk, E, E, dtype)
+    check_against_reference(q, k, v, {}, dtype, **causal_kwargs(alignment, Lq, Lk))
+
+
+@pytest.mark.parametrize("kind", ["kpm", "len32", "bool2d", "float3d", "kpm+len32+bool2d", "holes"])
+@pytest.mark.parametrize("alignment", ["upper_left", "lower_right"])
+@pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
+def test_causal_with_masks(dtype, alignment, kind):
+    B, H, Lq, Lk = 2, 2, 150, 230
+    q, k, v = make_qkv(B, H, Lq, Lk, 64, 64, dtype)
+    masks = make_masks(kind, B, H, Lq, Lk)
+    if alignment == "upper_left":
+        check_against_reference(q, k, v, masks, dtype, is_causal=True)
+    else:  # a CausalBias cannot ride along with another attn_mask: lower-right through the op's flag
+        if "attn_mask" in masks:
+            masks["attn_mask"] = masks["attn_mask"].tril(Lk - Lq) if masks["attn_mask"].dtype == torch.bool else \
+                masks["attn_mask"].masked_fill(~reference.causal_visible(2, Lq, Lk, "cuda"), float("-inf"))
+            check_against_reference(q, k, v, masks, dtype)
+        else:
+            check_against_reference(q, k, v, masks, dtype, **causal_kwargs(alignment, Lq, Lk))
+
+
+@pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
+def test_causal_lower_right_rows_that_see_nothing(dtype):
+    # Lq > Lk: the first Lq - Lk rows see no key: zeros, lse = +inf, zero gradients.
+    B, H, Lq, Lk, E = 2, 2, 150, 60, 64
+    q, k, v = make_qkv(B, H, Lq, Lk, E, E, dtype)
+    out, lse = OP(q, k, v, None, None, None, E**-0.5, 0.0, None, 2)
+    assert (out[:, :, : Lq - Lk] == 0).all() and torch.isposinf(lse[:, :, : Lq - Lk]).all()
+    check_against_reference(q, k, v, {}, dtype, **causal_kwargs("lower_right", Lq, Lk))
+
+
+@pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
+def test_causal_matches_sdpa_float64(dtype):
+    B, H, Lq, Lk, E = 2, 4, 200, 333, 64
+    q, k, v = make_qkv(B, H, Lq, Lk, E, E, dtype)
+    out = mmkernels.cross_modal_attention(q, k, v, is_causal=True)
+    up = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*up, is_causal=True)
+    assert_close(out, ref, TOL[dtype][0], "out")
+    g = torch.randn_like(out)
+    for name, a, b in zip("qkv", torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, up, g.double())):
+        assert_close(a, b, TOL[dtype][1], f"grad {name}")
+
+
+@pytest.mark.parametrize("H_kv", [1, 2, 8])
+@pytest.mark.parametrize("E", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", TC_DTYPES + [torch.float32], ids=str)
+def test_grouped_query_heads_match_reference(dtype, E, H_kv):
+    B, H, Lq, Lk = 2, 8, 123, 200
+    q, k, v = make_gqa(B, H, H_kv, Lq, Lk, E, dtype)
+    check_against_reference(q, k, v, make_masks("kpm+len32+bool2d", B, H, Lq, Lk), dtype, enable_gqa=True)
+
+
+@pytest.mark.parametrize("H_kv", [1, 4])
+@pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
+def test_grouped_query_heads_causal_and_sdpa(dtype, H_kv):
+    B, H, Lq, Lk, E = 2, 8, 190, 190, 128
+    q, k, v = make_gqa(B, H, H_kv, Lq, Lk, E, dtype)
+    check_against_reference(q, k, v, make_masks("float3d", B, H, Lq, Lk), dtype, enable_gqa=True, is_causal=True)
+    out = mmkernels.cross_modal_attention(q, k, v, is_causal=True, enable_gqa=True)
+    up = [t.detach().double() for t in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*up, is_causal=True, enable_gqa=True)
+    assert_close(out, ref, TOL[dtype][0], "out vs SDPA")
+
+
+@pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
+def test_grouped_query_heads_dropout_same_mask_as_cpu(dtype):
+    # Dropout rows are keyed by the query head on both devices: the same elements drop.
+    q, k, v = make_gqa(2, 6, 2, 40, 96, 64, dtype)
+    args = [t.detach() for t in (q, k, v)]
+    got = OP(*args, None, None, None, 0.125, 0.3, torch.tensor(5), 1)[0]
+    want = torch.ops.mmkernels.cross_modal_attention.default(
+        *[t.cpu().double() for t in args], None, None, None, 0.125, 0.3, torch.tensor(5), 1)[0]
+    assert_close(got, want, TOL[dtype][0], "out")
+
+
+def test_grouped_query_heads_never_expand_k_and_v():
+    # Multi-query attention over a long key sequence: a (B, H, Lk, E) copy of K and V would be 32x
+    # their size; the forward and backward stay far below that.
+    B, H, Lq, Lk, E = 1, 32, 64, 65536, 128
+    q, k, v = make_gqa(B, H, 1, Lq, Lk, E, torch.bfloat16)
+    expanded = 2 * B * H * Lk * E * k.element_size()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = mmkernels.cross_modal_attention(q, k, v, enable_gqa=True)
+    out.float().sum().backward()
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base < expanded / 8
+    assert k.grad.shape == k.shape and v.grad.shape == v.shape
+
+
+def test_grouped_query_heads_need_enable_gqa():
+    q, k, v = make_gqa(1, 4, 2, 10, 10, 64, torch.float16)
+    with pytest.raises(ValueError, match="enable_gqa"):
+        mmkernels.cross_modal_attention(q, k, v)
+
+
+def test_causal_and_gqa_take_the_kernels_without_a_warning():
+    # The wrapper no longer routes these CUDA calls to the reference (which warned once).
+    import warnings
+
+    q, k, v = make_gqa(1, 4, 2, 70, 90, 64, torch.float16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mmkernels.cross_modal_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
+
+
 # --------------------------------------------------------------------------- fallback path
 
 
@@ -376,10 +512,17 @@ def _opcheck_cases():
             cases.append((q, k, v, kpm, lengths, m, 0.3, 0.0, None))
         else:
             cases.append((q, k, v, kpm, None, None, 0.3, 0.25, torch.tensor(7)))
+    # The causal flag (lower-right) with grouped-query heads (4 query heads over 2 kv heads), on the
+    # tensor cores and on the fallback.
+    for dtype, E in ((torch.float16, 64), (torch.float32, 24)):
+        q = torch.randn(2, 4, 9, E, device=dev, dtype=dtype, requires_grad=True)
+        k = torch.randn(2, 2, 13, E, device=dev, dtype=dtype, requires_grad=True)
+        v = torch.randn(2, 2, 13, E, device=dev, dtype=dtype, requires_grad=True)
+        cases.append((q, k, v, torch.rand(2, 13, device=dev) < 0.3, None, None, 0.3, 0.0, None, 2))
     return cases
 
 
-@pytest.mark.parametrize("i", range(4))
+@pytest.mark.parametrize("i", range(6))
 def test_opcheck(i):
     args = _opcheck_cases()[i]
     torch.library.opcheck(OP, args)

@@ -11,6 +11,11 @@
 //    and why (TORCH_WARN_ONCE). It drops exactly the elements the kernels (and the CPU) drop: the
 //    keep mask comes from the same counter-based hash (csrc/include/dropout_hash.h).
 //
+// Causal (causal = 1 upper-left, 2 lower-right) and grouped-query heads (k, v with H_kv heads
+// dividing H) are flags and indices to the kernels: no mask and no copy of K / V is made; the
+// fallback adds the causal mask per chunk of rows and folds each group's query heads into the rows
+// of one GEMM against its kv head.
+//
 // Masks are never expanded in memory: attn_mask is read through its (stride-0 where broadcast)
 // strides, key_padding_mask and kv_lengths become a per-batch visible key range (tiles outside it
 // are skipped) plus a per-element check for holes. kv_lengths values outside [0, Lk] are clamped
@@ -48,12 +53,7 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
   check_attention_ranks(q, k, v);
   check_device_and_dtypes(q, "q", c10::DeviceType::CUDA, {at::kHalf, at::kBFloat16, at::kFloat, at::kDouble},
                           "float16, bfloat16, float32 or float64 on CUDA");
-  check_attention_qkv(q, k, v);
-  // The CUDA kernels have no grouped-query indexing yet; the Python wrapper sends such calls to the
-  // reference, so only a direct op call lands here.
-  MMK_CHECK_ARG(k.size(1) == q.size(1), "k", "grouped-query attention (", k.size(1), " kv heads for ", q.size(1),
-                " query heads) is not implemented by the CUDA kernels; call mmkernels.cross_modal_attention, "
-                "which routes it to the reference");
+  check_attention_qkv(q, k, v);  // includes H % H_kv == 0
   constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
   MMK_CHECK_ARG(q.size(2) < kMax && k.size(2) < kMax && q.size(0) * q.size(1) < kMax, "q",
                 "sizes beyond int32 range are not supported, got q ", q.sizes(), " and k ", k.sizes());
@@ -62,6 +62,8 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
 // The inputs after the checks, with the masks in the form the kernels read (kept alive here).
 struct Prepared {
   int64_t B = 0, H = 0, Lq = 0, Lk = 0, E = 0, Ev = 0;
+  int64_t Hkv = 0, G = 1;  // kv heads; query heads per kv head
+  int64_t causal = 0;      // 0 none, 1 upper-left, 2 lower-right
   double scale = 1.0;
   at::Tensor kpm;          // (B, Lk) bool, contiguous, on q's device; or undefined
   at::Tensor lengths;      // (B,) int32 on q's device; or undefined
@@ -75,10 +77,14 @@ struct Prepared {
 Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& kv_lengths,
                  const std::optional<at::Tensor>& attn_mask, double scale, double dropout_p,
-                 const std::optional<at::Tensor>& dropout_seed, at::ScalarType float_mask_type) {
+                 const std::optional<at::Tensor>& dropout_seed, int64_t causal, at::ScalarType float_mask_type) {
   // q, k, v were checked by the op, before its device guard.
+  MMK_CHECK_ARG(causal >= 0 && causal <= 2, "causal", "expected 0 (none), 1 (upper-left) or 2 (lower-right), got ",
+                causal);
   Prepared p;
   p.B = q.size(0), p.H = q.size(1), p.Lq = q.size(2), p.Lk = k.size(2), p.E = q.size(3), p.Ev = v.size(3);
+  p.Hkv = k.size(1), p.G = p.Hkv > 0 ? p.H / p.Hkv : 1;
+  p.causal = causal;
   p.scale = scale;
   check_attention_options(q, k, key_padding_mask, kv_lengths, attn_mask, dropout_p, dropout_seed);
   if (key_padding_mask.has_value()) p.kpm = key_padding_mask->contiguous();
@@ -107,6 +113,7 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 void fill_common(AttnParams& a, const Prepared& p, const at::Tensor& kv_range) {
   a.B = static_cast<int32_t>(p.B), a.H = static_cast<int32_t>(p.H);
   a.Lq = static_cast<int32_t>(p.Lq), a.Lk = static_cast<int32_t>(p.Lk);
+  a.H_kv = static_cast<int32_t>(p.Hkv), a.causal = static_cast<int32_t>(p.causal);
   a.scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
   a.kv_range = kv_range.defined() ? kv_range.data_ptr<int32_t>() : nullptr;
   a.kpm = p.kpm.defined() ? reinterpret_cast<const uint8_t*>(p.kpm.const_data_ptr<bool>()) : nullptr;
@@ -213,11 +220,29 @@ void run_bwd(const BwdParams& bp, int64_t E, bool bf16, cudaStream_t stream) {
 // The dtype the fallback computes in.
 at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+// Grouped-query heads: x (B, H, rows, D) as (B, H_kv, G * rows, D), the G query heads of a kv head
+// stacked as the rows of one GEMM against it (a view where x is dense; no copy of K or V ever).
+at::Tensor group_rows(const Prepared& p, const at::Tensor& x) {
+  return x.reshape({p.B, p.Hkv, p.G * x.size(2), x.size(3)});
+}
+// The inverse, for a GEMM result (B, H_kv, G * rows, D), which is contiguous: (B, H, rows, D).
+at::Tensor ungroup_rows(const Prepared& p, const at::Tensor& x) {
+  return x.view({p.B, p.H, x.size(2) / p.G, x.size(3)});
+}
+
 // Scores of query rows [i0, i1) in the compute type, scaled and masked (-inf where not visible).
 at::Tensor masked_scores(const Prepared& p, const at::Tensor& qf, const at::Tensor& kf, const at::Tensor& visible,
                          int64_t i0, int64_t i1) {
-  at::Tensor s = at::matmul(qf.slice(2, i0, i1), kf.transpose(-1, -2)).mul_(p.scale);
+  at::Tensor s = ungroup_rows(p, at::matmul(group_rows(p, qf.slice(2, i0, i1)), kf.transpose(-1, -2))).mul_(p.scale);
   if (visible.defined()) s.masked_fill_(visible.logical_not(), -std::numeric_limits<double>::infinity());
+  if (p.causal != 0) {
+    // Query i sees key j iff j <= i + offset: the (rows, Lk) band, broadcast over batch and heads.
+    const int64_t offset = p.causal == 2 ? p.Lk - p.Lq : 0;
+    const auto opts = s.options().dtype(at::kLong);
+    const at::Tensor last_seen = at::arange(i0, i1, opts).view({i1 - i0, 1}) + offset;
+    const at::Tensor hidden = at::arange(p.Lk, opts).view({1, p.Lk}).gt(last_seen);
+    s.masked_fill_(hidden, -std::numeric_limits<double>::infinity());
+  }
   if (p.mask.defined()) {
     const at::Tensor m = p.mask.slice(2, i0, i1);
     if (m.scalar_type() == at::kBool) {
@@ -278,7 +303,7 @@ std::tuple<at::Tensor, at::Tensor> forward_fallback(const Prepared& p, const at:
     lse.slice(2, i0, i1).copy_(at::where(seen, m + l.log(), inf).squeeze(-1));
     at::Tensor prob = e.div_(at::where(seen, l, 1.0));
     if (p.dropout) prob.mul_(dropout_factors(p, prob, i0, i1, stream));
-    out.slice(2, i0, i1).copy_(at::matmul(prob, vf));
+    out.slice(2, i0, i1).copy_(ungroup_rows(p, at::matmul(group_rows(p, prob), vf)));
   }
   return {out.to(q.scalar_type()), ct == at::kDouble ? lse : lse.to(at::kFloat)};
 }
@@ -303,18 +328,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_fallback(const Prepared&
     const at::Tensor unseen = s.eq(-std::numeric_limits<double>::infinity());
     const at::Tensor prob = s.sub_(lsef.slice(2, i0, i1).unsqueeze(-1)).exp_().masked_fill_(unseen, 0);
     const at::Tensor dout_c = dof.slice(2, i0, i1);
-    at::Tensor dp = at::matmul(dout_c, vf.transpose(-1, -2));
+    at::Tensor dp = ungroup_rows(p, at::matmul(group_rows(p, dout_c), vf.transpose(-1, -2)));
     at::Tensor pz = prob;
     if (p.dropout) {
       const at::Tensor z = dropout_factors(p, prob, i0, i1, stream);
       pz = prob * z;
       dp.mul_(z);
     }
-    dv.add_(at::matmul(pz.transpose(-1, -2), dout_c));
+    // dK, dV: the group's rows are the GEMMs' inner dim, so they sum over the group's query heads.
+    dv.add_(at::matmul(group_rows(p, pz).transpose(-1, -2), group_rows(p, dout_c)));
     // Masked keys (and rows that see none): dS = 0 even where dP or D is NaN, as in the kernels.
     const at::Tensor ds = dp.sub_(D.slice(2, i0, i1).unsqueeze(-1)).mul_(prob).mul_(p.scale).masked_fill_(unseen, 0);
-    dq.slice(2, i0, i1).copy_(at::matmul(ds, kf));
-    dk.add_(at::matmul(ds.transpose(-1, -2), qf.slice(2, i0, i1)));
+    const at::Tensor dsg = group_rows(p, ds);
+    dq.slice(2, i0, i1).copy_(ungroup_rows(p, at::matmul(dsg, kf)));
+    dk.add_(at::matmul(dsg.transpose(-1, -2), group_rows(p, qf.slice(2, i0, i1))));
   }
   const auto dt = q.scalar_type();
   return {dq.to(dt), dk.to(dt), dv.to(dt)};
@@ -322,23 +349,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_fallback(const Prepared&
 
 // ------------------------------------------------------------------------------------------ ops
 
-// The causal flag is a CPU-kernel feature so far; the Python wrapper routes causal CUDA calls to the
-// reference, so only a direct op call lands here.
-void check_no_causal(int64_t causal) {
-  MMK_CHECK_ARG(causal == 0, "causal", "causal attention (causal=", causal, ") is not implemented by the CUDA "
-                "kernels; call mmkernels.cross_modal_attention, which routes it to the reference");
-}
-
 std::tuple<at::Tensor, at::Tensor> cross_modal_attention_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& kv_lengths, const std::optional<at::Tensor>& attn_mask, double scale,
     double dropout_p, const std::optional<at::Tensor>& dropout_seed, int64_t causal) {
   check_inputs(q, k, v);
-  check_no_causal(causal);
   const c10::cuda::CUDAGuard guard(q.device());
   const bool fast_dtype = q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16;
   const at::ScalarType mask_type = fast_dtype ? at::kFloat : compute_type(q.scalar_type());
-  const Prepared p = prepare(q, k, v, key_padding_mask, kv_lengths, attn_mask, scale, dropout_p, dropout_seed, mask_type);
+  const Prepared p = prepare(q, k, v, key_padding_mask, kv_lengths, attn_mask, scale, dropout_p, dropout_seed, causal,
+                             mask_type);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const Path path = choose_path(q, p);
   if (p.B * p.H * p.Lq == 0 || p.Lk == 0) {
@@ -372,11 +392,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_modal_attention_backward_cu
     const std::optional<at::Tensor>& kv_lengths, const std::optional<at::Tensor>& attn_mask, double scale,
     double dropout_p, const std::optional<at::Tensor>& dropout_seed, int64_t causal) {
   check_inputs(q, k, v);
-  check_no_causal(causal);
   const c10::cuda::CUDAGuard guard(q.device());
   const bool fast_dtype = q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16;
   const at::ScalarType mask_type = fast_dtype ? at::kFloat : compute_type(q.scalar_type());
-  const Prepared p = prepare(q, k, v, key_padding_mask, kv_lengths, attn_mask, scale, dropout_p, dropout_seed, mask_type);
+  const Prepared p = prepare(q, k, v, key_padding_mask, kv_lengths, attn_mask, scale, dropout_p, dropout_seed, causal,
+                             mask_type);
   MMK_CHECK_ARG(grad_out.sizes() == at::IntArrayRef({p.B, p.H, p.Lq, p.Ev}), "grad_out", "expected shape (", p.B,
                 ", ", p.H, ", ", p.Lq, ", ", p.Ev, "), got ", grad_out.sizes());
   check_same_device_dtype(grad_out, q, "grad_out");

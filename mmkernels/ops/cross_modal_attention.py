@@ -170,18 +170,9 @@ def cross_modal_attention(
     mask_needs_grad = (
         op_mask is not None and op_mask.dtype != torch.bool and op_mask.requires_grad and torch.is_grad_enabled()
     )
-    # The CUDA kernels have neither the causal flag nor grouped-query indexing yet: those calls take
-    # the reference there, said once.
-    cuda_lacks = key == "CUDA" and (causal != 0 or k.shape[1] != q.shape[1])
-    if mask_needs_grad or cuda_lacks or key not in KERNELS["mmkernels::cross_modal_attention"]:
-        if cuda_lacks and not mask_needs_grad:
-            warn_once(
-                "cma-cuda-causal-gqa",
-                "mmkernels: the CUDA cross_modal_attention kernels do not implement is_causal / CausalBias or "
-                "grouped-query attention yet; using the PyTorch reference (which materialises the score "
-                "matrix) instead.",
-            )
-        elif not mask_needs_grad:
+    # The causal flag and grouped-query heads reach every backend's kernels (CPU and CUDA alike).
+    if mask_needs_grad or key not in KERNELS["mmkernels::cross_modal_attention"]:
+        if not mask_needs_grad:
             warn_once(
                 f"cma-{key}",
                 f"mmkernels: no cross_modal_attention kernel for {key} in this build; using the PyTorch "

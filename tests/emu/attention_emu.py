@@ -21,7 +21,7 @@ def dropout_threshold(p: float) -> int:
 class Problem:
     """The fields every attention kernel reads, and the buffers behind them."""
 
-    def __init__(self, h: Harness, q, k, v, masks, scale, dropout_p=0.0, seed=0, layout="bhsd"):
+    def __init__(self, h: Harness, q, k, v, masks, scale, dropout_p=0.0, seed=0, layout="bhsd", causal=0):
         self.h = h
         if layout == "bhsd":
             self.q, self.k, self.v = (t.detach().contiguous().clone() for t in (q, k, v))
@@ -53,7 +53,7 @@ class Problem:
             q=self.q.data_ptr(), k=self.k.data_ptr(), v=self.v.data_ptr(),
             **{f"{n}_s{d}": t.stride(i) for n, t in (("q", self.q), ("k", self.k), ("v", self.v))
                for i, d in enumerate("bhl")},
-            B=self.B, H=self.H, Lq=self.Lq, Lk=self.Lk,
+            B=self.B, H=self.H, Lq=self.Lq, Lk=self.Lk, H_kv=self.k.shape[1], causal=causal,
             kv_range=0 if self.kv_range is None else self.kv_range.data_ptr(),
             kpm=0 if self.kpm is None else self.kpm.data_ptr(),
             mask_kind=self.mask_kind, mask=0 if self.mask is None else self.mask.data_ptr(),

@@ -1,7 +1,8 @@
 """The tensor-core attention kernels (csrc/cuda/attention/) executed from their own source on the
 emulation harness, forward and backward, against mmkernels/reference.py in float64: every head dim,
 both 16-bit dtypes, every mask kind, sizes that are not multiples of the 64-row tiles, fully masked
-rows, dropout (the same keep mask in backward). Tolerances: those of tests/test_cuda_cross_modal_attention.py."""
+rows, dropout (the same keep mask in backward), the causal flag in both alignments, grouped-query
+heads (H_kv in {1, 2, H}). Tolerances: those of tests/test_cuda_cross_modal_attention.py."""
 from __future__ import annotations
 
 import os
@@ -44,22 +45,45 @@ def keep_mask(B, H, Lq, Lk, p, seed):
     return out > 0
 
 
-def run_case(B, H, Lq, Lk, E, dtype, masks, grads=True, dropout_p=0.0, seed=0, gen_seed=0, layout="bhsd"):
+def with_causal(masks, causal, Lq, Lk):
+    """The masks with the causal flag's band (mode 1 upper-left, 2 lower-right) folded into attn_mask:
+    the form in which the reference sees what the kernels take as a flag."""
+    visible = attention_support.reference.causal_visible(causal, Lq, Lk)
+    if visible is None:
+        return masks
+    m = masks.get("attn_mask")
+    if m is None:
+        m = visible
+    elif m.dtype == torch.bool:
+        m = m & visible
+    else:
+        m = m.masked_fill(~visible, float("-inf"))
+    return {**masks, "attn_mask": m}
+
+
+def run_case(B, H, Lq, Lk, E, dtype, masks, grads=True, dropout_p=0.0, seed=0, gen_seed=0, layout="bhsd", causal=0,
+             H_kv=None):
+    """The kernels on fresh random inputs against the float64 reference. causal: the op's flag (0, 1
+    upper-left, 2 lower-right); H_kv: kv heads (grouped-query attention when < H)."""
     g = torch.Generator().manual_seed(gen_seed)
+    H_kv = H if H_kv is None else H_kv
     q, k, v = attention_support.make_qkv(B, H, Lq, Lk, E, E, dtype, requires_grad=False, gen=g)
+    k, v = k[:, :H_kv].contiguous(), v[:, :H_kv].contiguous()
     scale = E**-0.5
-    prob = Problem(harness(), q, k, v, masks, scale, dropout_p, seed, layout)
+    prob = Problem(harness(), q, k, v, masks, scale, dropout_p, seed, layout, causal=causal)
     out, lse = prob.forward()
     kw = {}
     if dropout_p > 0:
         kw = dict(dropout_p=dropout_p, dropout_mask=keep_mask(B, H, Lq, Lk, dropout_p, seed))
-    ref, leaves = run_reference(q, k, v, masks, scale=scale, **kw)
+    ref_masks = with_causal(masks, causal, Lq, Lk)
+    ref, leaves = run_reference(q, k, v, ref_masks, scale=scale, enable_gqa=H_kv != H, **kw)
     assert_close(out, ref, TOL[dtype][0], "out")
     # lse: logsumexp of the visible scaled scores, +inf for a row that sees nothing.
-    s = (q.double() @ k.double().transpose(-1, -2)) * scale
-    vis = attention_support.reference.visible_keys(q, k, **{n: t for n, t in masks.items()})
-    if "attn_mask" in masks and masks["attn_mask"].dtype != torch.bool:
-        s = s + masks["attn_mask"].double()
+    k_per_head = k.repeat_interleave(H // H_kv, dim=1)
+    s = (q.double() @ k_per_head.double().transpose(-1, -2)) * scale
+    vis = attention_support.reference.visible_keys(q, k, **{n: t for n, t in ref_masks.items()})
+    if "attn_mask" in ref_masks and ref_masks["attn_mask"].dtype != torch.bool:
+        s = s + ref_masks["attn_mask"].double()
     s = s.masked_fill(~vis, float("-inf"))
     want_lse = torch.logsumexp(s, -1)
     want_lse = torch.where(torch.isneginf(want_lse), torch.inf, want_lse)
@@ -146,6 +170,77 @@ def test_key_ranges_kernel():
     assert prob.kv_range.tolist() == want
 
 
+# ------------------------------------------------------------------ causal flag and grouped-query heads
+# The kernels skip key tiles past the diagonal (forward) and query tiles before it (backward) and mask
+# only the tiles that cross it; Lq != Lk both ways, both alignments (lower-right with Lq > Lk leaves
+# the first Lq - Lk rows seeing no key: zeros, lse = +inf, zero gradients).
+CAUSAL_SHAPES = [(70, 70), (37, 150), (150, 37), (130, 200), (1, 90), (90, 1)]
+
+
+@pytest.mark.parametrize("Lq,Lk", CAUSAL_SHAPES, ids=str)
+@pytest.mark.parametrize("causal", [1, 2])
+def test_causal_both_alignments(causal, Lq, Lk):
+    run_case(2, 2, Lq, Lk, 64, torch.float16, {}, causal=causal, gen_seed=Lq * 1000 + Lk)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("E", HEAD_DIMS)
+@pytest.mark.parametrize("causal", [1, 2])
+def test_causal_every_head_dim(causal, E, dtype):
+    # 130 x 200 and 200 x 130: several tiles on each side of the diagonal; E = 128's backward takes
+    # query tiles of 16 rows, so its first visible query tile is not the forward's.
+    run_case(1, 2, 130, 200, E, dtype, {}, causal=causal)
+    run_case(1, 2, 200, 130, E, dtype, {}, causal=causal, gen_seed=1)
+
+
+@pytest.mark.parametrize("kind", ["kpm", "len32", "bool2d", "float3d", "kpm+len32+bool2d", "holes"])
+@pytest.mark.parametrize("causal", [1, 2])
+def test_causal_with_masks(causal, kind):
+    B, H, Lq, Lk = 2, 2, 90, 150
+    masks = attention_support.make_masks(kind, B, H, Lq, Lk, torch.float32)
+    run_case(B, H, Lq, Lk, 64, torch.bfloat16, masks, causal=causal)
+    run_case(B, H, Lk, Lq, 32, torch.float16, attention_support.make_masks(kind.replace("holes", "kpm"), B, H, Lk, Lq),
+             causal=causal, gen_seed=1)
+
+
+@pytest.mark.parametrize("E", HEAD_DIMS)
+def test_causal_fully_masked_rows(E):
+    # Lower-right with Lq > Lk: rows 0 .. Lq - Lk - 1 see no key; with kv_lengths 0 a batch sees none;
+    # an upper-left row 0 whose only key is padded sees none.
+    B, H, Lq, Lk = 3, 2, 100, 40
+    lengths = torch.tensor([Lk, 0, 25], dtype=torch.int32)
+    run_case(B, H, Lq, Lk, E, torch.float16, {"kv_lengths": lengths}, causal=2)
+    kpm = torch.zeros(B, Lk, dtype=torch.bool)
+    kpm[:, 0] = True
+    run_case(B, H, 30, Lk, E, torch.bfloat16, {"key_padding_mask": kpm}, causal=1, gen_seed=2)
+
+
+def test_causal_dropout_same_mask_forward_and_backward():
+    run_case(1, 2, 77, 120, 64, torch.float16, {}, causal=2, dropout_p=0.25, seed=7)
+
+
+@pytest.mark.parametrize("H_kv", [1, 2, 4])
+@pytest.mark.parametrize("E", HEAD_DIMS)
+def test_grouped_query_heads(E, H_kv):
+    # H = 4 query heads over H_kv kv heads (1: multi-query; 4: plain); dK / dV sum over the group.
+    run_case(2, 4, 70, 83, E, torch.float16 if E != 64 else torch.bfloat16, {}, H_kv=H_kv)
+
+
+@pytest.mark.parametrize("H_kv", [1, 2])
+@pytest.mark.parametrize("kind", ["kpm+len32+bool2d", "float3d", "holes"])
+def test_grouped_query_heads_with_masks_and_causal(kind, H_kv):
+    B, H, Lq, Lk = 2, 4, 45, 150
+    masks = attention_support.make_masks(kind, B, H, Lq, Lk, torch.float32)
+    run_case(B, H, Lq, Lk, 64, torch.float16, masks, H_kv=H_kv)
+    run_case(B, H, Lq, Lk, 32, torch.bfloat16, masks, H_kv=H_kv, causal=2, gen_seed=3)
+
+
+def test_grouped_query_heads_dropout_and_strided_layout():
+    # Dropout rows are keyed by the query head; (B, S, H, E) memory for q and (B, S, H_kv, E) for k, v.
+    run_case(2, 6, 50, 70, 32, torch.float16, attention_support.make_masks("kpm", 2, 6, 50, 70), H_kv=2,
+             dropout_p=0.3, seed=11, layout="bshd", causal=1)
+
+
 # Random shapes, masks, dropout and layouts: a few in the default run, many with MMK_EMU_LONG=1
 # (the CI step .ci/steps/25-emu.sh).
 RANDOM_CASES = int(os.environ.get("MMK_EMU_RANDOM_CASES", "60" if os.environ.get("MMK_EMU_LONG") else "4"))
@@ -163,8 +258,9 @@ def test_random_cases(case):
         kind = "kpm"
     masks = attention_support.make_masks(kind, B, H, Lq, Lk, torch.float32)
     dropout_p = rnd.choice([0.0, 0.0, 0.2])
+    H_kv = rnd.choice([d for d in range(1, H + 1) if H % d == 0])
     run_case(B, H, Lq, Lk, E, dtype, masks, dropout_p=dropout_p, seed=case, gen_seed=case,
-             layout=rnd.choice(["bhsd", "bshd"]))
+             layout=rnd.choice(["bhsd", "bshd"]), causal=rnd.choice([0, 0, 1, 2]), H_kv=H_kv)
 
 
 @pytest.mark.parametrize("dtype,E", [(torch.float16, 64), (torch.bfloat16, 128)], ids=str)

@@ -19,9 +19,19 @@
 // a final scale-and-convert kernel, and a summation order that varies from run to run (dq is not
 // bitwise deterministic; dk and dv are). Measuring both on a GPU is still to do.
 //
+// Grouped-query attention: a block owns a key tile of one kv head and steps through the query tiles
+// of every query head of its group (G = H / H_kv of them, one after the other), so dK and dV sum
+// over the group in its registers: no race, no partial buffers, each K / V tile loaded once per
+// group. (The grid has B * H_kv * key tiles blocks: with few kv heads and short keys it can leave
+// SMs idle; splitting the group over blocks would need a reduction of dK / dV. Not measured.)
+// Causal: a key tile is seen only by the query rows i >= j0 - offset, so the loop starts at the
+// query tile holding the first of them (tiles before the diagonal are never loaded), and only the
+// query tiles that cross the diagonal mask per element. A key tile no query sees writes zeros.
+//
 // Key tiles outside the batch's visible key range write zero dK / dV and stop. D = 128 takes query
 // tiles of 16 rows: its dK and dV accumulators already hold 128 registers per thread, and with 32
-// rows ptxas spilled (~100 bytes) at the 255-register limit.
+// rows ptxas spilled (~100 bytes) at the 255-register limit. D = 64 takes 32 (it took 64 until the
+// causal and grouped-query loop came: with 64, ptxas spilled 12-40 bytes).
 //
 // UNVERIFIED ON A GPU: compiled for sm_80 / sm_90, not yet run. Tests: tests/test_cuda_cross_modal_attention.py.
 #pragma once
@@ -34,13 +44,13 @@ struct BwdTraits {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kBc = 16 * kWarps;        // keys per block
-  static constexpr int kBr = D >= 128 ? 16 : 64;  // query rows per step
+  static constexpr int kBr = D >= 128 ? 16 : D >= 64 ? 32 : 64;  // query rows per step (see above)
   // K, V + 2 x (Q, dO) tiles + the dS^T tile, 16-bit elements.
   static constexpr int kSmemBytes = (2 * kBc * D + 4 * kBr * D + kBc * kBr) * 2;
 };
 
 template <int D, bool kBF16>
-__global__ void __launch_bounds__(BwdTraits<D>::kThreads) attn_bwd_kernel(const BwdParams p) {
+__global__ void __launch_bounds__(BwdTraits<D>::kThreads, 1) attn_bwd_kernel(const BwdParams p) {
   using Tr = BwdTraits<D>;
   constexpr int kBr = Tr::kBr, kBc = Tr::kBc, kThreads = Tr::kThreads;
   constexpr int kNT = kBr / 8;  // n-tiles (queries) of S^T per warp
@@ -56,16 +66,23 @@ __global__ void __launch_bounds__(BwdTraits<D>::kThreads) attn_bwd_kernel(const 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t4 = lane % 4;
   const int nkt = (p.Lk + kBc - 1) / kBc;
-  const int bh = blockIdx.x / nkt, b = bh / p.H, h = bh % p.H;
+  const int bhk = blockIdx.x / nkt, b = bhk / p.H_kv, hkv = bhk % p.H_kv;
+  const int group = p.H / p.H_kv;
   const int j0 = (blockIdx.x % nkt) * kBc;
 
   int kbeg = 0, kend = p.Lk;
   if (p.kv_range != nullptr) kbeg = p.kv_range[2 * b], kend = p.kv_range[2 * b + 1];
-  uint16_t* dkg = static_cast<uint16_t*>(p.dk) + b * p.dk_sb + h * p.dk_sh;
-  uint16_t* dvg = static_cast<uint16_t*>(p.dv) + b * p.dv_sb + h * p.dv_sh;
+  uint16_t* dkg = static_cast<uint16_t*>(p.dk) + b * p.dk_sb + hkv * p.dk_sh;
+  uint16_t* dvg = static_cast<uint16_t*>(p.dv) + b * p.dv_sb + hkv * p.dv_sh;
+  // Query tiles [qt_first, nqt) of each query head of the group: causal skips those before the
+  // first row that sees key j0.
+  const int coff = causal_offset(p);
+  const int nqt = (p.Lq + kBr - 1) / kBr;
+  const int qt_first = p.causal ? max(0, j0 - coff) / kBr : 0;
+  const int nq = nqt - qt_first;  // query tiles per query head
 
-  if (j0 + kBc <= kbeg || j0 >= kend || p.Lq == 0) {
-    // No visible key in this tile (or no query): zero gradients, nothing to compute.
+  if (j0 + kBc <= kbeg || j0 >= kend || nq <= 0 || (p.causal && j0 - coff >= p.Lq)) {
+    // No visible key in this tile (or no query that sees one): zero gradients, nothing to compute.
     const int rows = min(kBc, p.Lk - j0);
     for (int idx = tid; idx < rows * (D / 8); idx += kThreads) {
       const int64_t j = j0 + idx / (D / 8), c = (idx % (D / 8)) * 8;
@@ -75,25 +92,30 @@ __global__ void __launch_bounds__(BwdTraits<D>::kThreads) attn_bwd_kernel(const 
     return;
   }
 
-  const uint16_t* qg = static_cast<const uint16_t*>(p.q) + b * p.q_sb + h * p.q_sh;
-  const uint16_t* kg = static_cast<const uint16_t*>(p.k) + b * p.k_sb + h * p.k_sh;
-  const uint16_t* vg = static_cast<const uint16_t*>(p.v) + b * p.v_sb + h * p.v_sh;
-  const uint16_t* dog = static_cast<const uint16_t*>(p.dout) + b * p.do_sb + h * p.do_sh;
-  const float* lseg = p.lse + static_cast<int64_t>(bh) * p.Lq;
-  const float* dsg = p.dsum + static_cast<int64_t>(bh) * p.Lq;
-  float* dqg = p.dq_accum + b * p.dq_sb + h * p.dq_sh;
+  const uint16_t* kg = static_cast<const uint16_t*>(p.k) + b * p.k_sb + hkv * p.k_sh;
+  const uint16_t* vg = static_cast<const uint16_t*>(p.v) + b * p.v_sb + hkv * p.v_sh;
+  // The loop steps through (query head of the group, query tile >= qt_first), the next step's tiles
+  // prefetched into the other buffer. Its counters move by increments, not by dividing a flat step
+  // index; the head's pointers, the causal offset and the dropout seed are re-read from p at each
+  // use rather than held: D = 64 and 128 sit at the 255-register limit, and each of those held in a
+  // register made ptxas spill (12-44 bytes, sm_80 / sm_90).
+  auto load_step = [&](int hq, int qt, int buffer) {
+    const int i1 = qt * kBr;
+    const uint16_t* qg = static_cast<const uint16_t*>(p.q) + b * p.q_sb + hq * p.q_sh;
+    const uint16_t* dog = static_cast<const uint16_t*>(p.dout) + b * p.do_sb + hq * p.do_sh;
+    load_tile_async<D, kBr, kThreads>(sQ + buffer * kBr * D, qg + i1 * p.q_sl, p.q_sl, p.Lq - i1, qg, tid);
+    load_tile_async<D, kBr, kThreads>(sdO + buffer * kBr * D, dog + i1 * p.do_sl, p.do_sl, p.Lq - i1, dog, tid);
+  };
 
   load_tile_async<D, kBc, kThreads>(sK, kg + j0 * p.k_sl, p.k_sl, p.Lk - j0, kg, tid);
   load_tile_async<D, kBc, kThreads>(sV, vg + j0 * p.v_sl, p.v_sl, p.Lk - j0, vg, tid);
-  load_tile_async<D, kBr, kThreads>(sQ, qg, p.q_sl, p.Lq, qg, tid);
-  load_tile_async<D, kBr, kThreads>(sdO, dog, p.do_sl, p.Lq, dog, tid);
+  load_step(hkv * group, qt_first, 0);
   cp_async_commit();
 
   // This thread's two keys (C-fragment rows g and g + 8 of the warp's 16).
   const int key[2] = {j0 + warp * 16 + g, j0 + warp * 16 + g + 8};
   const bool key_ok[2] = {key[0] >= kbeg && key[0] < kend, key[1] >= kbeg && key[1] < kend};
   const bool has_mask = p.kpm != nullptr || p.mask_kind != kMaskNone;
-  const uint64_t seed = p.dropout ? dropout_seed(p) : 0;
 
   float dk[kDT][4], dv[kDT][4];
 #pragma unroll
@@ -102,14 +124,16 @@ __global__ void __launch_bounds__(BwdTraits<D>::kThreads) attn_bwd_kernel(const 
     for (int e = 0; e < 4; ++e) dk[d][e] = dv[d][e] = 0.0f;
   }
 
-  const int nqt = (p.Lq + kBr - 1) / kBr;
-  for (int it = 0; it < nqt; ++it) {
-    const int buf = it & 1;
-    const int i0 = it * kBr;
-    if (it + 1 < nqt) {
-      const int i1 = i0 + kBr;
-      load_tile_async<D, kBr, kThreads>(sQ + (buf ^ 1) * kBr * D, qg + i1 * p.q_sl, p.q_sl, p.Lq - i1, qg, tid);
-      load_tile_async<D, kBr, kThreads>(sdO + (buf ^ 1) * kBr * D, dog + i1 * p.do_sl, p.do_sl, p.Lq - i1, dog, tid);
+  const int hq_end = (hkv + 1) * group;
+  for (int hq = hkv * group, qt = qt_first, buf = 0; hq < hq_end; buf ^= 1) {
+    const int h = hq, bh = b * p.H + h;  // this step's query head and tile (hq, qt move on below)
+    const int i0 = qt * kBr;
+    const int64_t row0 = static_cast<int64_t>(bh) * p.Lq;  // (b, hq)'s rows of lse and dsum
+    // This query tile crosses the diagonal of the key tile: some of its rows miss some of its keys.
+    // The next step: the next query tile of this head, or the first of the next head.
+    if (++qt == nqt) qt = qt_first, ++hq;
+    if (hq < hq_end) {
+      load_step(hq, qt, buf ^ 1);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
@@ -151,14 +175,14 @@ __global__ void __launch_bounds__(BwdTraits<D>::kThreads) attn_bwd_kernel(const 
       for (int c = 0; c < 2; ++c) {
         const int i = i0 + n * 8 + 2 * t4 + c;
         // Rows past Lq: lse = +inf gives P = 0 (their Q and dO were zero-filled anyway).
-        const float lse2 = i < p.Lq ? lseg[i] * kLog2e : INFINITY;
-        const float dsum = i < p.Lq ? dsg[i] : 0.0f;
-        const uint64_t rk = p.dropout ? dropout_row_key(seed, bh, p.Lq, i) : 0;
+        const float lse2 = i < p.Lq ? p.lse[row0 + i] * kLog2e : INFINITY;
+        const float dsum = i < p.Lq ? p.dsum[row0 + i] : 0.0f;
+        const uint64_t rk = p.dropout ? dropout_row_key(dropout_seed(p), bh, p.Lq, i) : 0;
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const int e = 2 * r + c;
           float x = st[n][e] * p.scale_log2;
-          if (!key_ok[r]) {
+          if (!key_ok[r] || (p.causal && key[r] > i + causal_offset(p))) {
             x = -INFINITY;
           } else if (has_mask && i < p.Lq) {
             const float bias = mask_bias_log2(p, b, h, i, key[r]);  // masked: -inf, as in the forward
@@ -239,8 +263,9 @@ __global__ void __launch_bounds__(BwdTraits<D>::kThreads) attn_bwd_kernel(const 
         for (int r = 0; r < 2; ++r) {
           const int i = i0 + mt * 16 + g + 8 * r;
           if (i < p.Lq) {
-            atomicAdd(dqg + i * p.dq_sl + col, dq[n][2 * r]);
-            atomicAdd(dqg + i * p.dq_sl + col + 1, dq[n][2 * r + 1]);
+            float* dqg = p.dq_accum + b * p.dq_sb + h * p.dq_sh + i * p.dq_sl + col;
+            atomicAdd(dqg, dq[n][2 * r]);
+            atomicAdd(dqg + 1, dq[n][2 * r + 1]);
           }
         }
       }
@@ -284,7 +309,7 @@ void launch_bwd(const BwdParams& p, cudaStream_t stream) {
   if (Tr::kSmemBytes > 48 * 1024) {
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
   }
-  const dim3 grid(((p.Lk + Tr::kBc - 1) / Tr::kBc) * p.B * p.H);
+  const dim3 grid(((p.Lk + Tr::kBc - 1) / Tr::kBc) * p.B * p.H_kv);
   kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
 }
 

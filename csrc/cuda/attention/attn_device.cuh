@@ -161,6 +161,9 @@ __device__ __forceinline__ float mask_bias_log2(const AttnParams& p, int b, int 
   return static_cast<const float*>(p.mask)[off] * kLog2e;
 }
 
+// The causal flag's diagonal: query i sees key j iff j <= i + causal_offset(p) (with p.causal != 0).
+__device__ __forceinline__ int causal_offset(const AttnParams& p) { return p.causal == 2 ? p.Lk - p.Lq : 0; }
+
 __device__ __forceinline__ uint64_t dropout_seed(const AttnParams& p) {
   return p.seed_ptr != nullptr ? static_cast<uint64_t>(*p.seed_ptr) : p.seed;
 }

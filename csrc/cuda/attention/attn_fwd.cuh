@@ -1,10 +1,10 @@
 // Forward tensor-core attention kernel (flash-attention-2 style, written for this project).
 //
 // One thread block = 4 warps per (batch, head, tile of kBr = 64 query rows); each warp owns 16 query
-// rows. The Q tile sits in shared memory for the whole block; K and V tiles of kBc = 64 keys stream
-// through two shared-memory buffers with cp.async, so the copy of tile t+1 overlaps the math of
-// tile t. Per key tile, per warp:
-//   S (16 x 64)  = Q K^T           mma.sync m16n8k16, A = Q via ldmatrix, B = K via ldmatrix
+// rows. The Q tile sits in shared memory for the whole block; K and V tiles of kBc = 64 keys (32 at
+// D = 128) stream through two shared-memory buffers with cp.async, so the copy of tile t+1 overlaps
+// the math of tile t. Per key tile, per warp:
+//   S (16 x kBc) = Q K^T           mma.sync m16n8k16, A = Q via ldmatrix, B = K via ldmatrix
 //   scale, masks, online softmax   in registers, base 2 (running max m and partial row sum l)
 //   O (16 x D)  += P V             A = P straight from the S accumulators (re-packed to 16 bit),
 //                                  B = V via ldmatrix.trans
@@ -17,6 +17,13 @@
 // are never loaded; only the tiles at the range's edges pay the per-element range check, and the
 // per-element mask reads happen only when a mask exists.
 //
+// Causal (p.causal 1 / 2: query i sees keys j <= i + offset, offset 0 or Lk - Lq): the key loop
+// stops at the last key the tile's last row sees, so tiles past the diagonal are never loaded, and
+// only the tiles that cross the diagonal pay the per-element check. With the flag, the grid runs the
+// query tiles of a head from last to first: the long ones (most keys) start first.
+// Grouped-query attention: query head h reads K and V of kv head h / (H / H_kv); the query heads of
+// a group are adjacent in the grid, so their blocks read the same K / V from L2.
+//
 // UNVERIFIED ON A GPU: compiled for sm_80 / sm_90, not yet run. Tests: tests/test_cuda_cross_modal_attention.py.
 #pragma once
 #include "attn_device.cuh"
@@ -28,13 +35,17 @@ struct FwdTraits {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kBr = 16 * kWarps;  // query rows per block
-  static constexpr int kBc = 64;           // keys per tile
+  // Keys per tile. D = 128 takes 32: with 64 (and the causal checks) ptxas spilled 8 bytes on sm_90.
+  static constexpr int kBc = D >= 128 ? 32 : 64;
+  // One block per SM is all the launch bounds promise: with no minimum, ptxas may aim at a higher
+  // occupancy on its own and spill to get there (D = 32: 128 registers and an 8-byte spill).
+  static constexpr int kMinBlocks = 1;
   // Q + 2 x K + 2 x V tiles of 16-bit elements.
   static constexpr int kSmemBytes = (kBr + 4 * kBc) * D * 2;
 };
 
 template <int D, bool kBF16>
-__global__ void __launch_bounds__(FwdTraits<D>::kThreads) attn_fwd_kernel(const FwdParams p) {
+__global__ void __launch_bounds__(FwdTraits<D>::kThreads, FwdTraits<D>::kMinBlocks) attn_fwd_kernel(const FwdParams p) {
   using Tr = FwdTraits<D>;
   constexpr int kBr = Tr::kBr, kBc = Tr::kBc, kThreads = Tr::kThreads;
   constexpr int kNT = kBc / 8;  // n-tiles of S per warp
@@ -49,16 +60,21 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads) attn_fwd_kernel(const 
   // Flat grid, query tiles of one (b, h) adjacent: they share K and V, which then stay in L2.
   const int nqt = (p.Lq + kBr - 1) / kBr;
   const int bh = blockIdx.x / nqt, b = bh / p.H, h = bh % p.H;
-  const int i0 = (blockIdx.x % nqt) * kBr;
+  const int hkv = h / (p.H / p.H_kv);
+  const int qt = blockIdx.x % nqt;
+  const int i0 = (p.causal ? nqt - 1 - qt : qt) * kBr;
 
   int kbeg = 0, kend = p.Lk;
   if (p.kv_range != nullptr) kbeg = p.kv_range[2 * b], kend = p.kv_range[2 * b + 1];
+  // Causal: no row of this tile sees a key past the last row's diagonal; tiles that cross the
+  // diagonal (some key past the first row's) mask per element.
+  const int kstop = p.causal ? min(kend, min(i0 + kBr, p.Lq) + causal_offset(p)) : kend;
   const int t_first = kbeg / kBc;
-  const int t_last = kend > kbeg ? (kend + kBc - 1) / kBc : t_first;  // tiles [t_first, t_last)
+  const int t_last = kstop > kbeg ? (kstop + kBc - 1) / kBc : t_first;  // tiles [t_first, t_last)
 
   const uint16_t* qg = static_cast<const uint16_t*>(p.q) + b * p.q_sb + h * p.q_sh;
-  const uint16_t* kg = static_cast<const uint16_t*>(p.k) + b * p.k_sb + h * p.k_sh;
-  const uint16_t* vg = static_cast<const uint16_t*>(p.v) + b * p.v_sb + h * p.v_sh;
+  const uint16_t* kg = static_cast<const uint16_t*>(p.k) + b * p.k_sb + hkv * p.k_sh;
+  const uint16_t* vg = static_cast<const uint16_t*>(p.v) + b * p.v_sb + hkv * p.v_sh;
 
   load_tile_async<D, kBr, kThreads>(sQ, qg + i0 * p.q_sl, p.q_sl, p.Lq - i0, qg, tid);
   if (t_first < t_last) {
@@ -99,7 +115,7 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads) attn_fwd_kernel(const 
     const uint16_t* sKb = sK + buf * kBc * D;
     const uint16_t* sVb = sV + buf * kBc * D;
 
-    // S = Q K^T for this warp's 16 rows x 64 keys.
+    // S = Q K^T for this warp's 16 rows x kBc keys.
     float s[kNT][4];
 #pragma unroll
     for (int n = 0; n < kNT; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
@@ -118,14 +134,15 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads) attn_fwd_kernel(const 
 
     // Scale (to base 2) and mask.
     const int j0 = t * kBc;
-    const bool edge = j0 < kbeg || j0 + kBc > kend;
+    // Tiles at the key range's edges or across the causal diagonal check each element.
+    const bool edge = j0 < kbeg || j0 + kBc > kend || (p.causal && j0 + kBc - 1 > i0 + causal_offset(p));
 #pragma unroll
     for (int n = 0; n < kNT; ++n) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int i = row[e / 2], j = j0 + n * 8 + 2 * t4 + (e & 1);
         float x = s[n][e] * p.scale_log2;
-        if (edge && (j < kbeg || j >= kend)) {
+        if (edge && (j < kbeg || j >= kend || (p.causal && j > i + causal_offset(p)))) {
           x = -INFINITY;
         } else if (has_mask && i < p.Lq) {
           // A masked key stays -inf even where the score is NaN: it is not seen, NaN query or not.

@@ -16,7 +16,8 @@ namespace mmkernels::cuda::attn {
 enum MaskKind : int32_t { kMaskNone = 0, kMaskBool = 1, kMaskFloat = 2 };
 
 struct AttnParams {
-  // q (B, H, Lq, E), k (B, H, Lk, E), v (B, H, Lk, E): last dim contiguous, rows 16-byte aligned.
+  // q (B, H, Lq, E), k (B, H_kv, Lk, E), v (B, H_kv, Lk, E): last dim contiguous, rows 16-byte aligned.
+  // Grouped-query attention: H_kv divides H, query head h reads kv head h / (H / H_kv).
   const void* q;
   const void* k;
   const void* v;
@@ -24,6 +25,9 @@ struct AttnParams {
   int64_t k_sb, k_sh, k_sl;
   int64_t v_sb, v_sh, v_sl;
   int32_t B, H, Lq, Lk;
+  int32_t H_kv;
+  // Causal flag: 0 none, 1 upper-left (query i sees keys j <= i), 2 lower-right (j <= i + Lk - Lq).
+  int32_t causal;
   // softmax scale times log2(e): the kernels work in base 2 (exp2f is one MUFU instruction).
   float scale_log2;
   // Per batch the visible key range [kv_range[2b], kv_range[2b+1]) left by kv_lengths and by the
@@ -59,7 +63,8 @@ struct BwdParams : AttnParams {
   const float* dsum;   // D = rowsum(dO * O), (B, H, Lq) contiguous
   float* dq_accum;     // (B, H, Lq, E) float32 in dq's layout, zeroed; receives sum_j dS_ij K_j (unscaled)
   int64_t dq_sb, dq_sh, dq_sl;
-  void* dk;            // (B, H, Lk, E), last dim contiguous, rows 16-byte aligned, q's dtype
+  void* dk;            // (B, H_kv, Lk, E), summed over the group's query heads; last dim contiguous,
+                       // rows 16-byte aligned, q's dtype
   int64_t dk_sb, dk_sh, dk_sl;
   void* dv;            // likewise
   int64_t dv_sb, dv_sh, dv_sl;
