@@ -6,9 +6,10 @@ Differences from nn.MultiheadAttention, all deliberate:
 - ``need_weights=True`` (nn.MultiheadAttention's default) still computes the output with the fused
   op and computes the weights beside it (averaged a few heads at a time, and recomputed so in their
   backward: see _AveragedWeights), so a caller that drops them keeps nothing of them for backward.
-  Only with dropout in training is the output made from materialised, dropped weights, as
+  With dropout in training the output is made from materialised, dropped weights, as
   nn.MultiheadAttention does (so that the returned weights are the ones that made it): that is the
-  slow path.
+  slow path. A training step with few scores (see _FEW_SCORES) takes that order too (no dropout
+  needed): there it is the faster one.
 - ``is_causal`` is a hint, as in nn.MultiheadAttention: ``attn_mask`` must be given with it. Where the
   hint is taken (square self-attention, no ``add_bias_kv`` / ``add_zero_attn``, the output path) the
   op's causal flag replaces the mask, trusting the hint as nn.MultiheadAttention's fast path does, so
@@ -265,7 +266,12 @@ class CrossModalAttention(nn.Module):
         q, k, v = (self._split_heads(t, seq_dim) for t in (q, k, v))
 
         weights = None
-        if slow:
+        # A training step with need_weights and few scores takes nn.MultiheadAttention's own order: the
+        # weights made once and the output from them, rather than the fused op, the weights beside it and
+        # their recomputation in backward (three passes over the scores instead of one).
+        few_scores = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= _FEW_SCORES
+        if slow or (need_weights and few_scores and torch.is_grad_enabled()
+                    and any(t.requires_grad for t in (q, k, v))):
             out, weights = self._attention_with_weights(q, k, v, key_padding_mask, attn_mask, added, dropout_p)
             if average_attn_weights:
                 weights = weights.mean(dim=1)
@@ -341,11 +347,13 @@ class CrossModalAttention(nn.Module):
         return _scores_to_weights(q, k, additive, self._weights_scale())
 
     def _attention_with_weights(self, q, k, v, key_padding_mask, attn_mask, added, dropout_p):
-        """need_weights=True with dropout: materialises (B, H, Lq, Lk) weights as
-        nn.MultiheadAttention does, in the same order (so dropout draws the same mask for the same
-        seed); the output is made from the dropped weights, which are returned."""
+        """need_weights=True with dropout, or in a training step with few scores: materialises the
+        (B, H, Lq, Lk) weights as nn.MultiheadAttention does, in the same order (so dropout draws the
+        same mask for the same seed); the output is made from the (dropped) weights, which are returned."""
         additive = weights_path_mask(key_padding_mask, attn_mask, q.shape[0], self.num_heads, added, q.dtype)
-        weights = F.dropout(self._scores_to_weights(q, k, additive), p=dropout_p)
+        weights = self._scores_to_weights(q, k, additive)
+        if dropout_p > 0.0:
+            weights = F.dropout(weights, p=dropout_p)
         return torch.matmul(weights, v), weights
 
     def _weights(self, q, k, key_padding_mask, attn_mask, added, average):
@@ -425,6 +433,9 @@ def _scores_to_weights(q, k, additive, scale):
 
 # Scores alive at once while the head-averaged weights are computed (16 MB of float32).
 _WEIGHTS_CHUNK_SCORES = 1 << 22
+# At most this many scores (B * H * Lq * Lk: 512 KB of float32), a training step with need_weights=True
+# materialises the weights once and makes the output from them (see forward).
+_FEW_SCORES = 1 << 17
 
 
 def _head_chunks(q, k, additive):

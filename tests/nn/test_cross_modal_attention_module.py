@@ -374,10 +374,15 @@ def test_fully_masked_rows_with_weights_give_zeros_where_mha_gives_nan(how):
     assert (inputs[0].grad[dead] == 0).all()
 
 
-def test_need_weights_output_does_not_depend_on_the_weights_graph():
+def test_need_weights_output_does_not_depend_on_the_weights_graph(monkeypatch):
     # MHA's default need_weights=True: the output comes from the fused op and the weights are
     # computed beside it, so a caller that drops the weights keeps no (Lq, Lk) tensor for backward;
-    # the weights themselves keep none either (their backward recomputes them).
+    # the weights themselves keep none either (their backward recomputes them). Above _FEW_SCORES
+    # scores, that is: below it a training step materialises them (see the next test).
+    from mmkernels.nn import cross_modal_attention as cma_module
+
+    monkeypatch.setattr(cma_module, "_FEW_SCORES", 0)
+    monkeypatch.setattr(cma_module, "attention_small", lambda *a: None)  # the small-call route: ATen's graph
     mha, cma = make_pair(batch_first=True)
     inputs = make_inputs(mha, 2, 5, 7)
     kpm = make_kpm("bool", 2, 7)
@@ -401,6 +406,25 @@ def test_need_weights_output_does_not_depend_on_the_weights_graph():
 
 
 
+def test_need_weights_training_step_with_few_scores_materialises_them():
+    # Few scores (B * H * Lq * Lk <= _FEW_SCORES) in a training step: MHA's own order, the weights made
+    # once and the output from them (or, on the small-call route, ATen's graph of the weights beside the
+    # op): values and gradients as nn.MultiheadAttention's.
+    mha, cma = make_pair(batch_first=True)
+    inputs = make_inputs(mha, 2, 5, 7)
+    kpm = make_kpm("bool", 2, 7)
+    out, weights = cma(*inputs, key_padding_mask=kpm)
+    ref_out, ref_weights = mha(*inputs, key_padding_mask=kpm)
+    torch.testing.assert_close(out, ref_out, **TOL[torch.float64])
+    torch.testing.assert_close(weights, ref_weights, **TOL[torch.float64])
+    loss = lambda o, w: o.square().sum() + (w * torch.arange(w.numel(), dtype=w.dtype).view_as(w)).sum()  # noqa: E731
+    grads = torch.autograd.grad(loss(out, weights), inputs)
+    ref_grads = torch.autograd.grad(loss(ref_out, ref_weights), inputs)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+    torch.autograd.gradcheck(lambda q, k: cma(q, k, inputs[2], key_padding_mask=kpm)[1], inputs[:2])
+
+
 @pytest.mark.parametrize("kind", ["none", "kpm", "float-3d"])
 def test_averaged_weights_gradcheck_one_head_per_chunk(kind, monkeypatch):
     # The head-averaged weights recompute their probabilities chunk by chunk in backward; one head
@@ -408,6 +432,8 @@ def test_averaged_weights_gradcheck_one_head_per_chunk(kind, monkeypatch):
     from mmkernels.nn import cross_modal_attention as cma_module
 
     monkeypatch.setattr(cma_module, "_WEIGHTS_CHUNK_SCORES", 1)
+    monkeypatch.setattr(cma_module, "_FEW_SCORES", 0)  # the weights beside the op, not materialised
+    monkeypatch.setattr(cma_module, "attention_small", lambda *a: None)
     mha, cma = make_pair(batch_first=True)
     inputs = make_inputs(mha, 2, 5, 7)
     masks = {"none": {}, "kpm": {"key_padding_mask": make_kpm("bool", 2, 7)},
