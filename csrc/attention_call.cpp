@@ -112,7 +112,11 @@ bool number_arg(PyObject* obj, double& out) {
   }
   if (PyLong_CheckExact(obj)) {
     out = PyLong_AsDouble(obj);
-    return !(out == -1.0 && PyErr_Occurred()) || (PyErr_Clear(), false);
+    if (out == -1.0 && PyErr_Occurred()) {  // too large for a double
+      PyErr_Clear();
+      return false;
+    }
+    return true;
   }
   return false;
 }

@@ -149,6 +149,7 @@ def test_route_hands_back_what_it_does_not_serve():
         not_a_tensor=call(q=q.tolist()),
         causal_not_bool=call(is_causal=1),
         scale_str=call(scale="0.5"),
+        scale_beyond_double=call(scale=10 ** 400),
         nested=call(q=torch.nested.nested_tensor([q[0, :, :2].transpose(0, 1)], layout=torch.jagged)),
     )
     with torch.autocast("cpu", dtype=torch.bfloat16):
