@@ -124,23 +124,23 @@ __attribute__((noinline)) inline void __syncthreads() { mmk_emu::syncthreads(__b
 inline void __syncwarp(unsigned mask = 0xffffffffu) { mmk_emu::syncwarp(mask); }
 [[noreturn]] inline void __trap() { mmk_emu::trap(); }
 
-template <class T>
-inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+// A 32-bit value through a 32-bit lane exchange, bits unchanged (float, int or unsigned alike).
+template <class T, class Exchange>
+inline T shuffle_bits(T v, Exchange exchange) {
   static_assert(sizeof(T) == 4, "32-bit shuffles only");
   uint32_t u;
   __builtin_memcpy(&u, &v, 4);
-  u = mmk_emu::shfl_xor_u32(mask, u, lane_mask, width);
+  u = exchange(u);
   __builtin_memcpy(&v, &u, 4);
   return v;
 }
 template <class T>
+inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+  return shuffle_bits(v, [&](uint32_t u) { return mmk_emu::shfl_xor_u32(mask, u, lane_mask, width); });
+}
+template <class T>
 inline T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32) {
-  static_assert(sizeof(T) == 4, "32-bit shuffles only");
-  uint32_t u;
-  __builtin_memcpy(&u, &v, 4);
-  u = mmk_emu::shfl_idx_u32(mask, u, src_lane, width);
-  __builtin_memcpy(&v, &u, 4);
-  return v;
+  return shuffle_bits(v, [&](uint32_t u) { return mmk_emu::shfl_idx_u32(mask, u, src_lane, width); });
 }
 
 inline int atomicMin(int* p, int v) { return mmk_emu::atomic_min_i32(p, v); }
