@@ -298,8 +298,6 @@ def _usable_layout(mask, query, key, position_bias) -> MaskLayout | None:
     layout = getattr(mask, _LAYOUT, None) if isinstance(mask, torch.Tensor) else None
     if layout is None or position_bias is not None or (layout.causal and not NATIVE_CAUSAL):
         return None
-    if layout.causal and query.device.type != "cpu":
-        return None  # the CUDA kernels have no causal flag yet (the op would take its reference path)
     if (layout.q_len, layout.kv_len) != (query.shape[2], key.shape[2]):
         return None  # e.g. a layer that crops its keys
     padding = layout.kv_lengths if layout.kv_lengths is not None else layout.key_padding_mask
