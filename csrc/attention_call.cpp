@@ -182,9 +182,7 @@ PyObject* attention_call(PyObject*, PyObject* args) {
   if (scale_obj == Py_None) scale = std::pow(static_cast<double>(E), -0.5);  // Python's E ** -0.5
   const int64_t causal = causal_obj == Py_True ? 1 : 0;
 
-  return THPVariable_Wrap(attention_out(*q, *k, *v, kpm ? OptTensor(*kpm) : std::nullopt,
-                                        lengths ? OptTensor(*lengths) : std::nullopt,
-                                        mask ? OptTensor(*mask) : std::nullopt, scale, causal));
+  return THPVariable_Wrap(attention_out(*q, *k, *v, opt(kpm), opt(lengths), opt(mask), scale, causal));
   END_HANDLE_TH_ERRORS
 }
 

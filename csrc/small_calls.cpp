@@ -129,8 +129,6 @@ bool linear_is_small(const at::Tensor& x, int64_t n_out, long long min_macs) {
   return x.scalar_type() != at::kFloat || static_cast<double>(x.numel()) * n_out < static_cast<double>(min_macs);
 }
 
-std::optional<at::Tensor> opt(const at::Tensor* t) { return t ? std::optional<at::Tensor>(*t) : std::nullopt; }
-
 // nn/cross_modal_attention.py's _scores_to_weights, op for op.
 at::Tensor scores_to_weights(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& additive,
                              double scale) {
@@ -243,7 +241,8 @@ PyObject* attention_small(PyObject*, PyObject* args) {
   };
   q = split_heads(q), k = split_heads(k), v = split_heads(v);
 
-  at::Tensor out = attention_out(q, k, v, opt(kpm), std::nullopt, std::nullopt, std::pow(static_cast<double>(D), -0.5), 0);
+  const double op_scale = std::pow(static_cast<double>(D), -0.5);
+  at::Tensor out = attention_out(q, k, v, opt(kpm), std::nullopt, std::nullopt, op_scale, 0);
   PyObject* weights_obj = Py_None;
   at::Tensor weights;
   if (need_weights) {

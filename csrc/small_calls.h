@@ -29,6 +29,9 @@ inline const at::Tensor* plain_tensor(PyObject* obj) {
   return THPVariable_CheckExact(obj) ? &THPVariable_Unpack(obj) : nullptr;
 }
 
+// An optional argument from a pointer that may be null.
+inline std::optional<at::Tensor> opt(const at::Tensor* t) { return t ? std::optional<at::Tensor>(*t) : std::nullopt; }
+
 // The attention op's output (no dropout), called below autograd; where a gradient is needed, with its
 // formula recorded as a C++ autograd node (csrc/attention_call.cpp).
 at::Tensor attention_out(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
