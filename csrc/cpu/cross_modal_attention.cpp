@@ -52,7 +52,8 @@ namespace {
 // per-thread scratch first, once per block. float follows matmul.cpp's rule: where it picks oneDNN,
 // cpublas::brgemm, oneDNN's batch-reduce micro-kernel (measured on this AVX-512 CPU at ~110 GFLOP/s
 // a core on the attention's blocks, against ~90 for MKL's sgemm_, which also packs each transposed
-// operand per call); elsewhere (MMKERNELS_CPU_GEMM=aten, oneDNN off or absent) matmul_out's ATen mm.
+// operand per call); elsewhere (MMKERNELS_CPU_GEMM=aten, oneDNN off, absent or refusing the CPU) the
+// BLAS's sgemm_ (ATen mm's own), else matmul_out.
 // double (gradcheck) goes to the BLAS's dgemm_ where torch's BLAS exports it, else to plain loops.
 extern "C" {
 void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
@@ -61,6 +62,25 @@ void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const in
 void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
             const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
             const int* ldc) __attribute__((weak));
+}
+
+// MMKERNELS_NO_BLAS_SYMBOLS=1 takes the path of a torch without sgemm_ / dgemm_ (tested that way).
+bool blas_symbols() {
+  static const bool use = std::getenv("MMKERNELS_NO_BLAS_SYMBOLS") == nullptr;
+  return use;
+}
+
+// Row-major C (M x N, ldc) (+)= A (M x K, lda) B (K x N, ldb) through a Fortran BLAS gemm, seen
+// column-major: C^T (N x M) = B^T A^T. False where the symbol is absent.
+template <typename T, typename Gemm>
+bool blas_gemm(Gemm* fn, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+               int64_t ldc, bool accumulate) {
+  if (fn == nullptr || !blas_symbols()) return false;
+  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+  const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+  const T one = 1, beta = accumulate ? 1 : 0;
+  fn("N", "N", &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
+  return true;
 }
 
 // Row-major C (M x N, ldc) (+)= A (M x K, lda) B (K x N, ldb).
@@ -76,6 +96,8 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const fl
     at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, /*is_vnni=*/false);
     return;
   }
+  // Off oneDNN, the BLAS ATen's mm would call, without a tensor and a dispatch per block.
+  if (blas_gemm(sgemm_, M, N, K, A, lda, B, ldb, C, ldc, accumulate)) return;
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   matmul_out(at::from_blob(C, {M, N}, {ldc, 1}, f32), at::from_blob(const_cast<float*>(A), {M, K}, {lda, 1}, f32),
              at::from_blob(const_cast<float*>(B), {K, N}, {ldb, 1}, f32), accumulate);
@@ -84,16 +106,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const fl
 void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B, int64_t ldb, double* C,
           int64_t ldc, bool accumulate) {
   if (M == 0 || N == 0) return;
-  // MMKERNELS_NO_BLAS_SYMBOLS=1 takes the path of a torch without dgemm_ (tested that way).
-  static const bool force_loops = std::getenv("MMKERNELS_NO_BLAS_SYMBOLS") != nullptr;
-  if (K > 0 && dgemm_ != nullptr && !force_loops) {
-    // Column-major view: C^T (N x M) = B^T A^T.
-    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
-    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
-    const double one = 1, beta = accumulate ? 1 : 0;
-    dgemm_("N", "N", &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
-    return;
-  }
+  if (K > 0 && blas_gemm(dgemm_, M, N, K, A, lda, B, ldb, C, ldc, accumulate)) return;
   for (int64_t m = 0; m < M; ++m) {
     double* c = C + m * ldc;
     if (!accumulate) std::fill_n(c, N, 0.0);
@@ -177,6 +190,22 @@ at::Tensor bf16_pairs_aligned(const at::Tensor& x) {
   return ok ? x : x.clone(at::MemoryFormat::Contiguous);
 }
 
+bool bf16_in_place(int64_t head_dim) {
+  // Asked of brgemm itself, once: it refuses the CPUs it cannot serve with an error.
+  static const bool brgemm_runs = [] {
+    try {
+      const at::BFloat16 a[4] = {}, b[4] = {};
+      float c[4] = {};
+      at::native::cpublas::brgemm(2, 2, 2, 2, 2, 2, false, a, b, c, /*is_vnni=*/true);
+      at::native::cpublas::brgemm_release(true);
+      return true;
+    } catch (const c10::Error&) {
+      return false;
+    }
+  }();
+  return head_dim % 2 == 0 && brgemm_runs;
+}
+
 namespace {
 
 // The additive bias over keys [j0, j0 + n) of query row i of (b, h), into buf; or null when no mask.
@@ -256,9 +285,8 @@ template <typename T>
 void scores_from_key_rows(int64_t nq, int64_t nk, int64_t E, const T* q, int64_t qs, const T* k, int64_t ks, T* S,
                           int64_t ldS) {
   if (nq == 0 || nk == 0) return;
-  static const bool force_loops = std::getenv("MMKERNELS_NO_BLAS_SYMBOLS") != nullptr;
   constexpr bool kFloat = std::is_same_v<T, float>;
-  if (E > 0 && (kFloat ? sgemm_ != nullptr : dgemm_ != nullptr) && !force_loops) {
+  if (E > 0 && (kFloat ? sgemm_ != nullptr : dgemm_ != nullptr) && blas_symbols()) {
     // Column-major: S^T (nk x nq) = K (k's rows as the columns of an E x nk matrix, transposed) Q^T.
     const int m = static_cast<int>(nk), n = static_cast<int>(nq), kk = static_cast<int>(E);
     const int la = static_cast<int>(ks), lb = static_cast<int>(qs), lc = static_cast<int>(ldS);
@@ -694,7 +722,7 @@ void attention_forward(const Problem& p, const at::Tensor& q, const at::Tensor& 
   if (lse.numel() == 0) return;
   switch (q.scalar_type()) {
     case at::kBFloat16:
-      TORCH_CHECK(p.E % 2 == 0, "mmkernels: internal: the bfloat16 forward needs an even head dim, got ", p.E);
+      TORCH_CHECK(bf16_in_place(p.E), "mmkernels: internal: no bfloat16 forward for head dim ", p.E, " on this CPU");
       forward_kernel<float, at::BFloat16>(p, q, k, v, out, lse);
       break;
     case at::kHalf: forward_kernel<float, at::Half>(p, q, k, v, out, lse); break;
@@ -763,7 +791,7 @@ std::tuple<at::Tensor, at::Tensor> cross_modal_attention_cpu(
   Problem p =
       make_problem(q, k, v, key_padding_mask, kv_lengths, attn_mask, scale, dropout_p, dropout_seed, causal, ct);
   at::Tensor lse = at::empty({p.B, p.H, p.Lq}, q.options().dtype(ct));
-  if (q.scalar_type() == at::kBFloat16 && p.E % 2 == 0) {
+  if (q.scalar_type() == at::kBFloat16 && bf16_in_place(p.E)) {
     // bfloat16 GEMMs on the inputs (float32 accumulation), K and V packed per task.
     at::Tensor out = empty_attention_out(p.B, p.H, p.Lq, p.Ev, q.options());
     if (lse.numel() > 0)

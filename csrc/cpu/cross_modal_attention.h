@@ -84,6 +84,10 @@ void parallel_tasks(int64_t n, F&& fn) {
 // Rows BLAS can address: x itself when its last dim is contiguous with a row stride of at least the
 // row length, else a contiguous copy.
 at::Tensor last_dim_contiguous(const at::Tensor& x);
+// Whether the bfloat16 forward reads q, k, v as they are (bfloat16 GEMMs on oneDNN's brgemm, K in
+// VNNI pairs): an even head dim, and a CPU whose brgemm takes bfloat16 pairs (torch 2.13: AMX only).
+// Otherwise bfloat16 is converted to float32 once and runs the float32 kernel.
+bool bf16_in_place(int64_t head_dim);
 // x (last dim contiguous) readable as pairs of bfloat16: x itself when 4-byte aligned with even
 // strides, else a contiguous copy.
 at::Tensor bf16_pairs_aligned(const at::Tensor& x);

@@ -180,9 +180,9 @@ std::tuple<at::Tensor, at::Tensor> cross_modal_attention_varlen_cpu(
   const Shared c = check_shared(q, k, v, s, scale, dropout_p, dropout_seed, causal);
   const auto dt = q.scalar_type();
   const auto ct = dt == at::kDouble ? at::kDouble : at::kFloat;
-  // The operands the kernel reads in place: bfloat16 (even head dim) and float16 as they are, the
+  // The operands the kernel reads in place: bfloat16 (see bf16_in_place) and float16 as they are, the
   // rest in the compute type (converted once for the whole batch).
-  const bool in_place = (dt == at::kBFloat16 && s.E % 2 == 0) || dt == at::kHalf;
+  const bool in_place = (dt == at::kBFloat16 && bf16_in_place(s.E)) || dt == at::kHalf;
   const at::Tensor qc = last_dim_contiguous(in_place ? q : q.to(ct));
   const at::Tensor kl = last_dim_contiguous(in_place ? k : k.to(ct));
   const at::Tensor kc = dt == at::kBFloat16 && in_place ? bf16_pairs_aligned(kl) : kl;

@@ -9,8 +9,9 @@
 //
 // MMKERNELS_CPU_GEMM=aten keeps every GEMM on ATen's mm (MKL), e.g. to compare; the rule also
 // stays with ATen where torch was built without oneDNN, where the user disabled it
-// (torch.backends.mkldnn.enabled = False), for layouts oneDNN serves badly or not at all, and for
-// small GEMMs (kOneDnnMinMacs), where oneDNN's fixed cost per call outweighs its faster kernel.
+// (torch.backends.mkldnn.enabled = False) or where its matmul refuses the CPU (onednn_matmul_runs),
+// for layouts oneDNN serves badly or not at all, and for small GEMMs (kOneDnnMinMacs), where oneDNN's
+// fixed cost per call outweighs its faster kernel.
 #include "matmul.h"
 
 #include <ATen/ATen.h>
@@ -62,11 +63,29 @@ int64_t onednn_min_macs() {
   return macs;
 }
 
+// Whether this CPU runs mkldnn_matmul at all: torch 2.13's refuses CPUs with neither AVX-512 (bw, vl,
+// dq) nor avx_ne_convert - for float32 too, as its bfloat16 check guards the whole function - so on
+// AVX2-only CPUs (AMD Zen 3, older Intel) every GEMM stays on ATen's mm. Asked of the function itself,
+// once, so that the rule follows whatever the torch in use accepts.
+bool onednn_matmul_runs() {
+  static const bool runs = [] {
+    try {
+      const at::Tensor one = at::ones({1, 1});
+      at::native::mkldnn_matmul(one, one, at::empty({1, 1}), 0.0f, 1.0f);
+      return true;
+    } catch (const c10::Error&) {
+      return false;
+    }
+  }();
+  return runs;
+}
+
 }  // namespace
 
 bool matmul_uses_onednn(at::ScalarType dtype) {
 #if AT_MKLDNN_ENABLED() && defined(__x86_64__)
-  return dtype == at::kFloat && onednn_requested() && at::globalContext().userEnabledMkldnn();
+  return dtype == at::kFloat && onednn_requested() && at::globalContext().userEnabledMkldnn() &&
+         onednn_matmul_runs();
 #else
   (void)dtype;
   return false;

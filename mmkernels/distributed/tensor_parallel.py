@@ -27,7 +27,7 @@ from torch.utils import _pytree as pytree
 
 from .. import ops
 from ..nn import CrossModalAttention, FusedConcatLinear
-from ..nn._attention_masks import check_inputs, op_masks
+from ..nn._attention_masks import normalise
 from ..nn.cross_modal_attention import _linear
 
 _STYLE = "CrossModalAttentionHeadParallel"
@@ -153,7 +153,7 @@ def _sum_over_ranks(x: torch.Tensor, mesh) -> torch.Tensor:
     return DTensor.from_local(x, mesh, [Partial()], run_check=False).redistribute(mesh, [Replicate()]).to_local()
 
 
-def _attention_with_rank_seed(q, k, v, kpm, mask, dropout_p, rank):
+def _attention_with_rank_seed(attention, dropout_p, rank):
     """The op with dropout, its mask seed drawn per rank: the kernel hashes (seed, local head), so
     with one seed on every rank (torch.manual_seed alike everywhere) rank r's head h would drop what
     rank 0's head h drops. One draw from the default generator (the same on every rank, and replayed
@@ -161,7 +161,7 @@ def _attention_with_rank_seed(q, k, v, kpm, mask, dropout_p, rank):
     base = int(torch.randint(0, 2**62, (), dtype=torch.int64))
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(base + rank)  # the CPU generator only: fork_rng restores it
-        return ops.cross_modal_attention(q, k, v, key_padding_mask=kpm, attn_mask=mask, dropout_p=dropout_p)
+        return attention(dropout_p=dropout_p)
 
 
 class _HeadParallelCrossModalAttention(CrossModalAttention):
@@ -184,13 +184,9 @@ class _HeadParallelCrossModalAttention(CrossModalAttention):
                 f"{_STYLE}: argument 'need_weights': expected False (each rank holds only some heads, "
                 "so there are no whole attention weights to return)"
             )
-        batched = check_inputs(self, query, key, value, key_padding_mask, attn_mask, is_causal)
-        if not batched:
-            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
-            if key_padding_mask is not None:
-                key_padding_mask = key_padding_mask.unsqueeze(0)
-        seq_dim = 1 if (self.batch_first or not batched) else 0
-        batch, len_q = query.shape[1 - seq_dim], query.shape[seq_dim]
+        inputs = normalise(self, query, key, value, key_padding_mask, attn_mask, is_causal)
+        query, key, value, seq_dim = inputs.query, inputs.key, inputs.value, inputs.seq_dim
+        batch, len_q = inputs.batch, inputs.len_q
         mesh = self._tp_mesh
         world, rank = mesh.size(), mesh.get_local_rank()
         heads, e = self.num_heads // world, self.embed_dim // world
@@ -219,15 +215,13 @@ class _HeadParallelCrossModalAttention(CrossModalAttention):
             return x.permute(1, 2, 0, 3) if seq_dim == 0 else x.permute(0, 2, 1, 3)
 
         q, k, v = split_heads(q), split_heads(k), split_heads(v)
-        if attn_mask is not None and attn_mask.dim() == 3:  # (B*H, Lq, Lk): this rank's heads
-            per_head = attn_mask.view(batch, self.num_heads, *attn_mask.shape[1:])
-            attn_mask = per_head[:, rank * heads : (rank + 1) * heads].reshape(batch * heads, *attn_mask.shape[1:])
-        kpm, mask = op_masks(key_padding_mask, attn_mask, batch, heads, 0, q.dtype)
+        kpm, mask = inputs.key_padding_mask, inputs.op_attn_mask
+        if mask is not None and mask.dim() == 4 and mask.shape[1] == self.num_heads > heads:  # this rank's heads
+            mask = mask[:, rank * heads : (rank + 1) * heads]
         dropout_p = self.dropout if self.training else 0.0
-        if dropout_p > 0.0:
-            out = _attention_with_rank_seed(q, k, v, kpm, mask, dropout_p, rank)
-        else:
-            out = ops.cross_modal_attention(q, k, v, key_padding_mask=kpm, attn_mask=mask)
+        attention = partial(ops.cross_modal_attention, q, k, v, key_padding_mask=kpm, attn_mask=mask,
+                            is_causal=inputs.causal)
+        out = _attention_with_rank_seed(attention, dropout_p, rank) if dropout_p > 0.0 else attention()
         if seq_dim == 0:
             out = out.permute(2, 0, 1, 3).reshape(len_q, batch, e)
         else:
@@ -236,4 +230,4 @@ class _HeadParallelCrossModalAttention(CrossModalAttention):
         out = _sum_over_ranks(F.linear(out, self.out_proj.weight.to_local()), mesh)
         if self.out_proj.bias is not None:
             out = out + self.out_proj.bias.to_local()
-        return (out if batched else out.squeeze(0)), None
+        return (out if inputs.batched else out.squeeze(0)), None

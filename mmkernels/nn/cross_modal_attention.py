@@ -20,7 +20,7 @@ Differences from nn.MultiheadAttention, all deliberate:
   for the same seed when ``need_weights=False`` (same distribution; the same seed reproduces ours).
 - With a bool ``key_padding_mask`` that hides at least 1/8 of the keys (except on the slow path),
   the padded key/value rows are not projected at all (the K/V projections run on the visible rows
-  only, forward and backward; eager mode, see ``_visible_key_rows``). The numbers are the same, but
+  only, forward and backward; eager mode, see ``_attention_masks._visible_key_rows``). The numbers are the same, but
   what padded rows hold is then never read: a NaN there does not reach the output, while
   nn.MultiheadAttention returns NaN for every query.
 - On the CPU in float32 the projections are one-input ``fused_concat_linear`` calls, whose GEMMs run
@@ -40,7 +40,7 @@ from .. import ops
 from .._C import attention_small
 from ..ops.fused_concat_linear import ONEDNN_MIN_MACS
 from .._errors import ArgumentError
-from ._attention_masks import check_inputs, op_masks, weights_path_mask
+from ._attention_masks import normalise
 
 _NAME = "CrossModalAttention"
 
@@ -146,7 +146,7 @@ class CrossModalAttention(nn.Module):
         parameters are cut with split(), whose backward is one cat: slicing would give each piece
         a zero-filled full-size gradient to add up.
 
-        ``key_rows`` (from _visible_key_rows): project only these rows of the flattened key/value
+        ``key_rows`` (AttentionInputs.key_rows): project only these rows of the flattened key/value
         and leave the others zero; the op masks them, so they are never read.
         """
         e = self.embed_dim
@@ -176,36 +176,19 @@ class CrossModalAttention(nn.Module):
             (wq, wk, wv), (bq, bk, bv) = w.split(e), cut(b, [e, e, e])
         return _linear(query, wq, bq), kv_linear(key, wk, bk), kv_linear(value, wv, bv)
 
-    @staticmethod
-    def _visible_key_rows(key_padding_mask, seq_dim: int):
-        """Indices of the visible rows of the flattened (B*Lk or Lk*B) key, or None where skipping
-        the padded rows would not pay: a bool mask hiding at least 1/8 of the keys. Not under
-        torch.compile / export or CUDA graph capture, whose graphs cannot hold the data-dependent
-        row count (they project every row, as nn.MultiheadAttention does)."""
-        if key_padding_mask is None or key_padding_mask.dtype != torch.bool or torch.compiler.is_compiling():
-            return None
-        if key_padding_mask.is_cuda and torch.cuda.is_current_stream_capturing():
-            return None
-        visible = key_padding_mask.logical_not()
-        rows = (visible if seq_dim == 1 else visible.t()).reshape(-1).nonzero().squeeze(1)
-        return rows if rows.numel() * 8 <= visible.numel() * 7 else None
-
     def _extend_keys(self, k, v, seq_dim: int):
         """Append the learned bias key/value, then the zero key/value, along the sequence dim
-        (nn.MultiheadAttention's order). Returns the new tensors and the number of keys added."""
-        added = 0
+        (nn.MultiheadAttention's order; AttentionInputs.added counts them)."""
         batch = k.shape[1 - seq_dim]
         if self.bias_k is not None:
             shape = (1, batch, self.embed_dim) if seq_dim == 0 else (batch, 1, self.embed_dim)
             k = torch.cat([k, self.bias_k.reshape(1, 1, -1).expand(shape)], dim=seq_dim)
             v = torch.cat([v, self.bias_v.reshape(1, 1, -1).expand(shape)], dim=seq_dim)
-            added += 1
         if self.add_zero_attn:
             # A zero vector in the projected space is zero in every head.
             pad = (0, 0, 0, 0, 0, 1) if seq_dim == 0 else (0, 0, 0, 1)
             k, v = F.pad(k, pad), F.pad(v, pad)
-            added += 1
-        return k, v, added
+        return k, v
 
     def _split_heads(self, x, seq_dim: int):
         """(L, B, H*D) or (B, L, H*D) -> a (B, H, L, D) view: no copy; the op takes these strides."""
@@ -244,25 +227,14 @@ class CrossModalAttention(nn.Module):
                 return result
         if any(isinstance(t, torch.Tensor) and t.is_nested for t in (query, key, value)):
             return self._forward_nested(query, key, value, key_padding_mask, need_weights, attn_mask, is_causal)
-        batched = check_inputs(self, query, key, value, key_padding_mask, attn_mask, is_causal)
-        if batched:
-            seq_dim = 0 if not self.batch_first else 1
-        else:
-            # Unbatched (L, E) inputs become a batch of one; batch_first is ignored, as in MHA.
-            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
-            if key_padding_mask is not None:
-                key_padding_mask = key_padding_mask.unsqueeze(0)
-            seq_dim = 1
-        batch = query.shape[1 - seq_dim]
-        len_q = query.shape[seq_dim]
-
         dropout_p = self.dropout if self.training else 0.0
         # With dropout, need_weights=True returns the dropped weights that made the output, so the
         # output must come from them (every key projected, as nn.MultiheadAttention does).
         slow = need_weights and dropout_p > 0.0
-        key_rows = None if slow else self._visible_key_rows(key_padding_mask, seq_dim)
-        q, k, v = self._project(query, key, value, key_rows)
-        k, v, added = self._extend_keys(k, v, seq_dim)
+        inputs = normalise(self, query, key, value, key_padding_mask, attn_mask, is_causal, project_all=slow)
+        seq_dim = inputs.seq_dim
+        q, k, v = self._project(inputs.query, inputs.key, inputs.value, inputs.key_rows)
+        k, v = self._extend_keys(k, v, seq_dim)
         q, k, v = (self._split_heads(t, seq_dim) for t in (q, k, v))
 
         weights = None
@@ -272,34 +244,30 @@ class CrossModalAttention(nn.Module):
         few_scores = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= _FEW_SCORES
         if slow or (need_weights and few_scores and torch.is_grad_enabled()
                     and any(t.requires_grad for t in (q, k, v))):
-            out, weights = self._attention_with_weights(q, k, v, key_padding_mask, attn_mask, added, dropout_p)
+            out, weights = self._attention_with_weights(q, k, v, inputs.additive, dropout_p)
             if average_attn_weights:
                 weights = weights.mean(dim=1)
         else:
-            # The is_causal hint (nn.TransformerDecoderLayer's tgt_is_causal) on square self-attention
-            # with no added keys: the op's causal flag replaces the mask, so masked blocks are skipped.
-            causal = is_causal and added == 0 and len_q == k.shape[2]
-            kpm, mask = op_masks(key_padding_mask, None if causal else attn_mask, batch, self.num_heads, added, q.dtype)
             out = ops.cross_modal_attention(
-                q, k, v, key_padding_mask=kpm, attn_mask=mask, is_causal=causal, dropout_p=dropout_p
+                q, k, v, key_padding_mask=inputs.key_padding_mask, attn_mask=inputs.op_attn_mask,
+                is_causal=inputs.causal, dropout_p=dropout_p,
             )
             if need_weights:
                 # Computed beside the output, not under it: if the caller drops them (`out, _ = mha(...)`),
                 # nothing of theirs is kept for backward.
-                weights = self._weights(q, k, key_padding_mask, attn_mask, added, average_attn_weights)
+                weights = self._weights(q, k, inputs.additive, average_attn_weights)
 
         # (B, H, Lq, D) -> the caller's layout with heads merged. The op stores its output as
         # (B, Lq, H, D), so with batch_first this is a view; seq-first, out_proj's input is strided.
         if seq_dim == 0:
-            out = out.permute(2, 0, 1, 3).reshape(len_q, batch, self.embed_dim)
+            out = out.permute(2, 0, 1, 3).reshape(inputs.len_q, inputs.batch, self.embed_dim)
         else:
-            out = out.transpose(1, 2).reshape(batch, len_q, self.embed_dim)
+            out = out.transpose(1, 2).reshape(inputs.batch, inputs.len_q, self.embed_dim)
         out = _linear(out, self.out_proj.weight, self.out_proj.bias)
 
-        if not batched:
+        if not inputs.batched:
             out = out.squeeze(0)
-        if weights is not None and not batched:
-            weights = weights.squeeze(0)
+            weights = None if weights is None else weights.squeeze(0)
         return out, weights
 
     def _forward_nested(self, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal):
@@ -346,20 +314,18 @@ class CrossModalAttention(nn.Module):
     def _scores_to_weights(self, q, k, additive):
         return _scores_to_weights(q, k, additive, self._weights_scale())
 
-    def _attention_with_weights(self, q, k, v, key_padding_mask, attn_mask, added, dropout_p):
+    def _attention_with_weights(self, q, k, v, additive, dropout_p):
         """need_weights=True with dropout, or in a training step with few scores: materialises the
         (B, H, Lq, Lk) weights as nn.MultiheadAttention does, in the same order (so dropout draws the
         same mask for the same seed); the output is made from the (dropped) weights, which are returned."""
-        additive = weights_path_mask(key_padding_mask, attn_mask, q.shape[0], self.num_heads, added, q.dtype)
         weights = self._scores_to_weights(q, k, additive)
         if dropout_p > 0.0:
             weights = F.dropout(weights, p=dropout_p)
         return torch.matmul(weights, v), weights
 
-    def _weights(self, q, k, key_padding_mask, attn_mask, added, average):
+    def _weights(self, q, k, additive, average):
         """The (B, H, Lq, Lk) attention weights, or their mean over heads computed a few heads at a
         time (see _AveragedWeights)."""
-        additive = weights_path_mask(key_padding_mask, attn_mask, q.shape[0], self.num_heads, added, q.dtype)
         if not average:
             return self._scores_to_weights(q, k, additive)
         scale = self._weights_scale()
