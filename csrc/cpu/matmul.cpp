@@ -63,11 +63,14 @@ int64_t onednn_min_macs() {
   return macs;
 }
 
-// Whether this CPU runs mkldnn_matmul at all: torch 2.13's refuses CPUs with neither AVX-512 (bw, vl,
-// dq) nor avx_ne_convert - for float32 too, as its bfloat16 check guards the whole function - so on
-// AVX2-only CPUs (AMD Zen 3, older Intel) every GEMM stays on ATen's mm. Asked of the function itself,
-// once, so that the rule follows whatever the torch in use accepts.
+}  // namespace
+
+// torch 2.13's mkldnn_matmul refuses CPUs with neither AVX-512 (BW, VL, DQ) nor AVX-NE-CONVERT, for
+// float32 too (its bfloat16 check guards the whole function): on AVX2-only CPUs (AMD Zen 3, older
+// Intel) every GEMM stays on ATen's mm. Asked of the function itself, once, so that the rule follows
+// whatever the torch in use accepts.
 bool onednn_matmul_runs() {
+#if AT_MKLDNN_ENABLED() && defined(__x86_64__)
   static const bool runs = [] {
     try {
       const at::Tensor one = at::ones({1, 1});
@@ -78,9 +81,10 @@ bool onednn_matmul_runs() {
     }
   }();
   return runs;
+#else
+  return false;
+#endif
 }
-
-}  // namespace
 
 bool matmul_uses_onednn(at::ScalarType dtype) {
 #if AT_MKLDNN_ENABLED() && defined(__x86_64__)

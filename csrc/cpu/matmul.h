@@ -10,6 +10,9 @@ namespace mmkernels::cpu {
 // (a transposed or column-sliced weight, a column block of a gradient): nothing is copied.
 void matmul_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate);
 
+// Whether this CPU runs ATen's mkldnn_matmul at all (see matmul.cpp); matmul_uses_onednn needs it.
+bool onednn_matmul_runs();
+
 // Whether matmul_out sends `dtype` to oneDNN (the rule of matmul.cpp), for tests and reports.
 bool matmul_uses_onednn(at::ScalarType dtype);
 

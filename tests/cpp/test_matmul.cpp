@@ -51,7 +51,8 @@ TEST(Matmul, LayoutsAndAccumulationMatchMm) {
 TEST(Matmul, OnednnRuleFollowsTorchsSwitch) {
   const bool enabled = at::globalContext().userEnabledMkldnn();
 #if AT_MKLDNN_ENABLED() && defined(__x86_64__)
-  if (enabled && std::getenv("MMKERNELS_CPU_GEMM") == nullptr) EXPECT_TRUE(mmkernels::cpu::matmul_uses_onednn(at::kFloat));
+  if (enabled && std::getenv("MMKERNELS_CPU_GEMM") == nullptr)
+    EXPECT_EQ(mmkernels::cpu::matmul_uses_onednn(at::kFloat), mmkernels::cpu::onednn_matmul_runs());
 #endif
   at::globalContext().setUserEnabledMkldnn(false);
   EXPECT_FALSE(mmkernels::cpu::matmul_uses_onednn(at::kFloat));
@@ -59,6 +60,16 @@ TEST(Matmul, OnednnRuleFollowsTorchsSwitch) {
   EXPECT_FALSE(mmkernels::cpu::matmul_uses_onednn(at::kDouble));
   EXPECT_FALSE(mmkernels::cpu::matmul_uses_onednn(at::kBFloat16));
 }
+
+#if AT_MKLDNN_ENABLED() && defined(__x86_64__)
+TEST(Matmul, OnednnRunsWhereTheCpuHasAvx512) {
+  // The probe must not switch oneDNN off where torch's matmul serves the CPU (AVX-512 BW/VL/DQ).
+  const bool avx512 = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                      __builtin_cpu_supports("avx512dq");
+  if (avx512) EXPECT_TRUE(mmkernels::cpu::onednn_matmul_runs());
+  if (!mmkernels::cpu::onednn_matmul_runs()) EXPECT_FALSE(mmkernels::cpu::matmul_uses_onednn(at::kFloat));
+}
+#endif
 
 TEST(Matmul, AlsoMatchesWithOnednnDisabled) {
   at::manual_seed(1);
