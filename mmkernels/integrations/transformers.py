@@ -17,9 +17,8 @@ What the attention function does with what transformers passes:
   skips masked key blocks and the blocks above the diagonal. Any other mask (sliding windows, packed
   sequences, custom masks, masks made under torch.compile, or by the user) goes to the op as
   ``attn_mask``, bool or additive float (broadcast, not copied); no mask plus ``is_causal`` is
-  SDPA's upper-left causal attention, which the op takes as a flag where it has ``is_causal`` (see
-  "Two routes").
-* grouped-query heads (H_kv < H): the op's ``enable_gqa`` where it has it; see "Two routes".
+  SDPA's upper-left causal attention, which the op takes as its ``is_causal`` flag.
+* grouped-query heads (H_kv < H): the op's ``enable_gqa``.
 * ``scaling``, ``dropout``; a ``position_bias`` (additive, e.g. relative positions) is folded into the
   mask as transformers' SDPA path does, and gets its gradient (the op takes its exact reference
   path for a float mask that requires grad).
@@ -29,17 +28,14 @@ What the attention function does with what transformers passes:
   logit soft-cap, attention sinks, a head mask): the model's own eager attention runs instead, with
   a warning once per process and reason. Never a wrong answer.
 
-Two routes. The op gains ``is_causal`` and ``enable_gqa`` in a parallel change; this module looks
-once, at import, at the op's signature (``NATIVE_CAUSAL``, ``NATIVE_GQA``). Without them it uses
-exact equivalents -- a materialised upper-left causal bool mask, and K/V heads repeated as
-transformers' ``repeat_kv`` does -- and ``register()`` says so once. For one query (decoding) the
-query heads of a group are stacked as that kv head's queries on both routes: no copy, and each K/V
-block read once per group.
+Causal masks reach the op as its ``is_causal`` flag (or a lower-right ``CausalBias``) and grouped K/V
+heads through ``enable_gqa``: never a materialised causal mask, never a ``repeat_kv`` copy. For one
+query (decoding) the query heads of a group are stacked as that kv head's queries: no copy, and each
+K/V block read once per group.
 """
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import sys
 
 import torch
@@ -51,11 +47,6 @@ __all__ = ["NAME", "register", "attention_forward", "is_registered", "TESTED_VER
 
 NAME = "mmkernels"
 TESTED_VERSIONS = ">=5.24,<6"  # the range in setup.py's extras_require; CI runs 5.24.0
-
-_params = inspect.signature(ops.cross_modal_attention).parameters
-NATIVE_CAUSAL = "is_causal" in _params  # upper-left is_causal as a flag, never a materialised mask
-NATIVE_GQA = "enable_gqa" in _params  # k/v with fewer heads read in place
-del _params
 
 # kwargs transformers may pass that the kernel has no equivalent for: (key, reason) -> eager path.
 _EAGER_ONLY = {
@@ -91,13 +82,6 @@ def register() -> str:
         # at all, padding lost): ours is its SDPA builder's mask plus the structure the op takes
         # natively (see build_mask).
         mask_interface.register(NAME, build_mask)
-    missing = [name for name, have in (("is_causal", NATIVE_CAUSAL), ("enable_gqa", NATIVE_GQA)) if not have]
-    if missing:
-        warn_once(
-            "route",
-            f"mmkernels: this build's cross_modal_attention has no {' / '.join(missing)}; the transformers backend "
-            "materialises causal masks and/or repeats grouped K/V heads (exact, slower) until it has them.",
-        )
     return NAME
 
 
@@ -273,16 +257,11 @@ def attention_forward(
             # it once per query head). A mask (B, 1, 1, Lk) or the padding broadcasts over them.
             query = query.reshape(query.shape[0], kv_heads, heads // kv_heads, query.shape[3])
             packed = True
-        elif NATIVE_GQA:
+        else:
             op_kwargs["enable_gqa"] = True
-        else:
-            key, value = _repeat_kv(key, heads // kv_heads), _repeat_kv(value, heads // kv_heads)
     if causal == 1:
-        if NATIVE_CAUSAL:
-            op_kwargs["is_causal"] = True
-        else:
-            mask = torch.ones(q_len, key.shape[2], dtype=torch.bool, device=query.device).tril()
-    elif causal == 2:  # only from a layout, which needs NATIVE_CAUSAL: queries after a cache
+        op_kwargs["is_causal"] = True
+    elif causal == 2:  # only from a layout: queries after a cache
         from torch.nn.attention.bias import causal_lower_right
 
         mask = causal_lower_right(q_len, key.shape[2])
@@ -296,7 +275,7 @@ def attention_forward(
 def _usable_layout(mask, query, key, position_bias) -> MaskLayout | None:
     """The MaskLayout build_mask attached to this mask, where it describes this call's q and k."""
     layout = getattr(mask, _LAYOUT, None) if isinstance(mask, torch.Tensor) else None
-    if layout is None or position_bias is not None or (layout.causal and not NATIVE_CAUSAL):
+    if layout is None or position_bias is not None:
         return None
     if (layout.q_len, layout.kv_len) != (query.shape[2], key.shape[2]):
         return None  # e.g. a layer that crops its keys

@@ -4,17 +4,11 @@ Every model family runs the same checks against transformers' own "eager" and "s
 same weights: outputs (float32, bfloat16), every parameter's gradient, greedy generate() token for
 token, torch.compile of the forward, convert()/revert(). Each check also asserts that the fused op
 really ran (a counting wrapper around mmkernels.ops.cross_modal_attention).
-
-The backend has two routes (see mmkernels/integrations/transformers.py): the op's own is_causal /
-enable_gqa ("native"), or exact equivalents ("fallback"). Both are run. Where the op does not have
-the flags yet, "native" runs a stand-in that gives the op those flags the reference way, which
-checks what the backend passes; once the op has them, "native" is the op itself.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import sys
 import warnings
 from typing import Callable
@@ -27,32 +21,6 @@ transformers = pytest.importorskip("transformers")
 import mmkernels  # noqa: E402
 from mmkernels.integrations import transformers as backend  # noqa: E402
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
-
-_REAL_OP = mmkernels.ops.cross_modal_attention
-OP_HAS_FLAGS = {"is_causal", "enable_gqa"} <= set(inspect.signature(_REAL_OP).parameters)
-
-
-def _standin(q, k, v, *, attn_mask=None, is_causal=False, enable_gqa=False, **kwargs):
-    """The op with SDPA's is_causal / enable_gqa, built from the plain op (for the native route
-    before the op has them). Strict as SDPA: is_causal with a mask is an error."""
-    if is_causal:
-        assert attn_mask is None, "is_causal together with attn_mask"
-        attn_mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
-    if enable_gqa:
-        groups = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    return _REAL_OP(q, k, v, attn_mask=attn_mask, **kwargs)
-
-
-@pytest.fixture(params=["fallback", "native"])
-def route(request, monkeypatch):
-    native = request.param == "native"
-    monkeypatch.setattr(backend, "NATIVE_CAUSAL", native)
-    monkeypatch.setattr(backend, "NATIVE_GQA", native)
-    if native and not OP_HAS_FLAGS:
-        monkeypatch.setattr(mmkernels.ops, "cross_modal_attention", _standin)
-    return request.param
-
 
 @pytest.fixture
 def op_calls(monkeypatch):
@@ -70,9 +38,7 @@ def op_calls(monkeypatch):
 
 @pytest.fixture(autouse=True, scope="module")
 def _registered():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the once-per-process note on the fallback route
-        backend.register()
+    backend.register()
     transformers.logging.set_verbosity_error()
 
 
@@ -208,7 +174,7 @@ def _run(model, inputs, family):
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_outputs_match_eager_and_sdpa_float32(name, route, op_calls):
+def test_outputs_match_eager_and_sdpa_float32(name, op_calls):
     family = FAMILIES[name]
     inputs = family.inputs()
     with torch.no_grad():
@@ -221,7 +187,7 @@ def test_outputs_match_eager_and_sdpa_float32(name, route, op_calls):
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_outputs_bfloat16_as_close_as_sdpa(name, route, op_calls):
+def test_outputs_bfloat16_as_close_as_sdpa(name, op_calls):
     """bfloat16 against the float64 result: within twice SDPA's own bfloat16 error. (The float64 oracle
     is SDPA's: eager float64 attention turns fully padded query rows into NaN, which then reaches valid
     rows through the keys of the next layer.)"""
@@ -239,7 +205,7 @@ def test_outputs_bfloat16_as_close_as_sdpa(name, route, op_calls):
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_every_parameter_gradient_matches_eager(name, route, op_calls):
+def test_every_parameter_gradient_matches_eager(name, op_calls):
     family = FAMILIES[name]
     inputs = family.inputs()
     grads = {}
@@ -270,7 +236,7 @@ def test_every_parameter_gradient_matches_eager(name, route, op_calls):
 
 
 @pytest.mark.parametrize("name", GENERATING)
-def test_greedy_generate_token_identical_to_eager(name, route, op_calls):
+def test_greedy_generate_token_identical_to_eager(name, op_calls):
     family = FAMILIES[name]
     inputs = family.inputs()
     tokens = {}
@@ -383,7 +349,7 @@ def _valid_rows(mask, out):
 @pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2), (6, 1)])
 @pytest.mark.parametrize("lengths", [(5, 5), (5, 9), (1, 9)])
-def test_attention_function_matches_sdpa(mask_kind, is_causal, heads, lengths, route):
+def test_attention_function_matches_sdpa(mask_kind, is_causal, heads, lengths):
     (H, H_kv), (Lq, Lk) = heads, lengths
     module = _Attention(is_causal=is_causal, groups=H // H_kv)
     q, k, v = _qkv(B=3, H=H, H_kv=H_kv, Lq=Lq, Lk=Lk, requires_grad=True)
@@ -407,7 +373,7 @@ def test_output_is_a_view_of_the_op_storage():
     assert out.is_contiguous() and merged.data_ptr() == out.data_ptr()
 
 
-def test_static_cache_prefill_crops_the_empty_tail(route):
+def test_static_cache_prefill_crops_the_empty_tail():
     """No mask, causal, more keys than queries (an empty static cache): upper-left, as SDPA."""
     module = _Attention(is_causal=True, groups=2)
     q, k, v = _qkv(H=4, H_kv=2, Lq=4, Lk=10)
@@ -619,7 +585,7 @@ LAYOUT_CASES = [(p, g) for g in CAUSAL_GEOMETRIES if g[-1] is not None
 
 @pytest.mark.parametrize("padding, geometry", LAYOUT_CASES, ids=str)
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2)])
-def test_attention_with_a_layout_matches_the_dense_mask(padding, geometry, heads, route, op_kwargs):
+def test_attention_with_a_layout_matches_the_dense_mask(padding, geometry, heads, op_kwargs):
     ours, _ = _build_both("causal", padding, geometry)
     (H, H_kv), (q_len, kv_len) = heads, geometry[:2]
     module = _Attention(is_causal=True, groups=H // H_kv)
@@ -628,9 +594,8 @@ def test_attention_with_a_layout_matches_the_dense_mask(padding, geometry, heads
     dense = ours.clone()  # the same mask without its layout
     assert getattr(dense, backend._LAYOUT, None) is None
     want, _ = sdpa_attention_forward(module, q, k, v, dense, scaling=0.3)
-    structured = route == "native" or geometry[-1] == 0  # the fallback route has no causal flag
     dense_passed = type(op_kwargs[0].get("attn_mask")) is torch.Tensor  # (a CausalBias is a subclass)
-    assert dense_passed != structured, op_kwargs[0]
+    assert not dense_passed, op_kwargs[0]
     torch.testing.assert_close(_valid_rows(dense, out), _valid_rows(dense, want), atol=2e-6, rtol=2e-5)
     g = torch.randn_like(want)
     got_grads = torch.autograd.grad(_valid_rows(dense, out * g).sum(), (q, k, v))
