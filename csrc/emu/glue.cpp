@@ -41,7 +41,7 @@ void set_field(T& f, int64_t v) {
 #define MMK_ATTN_FIELDS(X)                                                                                       \
   X(q) X(k) X(v) X(q_sb) X(q_sh) X(q_sl) X(k_sb) X(k_sh) X(k_sl) X(v_sb) X(v_sh) X(v_sl) X(B) X(H) X(Lq) X(Lk) \
   X(H_kv) X(causal) X(kv_range) X(kpm) X(mask_kind) X(mask) X(m_sb) X(m_sh) X(m_sl) X(m_sk) X(dropout)         \
-  X(threshold) X(seed) X(seed_ptr)
+  X(threshold) X(seed) X(seed_ptr) X(cu_seqlens_q) X(cu_seqlens_k) X(lse_sh)
 #define MMK_FWD_FIELDS(X) X(out) X(o_sb) X(o_sh) X(o_sl) X(lse)
 #define MMK_BWD_FIELDS(X)                                                                                        \
   X(dout) X(do_sb) X(do_sh) X(do_sl) X(lse) X(dsum) X(dq_accum) X(dq_sb) X(dq_sh) X(dq_sl) X(dk) X(dk_sb)       \

@@ -12,27 +12,13 @@ import pytest
 import torch
 
 import attention_support
-from attention_emu import Problem
+from attention_emu import DTYPES, HEAD_DIMS, TOL, Problem, assert_close
 from attention_support import run_reference
 from harness import harness
 
 pytestmark = pytest.mark.emu
 
-TOL = {  # (atol, rtol) for outputs and for gradients, atol relative to max(1, max |expected|)
-    torch.float16: ((4e-3, 4e-3), (1e-2, 1e-2)),
-    torch.bfloat16: ((3e-2, 3e-2), (6e-2, 6e-2)),
-}
-DTYPES = list(TOL)
-HEAD_DIMS = [32, 64, 128]
 MASK_KINDS = ["none", "kpm", "len32", "bool2d", "bool4d", "float3d", "float4d", "kpm+len32+bool2d", "holes"]
-
-
-def assert_close(actual, expected, tol, what):
-    atol, rtol = tol
-    scale = max(expected.abs().max().item(), 1.0) if expected.numel() else 1.0
-    assert not torch.isnan(actual).any(), f"{what}: NaN (an element no kernel wrote, or a NaN computed)"
-    torch.testing.assert_close(actual.double(), expected.double(), atol=atol * scale, rtol=rtol,
-                               msg=lambda m: f"{what}: {m}")
 
 
 def keep_mask(B, H, Lq, Lk, p, seed):

@@ -46,7 +46,7 @@ ATTENTION_PLANTS = {
         plant(ATTN / "attn_fwd.cuh", "      cp_async_wait<1>();", "      cp_async_wait<2>();"), 64,
         "read before cp.async completed"),
     "query tile never loaded": (
-        plant(ATTN / "attn_fwd.cuh", "  load_tile_async<D, kBr, kThreads>(sQ, qg + i0 * p.q_sl, p.q_sl, p.Lq - i0, qg, tid);\n",
+        plant(ATTN / "attn_fwd.cuh", "  load_tile_async<D, kBr, kThreads>(sQ, qg + i0 * p.q_sl, p.q_sl, s.Lq - i0, qg, tid);\n",
               ""), 64, "uninitialised shared read"),
     "barrier reached by half the block": (
         plant(ATTN / "attn_fwd.cuh", "  __syncwarp();\n", "  if (warp < 2) __syncthreads();\n"), 64,

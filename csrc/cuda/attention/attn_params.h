@@ -48,6 +48,16 @@ struct AttnParams {
   float inv_keep;
   uint64_t seed;            // used when seed_ptr is null
   const int64_t* seed_ptr;  // a device seed tensor (read in the kernel: no host sync)
+  // Packed variable-length sequences (FlashAttention-2's varlen layout), or null for the dense layout.
+  // With them, B is the number of sequences, Lq / Lk the longest lengths (the grid's size), sequence b
+  // is rows [cu_seqlens_q[b], cu_seqlens_q[b + 1]) of q / out / dout / dq and [cu_seqlens_k[b], ...)
+  // of k / v / dk / dv, and every batch stride (q_sb, k_sb, ...) is that tensor's row stride, so a
+  // sequence's first row sits at (its first packed row) * (batch stride). lse and dsum are (H, total_q):
+  // row i of head h at h * lse_sh + first row + i. No masks, no kv_range; dropout seeds per sequence
+  // (varlen_sequence_seed, dropout_hash.h), as on the CPU.
+  const int32_t* cu_seqlens_q;
+  const int32_t* cu_seqlens_k;
+  int64_t lse_sh;
 };
 
 struct FwdParams : AttnParams {
