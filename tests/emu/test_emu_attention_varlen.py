@@ -11,7 +11,8 @@ import torch
 
 from attention_emu import DTYPES, HEAD_DIMS, VarlenProblem
 from harness import harness
-from varlen_support import cpu_keep_masks, make_packed, run_varlen_case
+from varlen_emu import run_varlen_case
+from varlen_support import cpu_keep_masks, prefix_sums
 
 pytestmark = pytest.mark.emu
 
@@ -57,8 +58,7 @@ def test_varlen_dropout_keeps_the_cpu_kernels_elements(H_kv):
     # q = k = 0 and one-hot values: an output element is positive iff dropout kept it, so the kernels'
     # keep mask is read off and compared with the CPU varlen kernel's, element for element.
     lens_q, lens_k, H, p, seed = [17, 0, 40, 1, 64], [64, 9, 33, 1, 2], 3, 0.4, 4321
-    cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32)
-    cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32)
+    cu_q, cu_k = prefix_sums(lens_q), prefix_sums(lens_k)
     q = torch.zeros(sum(lens_q), H, 64, dtype=torch.float16)
     k = torch.zeros(sum(lens_k), H_kv, 64, dtype=torch.float16)
     v = torch.zeros(sum(lens_k), H_kv, 64, dtype=torch.float16)

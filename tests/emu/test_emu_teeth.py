@@ -12,7 +12,8 @@ import attention_support
 import emu_build
 from attention_emu import Problem
 from attention_support import run_reference
-from harness import ACTIVATIONS, harness, ptr
+from harness import ACTIVATIONS, EmuError, harness, ptr
+from varlen_emu import run_varlen_case
 
 pytestmark = pytest.mark.emu
 
@@ -68,6 +69,37 @@ def test_planted_attention_bug_is_caught(name):
         assert errors or wrong, f"{name}: neither reported nor a wrong result"
     else:
         assert any(expected in e for e in errors), f"{name}: expected a '{expected}' report, got {errors}"
+
+
+# Packed (varlen) sequences: (plant, the kernel files to build, the case that must fail). Short
+# sequences back to back, so that a row or seed taken from the wrong sequence lands on another's.
+FWD64 = ("cuda/attention/fwd_hdim64_fp16.cu",)
+BWD64 = ("cuda/attention/fwd_hdim64_fp16.cu", "cuda/attention/bwd_hdim64_fp16.cu", "cuda/attention/attn_aux.cu")
+VARLEN_PLANTS = {
+    "output rows bounded by the longest sequence, not this one": (
+        plant(ATTN / "attn_fwd.cuh", "    if (i < s.Lq) {\n      *reinterpret_cast<uint4*>(og",
+              "    if (i < p.Lq) {\n      *reinterpret_cast<uint4*>(og"), FWD64, dict(grads=False)),
+    "lse of every sequence written from the first sequence's row": (
+        plant(ATTN / "attn_device.cuh", "return h * p.lse_sh + s.q_base;", "return h * p.lse_sh;"), FWD64,
+        dict(grads=False)),
+    "dropout keyed by the call's seed, not the sequence's": (
+        plant(ATTN / "attn_device.cuh", "varlen_sequence_seed(seed, s.b)", "seed"), FWD64,
+        dict(grads=False, dropout_p=0.3, seed=5)),
+    "dQ accumulated at the batch index, not the sequence's first row": (
+        plant(ATTN / "attn_bwd.cuh", "p.dq_accum + s.q_base * p.dq_sb", "p.dq_accum + b * p.dq_sb"), BWD64, {}),
+    "causal offset of the longest sequences, not this one's": (
+        plant(ATTN / "attn_device.cuh", "return p.causal == 2 ? s.Lk - s.Lq : 0;", "return p.causal == 2 ? p.Lk - p.Lq : 0;"),
+        BWD64, dict(causal=2)),
+}
+
+
+@pytest.mark.parametrize("name", list(VARLEN_PLANTS))
+def test_planted_varlen_bug_is_caught(name):
+    (file, text), sources, kw = VARLEN_PLANTS[name]
+    h = harness(((file, text),), sources)
+    with pytest.raises((AssertionError, EmuError)):
+        run_varlen_case([5, 1, 70, 9], [7, 40, 83, 1], 2, 64, torch.float16, h=h, **kw)
+    run_varlen_case([5, 1, 70, 9], [7, 40, 83, 1], 2, 64, torch.float16, **kw)  # the unplanted kernels pass
 
 
 def test_planted_missing_barrier_in_attention_backward_is_caught():

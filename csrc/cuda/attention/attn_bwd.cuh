@@ -33,7 +33,11 @@
 // rows ptxas spilled (~100 bytes) at the 255-register limit. D = 64 takes 32 (it took 64 until the
 // causal and grouped-query loop came: with 64, ptxas spilled 12-40 bytes).
 //
-// UNVERIFIED ON A GPU: compiled for sm_80 / sm_90, not yet run. Tests: tests/test_cuda_cross_modal_attention.py.
+// Packed sequences (cross_modal_attention_varlen, kVarlen = true): b is a sequence, the grid covers the
+// longest, and a block whose tile lies past its sequence's end returns at once (see Seq in attn_device.cuh).
+//
+// UNVERIFIED ON A GPU: compiled for sm_80 / sm_90, not yet run. Tests: tests/test_cuda_cross_modal_attention.py and
+// tests/test_cuda_cross_modal_attention_varlen.py (GPU), tests/emu (emulator).
 #pragma once
 #include "attn_device.cuh"
 

@@ -24,7 +24,11 @@
 // Grouped-query attention: query head h reads K and V of kv head h / (H / H_kv); the query heads of
 // a group are adjacent in the grid, so their blocks read the same K / V from L2.
 //
-// UNVERIFIED ON A GPU: compiled for sm_80 / sm_90, not yet run. Tests: tests/test_cuda_cross_modal_attention.py.
+// Packed sequences (cross_modal_attention_varlen, kVarlen = true): b is a sequence, the grid covers the
+// longest, and a block whose tile lies past its sequence's end returns at once (see Seq in attn_device.cuh).
+//
+// UNVERIFIED ON A GPU: compiled for sm_80 / sm_90, not yet run. Tests: tests/test_cuda_cross_modal_attention.py and
+// tests/test_cuda_cross_modal_attention_varlen.py (GPU), tests/emu (emulator).
 #pragma once
 #include "attn_device.cuh"
 

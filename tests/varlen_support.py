@@ -1,11 +1,10 @@
-"""Packed (varlen) problems for the emulator tests of the CUDA varlen kernels: random packed inputs,
-the float64 reference with its gradients and lse, and the CPU kernel's dropout keep mask."""
+"""Packed (varlen) attention problems shared by the emulator and GPU tests of the CUDA varlen kernels:
+random packed inputs, the float64 reference with its gradients and lse, and the CPU kernel's dropout
+keep mask."""
 from __future__ import annotations
 
 import torch
 
-from attention_emu import TOL, VarlenProblem, assert_close
-from harness import harness
 from mmkernels import reference
 
 
@@ -13,19 +12,19 @@ def prefix_sums(lengths):
     return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
 
 
-def make_packed(lens_q, lens_k, H, H_kv, E, dtype, gen, layout="packed"):
-    """q (total_q, H, E), k / v (total_k, H_kv, E); layout "projection": views of one (total, 3 heads, E)
-    buffer per side (the row stride is not H * E), as a fused QKV projection gives."""
+def make_packed(lens_q, lens_k, H, H_kv, E, dtype, gen, layout="packed", device="cpu"):
+    """q (total_q, H, E), k / v (total_k, H_kv, E) and the int32 prefix sums; layout "projection":
+    head slices of fused projections (row strides (H + 1) E and (2 H_kv + 1) E, not H * E)."""
     tq, tk = sum(lens_q), sum(lens_k)
     if layout == "packed":
-        q = torch.randn(tq, H, E, generator=gen).to(dtype)
-        k = torch.randn(tk, H_kv, E, generator=gen).to(dtype)
-        v = torch.randn(tk, H_kv, E, generator=gen).to(dtype)
+        q = torch.randn(tq, H, E, generator=gen).to(device, dtype)
+        k = torch.randn(tk, H_kv, E, generator=gen).to(device, dtype)
+        v = torch.randn(tk, H_kv, E, generator=gen).to(device, dtype)
     else:
-        q = torch.randn(tq, H + 1, E, generator=gen).to(dtype)[:, 1:]
-        kv = torch.randn(tk, 2 * H_kv + 1, E, generator=gen).to(dtype)
+        q = torch.randn(tq, H + 1, E, generator=gen).to(device, dtype)[:, 1:]
+        kv = torch.randn(tk, 2 * H_kv + 1, E, generator=gen).to(device, dtype)
         k, v = kv[:, :H_kv], kv[:, H_kv + 1:]
-    return q, k, v, prefix_sums(lens_q), prefix_sums(lens_k)
+    return q, k, v, prefix_sums(lens_q).to(device), prefix_sums(lens_k).to(device)
 
 
 def sequences(cu_q, cu_k):
@@ -37,7 +36,8 @@ def reference_varlen(q, k, v, cu_q, cu_k, scale, causal=0, keep=None, dropout_p=
     """out (total_q, H, E) in float64 and the float64 leaves: reference.cross_modal_attention_varlen
     where it covers the case (no dropout, causal 0 or upper-left), else reference.cross_modal_attention
     per sequence with the causal band as attn_mask and the sequence's keep mask."""
-    up = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    up = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
+    cu_q, cu_k = cu_q.cpu(), cu_k.cpu()
     if keep is None and causal in (0, 1):
         return reference.cross_modal_attention_varlen(*up, cu_q, cu_k, is_causal=causal == 1, scale=scale), up
     outs = []
@@ -58,6 +58,7 @@ def reference_varlen(q, k, v, cu_q, cu_k, scale, causal=0, keep=None, dropout_p=
 def reference_lse(q, k, cu_q, cu_k, scale, causal=0):
     """(H, total_q) logsumexp of each row's visible scaled scores, +inf where a row sees none."""
     H, G = q.shape[1], q.shape[1] // k.shape[1]
+    q, k, cu_q, cu_k = q.cpu(), k.cpu(), cu_q.cpu(), cu_k.cpu()
     lse = torch.full((H, q.shape[0]), torch.inf, dtype=torch.float64)
     for q0, q1, k0, k1 in sequences(cu_q, cu_k):
         if q1 == q0 or k1 == k0:
@@ -76,6 +77,7 @@ def reference_lse(q, k, cu_q, cu_k, scale, causal=0):
 def cpu_keep_masks(H, H_kv, cu_q, cu_k, p, seed):
     """The CPU varlen kernel's keep mask per sequence, (1, H, Lq_b, Lk_b) bool: uniform attention
     (q = k = 0) over one-hot values keeps exactly the kept elements positive."""
+    cu_q, cu_k = cu_q.cpu(), cu_k.cpu()
     seqs = sequences(cu_q, cu_k)
     width = max([k1 - k0 for _, _, k0, k1 in seqs] + [1])
     q = torch.zeros(int(cu_q[-1]), H, 1, dtype=torch.float64)
@@ -87,26 +89,3 @@ def cpu_keep_masks(H, H_kv, cu_q, cu_k, p, seed):
     out = torch.ops.mmkernels.cross_modal_attention_varlen.default(q, k, v, cu_q, cu_k, max_q, width, 1.0, p,
                                                                    torch.tensor(seed), 0)[0]
     return [(out[q0:q1, :, : k1 - k0] > 0).transpose(0, 1).unsqueeze(0) for q0, q1, k0, k1 in seqs]
-
-
-def run_varlen_case(lens_q, lens_k, H, E, dtype, H_kv=None, causal=0, dropout_p=0.0, seed=0, gen_seed=0,
-                    layout="packed", grads=True, h=None):
-    """The packed kernels on fresh random inputs against the float64 reference: out, lse, gradients."""
-    H_kv = H if H_kv is None else H_kv
-    g = torch.Generator().manual_seed(gen_seed)
-    q, k, v, cu_q, cu_k = make_packed(lens_q, lens_k, H, H_kv, E, dtype, g, layout)
-    scale = E**-0.5
-    prob = VarlenProblem(h or harness(), q, k, v, cu_q, cu_k, scale, dropout_p, seed, causal)
-    out, lse = prob.forward()
-    keep = cpu_keep_masks(H, H_kv, cu_q, cu_k, dropout_p, seed) if dropout_p > 0 else None
-    ref, leaves = reference_varlen(q, k, v, cu_q, cu_k, scale, causal, keep, dropout_p)
-    assert_close(out, ref, TOL[dtype][0], "out")
-    torch.testing.assert_close(lse.double(), reference_lse(q, k, cu_q, cu_k, scale, causal), atol=2e-2, rtol=1e-3,
-                               msg=lambda m: f"lse: {m}")
-    if not grads:
-        return
-    dout = torch.randn(out.shape, generator=g).to(dtype)
-    dq, dk, dv = prob.backward(out, lse, dout)
-    want = torch.autograd.grad(ref, leaves, dout.double(), allow_unused=True)
-    for name, a, b in zip("qkv", (dq, dk, dv), want):
-        assert_close(a, torch.zeros_like(a, dtype=torch.float64) if b is None else b, TOL[dtype][1], f"grad {name}")
