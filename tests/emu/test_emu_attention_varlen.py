@@ -67,7 +67,7 @@ def test_varlen_dropout_keeps_the_cpu_kernels_elements(H_kv):
     out, _ = VarlenProblem(harness(), q, k, v, cu_q, cu_k, 1.0, p, seed).forward()
     want = cpu_keep_masks(H, H_kv, cu_q, cu_k, p, seed)
     kept = 0
-    for b, (q0, k0) in enumerate(zip(cu_q.tolist(), cu_k.tolist())):
+    for b, q0 in enumerate(cu_q.tolist()[:-1]):
         got = (out[q0:q0 + lens_q[b], :, :lens_k[b]] > 0).transpose(0, 1).unsqueeze(0)
         assert torch.equal(got, want[b]), f"sequence {b}: the kernels keep other elements than the CPU kernel"
         kept += got.sum().item()

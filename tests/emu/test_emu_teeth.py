@@ -47,7 +47,7 @@ ATTENTION_PLANTS = {
         plant(ATTN / "attn_fwd.cuh", "      cp_async_wait<1>();", "      cp_async_wait<2>();"), 64,
         "read before cp.async completed"),
     "query tile never loaded": (
-        plant(ATTN / "attn_fwd.cuh", "  load_tile_async<D, kBr, kThreads>(sQ, qg + i0 * p.q_sl, p.q_sl, s.Lq - i0, qg, tid);\n",
+        plant(ATTN / "attn_fwd.cuh", "  load_tile_async<D, kBr, kThreads>(sQ, qg + i0 * p.q_sl, p.q_sl, seq.Lq - i0, qg, tid);\n",
               ""), 64, "uninitialised shared read"),
     "barrier reached by half the block": (
         plant(ATTN / "attn_fwd.cuh", "  __syncwarp();\n", "  if (warp < 2) __syncthreads();\n"), 64,
@@ -72,13 +72,14 @@ def test_planted_attention_bug_is_caught(name):
 
 
 # Packed (varlen) sequences: (plant, the kernel files to build, the case that must fail). Short
-# sequences back to back, so that a row or seed taken from the wrong sequence lands on another's.
+# sequences before the longest, so that a row or seed taken from the wrong sequence lands on another's
+# (inside the buffers: the executor reports a stray access but still performs it).
 FWD64 = ("cuda/attention/fwd_hdim64_fp16.cu",)
 BWD64 = ("cuda/attention/fwd_hdim64_fp16.cu", "cuda/attention/bwd_hdim64_fp16.cu", "cuda/attention/attn_aux.cu")
 VARLEN_PLANTS = {
-    "output rows bounded by the longest sequence, not this one": (
-        plant(ATTN / "attn_fwd.cuh", "    if (i < s.Lq) {\n      *reinterpret_cast<uint4*>(og",
-              "    if (i < p.Lq) {\n      *reinterpret_cast<uint4*>(og"), FWD64, dict(grads=False)),
+    "keys bounded by the longest sequence, not this one": (
+        plant(ATTN / "attn_fwd.cuh", "int kbeg = 0, kend = seq.Lk;", "int kbeg = 0, kend = p.Lk;"), FWD64,
+        dict(grads=False)),
     "lse of every sequence written from the first sequence's row": (
         plant(ATTN / "attn_device.cuh", "return h * p.lse_sh + s.q_base;", "return h * p.lse_sh;"), FWD64,
         dict(grads=False)),
@@ -86,7 +87,7 @@ VARLEN_PLANTS = {
         plant(ATTN / "attn_device.cuh", "varlen_sequence_seed(seed, s.b)", "seed"), FWD64,
         dict(grads=False, dropout_p=0.3, seed=5)),
     "dQ accumulated at the batch index, not the sequence's first row": (
-        plant(ATTN / "attn_bwd.cuh", "p.dq_accum + s.q_base * p.dq_sb", "p.dq_accum + b * p.dq_sb"), BWD64, {}),
+        plant(ATTN / "attn_bwd.cuh", "p.dq_accum + seq.q_base * p.dq_sb", "p.dq_accum + b * p.dq_sb"), BWD64, {}),
     "causal offset of the longest sequences, not this one's": (
         plant(ATTN / "attn_device.cuh", "return p.causal == 2 ? s.Lk - s.Lq : 0;", "return p.causal == 2 ? p.Lk - p.Lq : 0;"),
         BWD64, dict(causal=2)),
@@ -98,8 +99,8 @@ def test_planted_varlen_bug_is_caught(name):
     (file, text), sources, kw = VARLEN_PLANTS[name]
     h = harness(((file, text),), sources)
     with pytest.raises((AssertionError, EmuError)):
-        run_varlen_case([5, 1, 70, 9], [7, 40, 83, 1], 2, 64, torch.float16, h=h, **kw)
-    run_varlen_case([5, 1, 70, 9], [7, 40, 83, 1], 2, 64, torch.float16, **kw)  # the unplanted kernels pass
+        run_varlen_case([5, 1, 9, 70], [7, 40, 1, 83], 2, 64, torch.float16, h=h, **kw)
+    run_varlen_case([5, 1, 9, 70], [7, 40, 1, 83], 2, 64, torch.float16, **kw)  # the unplanted kernels pass
 
 
 def test_planted_missing_barrier_in_attention_backward_is_caught():

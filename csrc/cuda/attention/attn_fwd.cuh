@@ -67,27 +67,27 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads, FwdTraits<D>::kMinBloc
   const int hkv = h / (p.H / p.H_kv);
   const int qt = blockIdx.x % nqt;
   const int i0 = (p.causal ? nqt - 1 - qt : qt) * kBr;
-  const Seq<kVarlen> s = sequence<kVarlen>(p, b);
+  const Seq<kVarlen> seq = sequence<kVarlen>(p, b);
   // Packed sequences: the grid covers the longest; a tile past this sequence's end has nothing to do.
-  if (kVarlen && i0 >= s.Lq) return;
+  if (kVarlen && i0 >= seq.Lq) return;
 
-  int kbeg = 0, kend = s.Lk;
+  int kbeg = 0, kend = seq.Lk;
   if (p.kv_range != nullptr) kbeg = p.kv_range[2 * b], kend = p.kv_range[2 * b + 1];
   // Causal: no row of this tile sees a key past the last row's diagonal; tiles that cross the
   // diagonal (some key past the first row's) mask per element.
-  const int kstop = p.causal ? min(kend, min(i0 + kBr, s.Lq) + causal_offset(p, s)) : kend;
+  const int kstop = p.causal ? min(kend, min(i0 + kBr, seq.Lq) + causal_offset(p, seq)) : kend;
   const int t_first = kbeg / kBc;
   const int t_last = kstop > kbeg ? (kstop + kBc - 1) / kBc : t_first;  // tiles [t_first, t_last)
 
-  const uint16_t* qg = static_cast<const uint16_t*>(p.q) + s.q_base * p.q_sb + h * p.q_sh;
-  const uint16_t* kg = static_cast<const uint16_t*>(p.k) + s.k_base * p.k_sb + hkv * p.k_sh;
-  const uint16_t* vg = static_cast<const uint16_t*>(p.v) + s.k_base * p.v_sb + hkv * p.v_sh;
+  const uint16_t* qg = static_cast<const uint16_t*>(p.q) + seq.q_base * p.q_sb + h * p.q_sh;
+  const uint16_t* kg = static_cast<const uint16_t*>(p.k) + seq.k_base * p.k_sb + hkv * p.k_sh;
+  const uint16_t* vg = static_cast<const uint16_t*>(p.v) + seq.k_base * p.v_sb + hkv * p.v_sh;
 
-  load_tile_async<D, kBr, kThreads>(sQ, qg + i0 * p.q_sl, p.q_sl, s.Lq - i0, qg, tid);
+  load_tile_async<D, kBr, kThreads>(sQ, qg + i0 * p.q_sl, p.q_sl, seq.Lq - i0, qg, tid);
   if (t_first < t_last) {
     const int j0 = t_first * kBc;
-    load_tile_async<D, kBc, kThreads>(sK, kg + j0 * p.k_sl, p.k_sl, s.Lk - j0, kg, tid);
-    load_tile_async<D, kBc, kThreads>(sV, vg + j0 * p.v_sl, p.v_sl, s.Lk - j0, vg, tid);
+    load_tile_async<D, kBc, kThreads>(sK, kg + j0 * p.k_sl, p.k_sl, seq.Lk - j0, kg, tid);
+    load_tile_async<D, kBc, kThreads>(sV, vg + j0 * p.v_sl, p.v_sl, seq.Lk - j0, vg, tid);
   }
   cp_async_commit();
 
@@ -98,7 +98,7 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads, FwdTraits<D>::kMinBloc
   if (p.dropout) {
     const uint64_t seed = dropout_seed(p);
 #pragma unroll
-    for (int r = 0; r < 2; ++r) row_key[r] = row_dropout_key(p, s, seed, h, row[r]);
+    for (int r = 0; r < 2; ++r) row_key[r] = row_dropout_key(p, seq, seed, h, row[r]);
   }
 
   float acc[kDT][4];
@@ -111,8 +111,8 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads, FwdTraits<D>::kMinBloc
     const int buf = (t - t_first) & 1;
     if (t + 1 < t_last) {
       const int j1 = (t + 1) * kBc;
-      load_tile_async<D, kBc, kThreads>(sK + (buf ^ 1) * kBc * D, kg + j1 * p.k_sl, p.k_sl, s.Lk - j1, kg, tid);
-      load_tile_async<D, kBc, kThreads>(sV + (buf ^ 1) * kBc * D, vg + j1 * p.v_sl, p.v_sl, s.Lk - j1, vg, tid);
+      load_tile_async<D, kBc, kThreads>(sK + (buf ^ 1) * kBc * D, kg + j1 * p.k_sl, p.k_sl, seq.Lk - j1, kg, tid);
+      load_tile_async<D, kBc, kThreads>(sV + (buf ^ 1) * kBc * D, vg + j1 * p.v_sl, p.v_sl, seq.Lk - j1, vg, tid);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
@@ -142,16 +142,16 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads, FwdTraits<D>::kMinBloc
     // Scale (to base 2) and mask.
     const int j0 = t * kBc;
     // Tiles at the key range's edges or across the causal diagonal check each element.
-    const bool edge = j0 < kbeg || j0 + kBc > kend || (p.causal && j0 + kBc - 1 > i0 + causal_offset(p, s));
+    const bool edge = j0 < kbeg || j0 + kBc > kend || (p.causal && j0 + kBc - 1 > i0 + causal_offset(p, seq));
 #pragma unroll
     for (int n = 0; n < kNT; ++n) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int i = row[e / 2], j = j0 + n * 8 + 2 * t4 + (e & 1);
         float x = s[n][e] * p.scale_log2;
-        if (edge && (j < kbeg || j >= kend || (p.causal && j > i + causal_offset(p, s)))) {
+        if (edge && (j < kbeg || j >= kend || (p.causal && j > i + causal_offset(p, seq)))) {
           x = -INFINITY;
-        } else if (has_mask && i < s.Lq) {
+        } else if (has_mask && i < seq.Lq) {
           // A masked key stays -inf even where the score is NaN: it is not seen, NaN query or not.
           const float bias = mask_bias_log2(p, b, h, i, j);
           x = bias == -INFINITY ? -INFINITY : x + bias;
@@ -233,13 +233,13 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads, FwdTraits<D>::kMinBloc
     }
   }
   __syncwarp();
-  uint16_t* og = static_cast<uint16_t*>(p.out) + s.q_base * p.o_sb + h * p.o_sh;
+  uint16_t* og = static_cast<uint16_t*>(p.out) + seq.q_base * p.o_sb + h * p.o_sh;
 #pragma unroll
   for (int it = 0; it < 16 * (D / 8) / 32; ++it) {
     const int idx = lane + it * 32;
     const int rr = warp * 16 + idx / (D / 8), c = idx % (D / 8);
     const int i = i0 + rr;
-    if (i < s.Lq) {
+    if (i < seq.Lq) {
       *reinterpret_cast<uint4*>(og + i * p.o_sl + c * 8) =
           *reinterpret_cast<const uint4*>(sQ + swz<D>(rr, c));
     }
@@ -247,8 +247,8 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads, FwdTraits<D>::kMinBloc
   if (t4 == 0) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      if (row[r] < s.Lq) {
-        p.lse[lse_row0(p, s, h) + row[r]] = l[r] != 0.0f ? (m[r] + log2f(l[r])) * kLn2 : INFINITY;
+      if (row[r] < seq.Lq) {
+        p.lse[lse_row0(p, seq, h) + row[r]] = l[r] != 0.0f ? (m[r] + log2f(l[r])) * kLn2 : INFINITY;
       }
     }
   }
