@@ -3,7 +3,9 @@
 //
 // Paths:
 //  * tensor cores: float16 / bfloat16, head dims E = Ev in {32, 64, 128}, sm_80 or newer. Forward
-//    is one flash-style kernel (attn_fwd.cuh); backward is a D = rowsum(dO * O) pre-pass, one kernel
+//    is one flash-style kernel (attn_fwd.cuh), or for decoding shapes (a grid too small for the
+//    device, long keys: attn::choose_key_splits) that kernel with the keys split over several blocks
+//    per query tile and a combine kernel merging their float32 partials by log-sum-exp; backward is a D = rowsum(dO * O) pre-pass, one kernel
 //    per key tile (attn_bwd.cuh) with dQ accumulated by float32 atomics, and a dQ convert pass.
 //  * fallback (float32, float64, other head dims, Ev != E, pre-sm_80 devices): the same math as an
 //    ATen composition (cuBLAS GEMMs + elementwise ops) over chunks of query rows, so its extra memory
@@ -386,8 +388,29 @@ std::tuple<at::Tensor, at::Tensor> cross_modal_attention_cuda(
   fp.out = out.data_ptr();
   fp.o_sb = out.stride(0), fp.o_sh = out.stride(1), fp.o_sl = out.stride(2);
   fp.lse = lse.data_ptr<float>();
-  run_fwd(fp, p.E, q.scalar_type() == at::kBFloat16, stream);
+  const bool bf16 = q.scalar_type() == at::kBFloat16;
+  // Decoding shapes (too few (b, h, query tile) blocks to fill the device, long keys): split the keys
+  // over several blocks each, then merge their partial results by log-sum-exp (flash-decoding).
+  const int64_t blocks = (p.Lq + 63) / 64 * p.B * p.H;
+  const int splits =
+      attn::choose_key_splits(blocks, p.Lk, at::cuda::getDeviceProperties(q.device().index())->multiProcessorCount);
+  at::Tensor out_accum, lse_accum;
+  if (splits > 1) {
+    out_accum = at::empty({splits, p.B, p.H, p.Lq, p.E}, q.options().dtype(at::kFloat));
+    lse_accum = at::empty({splits, p.B, p.H, p.Lq}, q.options().dtype(at::kFloat));
+    fp.num_splits = splits;
+    fp.out_accum = out_accum.data_ptr<float>();
+    fp.lse_accum = lse_accum.data_ptr<float>();
+  }
+  run_fwd(fp, p.E, bf16, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (splits > 1) {
+    attn::launch_combine_splits(out_accum.const_data_ptr<float>(), lse_accum.const_data_ptr<float>(), splits,
+                                static_cast<int32_t>(p.B), static_cast<int32_t>(p.H), static_cast<int32_t>(p.Lq),
+                                static_cast<int32_t>(p.E), out.data_ptr(), out.stride(0), out.stride(1), out.stride(2),
+                                lse.data_ptr<float>(), bf16, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   return {out, lse};
 }
 

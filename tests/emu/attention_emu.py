@@ -9,6 +9,7 @@ import math
 
 import torch
 
+import attention_support
 from harness import Harness, ptr
 
 LOG2E = 1.4426950408889634
@@ -32,6 +33,32 @@ def assert_close(actual, expected, tol, what):
 def dropout_threshold(p: float) -> int:
     t = p * 4294967296.0
     return 0xFFFFFFFF if t >= 4294967295.0 else int(t)
+
+
+def keep_mask(B, H, Lq, Lk, p, seed):
+    """The CPU kernel's keep mask for this seed (the CUDA kernels hash the same way by design):
+    uniform attention (q = k = 0) over v = I makes each output element keep / ((1 - p) Lk)."""
+    q = torch.zeros(B, H, Lq, 1, dtype=torch.float64)
+    k = torch.zeros(B, H, Lk, 1, dtype=torch.float64)
+    v = torch.eye(Lk, dtype=torch.float64).expand(B, H, Lk, Lk)
+    out = torch.ops.mmkernels.cross_modal_attention.default(q, k, v, None, None, None, 1.0, p, torch.tensor(seed))[0]
+    return out > 0
+
+
+def with_causal(masks, causal, Lq, Lk):
+    """The masks with the causal flag's band (mode 1 upper-left, 2 lower-right) folded into attn_mask:
+    the form in which the reference sees what the kernels take as a flag."""
+    visible = attention_support.reference.causal_visible(causal, Lq, Lk)
+    if visible is None:
+        return masks
+    m = masks.get("attn_mask")
+    if m is None:
+        m = visible
+    elif m.dtype == torch.bool:
+        m = m & visible
+    else:
+        m = m.masked_fill(~visible, float("-inf"))
+    return {**masks, "attn_mask": m}
 
 
 class Problem:
@@ -83,14 +110,27 @@ class Problem:
     def arrays(self, backward, extra):
         return self.h.attn_arrays(backward, {**self.fields, **extra}, self.scale * LOG2E, self.inv_keep)
 
-    def forward(self, expect_errors=False):
+    def forward(self, expect_errors=False, num_splits=1):
+        """num_splits > 1: the split-key forward (float32 partials) and the combine kernel, as the host
+        runs them for decoding shapes (attn::choose_key_splits)."""
         B, H, Lq, E = self.q.shape
         out = torch.full((B, H, Lq, E), math.nan, dtype=self.q.dtype)
         lse = torch.full((B, H, Lq), math.nan, dtype=torch.float32)
+        split = num_splits > 1
+        out_accum = torch.full((num_splits, B, H, Lq, E), math.nan) if split else None
+        lse_accum = torch.full((num_splits, B, H, Lq), math.nan) if split else None
         ints, reals = self.arrays(False, dict(out=out.data_ptr(), o_sb=out.stride(0), o_sh=out.stride(1),
-                                              o_sl=out.stride(2), lse=lse.data_ptr()))
-        errors = self.h.run("emu_attn_fwd", E, self.bf16, ints, reals, buffers={**self.buffers, "out": out, "lse": lse},
-                            expect_errors=expect_errors)
+                                              o_sl=out.stride(2), lse=lse.data_ptr(), num_splits=num_splits,
+                                              out_accum=0 if not split else out_accum.data_ptr(),
+                                              lse_accum=0 if not split else lse_accum.data_ptr()))
+        errors = self.h.run("emu_attn_fwd", E, self.bf16, ints, reals,
+                            buffers={**self.buffers, "out": out, "lse": lse, "out_accum": out_accum,
+                                     "lse_accum": lse_accum}, expect_errors=expect_errors)
+        if split:
+            errors += self.h.run("emu_combine_splits", ptr(out_accum), ptr(lse_accum), num_splits, B, H, Lq, E,
+                                 ptr(out), *out.stride()[:3], ptr(lse), self.bf16,
+                                 buffers={"out_accum": out_accum, "lse_accum": lse_accum, "out": out, "lse": lse},
+                                 expect_errors=expect_errors)
         return (out, lse, errors) if expect_errors else (out, lse)
 
     def backward(self, out, lse, dout, expect_errors=False):
@@ -121,7 +161,8 @@ class Problem:
 
     def dropout_factors(self, dtype=torch.float32):
         z = torch.full((self.B, self.H, self.Lq, self.Lk), math.nan, dtype=dtype)
-        ints, reals = self.arrays(False, dict(out=0, o_sb=0, o_sh=0, o_sl=0, lse=0))
+        ints, reals = self.arrays(False, dict(out=0, o_sb=0, o_sh=0, o_sl=0, lse=0, num_splits=1, out_accum=0,
+                                              lse_accum=0))
         self.h.run("emu_dropout_factors", ints, reals, 0, self.Lq, ptr(z), int(dtype == torch.float64),
                    buffers={**self.buffers, "z": z})
         return z
@@ -171,7 +212,8 @@ class VarlenProblem:
         out = torch.full((self.total_q, self.H, self.E), math.nan, dtype=self.q.dtype)
         lse = torch.full((self.H, self.total_q), math.nan, dtype=torch.float32)
         ints, reals = self.arrays(False, dict(out=out.data_ptr(), o_sb=out.stride(0), o_sh=out.stride(1),
-                                              o_sl=out.stride(0), lse=lse.data_ptr()))
+                                              o_sl=out.stride(0), lse=lse.data_ptr(), num_splits=1, out_accum=0,
+                                              lse_accum=0))
         errors = self.h.run("emu_attn_fwd", self.E, self.bf16, ints, reals,
                             buffers={**self.buffers, "out": out, "lse": lse}, expect_errors=expect_errors)
         return (out, lse, errors) if expect_errors else (out, lse)

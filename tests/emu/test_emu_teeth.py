@@ -103,6 +103,30 @@ def test_planted_varlen_bug_is_caught(name):
     run_varlen_case([5, 1, 9, 70], [7, 40, 1, 83], 2, 64, torch.float16, **kw)  # the unplanted kernels pass
 
 
+# Split keys (decoding): a split's share of the key tiles one short, and a split that saw no key
+# reporting lse = +inf (a row that sees nothing) instead of -inf (weight 0 in the combine).
+SPLIT_PLANTS = {
+    "split share one tile short": plant(ATTN / "attn_fwd.cuh", "t_last = min(t_last, t_first + per);",
+                                        "t_last = min(t_last, t_first + per - 1);"),
+    "empty split's lse +inf": plant(ATTN / "attn_fwd.cuh", "(m[r] + log2f(l[r])) * kLn2 : -INFINITY;",
+                                    "(m[r] + log2f(l[r])) * kLn2 : INFINITY;"),
+}
+
+
+@pytest.mark.parametrize("name", list(SPLIT_PLANTS))
+def test_planted_split_key_bug_is_caught(name):
+    h = harness((SPLIT_PLANTS[name],), ("cuda/attention/fwd_hdim64_fp16.cu", "cuda/attention/attn_aux.cu"))
+    B, H, Lq, Lk, E = 1, 2, 3, 300, 64
+    g = torch.Generator().manual_seed(4)
+    q, k, v = attention_support.make_qkv(B, H, Lq, Lk, E, E, torch.float16, requires_grad=False, gen=g)
+    lengths = torch.tensor([150], dtype=torch.int32)  # 3 visible tiles over 4 splits: the last sees none
+    ref, _ = run_reference(q, k, v, {"kv_lengths": lengths}, scale=E**-0.5)
+    for planted, must_match in ((h, False), (harness(), True)):
+        out, _ = Problem(planted, q, k, v, {"kv_lengths": lengths}, E**-0.5).forward(num_splits=4)
+        err = (out.double() - ref).abs().nan_to_num(1e9).max().item()
+        assert (err <= 4e-3 * max(1.0, ref.abs().max().item())) == must_match, f"{name}: error {err}"
+
+
 def test_planted_missing_barrier_in_attention_backward_is_caught():
     # Without the barrier after dS^T is stored, warps read other warps' dS^T rows before they land.
     file, text = plant(ATTN / "attn_bwd.cuh", "    __syncthreads();\n\n    // dQ_i (kBr x D) += dS K_j",

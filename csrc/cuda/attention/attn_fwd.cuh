@@ -34,6 +34,26 @@
 
 namespace mmkernels::cuda::attn {
 
+// A split's partial result of this thread's two rows (row[r], fragment columns 2 t4, 2 t4 + 1 of each
+// 8-column tile): O / l and lse in float32, lse -inf where the split saw no key (so that the combine
+// gives it weight 0), NaN where l is.
+template <int D>
+__device__ __forceinline__ void store_split(const FwdParams& p, int bh, const int (&row)[2], const float (&acc)[D / 8][4],
+                                            const float (&inv)[2], const float (&m)[2], const float (&l)[2], int t4) {
+  const int64_t rows = static_cast<int64_t>(p.B) * p.H * p.Lq;
+  const int64_t base = (blockIdx.x % p.num_splits) * rows + static_cast<int64_t>(bh) * p.Lq;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (row[r] >= p.Lq) continue;
+    float* o = p.out_accum + (base + row[r]) * D + 2 * t4;
+#pragma unroll
+    for (int d = 0; d < D / 8; ++d) {
+      *reinterpret_cast<float2*>(o + d * 8) = make_float2(acc[d][2 * r] * inv[r], acc[d][2 * r + 1] * inv[r]);
+    }
+    if (t4 == 0) p.lse_accum[base + row[r]] = l[r] != 0.0f ? (m[r] + log2f(l[r])) * kLn2 : -INFINITY;
+  }
+}
+
 template <int D>
 struct FwdTraits {
   static constexpr int kWarps = 4;
@@ -48,7 +68,8 @@ struct FwdTraits {
   static constexpr int kSmemBytes = (kBr + 4 * kBc) * D * 2;
 };
 
-template <int D, bool kBF16, bool kVarlen>
+// kSplit: split keys (FwdParams::num_splits > 1); dense layout only.
+template <int D, bool kBF16, bool kVarlen, bool kSplit>
 __global__ void __launch_bounds__(FwdTraits<D>::kThreads, FwdTraits<D>::kMinBlocks) attn_fwd_kernel(const FwdParams p) {
   using Tr = FwdTraits<D>;
   constexpr int kBr = Tr::kBr, kBc = Tr::kBc, kThreads = Tr::kThreads;
@@ -63,9 +84,11 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads, FwdTraits<D>::kMinBloc
   const int g = lane / 4, t4 = lane % 4;
   // Flat grid, query tiles of one (b, h) adjacent: they share K and V, which then stay in L2.
   const int nqt = (p.Lq + kBr - 1) / kBr;
-  const int bh = blockIdx.x / nqt, b = bh / p.H, h = bh % p.H;
+  // Split keys: the splits of one (b, h, query tile) are adjacent blocks.
+  const int block = kSplit ? blockIdx.x / p.num_splits : blockIdx.x;
+  const int bh = block / nqt, b = bh / p.H, h = bh % p.H;
   const int hkv = h / (p.H / p.H_kv);
-  const int qt = blockIdx.x % nqt;
+  const int qt = block % nqt;
   const int i0 = (p.causal ? nqt - 1 - qt : qt) * kBr;
   const Seq<kVarlen> seq = sequence<kVarlen>(p, b);
   // Packed sequences: the grid covers the longest; a tile past this sequence's end has nothing to do.
@@ -76,8 +99,15 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads, FwdTraits<D>::kMinBloc
   // Causal: no row of this tile sees a key past the last row's diagonal; tiles that cross the
   // diagonal (some key past the first row's) mask per element.
   const int kstop = p.causal ? min(kend, min(i0 + kBr, seq.Lq) + causal_offset(p, seq)) : kend;
-  const int t_first = kbeg / kBc;
-  const int t_last = kstop > kbeg ? (kstop + kBc - 1) / kBc : t_first;  // tiles [t_first, t_last)
+  int t_first = kbeg / kBc;
+  int t_last = kstop > kbeg ? (kstop + kBc - 1) / kBc : t_first;  // tiles [t_first, t_last)
+  if constexpr (kSplit) {
+    // This split's share of the visible tiles (an equal count each; the last ones may get none).
+    const int split = blockIdx.x % p.num_splits;
+    const int per = (t_last - t_first + p.num_splits - 1) / p.num_splits;
+    t_first = min(t_last, t_first + split * per);
+    t_last = min(t_last, t_first + per);
+  }
 
   const uint16_t* qg = static_cast<const uint16_t*>(p.q) + seq.q_base * p.q_sb + h * p.q_sh;
   const uint16_t* kg = static_cast<const uint16_t*>(p.k) + seq.k_base * p.k_sb + hkv * p.k_sh;
@@ -223,6 +253,10 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads, FwdTraits<D>::kMinBloc
     l[r] = quad_sum(l[r]);
     inv[r] = l[r] != 0.0f ? 1.0f / l[r] : 0.0f;  // NaN l: NaN output
   }
+  if constexpr (kSplit) {
+    store_split<D>(p, bh, row, acc, inv, m, l, t4);
+    return;
+  }
 #pragma unroll
   for (int d = 0; d < kDT; ++d) {
 #pragma unroll
@@ -257,13 +291,17 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads, FwdTraits<D>::kMinBloc
 template <int D, bool kBF16>
 void launch_fwd(const FwdParams& p, cudaStream_t stream) {
   using Tr = FwdTraits<D>;
-  // Dense and packed layouts are separate instantiations (see Seq in attn_device.cuh).
-  auto kernel = p.cu_seqlens_q != nullptr ? attn_fwd_kernel<D, kBF16, true> : attn_fwd_kernel<D, kBF16, false>;
+  // Dense, packed and split-key forms are separate instantiations (see Seq in attn_device.cuh), so
+  // that each pays only for itself.
+  const bool split = p.num_splits > 1 && p.cu_seqlens_q == nullptr;
+  auto kernel = p.cu_seqlens_q != nullptr ? attn_fwd_kernel<D, kBF16, true, false>
+                : split                   ? attn_fwd_kernel<D, kBF16, false, true>
+                                          : attn_fwd_kernel<D, kBF16, false, false>;
   if (Tr::kSmemBytes > 48 * 1024) {
     // Above 48 KiB of dynamic shared memory a kernel must opt in (per device, so every launch).
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
   }
-  const dim3 grid(((p.Lq + Tr::kBr - 1) / Tr::kBr) * p.B * p.H);
+  const dim3 grid(((p.Lq + Tr::kBr - 1) / Tr::kBr) * p.B * p.H * (split ? p.num_splits : 1));
   kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
 }
 
