@@ -255,34 +255,34 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads, FwdTraits<D>::kMinBloc
   }
   if constexpr (kSplit) {
     store_split<D>(p, bh, row, acc, inv, m, l, t4);
-    return;
-  }
+  } else {
 #pragma unroll
-  for (int d = 0; d < kDT; ++d) {
+    for (int d = 0; d < kDT; ++d) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int rr = warp * 16 + g + 8 * r, col = d * 8 + 2 * t4;
-      *reinterpret_cast<uint32_t*>(sQ + swz<D>(rr, col / 8) + col % 8) =
-          pack2<kBF16>(acc[d][2 * r] * inv[r], acc[d][2 * r + 1] * inv[r]);
+      for (int r = 0; r < 2; ++r) {
+        const int rr = warp * 16 + g + 8 * r, col = d * 8 + 2 * t4;
+        *reinterpret_cast<uint32_t*>(sQ + swz<D>(rr, col / 8) + col % 8) =
+            pack2<kBF16>(acc[d][2 * r] * inv[r], acc[d][2 * r + 1] * inv[r]);
+      }
     }
-  }
-  __syncwarp();
-  uint16_t* og = static_cast<uint16_t*>(p.out) + seq.q_base * p.o_sb + h * p.o_sh;
+    __syncwarp();
+    uint16_t* og = static_cast<uint16_t*>(p.out) + seq.q_base * p.o_sb + h * p.o_sh;
 #pragma unroll
-  for (int it = 0; it < 16 * (D / 8) / 32; ++it) {
-    const int idx = lane + it * 32;
-    const int rr = warp * 16 + idx / (D / 8), c = idx % (D / 8);
-    const int i = i0 + rr;
-    if (i < seq.Lq) {
-      *reinterpret_cast<uint4*>(og + i * p.o_sl + c * 8) =
-          *reinterpret_cast<const uint4*>(sQ + swz<D>(rr, c));
+    for (int it = 0; it < 16 * (D / 8) / 32; ++it) {
+      const int idx = lane + it * 32;
+      const int rr = warp * 16 + idx / (D / 8), c = idx % (D / 8);
+      const int i = i0 + rr;
+      if (i < seq.Lq) {
+        *reinterpret_cast<uint4*>(og + i * p.o_sl + c * 8) =
+            *reinterpret_cast<const uint4*>(sQ + swz<D>(rr, c));
+      }
     }
-  }
-  if (t4 == 0) {
+    if (t4 == 0) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      if (row[r] < seq.Lq) {
-        p.lse[lse_row0(p, seq, h) + row[r]] = l[r] != 0.0f ? (m[r] + log2f(l[r])) * kLn2 : INFINITY;
+      for (int r = 0; r < 2; ++r) {
+        if (row[r] < seq.Lq) {
+          p.lse[lse_row0(p, seq, h) + row[r]] = l[r] != 0.0f ? (m[r] + log2f(l[r])) * kLn2 : INFINITY;
+        }
       }
     }
   }
