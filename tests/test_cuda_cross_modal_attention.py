@@ -206,6 +206,25 @@ def test_decoding_lq1_and_large_grid():
     check_against_reference(q, k, v, make_masks("len32", 64, 12, 1, 1024), torch.bfloat16)
 
 
+@pytest.mark.parametrize("E", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
+def test_split_key_decoding(dtype, E):
+    # Few (b, h, query tile) blocks and long keys: the forward splits the keys over blocks and merges
+    # the splits by log-sum-exp (attn::choose_key_splits); masks, kv_lengths (one batch to 0: zeros),
+    # lower-right causal, grouped-query heads. Backward is the unsplit kernel's, from the merged lse.
+    B, H, Lq, Lk = 2, 4, 3, 5000
+    q, k, v = make_qkv(B, H, Lq, Lk, E, E, dtype)
+    check_against_reference(q, k, v, make_masks("kpm+len32+bool2d", B, H, Lq, Lk), dtype)
+    lengths = torch.tensor([Lk - 7, 0], device="cuda")
+    out = mmkernels.cross_modal_attention(q, k, v, kv_lengths=lengths)
+    assert (out[1] == 0).all()
+    check_against_reference(q, k, v, {"kv_lengths": lengths}, dtype,
+                            attn_mask=torch.nn.attention.bias.causal_lower_right(Lq, Lk))
+    q, k, v = make_qkv(1, 8, 1, 8192, E, E, dtype)
+    k, v = (t[:, :2].detach().requires_grad_() for t in (k, v))
+    check_against_reference(q, k, v, {}, dtype, enable_gqa=True)
+
+
 @pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
 def test_non_contiguous_and_misaligned_inputs(dtype):
     B, H, Lq, Lk, E = 2, 4, 50, 90, 64

@@ -22,12 +22,10 @@
 namespace mmkernels::cpu {
 namespace {
 
-// Sequence b's rows [off[b], off[b + 1]) of a prefix-sum tensor, checked against the packed total and
+// Sequence b's rows [off[b], off[b + 1]) of a prefix-sum tensor (shape checked), its values checked against the packed total and
 // the stated maximum length.
 std::vector<int64_t> read_cu_seqlens(const at::Tensor& cu, const char* name, int64_t total, int64_t max_len,
                                      const char* max_name) {
-  MMK_CHECK_ARG(cu.scalar_type() == at::kInt, name, "expected an int32 tensor, got ", cu.scalar_type());
-  MMK_CHECK_ARG(cu.dim() == 1 && cu.size(0) >= 1, name, "expected a 1-D (batch + 1,) tensor, got shape ", cu.sizes());
   MMK_CHECK_ARG(cu.device().is_cpu(), name, "expected a CPU tensor, got ", cu.device());
   const at::Tensor c = cu.contiguous();
   const int32_t* p = c.const_data_ptr<int32_t>();
@@ -51,15 +49,10 @@ struct Packed {
 
 Packed check_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
                     const at::Tensor& cu_k, int64_t max_q, int64_t max_k) {
-  MMK_CHECK_ARG(q.dim() == 3, "q", "expected a 3-D (total_q, H, E) tensor, got shape ", q.sizes());
-  MMK_CHECK_ARG(k.dim() == 3, "k", "expected a 3-D (total_k, H_kv, E) tensor, got shape ", k.sizes());
-  MMK_CHECK_ARG(v.dim() == 3, "v", "expected a 3-D (total_k, H_kv, Ev) tensor, got shape ", v.sizes());
-  MMK_CHECK_ARG(v.size(0) == k.size(0), "v", "expected ", k.size(0), " rows (total_k of k), got ", v.size(0));
+  check_varlen_shapes(q, k, v, cu_q, cu_k);
   Packed s;
   s.q_off = read_cu_seqlens(cu_q, "cu_seqlens_q", q.size(0), max_q, "max_seqlen_q");
   s.k_off = read_cu_seqlens(cu_k, "cu_seqlens_k", k.size(0), max_k, "max_seqlen_k");
-  MMK_CHECK_ARG(s.k_off.size() == s.q_off.size(), "cu_seqlens_k", "expected ", s.q_off.size(),
-                " entries (those of cu_seqlens_q), got ", s.k_off.size());
   s.H = q.size(1), s.E = q.size(2), s.Ev = v.size(2);
   return s;
 }
@@ -104,8 +97,8 @@ Problem seq_problem(const Shared& c, const Packed& s, size_t b, int64_t hk0, int
   p.set_causal(c.causal);
   p.kbeg.assign(1, 0);
   p.kend.assign(1, nk);
-  // An independent seed per sequence (an odd multiplier keeps distinct indices distinct).
-  if (c.dropout_p > 0.0) p.set_dropout(c.dropout_p, (c.seed + (b + 1) * 0x9E3779B97F4A7C15ull) >> 2);
+  // An independent seed per sequence (shared with the CUDA kernels).
+  if (c.dropout_p > 0.0) p.set_dropout(c.dropout_p, varlen_sequence_seed(c.seed, static_cast<int64_t>(b)));
   return p;
 }
 

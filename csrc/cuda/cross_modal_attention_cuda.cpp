@@ -3,7 +3,9 @@
 //
 // Paths:
 //  * tensor cores: float16 / bfloat16, head dims E = Ev in {32, 64, 128}, sm_80 or newer. Forward
-//    is one flash-style kernel (attn_fwd.cuh); backward is a D = rowsum(dO * O) pre-pass, one kernel
+//    is one flash-style kernel (attn_fwd.cuh), or for decoding shapes (a grid too small for the
+//    device, long keys: attn::choose_key_splits) that kernel with the keys split over several blocks
+//    per query tile and a combine kernel merging their float32 partials by log-sum-exp; backward is a D = rowsum(dO * O) pre-pass, one kernel
 //    per key tile (attn_bwd.cuh) with dQ accumulated by float32 atomics, and a dQ convert pass.
 //  * fallback (float32, float64, other head dims, Ev != E, pre-sm_80 devices): the same math as an
 //    ATen composition (cuBLAS GEMMs + elementwise ops) over chunks of query rows, so its extra memory
@@ -38,14 +40,59 @@
 #include "attention/attn_params.h"
 #include "attention_layout.h"
 #include "checks.h"
+#include "cross_modal_attention_cuda.h"
 #include "dropout_hash.h"
 
 namespace mmkernels::cuda {
-namespace {
 
 using attn::AttnParams;
 using attn::BwdParams;
 using attn::FwdParams;
+
+Path choose_path(const at::Tensor& q, int64_t E, int64_t Ev) {
+  const auto dt = q.scalar_type();
+  if (dt != at::kHalf && dt != at::kBFloat16) return Path::FallbackDtype;
+  if (E != Ev || (E != 32 && E != 64 && E != 128)) return Path::FallbackHeadDim;
+  if (at::cuda::getDeviceProperties(q.device().index())->major < 8) return Path::FallbackArch;
+  return Path::TensorCore;
+}
+
+at::Tensor kernel_layout(const at::Tensor& x) {
+  bool ok = x.stride(-1) == 1 && reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 == 0;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) ok = ok && x.stride(d) % 8 == 0;
+  return ok ? x : x.contiguous();
+}
+
+void set_dropout_fields(attn::AttnParams& a, double dropout_p, uint64_t seed, const int64_t* seed_ptr) {
+  const bool on = dropout_p > 0.0;
+  a.dropout = on ? 1 : 0;
+  a.threshold = on ? dropout_threshold(dropout_p) : 0u;
+  a.inv_keep = on && dropout_p < 1.0 ? static_cast<float>(1.0 / (1.0 - dropout_p)) : 0.0f;
+  a.seed = seed;
+  a.seed_ptr = seed_ptr;
+}
+
+void run_fwd(const FwdParams& fp, int64_t E, bool bf16, cudaStream_t stream) {
+  if (E == 32) {
+    bf16 ? attn::launch_fwd<32, true>(fp, stream) : attn::launch_fwd<32, false>(fp, stream);
+  } else if (E == 64) {
+    bf16 ? attn::launch_fwd<64, true>(fp, stream) : attn::launch_fwd<64, false>(fp, stream);
+  } else {
+    bf16 ? attn::launch_fwd<128, true>(fp, stream) : attn::launch_fwd<128, false>(fp, stream);
+  }
+}
+
+void run_bwd(const BwdParams& bp, int64_t E, bool bf16, cudaStream_t stream) {
+  if (E == 32) {
+    bf16 ? attn::launch_bwd<32, true>(bp, stream) : attn::launch_bwd<32, false>(bp, stream);
+  } else if (E == 64) {
+    bf16 ? attn::launch_bwd<64, true>(bp, stream) : attn::launch_bwd<64, false>(bp, stream);
+  } else {
+    bf16 ? attn::launch_bwd<128, true>(bp, stream) : attn::launch_bwd<128, false>(bp, stream);
+  }
+}
+
+namespace {
 
 // ------------------------------------------------------------------------------------------ checks
 
@@ -125,11 +172,8 @@ void fill_common(AttnParams& a, const Prepared& p, const at::Tensor& kv_range) {
     a.mask = p.mask.const_data_ptr();
     a.m_sb = p.mask.stride(0), a.m_sh = p.mask.stride(1), a.m_sl = p.mask.stride(2), a.m_sk = p.mask.stride(3);
   }
-  a.dropout = p.dropout ? 1 : 0;
-  a.threshold = p.dropout ? dropout_threshold(p.dropout_p) : 0u;
-  a.inv_keep = p.dropout && p.dropout_p < 1.0 ? static_cast<float>(1.0 / (1.0 - p.dropout_p)) : 0.0f;
-  a.seed = p.seed;
-  a.seed_ptr = p.seed_dev.defined() ? p.seed_dev.const_data_ptr<int64_t>() : nullptr;
+  set_dropout_fields(a, p.dropout ? p.dropout_p : 0.0, p.seed,
+                     p.seed_dev.defined() ? p.seed_dev.const_data_ptr<int64_t>() : nullptr);
 }
 
 // The visible key range per batch, computed on the device from kv_lengths / key_padding_mask.
@@ -146,16 +190,6 @@ at::Tensor key_ranges(const Prepared& p, const at::Tensor& like, cudaStream_t st
 }
 
 // ------------------------------------------------------------------------------------------ path choice
-
-enum class Path { TensorCore, FallbackDtype, FallbackHeadDim, FallbackArch };
-
-Path choose_path(const at::Tensor& q, const Prepared& p) {
-  const auto dt = q.scalar_type();
-  if (dt != at::kHalf && dt != at::kBFloat16) return Path::FallbackDtype;
-  if (p.E != p.Ev || (p.E != 32 && p.E != 64 && p.E != 128)) return Path::FallbackHeadDim;
-  if (at::cuda::getDeviceProperties(q.device().index())->major < 8) return Path::FallbackArch;
-  return Path::TensorCore;
-}
 
 void warn_fallback(Path path, const at::Tensor& q, const Prepared& p) {
   // One warning per reason, once per process.
@@ -179,40 +213,11 @@ void warn_fallback(Path path, const at::Tensor& q, const Prepared& p) {
   }
 }
 
-// Last dim contiguous and every other stride (and the base) 16-byte aligned, as the cp.async tile
-// loads need; otherwise a contiguous copy.
-at::Tensor kernel_layout(const at::Tensor& x) {
-  const bool ok = x.stride(3) == 1 && x.stride(0) % 8 == 0 && x.stride(1) % 8 == 0 && x.stride(2) % 8 == 0 &&
-                  reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 == 0;
-  return ok ? x : x.contiguous();
-}
-
 void set_qkv(AttnParams& a, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   a.q = q.const_data_ptr(), a.k = k.const_data_ptr(), a.v = v.const_data_ptr();
   a.q_sb = q.stride(0), a.q_sh = q.stride(1), a.q_sl = q.stride(2);
   a.k_sb = k.stride(0), a.k_sh = k.stride(1), a.k_sl = k.stride(2);
   a.v_sb = v.stride(0), a.v_sh = v.stride(1), a.v_sl = v.stride(2);
-}
-
-// The instantiation for the runtime (E, dtype); E is 32, 64 or 128 here (choose_path).
-void run_fwd(const FwdParams& fp, int64_t E, bool bf16, cudaStream_t stream) {
-  if (E == 32) {
-    bf16 ? attn::launch_fwd<32, true>(fp, stream) : attn::launch_fwd<32, false>(fp, stream);
-  } else if (E == 64) {
-    bf16 ? attn::launch_fwd<64, true>(fp, stream) : attn::launch_fwd<64, false>(fp, stream);
-  } else {
-    bf16 ? attn::launch_fwd<128, true>(fp, stream) : attn::launch_fwd<128, false>(fp, stream);
-  }
-}
-
-void run_bwd(const BwdParams& bp, int64_t E, bool bf16, cudaStream_t stream) {
-  if (E == 32) {
-    bf16 ? attn::launch_bwd<32, true>(bp, stream) : attn::launch_bwd<32, false>(bp, stream);
-  } else if (E == 64) {
-    bf16 ? attn::launch_bwd<64, true>(bp, stream) : attn::launch_bwd<64, false>(bp, stream);
-  } else {
-    bf16 ? attn::launch_bwd<128, true>(bp, stream) : attn::launch_bwd<128, false>(bp, stream);
-  }
 }
 
 // ------------------------------------------------------------------------------------------ fallback
@@ -347,6 +352,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_fallback(const Prepared&
   return {dq.to(dt), dk.to(dt), dv.to(dt)};
 }
 
+}  // namespace
+
 // ------------------------------------------------------------------------------------------ ops
 
 std::tuple<at::Tensor, at::Tensor> cross_modal_attention_cuda(
@@ -360,7 +367,7 @@ std::tuple<at::Tensor, at::Tensor> cross_modal_attention_cuda(
   const Prepared p = prepare(q, k, v, key_padding_mask, kv_lengths, attn_mask, scale, dropout_p, dropout_seed, causal,
                              mask_type);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const Path path = choose_path(q, p);
+  const Path path = choose_path(q, p.E, p.Ev);
   if (p.B * p.H * p.Lq == 0 || p.Lk == 0) {
     // Nothing to attend to (or nobody asking): zeros, lse = +inf.
     const auto lse_t = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -381,8 +388,29 @@ std::tuple<at::Tensor, at::Tensor> cross_modal_attention_cuda(
   fp.out = out.data_ptr();
   fp.o_sb = out.stride(0), fp.o_sh = out.stride(1), fp.o_sl = out.stride(2);
   fp.lse = lse.data_ptr<float>();
-  run_fwd(fp, p.E, q.scalar_type() == at::kBFloat16, stream);
+  const bool bf16 = q.scalar_type() == at::kBFloat16;
+  // Decoding shapes (too few (b, h, query tile) blocks to fill the device, long keys): split the keys
+  // over several blocks each, then merge their partial results by log-sum-exp (flash-decoding).
+  const int64_t blocks = (p.Lq + 63) / 64 * p.B * p.H;
+  const int splits =
+      attn::choose_key_splits(blocks, p.Lk, at::cuda::getDeviceProperties(q.device().index())->multiProcessorCount);
+  at::Tensor out_accum, lse_accum;
+  if (splits > 1) {
+    out_accum = at::empty({splits, p.B, p.H, p.Lq, p.E}, q.options().dtype(at::kFloat));
+    lse_accum = at::empty({splits, p.B, p.H, p.Lq}, q.options().dtype(at::kFloat));
+    fp.num_splits = splits;
+    fp.out_accum = out_accum.data_ptr<float>();
+    fp.lse_accum = lse_accum.data_ptr<float>();
+  }
+  run_fwd(fp, p.E, bf16, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (splits > 1) {
+    attn::launch_combine_splits(out_accum.const_data_ptr<float>(), lse_accum.const_data_ptr<float>(), splits,
+                                static_cast<int32_t>(p.B), static_cast<int32_t>(p.H), static_cast<int32_t>(p.Lq),
+                                static_cast<int32_t>(p.E), out.data_ptr(), out.stride(0), out.stride(1), out.stride(2),
+                                lse.data_ptr<float>(), bf16, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   return {out, lse};
 }
 
@@ -406,7 +434,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_modal_attention_backward_cu
                 p.Lq, "), got ", lse.sizes());
   MMK_CHECK_ARG(lse.device() == q.device(), "lse", "expected device ", q.device(), ", got ", lse.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const Path path = choose_path(q, p);
+  const Path path = choose_path(q, p.E, p.Ev);
   if (p.B * p.H * p.Lq == 0 || p.Lk == 0) {
     return {empty_grad_like(q, q.scalar_type()).zero_(), empty_grad_like(k, k.scalar_type()).zero_(),
             empty_grad_like(v, v.scalar_type()).zero_()};
@@ -452,8 +480,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_modal_attention_backward_cu
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {dq, dk, dv};
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(mmkernels, CUDA, m) {
   m.impl("cross_modal_attention", &cross_modal_attention_cuda);

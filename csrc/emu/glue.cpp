@@ -41,8 +41,8 @@ void set_field(T& f, int64_t v) {
 #define MMK_ATTN_FIELDS(X)                                                                                       \
   X(q) X(k) X(v) X(q_sb) X(q_sh) X(q_sl) X(k_sb) X(k_sh) X(k_sl) X(v_sb) X(v_sh) X(v_sl) X(B) X(H) X(Lq) X(Lk) \
   X(H_kv) X(causal) X(kv_range) X(kpm) X(mask_kind) X(mask) X(m_sb) X(m_sh) X(m_sl) X(m_sk) X(dropout)         \
-  X(threshold) X(seed) X(seed_ptr)
-#define MMK_FWD_FIELDS(X) X(out) X(o_sb) X(o_sh) X(o_sl) X(lse)
+  X(threshold) X(seed) X(seed_ptr) X(cu_seqlens_q) X(cu_seqlens_k) X(lse_sh)
+#define MMK_FWD_FIELDS(X) X(out) X(o_sb) X(o_sh) X(o_sl) X(lse) X(num_splits) X(out_accum) X(lse_accum)
 #define MMK_BWD_FIELDS(X)                                                                                        \
   X(dout) X(do_sb) X(do_sh) X(do_sl) X(lse) X(dsum) X(dq_accum) X(dq_sb) X(dq_sh) X(dq_sl) X(dk) X(dk_sb)       \
   X(dk_sh) X(dk_sl) X(dv) X(dv_sb) X(dv_sh) X(dv_sl)
@@ -135,6 +135,17 @@ void emu_dot_rows(const void* dout, int64_t do_sb, int64_t do_sh, int64_t do_sl,
 
 void emu_finish_dq(const float* dq_accum, double scale, void* dq, int64_t count, int bf16) {
   attn::launch_finish_dq(dq_accum, static_cast<float>(scale), dq, count, bf16 != 0, nullptr);
+}
+
+void emu_combine_splits(const float* out_accum, const float* lse_accum, int32_t splits, int32_t B, int32_t H,
+                        int32_t Lq, int32_t E, void* out, int64_t o_sb, int64_t o_sh, int64_t o_sl, float* lse,
+                        int bf16) {
+  attn::launch_combine_splits(out_accum, lse_accum, splits, B, H, Lq, E, out, o_sb, o_sh, o_sl, lse, bf16 != 0,
+                              nullptr);
+}
+
+int emu_choose_key_splits(int64_t blocks, int64_t Lk, int sm_count) {
+  return attn::choose_key_splits(blocks, Lk, sm_count);
 }
 
 void emu_fragment_probe(int bf16, const uint16_t* a, const uint16_t* bt, const uint16_t* bk, float* nt, float* nn,

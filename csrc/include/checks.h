@@ -116,6 +116,26 @@ inline void check_attention_ranks(const at::Tensor& q, const at::Tensor& k, cons
   MMK_CHECK_ARG(v.dim() == 4, "v", "expected a 4-D (batch, heads, Lk, Ev) tensor, got shape ", v.sizes());
 }
 
+// cross_modal_attention_varlen's packed q (total_q, H, E), k / v (total_k, H_kv, E|Ev) and prefix
+// sums (int32 (batch + 1,), on q's device or the CPU): ranks, rows, dtypes and sizes. Their values are
+// the backend's to check (the CPU reads them; CUDA would need a device-to-host sync).
+inline void check_varlen_shapes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
+                                const at::Tensor& cu_k) {
+  MMK_CHECK_ARG(q.dim() == 3, "q", "expected a 3-D (total_q, H, E) tensor, got shape ", q.sizes());
+  MMK_CHECK_ARG(k.dim() == 3, "k", "expected a 3-D (total_k, H_kv, E) tensor, got shape ", k.sizes());
+  MMK_CHECK_ARG(v.dim() == 3, "v", "expected a 3-D (total_k, H_kv, Ev) tensor, got shape ", v.sizes());
+  MMK_CHECK_ARG(v.size(0) == k.size(0), "v", "expected ", k.size(0), " rows (total_k of k), got ", v.size(0));
+  const auto check_prefix_sums = [](const at::Tensor& cu, const char* name) {
+    MMK_CHECK_ARG(cu.scalar_type() == at::kInt, name, "expected an int32 tensor, got ", cu.scalar_type());
+    MMK_CHECK_ARG(cu.dim() == 1 && cu.size(0) >= 1, name, "expected a 1-D (batch + 1,) tensor, got shape ",
+                  cu.sizes());
+  };
+  check_prefix_sums(cu_q, "cu_seqlens_q");
+  check_prefix_sums(cu_k, "cu_seqlens_k");
+  MMK_CHECK_ARG(cu_k.size(0) == cu_q.size(0), "cu_seqlens_k", "expected ", cu_q.size(0),
+                " entries (those of cu_seqlens_q), got ", cu_k.size(0));
+}
+
 // The op's causal mode: 0 none, 1 upper-left, 2 lower-right.
 inline void check_causal_mode(int64_t causal) {
   MMK_CHECK_ARG(causal >= 0 && causal <= 2, "causal", "expected 0 (none), 1 (upper-left) or 2 (lower-right), got ",

@@ -31,6 +31,13 @@ C10_HOST_DEVICE inline uint32_t dropout_hash(uint64_t row_key, uint32_t j) {
   return x;
 }
 
+// The seed of sequence b of a packed (varlen) batch: the call's seed mixed with b, so that sequences
+// draw independent masks (an odd multiplier keeps distinct indices distinct). Its rows are then the
+// rows (h, i) of a one-sequence problem: dropout_row_key(this, h, length, i), on the CPU and CUDA alike.
+C10_HOST_DEVICE inline uint64_t varlen_sequence_seed(uint64_t seed, int64_t b) {
+  return (seed + static_cast<uint64_t>(b + 1) * 0x9E3779B97F4A7C15ull) >> 2;
+}
+
 // Element kept iff its hash >= threshold, so P(drop) = threshold / 2^32 = dropout_p (to 2^-32).
 inline uint32_t dropout_threshold(double p) {
   const double t = p * 4294967296.0;

@@ -39,6 +39,8 @@ _SIGNATURES = {
     "emu_key_ranges": ([VP, VP, I32, I32, VP], None),
     "emu_dot_rows": ([VP, I64, I64, I64, VP, I64, I64, I64, I32, I32, I32, I32, ctypes.c_int, VP], None),
     "emu_finish_dq": ([VP, ctypes.c_double, VP, I64, ctypes.c_int], None),
+    "emu_choose_key_splits": ([I64, I64, ctypes.c_int], ctypes.c_int),
+    "emu_combine_splits": ([VP, VP, I32, I32, I32, I32, I32, VP, I64, I64, I64, VP, ctypes.c_int], None),
     "emu_fragment_probe": ([ctypes.c_int, VP, VP, VP, VP, VP, VP], None),
     "emu_bias_act": ([ctypes.c_int, VP, VP, VP, VP, I64, I64, ctypes.c_int], None),
     "emu_act_backward": ([ctypes.c_int, VP, VP, VP, I64, ctypes.c_int], None),

@@ -12,53 +12,13 @@ import pytest
 import torch
 
 import attention_support
-from attention_emu import Problem
+from attention_emu import DTYPES, HEAD_DIMS, TOL, Problem, assert_close, keep_mask, with_causal
 from attention_support import run_reference
 from harness import harness
 
 pytestmark = pytest.mark.emu
 
-TOL = {  # (atol, rtol) for outputs and for gradients, atol relative to max(1, max |expected|)
-    torch.float16: ((4e-3, 4e-3), (1e-2, 1e-2)),
-    torch.bfloat16: ((3e-2, 3e-2), (6e-2, 6e-2)),
-}
-DTYPES = list(TOL)
-HEAD_DIMS = [32, 64, 128]
 MASK_KINDS = ["none", "kpm", "len32", "bool2d", "bool4d", "float3d", "float4d", "kpm+len32+bool2d", "holes"]
-
-
-def assert_close(actual, expected, tol, what):
-    atol, rtol = tol
-    scale = max(expected.abs().max().item(), 1.0) if expected.numel() else 1.0
-    assert not torch.isnan(actual).any(), f"{what}: NaN (an element no kernel wrote, or a NaN computed)"
-    torch.testing.assert_close(actual.double(), expected.double(), atol=atol * scale, rtol=rtol,
-                               msg=lambda m: f"{what}: {m}")
-
-
-def keep_mask(B, H, Lq, Lk, p, seed):
-    """The CPU kernel's keep mask for this seed (the CUDA kernels hash the same way by design):
-    uniform attention (q = k = 0) over v = I makes each output element keep / ((1 - p) Lk)."""
-    q = torch.zeros(B, H, Lq, 1, dtype=torch.float64)
-    k = torch.zeros(B, H, Lk, 1, dtype=torch.float64)
-    v = torch.eye(Lk, dtype=torch.float64).expand(B, H, Lk, Lk)
-    out = torch.ops.mmkernels.cross_modal_attention.default(q, k, v, None, None, None, 1.0, p, torch.tensor(seed))[0]
-    return out > 0
-
-
-def with_causal(masks, causal, Lq, Lk):
-    """The masks with the causal flag's band (mode 1 upper-left, 2 lower-right) folded into attn_mask:
-    the form in which the reference sees what the kernels take as a flag."""
-    visible = attention_support.reference.causal_visible(causal, Lq, Lk)
-    if visible is None:
-        return masks
-    m = masks.get("attn_mask")
-    if m is None:
-        m = visible
-    elif m.dtype == torch.bool:
-        m = m & visible
-    else:
-        m = m.masked_fill(~visible, float("-inf"))
-    return {**masks, "attn_mask": m}
 
 
 def run_case(B, H, Lq, Lk, E, dtype, masks, grads=True, dropout_p=0.0, seed=0, gen_seed=0, layout="bhsd", causal=0,

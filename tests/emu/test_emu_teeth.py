@@ -12,7 +12,8 @@ import attention_support
 import emu_build
 from attention_emu import Problem
 from attention_support import run_reference
-from harness import ACTIVATIONS, harness, ptr
+from harness import ACTIVATIONS, EmuError, harness, ptr
+from varlen_emu import run_varlen_case
 
 pytestmark = pytest.mark.emu
 
@@ -46,7 +47,7 @@ ATTENTION_PLANTS = {
         plant(ATTN / "attn_fwd.cuh", "      cp_async_wait<1>();", "      cp_async_wait<2>();"), 64,
         "read before cp.async completed"),
     "query tile never loaded": (
-        plant(ATTN / "attn_fwd.cuh", "  load_tile_async<D, kBr, kThreads>(sQ, qg + i0 * p.q_sl, p.q_sl, p.Lq - i0, qg, tid);\n",
+        plant(ATTN / "attn_fwd.cuh", "  load_tile_async<D, kBr, kThreads>(sQ, qg + i0 * p.q_sl, p.q_sl, seq.Lq - i0, qg, tid);\n",
               ""), 64, "uninitialised shared read"),
     "barrier reached by half the block": (
         plant(ATTN / "attn_fwd.cuh", "  __syncwarp();\n", "  if (warp < 2) __syncthreads();\n"), 64,
@@ -68,6 +69,62 @@ def test_planted_attention_bug_is_caught(name):
         assert errors or wrong, f"{name}: neither reported nor a wrong result"
     else:
         assert any(expected in e for e in errors), f"{name}: expected a '{expected}' report, got {errors}"
+
+
+# Packed (varlen) sequences: (plant, the kernel files to build, the case that must fail). Short
+# sequences before the longest, so that a row or seed taken from the wrong sequence lands on another's
+# (inside the buffers: the executor reports a stray access but still performs it).
+FWD64 = ("cuda/attention/fwd_hdim64_fp16.cu",)
+BWD64 = ("cuda/attention/fwd_hdim64_fp16.cu", "cuda/attention/bwd_hdim64_fp16.cu", "cuda/attention/attn_aux.cu")
+VARLEN_PLANTS = {
+    "keys bounded by the longest sequence, not this one": (
+        plant(ATTN / "attn_fwd.cuh", "int kbeg = 0, kend = seq.Lk;", "int kbeg = 0, kend = p.Lk;"), FWD64,
+        dict(grads=False)),
+    "lse of every sequence written from the first sequence's row": (
+        plant(ATTN / "attn_device.cuh", "return h * p.lse_sh + s.q_base;", "return h * p.lse_sh;"), FWD64,
+        dict(grads=False)),
+    "dropout keyed by the call's seed, not the sequence's": (
+        plant(ATTN / "attn_device.cuh", "varlen_sequence_seed(seed, s.b)", "seed"), FWD64,
+        dict(grads=False, dropout_p=0.3, seed=5)),
+    "dQ accumulated at the batch index, not the sequence's first row": (
+        plant(ATTN / "attn_bwd.cuh", "p.dq_accum + seq.q_base * p.dq_sb", "p.dq_accum + b * p.dq_sb"), BWD64, {}),
+    "causal offset of the longest sequences, not this one's": (
+        plant(ATTN / "attn_device.cuh", "return p.causal == 2 ? s.Lk - s.Lq : 0;", "return p.causal == 2 ? p.Lk - p.Lq : 0;"),
+        BWD64, dict(causal=2)),
+}
+
+
+@pytest.mark.parametrize("name", list(VARLEN_PLANTS))
+def test_planted_varlen_bug_is_caught(name):
+    (file, text), sources, kw = VARLEN_PLANTS[name]
+    h = harness(((file, text),), sources)
+    with pytest.raises((AssertionError, EmuError)):
+        run_varlen_case([5, 1, 9, 70], [7, 40, 1, 83], 2, 64, torch.float16, h=h, **kw)
+    run_varlen_case([5, 1, 9, 70], [7, 40, 1, 83], 2, 64, torch.float16, **kw)  # the unplanted kernels pass
+
+
+# Split keys (decoding): a split's share of the key tiles one short, and a split that saw no key
+# reporting lse = +inf (a row that sees nothing) instead of -inf (weight 0 in the combine).
+SPLIT_PLANTS = {
+    "split share one tile short": plant(ATTN / "attn_fwd.cuh", "t_last = min(t_last, t_first + per);",
+                                        "t_last = min(t_last, t_first + per - 1);"),
+    "empty split's lse +inf": plant(ATTN / "attn_fwd.cuh", "(m[r] + log2f(l[r])) * kLn2 : -INFINITY;",
+                                    "(m[r] + log2f(l[r])) * kLn2 : INFINITY;"),
+}
+
+
+@pytest.mark.parametrize("name", list(SPLIT_PLANTS))
+def test_planted_split_key_bug_is_caught(name):
+    h = harness((SPLIT_PLANTS[name],), ("cuda/attention/fwd_hdim64_fp16.cu", "cuda/attention/attn_aux.cu"))
+    B, H, Lq, Lk, E = 1, 2, 3, 300, 64
+    g = torch.Generator().manual_seed(4)
+    q, k, v = attention_support.make_qkv(B, H, Lq, Lk, E, E, torch.float16, requires_grad=False, gen=g)
+    lengths = torch.tensor([150], dtype=torch.int32)  # 3 visible tiles over 4 splits: the last sees none
+    ref, _ = run_reference(q, k, v, {"kv_lengths": lengths}, scale=E**-0.5)
+    for planted, must_match in ((h, False), (harness(), True)):
+        out, _ = Problem(planted, q, k, v, {"kv_lengths": lengths}, E**-0.5).forward(num_splits=4)
+        err = (out.double() - ref).abs().nan_to_num(1e9).max().item()
+        assert (err <= 4e-3 * max(1.0, ref.abs().max().item())) == must_match, f"{name}: error {err}"
 
 
 def test_planted_missing_barrier_in_attention_backward_is_caught():

@@ -66,6 +66,35 @@ __global__ void finish_dq_kernel(const float* acc, float scale, uint16_t* dq, in
   }
 }
 
+// One thread per (row, column pair): the row's lse over the splits (a few loads, recomputed by each
+// thread rather than shared: the splits are few), then its two output values.
+template <bool kBF16>
+__global__ void combine_splits_kernel(const float* out_accum, const float* lse_accum, int32_t splits, int32_t H,
+                                      int32_t Lq, int32_t E, int64_t rows, uint16_t* out, int64_t o_sb, int64_t o_sh,
+                                      int64_t o_sl, float* lse) {
+  const int64_t pairs = rows * (E / 2);
+  for (int64_t n = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; n < pairs;
+       n += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = n / (E / 2);
+    const int c = static_cast<int>(n % (E / 2)) * 2;
+    // The max skips NaN and -inf (a split that saw no key); a NaN lse then makes the sum NaN.
+    float mx = -INFINITY;
+    for (int s = 0; s < splits; ++s) mx = fmaxf(mx, lse_accum[s * rows + r]);
+    const float base = mx == -INFINITY ? 0.0f : mx;
+    float sum = 0.0f, o0 = 0.0f, o1 = 0.0f;
+    for (int s = 0; s < splits; ++s) {
+      const float w = expf(lse_accum[s * rows + r] - base);
+      const float2 x = *reinterpret_cast<const float2*>(out_accum + (s * rows + r) * E + c);
+      sum += w;
+      o0 += w * x.x, o1 += w * x.y;
+    }
+    const float inv = sum != 0.0f ? 1.0f / sum : 0.0f;  // NaN sum: NaN output
+    const int64_t i = r % Lq, bh = r / Lq, b = bh / H, h = bh % H;
+    *reinterpret_cast<uint32_t*>(out + b * o_sb + h * o_sh + i * o_sl + c) = pack2<kBF16>(o0 * inv, o1 * inv);
+    if (c == 0) lse[r] = sum != 0.0f ? base + logf(sum) : INFINITY;
+  }
+}
+
 template <typename T>
 __global__ void dropout_factors_kernel(const AttnParams p, int32_t i0, int32_t rows, T* z) {
   const int64_t total = static_cast<int64_t>(p.B) * p.H * rows * p.Lk;
@@ -113,6 +142,20 @@ void launch_finish_dq(const float* dq_accum, float scale, void* dq, int64_t coun
     finish_dq_kernel<true><<<grid_for(pairs, 256), 256, 0, stream>>>(dq_accum, scale, out, pairs);
   } else {
     finish_dq_kernel<false><<<grid_for(pairs, 256), 256, 0, stream>>>(dq_accum, scale, out, pairs);
+  }
+}
+
+void launch_combine_splits(const float* out_accum, const float* lse_accum, int32_t splits, int32_t B, int32_t H,
+                           int32_t Lq, int32_t E, void* out, int64_t o_sb, int64_t o_sh, int64_t o_sl, float* lse,
+                           bool bf16, cudaStream_t stream) {
+  const int64_t rows = static_cast<int64_t>(B) * H * Lq, pairs = rows * (E / 2);
+  auto o = static_cast<uint16_t*>(out);
+  if (bf16) {
+    combine_splits_kernel<true><<<grid_for(pairs, 256), 256, 0, stream>>>(out_accum, lse_accum, splits, H, Lq, E, rows,
+                                                                          o, o_sb, o_sh, o_sl, lse);
+  } else {
+    combine_splits_kernel<false><<<grid_for(pairs, 256), 256, 0, stream>>>(out_accum, lse_accum, splits, H, Lq, E,
+                                                                           rows, o, o_sb, o_sh, o_sl, lse);
   }
 }
 

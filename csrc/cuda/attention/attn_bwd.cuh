@@ -33,7 +33,11 @@
 // rows ptxas spilled (~100 bytes) at the 255-register limit. D = 64 takes 32 (it took 64 until the
 // causal and grouped-query loop came: with 64, ptxas spilled 12-40 bytes).
 //
-// UNVERIFIED ON A GPU: compiled for sm_80 / sm_90, not yet run. Tests: tests/test_cuda_cross_modal_attention.py.
+// Packed sequences (cross_modal_attention_varlen, kVarlen = true): b is a sequence, the grid covers the
+// longest, and a block whose tile lies past its sequence's end returns at once (see Seq in attn_device.cuh).
+//
+// UNVERIFIED ON A GPU: compiled for sm_80 / sm_90, not yet run. Tests: tests/test_cuda_cross_modal_attention.py and
+// tests/test_cuda_cross_modal_attention_varlen.py (GPU), tests/emu (emulator).
 #pragma once
 #include "attn_device.cuh"
 
@@ -49,7 +53,7 @@ struct BwdTraits {
   static constexpr int kSmemBytes = (2 * kBc * D + 4 * kBr * D + kBc * kBr) * 2;
 };
 
-template <int D, bool kBF16>
+template <int D, bool kBF16, bool kVarlen>
 __global__ void __launch_bounds__(BwdTraits<D>::kThreads, 1) attn_bwd_kernel(const BwdParams p) {
   using Tr = BwdTraits<D>;
   constexpr int kBr = Tr::kBr, kBc = Tr::kBc, kThreads = Tr::kThreads;
@@ -69,21 +73,24 @@ __global__ void __launch_bounds__(BwdTraits<D>::kThreads, 1) attn_bwd_kernel(con
   const int bhk = blockIdx.x / nkt, b = bhk / p.H_kv, hkv = bhk % p.H_kv;
   const int group = p.H / p.H_kv;
   const int j0 = (blockIdx.x % nkt) * kBc;
+  const Seq<kVarlen> seq = sequence<kVarlen>(p, b);
+  // Packed sequences: the grid covers the longest; a tile past this sequence's end has nothing to do.
+  if (kVarlen && j0 >= seq.Lk) return;
 
-  int kbeg = 0, kend = p.Lk;
+  int kbeg = 0, kend = seq.Lk;
   if (p.kv_range != nullptr) kbeg = p.kv_range[2 * b], kend = p.kv_range[2 * b + 1];
-  uint16_t* dkg = static_cast<uint16_t*>(p.dk) + b * p.dk_sb + hkv * p.dk_sh;
-  uint16_t* dvg = static_cast<uint16_t*>(p.dv) + b * p.dv_sb + hkv * p.dv_sh;
+  uint16_t* dkg = static_cast<uint16_t*>(p.dk) + seq.k_base * p.dk_sb + hkv * p.dk_sh;
+  uint16_t* dvg = static_cast<uint16_t*>(p.dv) + seq.k_base * p.dv_sb + hkv * p.dv_sh;
   // Query tiles [qt_first, nqt) of each query head of the group: causal skips those before the
   // first row that sees key j0.
-  const int coff = causal_offset(p);
-  const int nqt = (p.Lq + kBr - 1) / kBr;
+  const int coff = causal_offset(p, seq);
+  const int nqt = (seq.Lq + kBr - 1) / kBr;
   const int qt_first = p.causal ? max(0, j0 - coff) / kBr : 0;
   const int nq = nqt - qt_first;  // query tiles per query head
 
-  if (j0 + kBc <= kbeg || j0 >= kend || nq <= 0 || (p.causal && j0 - coff >= p.Lq)) {
+  if (j0 + kBc <= kbeg || j0 >= kend || nq <= 0 || (p.causal && j0 - coff >= seq.Lq)) {
     // No visible key in this tile (or no query that sees one): zero gradients, nothing to compute.
-    const int rows = min(kBc, p.Lk - j0);
+    const int rows = min(kBc, seq.Lk - j0);
     for (int idx = tid; idx < rows * (D / 8); idx += kThreads) {
       const int64_t j = j0 + idx / (D / 8), c = (idx % (D / 8)) * 8;
       *reinterpret_cast<uint4*>(dkg + j * p.dk_sl + c) = make_uint4(0, 0, 0, 0);
@@ -92,8 +99,8 @@ __global__ void __launch_bounds__(BwdTraits<D>::kThreads, 1) attn_bwd_kernel(con
     return;
   }
 
-  const uint16_t* kg = static_cast<const uint16_t*>(p.k) + b * p.k_sb + hkv * p.k_sh;
-  const uint16_t* vg = static_cast<const uint16_t*>(p.v) + b * p.v_sb + hkv * p.v_sh;
+  const uint16_t* kg = static_cast<const uint16_t*>(p.k) + seq.k_base * p.k_sb + hkv * p.k_sh;
+  const uint16_t* vg = static_cast<const uint16_t*>(p.v) + seq.k_base * p.v_sb + hkv * p.v_sh;
   // The loop steps through (query head of the group, query tile >= qt_first), the next step's tiles
   // prefetched into the other buffer. Its counters move by increments, not by dividing a flat step
   // index; the head's pointers, the causal offset and the dropout seed are re-read from p at each
@@ -101,14 +108,14 @@ __global__ void __launch_bounds__(BwdTraits<D>::kThreads, 1) attn_bwd_kernel(con
   // register made ptxas spill (12-44 bytes, sm_80 / sm_90).
   auto load_step = [&](int hq, int qt, int buffer) {
     const int i1 = qt * kBr;
-    const uint16_t* qg = static_cast<const uint16_t*>(p.q) + b * p.q_sb + hq * p.q_sh;
-    const uint16_t* dog = static_cast<const uint16_t*>(p.dout) + b * p.do_sb + hq * p.do_sh;
-    load_tile_async<D, kBr, kThreads>(sQ + buffer * kBr * D, qg + i1 * p.q_sl, p.q_sl, p.Lq - i1, qg, tid);
-    load_tile_async<D, kBr, kThreads>(sdO + buffer * kBr * D, dog + i1 * p.do_sl, p.do_sl, p.Lq - i1, dog, tid);
+    const uint16_t* qg = static_cast<const uint16_t*>(p.q) + seq.q_base * p.q_sb + hq * p.q_sh;
+    const uint16_t* dog = static_cast<const uint16_t*>(p.dout) + seq.q_base * p.do_sb + hq * p.do_sh;
+    load_tile_async<D, kBr, kThreads>(sQ + buffer * kBr * D, qg + i1 * p.q_sl, p.q_sl, seq.Lq - i1, qg, tid);
+    load_tile_async<D, kBr, kThreads>(sdO + buffer * kBr * D, dog + i1 * p.do_sl, p.do_sl, seq.Lq - i1, dog, tid);
   };
 
-  load_tile_async<D, kBc, kThreads>(sK, kg + j0 * p.k_sl, p.k_sl, p.Lk - j0, kg, tid);
-  load_tile_async<D, kBc, kThreads>(sV, vg + j0 * p.v_sl, p.v_sl, p.Lk - j0, vg, tid);
+  load_tile_async<D, kBc, kThreads>(sK, kg + j0 * p.k_sl, p.k_sl, seq.Lk - j0, kg, tid);
+  load_tile_async<D, kBc, kThreads>(sV, vg + j0 * p.v_sl, p.v_sl, seq.Lk - j0, vg, tid);
   load_step(hkv * group, qt_first, 0);
   cp_async_commit();
 
@@ -126,9 +133,9 @@ __global__ void __launch_bounds__(BwdTraits<D>::kThreads, 1) attn_bwd_kernel(con
 
   const int hq_end = (hkv + 1) * group;
   for (int hq = hkv * group, qt = qt_first, buf = 0; hq < hq_end; buf ^= 1) {
-    const int h = hq, bh = b * p.H + h;  // this step's query head and tile (hq, qt move on below)
+    const int h = hq;  // this step's query head and tile (hq, qt move on below)
     const int i0 = qt * kBr;
-    const int64_t row0 = static_cast<int64_t>(bh) * p.Lq;  // (b, hq)'s rows of lse and dsum
+    const int64_t row0 = lse_row0(p, seq, h);  // (b, hq)'s rows of lse and dsum
     // This query tile crosses the diagonal of the key tile: some of its rows miss some of its keys.
     // The next step: the next query tile of this head, or the first of the next head.
     if (++qt == nqt) qt = qt_first, ++hq;
@@ -175,16 +182,16 @@ __global__ void __launch_bounds__(BwdTraits<D>::kThreads, 1) attn_bwd_kernel(con
       for (int c = 0; c < 2; ++c) {
         const int i = i0 + n * 8 + 2 * t4 + c;
         // Rows past Lq: lse = +inf gives P = 0 (their Q and dO were zero-filled anyway).
-        const float lse2 = i < p.Lq ? p.lse[row0 + i] * kLog2e : INFINITY;
-        const float dsum = i < p.Lq ? p.dsum[row0 + i] : 0.0f;
-        const uint64_t rk = p.dropout ? dropout_row_key(dropout_seed(p), bh, p.Lq, i) : 0;
+        const float lse2 = i < seq.Lq ? p.lse[row0 + i] * kLog2e : INFINITY;
+        const float dsum = i < seq.Lq ? p.dsum[row0 + i] : 0.0f;
+        const uint64_t rk = p.dropout ? row_dropout_key(p, seq, dropout_seed(p), h, i) : 0;
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const int e = 2 * r + c;
           float x = st[n][e] * p.scale_log2;
-          if (!key_ok[r] || (p.causal && key[r] > i + causal_offset(p))) {
+          if (!key_ok[r] || (p.causal && key[r] > i + causal_offset(p, seq))) {
             x = -INFINITY;
-          } else if (has_mask && i < p.Lq) {
+          } else if (has_mask && i < seq.Lq) {
             const float bias = mask_bias_log2(p, b, h, i, key[r]);  // masked: -inf, as in the forward
             x = bias == -INFINITY ? -INFINITY : x + bias;
           }
@@ -262,8 +269,8 @@ __global__ void __launch_bounds__(BwdTraits<D>::kThreads, 1) attn_bwd_kernel(con
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const int i = i0 + mt * 16 + g + 8 * r;
-          if (i < p.Lq) {
-            float* dqg = p.dq_accum + b * p.dq_sb + h * p.dq_sh + i * p.dq_sl + col;
+          if (i < seq.Lq) {
+            float* dqg = p.dq_accum + seq.q_base * p.dq_sb + h * p.dq_sh + i * p.dq_sl + col;
             atomicAdd(dqg, dq[n][2 * r]);
             atomicAdd(dqg + 1, dq[n][2 * r + 1]);
           }
@@ -293,7 +300,7 @@ __global__ void __launch_bounds__(BwdTraits<D>::kThreads, 1) attn_bwd_kernel(con
     const int idx = lane + it * 32;
     const int kr = warp * 16 + idx / (D / 8), c = idx % (D / 8);
     const int j = j0 + kr;
-    if (j < p.Lk) {
+    if (j < seq.Lk) {
       *reinterpret_cast<uint4*>(dkg + j * p.dk_sl + c * 8) =
           *reinterpret_cast<const uint4*>(sK + swz<D>(kr, c));
       *reinterpret_cast<uint4*>(dvg + j * p.dv_sl + c * 8) =
@@ -305,7 +312,8 @@ __global__ void __launch_bounds__(BwdTraits<D>::kThreads, 1) attn_bwd_kernel(con
 template <int D, bool kBF16>
 void launch_bwd(const BwdParams& p, cudaStream_t stream) {
   using Tr = BwdTraits<D>;
-  auto kernel = attn_bwd_kernel<D, kBF16>;
+  // Dense and packed layouts are separate instantiations (see Seq in attn_device.cuh).
+  auto kernel = p.cu_seqlens_q != nullptr ? attn_bwd_kernel<D, kBF16, true> : attn_bwd_kernel<D, kBF16, false>;
   if (Tr::kSmemBytes > 48 * 1024) {
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
   }

@@ -161,11 +161,59 @@ __device__ __forceinline__ float mask_bias_log2(const AttnParams& p, int b, int 
   return static_cast<const float*>(p.mask)[off] * kLog2e;
 }
 
-// The causal flag's diagonal: query i sees key j iff j <= i + causal_offset(p) (with p.causal != 0).
-__device__ __forceinline__ int causal_offset(const AttnParams& p) { return p.causal == 2 ? p.Lk - p.Lq : 0; }
+// ------------------------------------------------------------------------------- dense or packed
+
+// The problem of batch entry b as a block sees it. Dense (kVarlen = false): rows from 0, p.Lq x p.Lk,
+// base = b. Packed (kVarlen, AttnParams::cu_seqlens_q / _k): sequence b's lengths, and bases = its
+// first packed rows; the host set the batch strides to row strides, so base * (batch stride) is the
+// sequence's first row in either layout. A template flag rather than a run-time test of the pointers,
+// so that the dense kernels stay exactly what they were (no extra registers, no extra branches).
+template <bool kVarlen>
+struct Seq {
+  int b, q_base, k_base, Lq, Lk;
+};
+
+template <bool kVarlen>
+__device__ __forceinline__ Seq<kVarlen> sequence(const AttnParams& p, int b) {
+  if constexpr (kVarlen) {
+    const int q0 = p.cu_seqlens_q[b], k0 = p.cu_seqlens_k[b];
+    return {b, q0, k0, p.cu_seqlens_q[b + 1] - q0, p.cu_seqlens_k[b + 1] - k0};
+  } else {
+    return {b, b, b, p.Lq, p.Lk};
+  }
+}
+
+// The causal flag's diagonal: query i sees key j iff j <= i + causal_offset (with p.causal != 0).
+template <bool kVarlen>
+__device__ __forceinline__ int causal_offset(const AttnParams& p, const Seq<kVarlen>& s) {
+  return p.causal == 2 ? s.Lk - s.Lq : 0;
+}
+
+// Where row 0 of (b, h) sits in lse / dsum: (B, H, Lq) dense, (H, total_q) packed.
+template <bool kVarlen>
+__device__ __forceinline__ int64_t lse_row0(const AttnParams& p, const Seq<kVarlen>& s, int h) {
+  if constexpr (kVarlen) {
+    return h * p.lse_sh + s.q_base;
+  } else {
+    return static_cast<int64_t>(s.b * p.H + h) * p.Lq;
+  }
+}
 
 __device__ __forceinline__ uint64_t dropout_seed(const AttnParams& p) {
   return p.seed_ptr != nullptr ? static_cast<uint64_t>(*p.seed_ptr) : p.seed;
+}
+
+// Dropout's key of query row i of (b, h): dense, row (b * H + h, i) of the call's seed; packed, row
+// (h, i) of a one-sequence problem with the sequence's own seed (the CPU varlen kernel's rule).
+// seed: dropout_seed(p).
+template <bool kVarlen>
+__device__ __forceinline__ uint64_t row_dropout_key(const AttnParams& p, const Seq<kVarlen>& s, uint64_t seed, int h,
+                                                    int i) {
+  if constexpr (kVarlen) {
+    return ::mmkernels::dropout_row_key(varlen_sequence_seed(seed, s.b), h, s.Lq, i);
+  } else {
+    return ::mmkernels::dropout_row_key(seed, s.b * p.H + h, p.Lq, i);
+  }
 }
 
 // The dropout factor (inv_keep or 0) of element (row key, key j).

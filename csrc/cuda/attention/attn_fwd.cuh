@@ -24,11 +24,35 @@
 // Grouped-query attention: query head h reads K and V of kv head h / (H / H_kv); the query heads of
 // a group are adjacent in the grid, so their blocks read the same K / V from L2.
 //
-// UNVERIFIED ON A GPU: compiled for sm_80 / sm_90, not yet run. Tests: tests/test_cuda_cross_modal_attention.py.
+// Packed sequences (cross_modal_attention_varlen, kVarlen = true): b is a sequence, the grid covers the
+// longest, and a block whose tile lies past its sequence's end returns at once (see Seq in attn_device.cuh).
+//
+// UNVERIFIED ON A GPU: compiled for sm_80 / sm_90, not yet run. Tests: tests/test_cuda_cross_modal_attention.py and
+// tests/test_cuda_cross_modal_attention_varlen.py (GPU), tests/emu (emulator).
 #pragma once
 #include "attn_device.cuh"
 
 namespace mmkernels::cuda::attn {
+
+// A split's partial result of this thread's two rows (row[r], fragment columns 2 t4, 2 t4 + 1 of each
+// 8-column tile): O / l and lse in float32, lse -inf where the split saw no key (so that the combine
+// gives it weight 0), NaN where l is.
+template <int D>
+__device__ __forceinline__ void store_split(const FwdParams& p, int bh, const int (&row)[2], const float (&acc)[D / 8][4],
+                                            const float (&inv)[2], const float (&m)[2], const float (&l)[2], int t4) {
+  const int64_t rows = static_cast<int64_t>(p.B) * p.H * p.Lq;
+  const int64_t base = (blockIdx.x % p.num_splits) * rows + static_cast<int64_t>(bh) * p.Lq;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (row[r] >= p.Lq) continue;
+    float* o = p.out_accum + (base + row[r]) * D + 2 * t4;
+#pragma unroll
+    for (int d = 0; d < D / 8; ++d) {
+      *reinterpret_cast<float2*>(o + d * 8) = make_float2(acc[d][2 * r] * inv[r], acc[d][2 * r + 1] * inv[r]);
+    }
+    if (t4 == 0) p.lse_accum[base + row[r]] = l[r] != 0.0f ? (m[r] + log2f(l[r])) * kLn2 : -INFINITY;
+  }
+}
 
 template <int D>
 struct FwdTraits {
@@ -44,7 +68,8 @@ struct FwdTraits {
   static constexpr int kSmemBytes = (kBr + 4 * kBc) * D * 2;
 };
 
-template <int D, bool kBF16>
+// kSplit: split keys (FwdParams::num_splits > 1); dense layout only.
+template <int D, bool kBF16, bool kVarlen, bool kSplit>
 __global__ void __launch_bounds__(FwdTraits<D>::kThreads, FwdTraits<D>::kMinBlocks) attn_fwd_kernel(const FwdParams p) {
   using Tr = FwdTraits<D>;
   constexpr int kBr = Tr::kBr, kBc = Tr::kBc, kThreads = Tr::kThreads;
@@ -59,28 +84,40 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads, FwdTraits<D>::kMinBloc
   const int g = lane / 4, t4 = lane % 4;
   // Flat grid, query tiles of one (b, h) adjacent: they share K and V, which then stay in L2.
   const int nqt = (p.Lq + kBr - 1) / kBr;
-  const int bh = blockIdx.x / nqt, b = bh / p.H, h = bh % p.H;
+  // Split keys: the splits of one (b, h, query tile) are adjacent blocks.
+  const int block = kSplit ? blockIdx.x / p.num_splits : blockIdx.x;
+  const int bh = block / nqt, b = bh / p.H, h = bh % p.H;
   const int hkv = h / (p.H / p.H_kv);
-  const int qt = blockIdx.x % nqt;
+  const int qt = block % nqt;
   const int i0 = (p.causal ? nqt - 1 - qt : qt) * kBr;
+  const Seq<kVarlen> seq = sequence<kVarlen>(p, b);
+  // Packed sequences: the grid covers the longest; a tile past this sequence's end has nothing to do.
+  if (kVarlen && i0 >= seq.Lq) return;
 
-  int kbeg = 0, kend = p.Lk;
+  int kbeg = 0, kend = seq.Lk;
   if (p.kv_range != nullptr) kbeg = p.kv_range[2 * b], kend = p.kv_range[2 * b + 1];
   // Causal: no row of this tile sees a key past the last row's diagonal; tiles that cross the
   // diagonal (some key past the first row's) mask per element.
-  const int kstop = p.causal ? min(kend, min(i0 + kBr, p.Lq) + causal_offset(p)) : kend;
-  const int t_first = kbeg / kBc;
-  const int t_last = kstop > kbeg ? (kstop + kBc - 1) / kBc : t_first;  // tiles [t_first, t_last)
+  const int kstop = p.causal ? min(kend, min(i0 + kBr, seq.Lq) + causal_offset(p, seq)) : kend;
+  int t_first = kbeg / kBc;
+  int t_last = kstop > kbeg ? (kstop + kBc - 1) / kBc : t_first;  // tiles [t_first, t_last)
+  if constexpr (kSplit) {
+    // This split's share of the visible tiles (an equal count each; the last ones may get none).
+    const int split = blockIdx.x % p.num_splits;
+    const int per = (t_last - t_first + p.num_splits - 1) / p.num_splits;
+    t_first = min(t_last, t_first + split * per);
+    t_last = min(t_last, t_first + per);
+  }
 
-  const uint16_t* qg = static_cast<const uint16_t*>(p.q) + b * p.q_sb + h * p.q_sh;
-  const uint16_t* kg = static_cast<const uint16_t*>(p.k) + b * p.k_sb + hkv * p.k_sh;
-  const uint16_t* vg = static_cast<const uint16_t*>(p.v) + b * p.v_sb + hkv * p.v_sh;
+  const uint16_t* qg = static_cast<const uint16_t*>(p.q) + seq.q_base * p.q_sb + h * p.q_sh;
+  const uint16_t* kg = static_cast<const uint16_t*>(p.k) + seq.k_base * p.k_sb + hkv * p.k_sh;
+  const uint16_t* vg = static_cast<const uint16_t*>(p.v) + seq.k_base * p.v_sb + hkv * p.v_sh;
 
-  load_tile_async<D, kBr, kThreads>(sQ, qg + i0 * p.q_sl, p.q_sl, p.Lq - i0, qg, tid);
+  load_tile_async<D, kBr, kThreads>(sQ, qg + i0 * p.q_sl, p.q_sl, seq.Lq - i0, qg, tid);
   if (t_first < t_last) {
     const int j0 = t_first * kBc;
-    load_tile_async<D, kBc, kThreads>(sK, kg + j0 * p.k_sl, p.k_sl, p.Lk - j0, kg, tid);
-    load_tile_async<D, kBc, kThreads>(sV, vg + j0 * p.v_sl, p.v_sl, p.Lk - j0, vg, tid);
+    load_tile_async<D, kBc, kThreads>(sK, kg + j0 * p.k_sl, p.k_sl, seq.Lk - j0, kg, tid);
+    load_tile_async<D, kBc, kThreads>(sV, vg + j0 * p.v_sl, p.v_sl, seq.Lk - j0, vg, tid);
   }
   cp_async_commit();
 
@@ -91,7 +128,7 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads, FwdTraits<D>::kMinBloc
   if (p.dropout) {
     const uint64_t seed = dropout_seed(p);
 #pragma unroll
-    for (int r = 0; r < 2; ++r) row_key[r] = dropout_row_key(seed, bh, p.Lq, row[r]);
+    for (int r = 0; r < 2; ++r) row_key[r] = row_dropout_key(p, seq, seed, h, row[r]);
   }
 
   float acc[kDT][4];
@@ -104,8 +141,8 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads, FwdTraits<D>::kMinBloc
     const int buf = (t - t_first) & 1;
     if (t + 1 < t_last) {
       const int j1 = (t + 1) * kBc;
-      load_tile_async<D, kBc, kThreads>(sK + (buf ^ 1) * kBc * D, kg + j1 * p.k_sl, p.k_sl, p.Lk - j1, kg, tid);
-      load_tile_async<D, kBc, kThreads>(sV + (buf ^ 1) * kBc * D, vg + j1 * p.v_sl, p.v_sl, p.Lk - j1, vg, tid);
+      load_tile_async<D, kBc, kThreads>(sK + (buf ^ 1) * kBc * D, kg + j1 * p.k_sl, p.k_sl, seq.Lk - j1, kg, tid);
+      load_tile_async<D, kBc, kThreads>(sV + (buf ^ 1) * kBc * D, vg + j1 * p.v_sl, p.v_sl, seq.Lk - j1, vg, tid);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
@@ -135,16 +172,16 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads, FwdTraits<D>::kMinBloc
     // Scale (to base 2) and mask.
     const int j0 = t * kBc;
     // Tiles at the key range's edges or across the causal diagonal check each element.
-    const bool edge = j0 < kbeg || j0 + kBc > kend || (p.causal && j0 + kBc - 1 > i0 + causal_offset(p));
+    const bool edge = j0 < kbeg || j0 + kBc > kend || (p.causal && j0 + kBc - 1 > i0 + causal_offset(p, seq));
 #pragma unroll
     for (int n = 0; n < kNT; ++n) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int i = row[e / 2], j = j0 + n * 8 + 2 * t4 + (e & 1);
         float x = s[n][e] * p.scale_log2;
-        if (edge && (j < kbeg || j >= kend || (p.causal && j > i + causal_offset(p)))) {
+        if (edge && (j < kbeg || j >= kend || (p.causal && j > i + causal_offset(p, seq)))) {
           x = -INFINITY;
-        } else if (has_mask && i < p.Lq) {
+        } else if (has_mask && i < seq.Lq) {
           // A masked key stays -inf even where the score is NaN: it is not seen, NaN query or not.
           const float bias = mask_bias_log2(p, b, h, i, j);
           x = bias == -INFINITY ? -INFINITY : x + bias;
@@ -216,32 +253,36 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads, FwdTraits<D>::kMinBloc
     l[r] = quad_sum(l[r]);
     inv[r] = l[r] != 0.0f ? 1.0f / l[r] : 0.0f;  // NaN l: NaN output
   }
+  if constexpr (kSplit) {
+    store_split<D>(p, bh, row, acc, inv, m, l, t4);
+  } else {
 #pragma unroll
-  for (int d = 0; d < kDT; ++d) {
+    for (int d = 0; d < kDT; ++d) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int rr = warp * 16 + g + 8 * r, col = d * 8 + 2 * t4;
-      *reinterpret_cast<uint32_t*>(sQ + swz<D>(rr, col / 8) + col % 8) =
-          pack2<kBF16>(acc[d][2 * r] * inv[r], acc[d][2 * r + 1] * inv[r]);
+      for (int r = 0; r < 2; ++r) {
+        const int rr = warp * 16 + g + 8 * r, col = d * 8 + 2 * t4;
+        *reinterpret_cast<uint32_t*>(sQ + swz<D>(rr, col / 8) + col % 8) =
+            pack2<kBF16>(acc[d][2 * r] * inv[r], acc[d][2 * r + 1] * inv[r]);
+      }
     }
-  }
-  __syncwarp();
-  uint16_t* og = static_cast<uint16_t*>(p.out) + b * p.o_sb + h * p.o_sh;
+    __syncwarp();
+    uint16_t* og = static_cast<uint16_t*>(p.out) + seq.q_base * p.o_sb + h * p.o_sh;
 #pragma unroll
-  for (int it = 0; it < 16 * (D / 8) / 32; ++it) {
-    const int idx = lane + it * 32;
-    const int rr = warp * 16 + idx / (D / 8), c = idx % (D / 8);
-    const int i = i0 + rr;
-    if (i < p.Lq) {
-      *reinterpret_cast<uint4*>(og + i * p.o_sl + c * 8) =
-          *reinterpret_cast<const uint4*>(sQ + swz<D>(rr, c));
+    for (int it = 0; it < 16 * (D / 8) / 32; ++it) {
+      const int idx = lane + it * 32;
+      const int rr = warp * 16 + idx / (D / 8), c = idx % (D / 8);
+      const int i = i0 + rr;
+      if (i < seq.Lq) {
+        *reinterpret_cast<uint4*>(og + i * p.o_sl + c * 8) =
+            *reinterpret_cast<const uint4*>(sQ + swz<D>(rr, c));
+      }
     }
-  }
-  if (t4 == 0) {
+    if (t4 == 0) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      if (row[r] < p.Lq) {
-        p.lse[static_cast<int64_t>(bh) * p.Lq + row[r]] = l[r] != 0.0f ? (m[r] + log2f(l[r])) * kLn2 : INFINITY;
+      for (int r = 0; r < 2; ++r) {
+        if (row[r] < seq.Lq) {
+          p.lse[lse_row0(p, seq, h) + row[r]] = l[r] != 0.0f ? (m[r] + log2f(l[r])) * kLn2 : INFINITY;
+        }
       }
     }
   }
@@ -250,12 +291,17 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads, FwdTraits<D>::kMinBloc
 template <int D, bool kBF16>
 void launch_fwd(const FwdParams& p, cudaStream_t stream) {
   using Tr = FwdTraits<D>;
-  auto kernel = attn_fwd_kernel<D, kBF16>;
+  // Dense, packed and split-key forms are separate instantiations (see Seq in attn_device.cuh), so
+  // that each pays only for itself.
+  const bool split = p.num_splits > 1 && p.cu_seqlens_q == nullptr;
+  auto kernel = p.cu_seqlens_q != nullptr ? attn_fwd_kernel<D, kBF16, true, false>
+                : split                   ? attn_fwd_kernel<D, kBF16, false, true>
+                                          : attn_fwd_kernel<D, kBF16, false, false>;
   if (Tr::kSmemBytes > 48 * 1024) {
     // Above 48 KiB of dynamic shared memory a kernel must opt in (per device, so every launch).
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
   }
-  const dim3 grid(((p.Lq + Tr::kBr - 1) / Tr::kBr) * p.B * p.H);
+  const dim3 grid(((p.Lq + Tr::kBr - 1) / Tr::kBr) * p.B * p.H * (split ? p.num_splits : 1));
   kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
 }
 

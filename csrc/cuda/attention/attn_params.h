@@ -48,12 +48,30 @@ struct AttnParams {
   float inv_keep;
   uint64_t seed;            // used when seed_ptr is null
   const int64_t* seed_ptr;  // a device seed tensor (read in the kernel: no host sync)
+  // Packed variable-length sequences (FlashAttention-2's varlen layout), or null for the dense layout.
+  // With them, B is the number of sequences, Lq / Lk the longest lengths (the grid's size), sequence b
+  // is rows [cu_seqlens_q[b], cu_seqlens_q[b + 1]) of q / out / dout / dq and [cu_seqlens_k[b], ...)
+  // of k / v / dk / dv, and every batch stride (q_sb, k_sb, ...) is that tensor's row stride, so a
+  // sequence's first row sits at (its first packed row) * (batch stride). lse and dsum are (H, total_q):
+  // row i of head h at h * lse_sh + first row + i. No masks, no kv_range; dropout seeds per sequence
+  // (varlen_sequence_seed, dropout_hash.h), as on the CPU.
+  const int32_t* cu_seqlens_q;
+  const int32_t* cu_seqlens_k;
+  int64_t lse_sh;
 };
 
 struct FwdParams : AttnParams {
   void* out;   // (B, H, Lq, E), last dim contiguous, rows 16-byte aligned, q's dtype
   int64_t o_sb, o_sh, o_sl;
   float* lse;  // (B, H, Lq) contiguous; +inf where a row sees no key
+  // Split keys (flash-decoding; dense layout only): with num_splits > 1 each (b, h, query tile) runs
+  // as num_splits blocks, split s taking its share of the visible key tiles, and writes its own
+  // normalised output and lse in float32 to out_accum (num_splits, B, H, Lq, E) and lse_accum
+  // (num_splits, B, H, Lq), both contiguous (lse -inf where the split saw no key); out and lse are
+  // then launch_combine_splits' to write. 0 or 1: no split, out / lse written directly.
+  int32_t num_splits;
+  float* out_accum;
+  float* lse_accum;
 };
 
 struct BwdParams : AttnParams {
@@ -77,7 +95,25 @@ void launch_fwd(const FwdParams& p, cudaStream_t stream);
 template <int D, bool kBF16>
 void launch_bwd(const BwdParams& p, cudaStream_t stream);
 
+// How many blocks the forward splits each (b, h, query tile)'s keys over: enough to give every SM a
+// block when the grid alone cannot (few batches x heads x query tiles: decoding), at least two key
+// tiles of 64 per split, at most kMaxKeySplits; 1 (no split) when the grid fills the device.
+constexpr int kMaxKeySplits = 32;
+inline int choose_key_splits(int64_t blocks, int64_t Lk, int sm_count) {
+  if (blocks <= 0 || blocks * 2 > sm_count) return 1;
+  const int64_t by_sms = (sm_count + blocks - 1) / blocks;
+  const int64_t by_keys = Lk / 128;
+  const int64_t n = by_sms < by_keys ? by_sms : by_keys;
+  return n < 2 ? 1 : static_cast<int>(n < kMaxKeySplits ? n : kMaxKeySplits);
+}
+
 // Helpers (attn_aux.cu).
+// out / lse from the splits' partial results (FwdParams::out_accum / lse_accum): lse = log sum_s
+// exp(lse_s), out = sum_s exp(lse_s - lse) out_s; a row no split saw gets zeros and lse = +inf.
+// out (B, H, Lq, E) 16-bit with strides o_s*, last dim contiguous; lse (B, H, Lq) contiguous.
+void launch_combine_splits(const float* out_accum, const float* lse_accum, int32_t splits, int32_t B, int32_t H,
+                           int32_t Lq, int32_t E, void* out, int64_t o_sb, int64_t o_sh, int64_t o_sl, float* lse,
+                           bool bf16, cudaStream_t stream);
 // kv_range[2b..2b+1] from kv_lengths (int32, may be null) and key_padding_mask (may be null).
 void launch_key_ranges(const int32_t* lengths, const uint8_t* kpm, int32_t B, int32_t Lk, int32_t* kv_range,
                        cudaStream_t stream);
