@@ -22,8 +22,8 @@
 namespace mmkernels::cpu {
 namespace {
 
-// Sequence b's rows [off[b], off[b + 1]) of a prefix-sum tensor (shape checked), its values checked against the packed total and
-// the stated maximum length.
+// Sequence b's rows [off[b], off[b + 1]) of a prefix-sum tensor (its shape checked by
+// check_varlen_shapes), the values checked against the packed total and the stated maximum length.
 std::vector<int64_t> read_cu_seqlens(const at::Tensor& cu, const char* name, int64_t total, int64_t max_len,
                                      const char* max_name) {
   MMK_CHECK_ARG(cu.device().is_cpu(), name, "expected a CPU tensor, got ", cu.device());
