@@ -52,8 +52,8 @@ namespace {
 // per-thread scratch first, once per block. float follows matmul.cpp's rule: where it picks oneDNN,
 // cpublas::brgemm, oneDNN's batch-reduce micro-kernel (measured on this AVX-512 CPU at ~110 GFLOP/s
 // a core on the attention's blocks, against ~90 for MKL's sgemm_, which also packs each transposed
-// operand per call); elsewhere (MMKERNELS_CPU_GEMM=aten, oneDNN off, absent or refusing the CPU) the
-// BLAS's sgemm_ (ATen mm's own), else matmul_out.
+// operand per call); elsewhere (MMKERNELS_CPU_GEMM=aten, oneDNN off, absent or refusing the CPU)
+// matmul_out's ATen mm (on AMD Zen 3 as fast as calling sgemm_ per block directly, or faster).
 // double (gradcheck) goes to the BLAS's dgemm_ where torch's BLAS exports it, else to plain loops.
 extern "C" {
 void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
@@ -96,8 +96,6 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const fl
     at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, /*is_vnni=*/false);
     return;
   }
-  // Off oneDNN, the BLAS ATen's mm would call, without a tensor and a dispatch per block.
-  if (blas_gemm(sgemm_, M, N, K, A, lda, B, ldb, C, ldc, accumulate)) return;
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   matmul_out(at::from_blob(C, {M, N}, {ldc, 1}, f32), at::from_blob(const_cast<float*>(A), {M, K}, {lda, 1}, f32),
              at::from_blob(const_cast<float*>(B), {K, N}, {ldb, 1}, f32), accumulate);
