@@ -70,19 +70,6 @@ bool blas_symbols() {
   return use;
 }
 
-// Row-major C (M x N, ldc) (+)= A (M x K, lda) B (K x N, ldb) through a Fortran BLAS gemm, seen
-// column-major: C^T (N x M) = B^T A^T. False where the symbol is absent.
-template <typename T, typename Gemm>
-bool blas_gemm(Gemm* fn, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
-               int64_t ldc, bool accumulate) {
-  if (fn == nullptr || !blas_symbols()) return false;
-  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
-  const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
-  const T one = 1, beta = accumulate ? 1 : 0;
-  fn("N", "N", &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
-  return true;
-}
-
 // Row-major C (M x N, ldc) (+)= A (M x K, lda) B (K x N, ldb).
 void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
           int64_t ldc, bool accumulate) {
@@ -104,7 +91,14 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const fl
 void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B, int64_t ldb, double* C,
           int64_t ldc, bool accumulate) {
   if (M == 0 || N == 0) return;
-  if (K > 0 && blas_gemm(dgemm_, M, N, K, A, lda, B, ldb, C, ldc, accumulate)) return;
+  if (K > 0 && dgemm_ != nullptr && blas_symbols()) {
+    // Column-major view: C^T (N x M) = B^T A^T.
+    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+    const double one = 1, beta = accumulate ? 1 : 0;
+    dgemm_("N", "N", &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
+    return;
+  }
   for (int64_t m = 0; m < M; ++m) {
     double* c = C + m * ldc;
     if (!accumulate) std::fill_n(c, N, 0.0);
