@@ -64,7 +64,9 @@ def extensions():
     debug = os.environ.get("MMKERNELS_DEBUG", "0") == "1"
     sanitize = os.environ.get("MMKERNELS_SANITIZE")  # e.g. "address,undefined"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = opt + ["-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-fvisibility=hidden"]
+    # -fno-trapping-math: nothing here unmasks floating-point exceptions, and without it GCC will not
+    # if-convert the softmax rows' selects for AVX2 (csrc/cpu/attention_rows.cpp's clones ran scalar).
+    cxx = opt + ["-fopenmp", "-fno-trapping-math", "-Wall", "-Wno-unknown-pragmas", "-fvisibility=hidden"]
     link = ["-fopenmp"]
     if sanitize:
         cxx += [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer"]
