@@ -295,7 +295,8 @@ Grads backward(const Problem& p, const at::Tensor& g, const at::Tensor& z_saved,
         at::Tensor& part = weight_parts[t * S + s];
         const at::Tensor x = p.rows[s].narrow(0, r0, rn);
         if (low_precision) {
-          at::Tensor prod = at::mm(gz.t(), x);
+          at::Tensor prod = at::empty({p.N, x.size(1)}, x.options());
+          matmul_out(prod, gz.t(), x, false);
           part = part.defined() ? part.add_(prod) : prod.to(acc_type);
         } else {
           const bool first = !part.defined();

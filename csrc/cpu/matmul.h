@@ -13,6 +13,9 @@ void matmul_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
 // Whether this CPU runs ATen's mkldnn_matmul at all (see matmul.cpp); matmul_uses_onednn needs it.
 bool onednn_matmul_runs();
 
+// Whether matmul_out forms `dtype`'s (bfloat16, float16) products in float32 (see matmul.cpp).
+bool half_gemm_in_float(at::ScalarType dtype);
+
 // Whether matmul_out sends `dtype` to oneDNN (the rule of matmul.cpp), for tests and reports.
 bool matmul_uses_onednn(at::ScalarType dtype);
 

@@ -13,7 +13,7 @@ namespace {
 
 using mmkernels::cpu::matmul_out;
 
-void expect_matches_mm(const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+void expect_matches_mm(const at::Tensor& a, const at::Tensor& b, bool accumulate, double tol = 1e-4) {
   const int64_t M = a.size(0), N = b.size(1);
   // The output is a column block of a wider matrix, whose other columns must stay untouched.
   at::Tensor wide = at::randn({M, N + 5}, a.options());
@@ -22,7 +22,7 @@ void expect_matches_mm(const at::Tensor& a, const at::Tensor& b, bool accumulate
   const at::Tensor product = at::mm(a.to(at::kDouble), b.to(at::kDouble));
   const at::Tensor expected = accumulate ? out.to(at::kDouble) + product : product;
   matmul_out(out, a, b, accumulate);
-  EXPECT_TRUE(at::allclose(out.to(at::kDouble), expected, 1e-4, 1e-4));
+  EXPECT_TRUE(at::allclose(out.to(at::kDouble), expected, tol, tol));
   EXPECT_TRUE(at::equal(wide.narrow(1, 0, 2), before.narrow(1, 0, 2)));
   EXPECT_TRUE(at::equal(wide.narrow(1, N + 2, 3), before.narrow(1, N + 2, 3)));
 }
@@ -59,6 +59,24 @@ TEST(Matmul, OnednnRuleFollowsTorchsSwitch) {
   at::globalContext().setUserEnabledMkldnn(enabled);
   EXPECT_FALSE(mmkernels::cpu::matmul_uses_onednn(at::kDouble));
   EXPECT_FALSE(mmkernels::cpu::matmul_uses_onednn(at::kBFloat16));
+}
+
+TEST(Matmul, HalfPrecisionLayoutsMatchMm) {
+  // bfloat16 / float16: in float32 where oneDNN refuses the CPU (half_gemm_in_float), else ATen's.
+  EXPECT_EQ(mmkernels::cpu::half_gemm_in_float(at::kBFloat16), !mmkernels::cpu::onednn_matmul_runs());
+  EXPECT_EQ(mmkernels::cpu::half_gemm_in_float(at::kHalf), !mmkernels::cpu::onednn_matmul_runs());
+  EXPECT_FALSE(mmkernels::cpu::half_gemm_in_float(at::kFloat));
+  at::manual_seed(2);
+  for (auto dtype : {at::kBFloat16, at::kHalf}) {
+    const auto opt = at::TensorOptions().dtype(dtype);
+    const at::Tensor a = at::randn({37, 70}, opt), w = at::randn({18, 100}, opt);
+    // Products of size ~8: a bfloat16 ulp there is 1/16, half an ulp the rounding of the result.
+    for (bool accumulate : {false, true}) {
+      expect_matches_mm(a, w.narrow(1, 30, 70).t(), accumulate, 0.07);
+      expect_matches_mm(at::randn({70, 37}, opt).t(), at::randn({70, 18}, opt), accumulate, 0.07);
+      expect_matches_mm(a.narrow(1, 0, 0), at::randn({0, 18}, opt), accumulate, 0.07);  // K = 0
+    }
+  }
 }
 
 #if AT_MKLDNN_ENABLED() && defined(__x86_64__)
