@@ -1,5 +1,6 @@
 // See attention_rows.h. The float loops are written so that GCC vectorises them (no calls, no
-// branches: selects only), and cloned per instruction set; the loader picks the best at load time.
+// branches: selects only; for AVX2 that needs -fno-trapping-math, see setup.py and
+// tests/test_vectorised_rows.py), and cloned per instruction set; the loader picks the best at load time.
 #include "attention_rows.h"
 
 #include <algorithm>

@@ -1,4 +1,5 @@
-// The CPU kernels' float32 GEMMs, routed to the faster of the two GEMM libraries that torch links:
+// The CPU kernels' GEMMs (float32 routed to the faster of the two GEMM libraries that torch links,
+// bfloat16 / float16 in float32 where torch has no fast kernel for them):
 // fused_concat_linear's through matmul_out; the attention's blocks through cpublas::brgemm where
 // matmul_uses_onednn, else matmul_out. See matmul.cpp for the rule.
 #pragma once
