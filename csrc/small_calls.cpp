@@ -11,7 +11,9 @@
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
 #include <cmath>
@@ -20,6 +22,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/small_gemm.h"
 #include "small_calls.h"
 
 namespace mmkernels {
@@ -49,6 +52,80 @@ at::Tensor activate(at::Tensor y, Act act, bool in_place) {
     default: return y;
   }
 }
+
+using OptTensor = std::optional<at::Tensor>;
+
+auto& concat_linear_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mmkernels::fused_concat_linear", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(at::TensorList, const at::Tensor&, const OptTensor&,
+                                                                 c10::string_view)>();
+  return op;
+}
+
+auto& concat_linear_backward_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mmkernels::fused_concat_linear_backward", "")
+                       .typed<std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor>(
+                           const at::Tensor&, at::TensorList, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           c10::string_view, const c10::List<bool>&, bool, bool)>();
+  return op;
+}
+
+// The op's autograd formula (mmkernels/ops/fused_concat_linear.py's _FusedConcatLinearEager), in C++: the
+// same saved tensors and backward op; a backward that is itself differentiated (grad mode on inside it)
+// calls the Python _double_backward, whose reference operations have derivatives.
+struct ConcatLinearFunction : torch::autograd::Function<ConcatLinearFunction> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& weight, const OptTensor& bias,
+                            const std::string& activation, at::TensorList inputs) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [out, preact] = concat_linear_op().call(inputs, weight, bias, activation);
+    // The output only where the activation's derivative is read from it (relu, tanh, sigmoid).
+    const bool keep_out = preact.numel() == 0 && activation != "none";
+    std::vector<at::Tensor> saved(inputs.begin(), inputs.end());
+    saved.insert(saved.end(), {weight, bias.value_or(at::Tensor()), keep_out ? out : at::Tensor(), preact});
+    ctx->save_for_backward(saved);
+    ctx->saved_data["activation"] = activation;
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const size_t n = saved.size() - 4;
+    const std::vector<at::Tensor> xs(saved.begin(), saved.begin() + n);
+    const at::Tensor &weight = saved[n], &bias = saved[n + 1], &out = saved[n + 2], &preact = saved[n + 3];
+    const std::string activation = ctx->saved_data["activation"].toStringRef();
+    // needs_input_grad counts tensors (weight, bias if given, inputs); the result has a slot per argument.
+    const size_t first_input = bias.defined() ? 2 : 1;
+    const bool weight_needs = ctx->needs_input_grad(0), bias_needs = bias.defined() && ctx->needs_input_grad(1);
+    c10::List<bool> inputs_need;
+    for (size_t s = 0; s < n; ++s) inputs_need.push_back(ctx->needs_input_grad(first_input + s));
+    torch::autograd::variable_list result(3 + n);
+    if (at::GradMode::is_enabled()) {
+      py::gil_scoped_acquire gil;
+      py::object fn = py::module_::import("mmkernels.ops.fused_concat_linear").attr("_double_backward");
+      py::list needs;
+      needs.append(weight_needs);
+      needs.append(bias_needs);
+      for (bool b : inputs_need) needs.append(b);
+      py::list got = fn(grads[0], xs, weight, bias.defined() ? py::cast(bias) : py::none(), activation, needs);
+      for (size_t i = 0; i < 2 + n; ++i) {
+        if (!got[i].is_none()) result[i < 2 ? i : i + 1] = got[i].cast<at::Tensor>();
+      }
+      return result;
+    }
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [grad_inputs, grad_weight, grad_bias] = concat_linear_backward_op().call(
+        grads[0].contiguous(), xs, weight, out, preact, activation, inputs_need, weight_needs, bias_needs);
+    if (weight_needs) result[0] = grad_weight;
+    if (bias_needs) result[1] = grad_bias;
+    for (size_t s = 0; s < n; ++s) {
+      if (inputs_need[s]) result[3 + s] = grad_inputs[s];
+    }
+    return result;
+  }
+};
 
 // concat_linear_small(inputs, weight, bias, activation, min_macs, widths) -> Tensor | None
 // mmkernels.ops.fused_concat_linear's small-shape rule, whole: act(linear(cat(inputs, -1), weight, bias))
@@ -108,13 +185,23 @@ PyObject* concat_linear_small(PyObject*, PyObject* args) {
   if (total != K) Py_RETURN_NONE;
   int64_t M = 1;
   for (int64_t d = 0; d + 1 < xs[0].dim(); ++d) M *= xs[0].size(d);
+  // Microseconds of work: the GIL stays held.
+  if (weight->scalar_type() == at::kFloat && M <= cpu::small_gemm::kMaxRows && !at::autocast::is_autocast_enabled(at::kCPU)) {
+    // Few float32 rows: the op, whose kernel then runs csrc/cpu/small_gemm.h (no BLAS call), with its
+    // autograd formula as one C++ node where a gradient is needed.
+    const std::string name = PyUnicode_AsUTF8(act_obj);
+    const OptTensor b = opt(bias);
+    if (needs_grad && at::GradMode::is_enabled()) {
+      return THPVariable_Wrap(ConcatLinearFunction::apply(*weight, b, name, at::TensorList(xs)));
+    }
+    at::AutoDispatchBelowADInplaceOrView below;
+    return THPVariable_Wrap(std::get<0>(concat_linear_op().call(xs, *weight, b, name)));
+  }
   const bool few_rows = n > 1 && M * 8 <= N;
   const bool small = static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K) <
                      static_cast<double>(min_macs);
   if (!(few_rows || small)) Py_RETURN_NONE;
-
-  // Microseconds of work: the GIL stays held. The reference concatenates even one input (a contiguous
-  // copy); a contiguous input gives the same numbers.
+  // The reference concatenates even one input (a contiguous copy); a contiguous input gives the same numbers.
   at::Tensor x = n == 1 ? xs[0].contiguous() : at::cat(xs, -1);
   at::Tensor out = activate(at::linear(x, *weight, bias ? std::optional<at::Tensor>(*bias) : std::nullopt), act,
                             !(needs_grad && at::GradMode::is_enabled()));

@@ -25,6 +25,7 @@
 #include "activation.h"
 #include "checks.h"
 #include "matmul.h"
+#include "small_gemm.h"
 
 namespace mmkernels::cpu {
 namespace {
@@ -33,7 +34,7 @@ struct Problem {
   int64_t M = 0, N = 0, K = 0;
   std::vector<int64_t> lead;          // leading (batch) dims of every input
   std::vector<at::Tensor> rows;       // each input as a (M, D_s) matrix
-  std::vector<at::Tensor> weight_t;   // W[:, cols_s].T, a (D_s, N) strided view
+  std::vector<int64_t> offsets;       // each segment's first column in W, then K
 };
 
 Problem make_problem(at::TensorList inputs, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
@@ -45,12 +46,11 @@ Problem make_problem(at::TensorList inputs, const at::Tensor& weight, const std:
   p.K = weight.size(1);
   p.M = c10::multiply_integers(lead);
   p.lead = std::move(lead);
-  int64_t offset = 0;
+  p.offsets.push_back(0);
   for (const auto& x : inputs) {
     const int64_t d = x.size(-1);
     p.rows.push_back(x.reshape({p.M, d}));  // a view unless the leading dims cannot be flattened
-    p.weight_t.push_back(weight.narrow(1, offset, d).t());
-    offset += d;
+    p.offsets.push_back(p.offsets.back() + d);
   }
   return p;
 }
@@ -124,7 +124,7 @@ Problem concatenated(const Problem& p, const at::Tensor& weight) {
   c.M = p.M, c.N = p.N, c.K = p.K, c.lead = p.lead;
   c.rows = {at::empty({p.M, p.K}, weight.options())};
   copy_segments(c.rows[0], p.rows, true);
-  c.weight_t = {weight.t()};
+  c.offsets = {0, p.K};
   return c;
 }
 
@@ -192,12 +192,59 @@ void activation_backward_out(at::Tensor& gz, const at::Tensor& g, const at::Tens
   }
 }
 
+// Few rows in float32 (fusion heads, decoding steps: M <= small_gemm::kMaxRows): small_gemm's kernels
+// read every segment and W in place, with no BLAS call, no concatenation and no split (issue 19).
+bool few_rows_kernel(const Problem& p, const at::Tensor& weight) {
+  if (weight.scalar_type() != at::kFloat || p.M > small_gemm::kMaxRows || weight.stride(1) != 1) return false;
+  for (const auto& x : p.rows) {
+    if (x.stride(1) != 1 && x.size(1) > 1) return false;
+  }
+  return true;
+}
+
+// fn(begin, end) over [0, n) items (rows or columns of a result), in parallel chunks (multiples of
+// `align`) only where each chunk gets at least 2^18 multiply-adds: below that a parallel region costs
+// more than it saves.
+template <typename F>
+void split_work(int64_t n, int64_t macs_per_item, int64_t align, F&& fn) {
+  const int64_t items = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(macs_per_item, 1));
+  const int64_t grain = (items + align - 1) / align;
+  const int64_t chunks = (n + align - 1) / align;
+  at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) { fn(c0 * align, std::min(n, c1 * align)); });
+}
+
+// out = x @ W.T + b, and relu in place where `relu` (the other activations are ATen's, after).
+void few_rows_forward(const Problem& p, const at::Tensor& weight, const std::optional<at::Tensor>& bias, bool relu,
+                      at::Tensor& out) {
+  const auto& offsets = p.offsets;
+  const float* w = weight.data_ptr<float>();
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  float* c = out.data_ptr<float>();
+  split_work(p.N, p.M * p.K, 4, [&](int64_t j0, int64_t j1) {
+    for (int64_t i = 0; i < p.M; ++i) {
+      float* row = c + i * p.N;
+      for (int64_t j = j0; j < j1; ++j) row[j] = bp ? bp[j] : 0.0f;
+    }
+    for (size_t s = 0; s < p.rows.size(); ++s) {
+      const int64_t d = offsets[s + 1] - offsets[s];
+      if (d == 0) continue;
+      small_gemm::dot_rows(p.M, j1 - j0, d, p.rows[s].data_ptr<float>(), p.rows[s].stride(0),
+                           w + j0 * weight.stride(0) + offsets[s], weight.stride(0), c + j0, p.N);
+    }
+    for (int64_t i = 0; relu && i < p.M; ++i) {
+      float* row = c + i * p.N;
+      for (int64_t j = j0; j < j1; ++j) row[j] = row[j] < 0.0f ? 0.0f : row[j];  // NaN stays NaN, as in ATen
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> fused_concat_linear_cpu(at::TensorList inputs, const at::Tensor& weight,
                                                            const std::optional<at::Tensor>& bias,
                                                            c10::string_view activation) {
   const Activation act = parse_activation(std::string_view(activation.data(), activation.size()));
   Problem p = make_problem(inputs, weight, bias);
-  if (concat_is_cheaper(p)) p = concatenated(p, weight);
+  if (concat_is_cheaper(p) && !few_rows_kernel(p, weight)) p = concatenated(p, weight);
   const bool keep_preact = needs_preactivation(act);
   at::Tensor out = at::empty({p.M, p.N}, weight.options());
   at::Tensor preact = at::empty({keep_preact ? p.M : 0, keep_preact ? p.N : 0}, weight.options());
@@ -205,6 +252,12 @@ std::tuple<at::Tensor, at::Tensor> fused_concat_linear_cpu(at::TensorList inputs
     return std::make_tuple(out.view(out_shape(p)), keep_preact ? preact.view(out_shape(p)) : preact.view({0}));
   };
   if (p.M == 0 || p.N == 0) return result();
+  if (few_rows_kernel(p, weight)) {
+    few_rows_forward(p, weight, bias, act == Activation::Relu, out);
+    if (keep_preact) preact.copy_(out);
+    if (act != Activation::Relu) activate_(out, act);
+    return result();
+  }
 
   // bfloat16/float16: ATen has no CPU GEMM with a float32 output, so summing per-segment products
   // would round each one to 8 bits and move pre-activations across relu's kink far more often than
@@ -212,7 +265,8 @@ std::tuple<at::Tensor, at::Tensor> fused_concat_linear_cpu(at::TensorList inputs
   // thread, never the whole concatenation) and one GEMM accumulates all of K in float32 and rounds
   // once, exactly as eager's linear does.
   const bool stage = at::toOpMathType(weight.scalar_type()) != weight.scalar_type() && p.rows.size() > 1;
-  const at::Tensor weight_t = weight.t();
+  std::vector<at::Tensor> weight_t;  // W[:, cols_s].T, (D_s, N) strided views
+  for (size_t s = 0; s < p.rows.size(); ++s) weight_t.push_back(weight.narrow(1, p.offsets[s], p.rows[s].size(1)).t());
   const at::Tensor bias_row = bias.has_value() ? bias->view({1, p.N}) : at::Tensor();
   // Whole-M GEMMs are one block of all rows: it runs alone, so each GEMM gets every thread.
   const int64_t rows = whole_matrix_gemms(p, weight.scalar_type(), act) ? p.M : block_rows(p);
@@ -225,9 +279,9 @@ std::tuple<at::Tensor, at::Tensor> fused_concat_linear_cpu(at::TensorList inputs
     if (stage) {
       std::vector<at::Tensor> parts;
       for (const auto& x : p.rows) parts.push_back(x.narrow(0, r0, rn));
-      gemm(at::cat(parts, 1), weight_t, true);
+      gemm(at::cat(parts, 1), weight.t(), true);
     } else {
-      for (size_t s = 0; s < p.rows.size(); ++s) gemm(p.rows[s].narrow(0, r0, rn), p.weight_t[s], s == 0);
+      for (size_t s = 0; s < p.rows.size(); ++s) gemm(p.rows[s].narrow(0, r0, rn), weight_t[s], s == 0);
     }
     if (keep_preact) preact.narrow(0, r0, rn).copy_(block);
     activate_(block, act);
@@ -256,9 +310,8 @@ Grads backward(const Problem& p, const at::Tensor& g, const at::Tensor& z_saved,
   const bool low_precision = acc_type != weight.scalar_type();
 
   std::vector<at::Tensor> grad_inputs(S);
-  std::vector<int64_t> offsets(S + 1, 0);
+  const auto& offsets = p.offsets;
   for (size_t s = 0; s < S; ++s) {
-    offsets[s + 1] = offsets[s] + p.rows[s].size(1);
     if (inputs_need_grad[s]) grad_inputs[s] = at::empty({p.M, p.rows[s].size(1)}, weight.options());
   }
   at::Tensor grad_weight = weight_needs_grad ? at::empty({p.N, p.K}, weight.options()) : at::Tensor();
@@ -336,6 +389,53 @@ Grads backward(const Problem& p, const at::Tensor& g, const at::Tensor& z_saved,
   return {std::move(grad_inputs), std::move(grad_weight), std::move(grad_bias)};
 }
 
+// The backward where few_rows_kernel: gz = grad_out * act'(.) (ATen's kernels, as above), then each
+// input's gradient gz @ W[:, cols_s] and each column block of grad_weight gz.T @ x_s, in place.
+Grads few_rows_backward(const Problem& p, const at::Tensor& g, const at::Tensor& z_saved, const at::Tensor& y_saved,
+                        const at::Tensor& weight, Activation act, const std::vector<bool>& inputs_need_grad,
+                        bool weight_needs_grad, bool bias_needs_grad) {
+  at::Tensor gz = g;
+  if (act != Activation::None) {
+    const bool from_pre = needs_preactivation(act);
+    gz = at::empty_like(g);
+    activation_backward_out(gz, g, from_pre ? z_saved.reshape({p.M, p.N}) : at::Tensor(),
+                            from_pre ? at::Tensor() : y_saved.reshape({p.M, p.N}), act);
+  }
+  const float* gp = gz.data_ptr<float>();
+  const float* w = weight.data_ptr<float>();
+  const int64_t ldw = weight.stride(0);
+  const auto& offsets = p.offsets;
+  Grads r;
+  r.inputs.resize(p.rows.size());
+  for (size_t s = 0; s < p.rows.size(); ++s) {
+    if (!inputs_need_grad[s]) continue;
+    const int64_t d = offsets[s + 1] - offsets[s];
+    r.inputs[s] = at::empty({p.M, d}, weight.options());
+    float* dx = r.inputs[s].data_ptr<float>();
+    split_work(d, p.M * p.N, 16, [&](int64_t j0, int64_t j1) {
+      small_gemm::outer(p.M, j1 - j0, p.N, gp, p.N, 1, w + offsets[s] + j0, ldw, dx + j0, d);
+    });
+  }
+  if (weight_needs_grad) {
+    r.weight = at::empty({p.N, p.K}, weight.options());
+    float* dw = r.weight.data_ptr<float>();
+    split_work(p.N, p.M * p.K, 4, [&](int64_t i0, int64_t i1) {
+      for (size_t s = 0; s < p.rows.size(); ++s) {
+        small_gemm::outer(i1 - i0, offsets[s + 1] - offsets[s], p.M, gp + i0, 1, p.N, p.rows[s].data_ptr<float>(),
+                          p.rows[s].stride(0), dw + i0 * p.K + offsets[s], p.K);
+      }
+    });
+  }
+  if (bias_needs_grad) {
+    r.bias = at::zeros({p.N}, weight.options());
+    float* db = r.bias.data_ptr<float>();
+    for (int64_t i = 0; i < p.M; ++i) {
+      for (int64_t j = 0; j < p.N; ++j) db[j] += gp[i * p.N + j];
+    }
+  }
+  return r;
+}
+
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> fused_concat_linear_backward_cpu(
     const at::Tensor& grad_out, at::TensorList inputs, const at::Tensor& weight, const at::Tensor& out,
     const at::Tensor& preact, c10::string_view activation, const c10::List<bool>& inputs_need_grad,
@@ -360,7 +460,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> fused_concat_linear_
   const auto empty = at::empty({0}, weight.options());
   std::vector<at::Tensor> grad_inputs(inputs.size(), empty);
   Grads gr;
-  if (concat_is_cheaper(p)) {
+  if (concat_is_cheaper(p) && !few_rows_kernel(p, weight)) {
     // As the forward did: one segment, so two GEMMs (two parallel regions) in all, as eager's backward;
     // the (M, K) input gradient is then split into one fresh tensor per input (small here, and copied
     // without a parallel region, see copy_segments).
@@ -375,7 +475,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> fused_concat_linear_
       }
     }
   } else {
-    gr = backward(p, g, preact, out, weight, act, need, weight_needs_grad, bias_needs_grad);
+    gr = few_rows_kernel(p, weight) ? few_rows_backward(p, g, preact, out, weight, act, need, weight_needs_grad, bias_needs_grad)
+                                    : backward(p, g, preact, out, weight, act, need, weight_needs_grad, bias_needs_grad);
     for (size_t s = 0; s < inputs.size(); ++s) {
       if (need[s]) grad_inputs[s] = gr.inputs[s];
     }

@@ -63,17 +63,20 @@ class FusedConcatLinear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, *inputs) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            # Small shapes, plain eager: the op's shape rule and this module's size check in one C++ call
+            # (csrc/small_calls.cpp); None for anything else (a list or dict of inputs included), checked
+            # below. The parameters straight from _parameters: nn.Module.__getattr__ costs ~1 us each.
+            params = self._parameters
+            weight = params["weight"] if "weight" in params else self.weight
+            bias = params["bias"] if "bias" in params else self.bias
+            out = concat_linear_small(inputs, weight, bias, self.activation, ONEDNN_MIN_MACS, self.in_features)
+            if out is not None:
+                return out
         if len(inputs) == 1 and isinstance(inputs[0], Mapping):
             inputs = tuple(inputs[0][k] for k in sorted(inputs[0]))
         elif len(inputs) == 1 and isinstance(inputs[0], (list, tuple)):
             inputs = tuple(inputs[0])
-        if not torch.compiler.is_compiling():
-            # Small shapes, plain eager: the op's shape rule and this module's size check in one C++ call
-            # (csrc/small_calls.cpp); None for anything else, checked below.
-            out = concat_linear_small(inputs, self.weight, self.bias, self.activation, ONEDNN_MIN_MACS,
-                                      self.in_features)
-            if out is not None:
-                return out
         sizes = tuple(x.shape[-1] for x in inputs)
         if sizes != self.in_features:
             raise ArgumentError(

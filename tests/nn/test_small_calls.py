@@ -102,26 +102,55 @@ def test_attention_route_hands_back_what_it_does_not_serve():
 
 
 @pytest.mark.parametrize("widths,M,N,activation", list(itertools.product(
-    ((64,), (64, 32), (5, 7, 9)), (1, 8, 33), (1, 300), mmkernels.ops.ACTIVATIONS)))
-def test_concat_linear_route_is_the_reference(monkeypatch, widths, M, N, activation):
-    # The default size rule (the test session sets MMKERNELS_ONEDNN_MIN_MACS=0 for the kernel's sake).
-    monkeypatch.setattr(fcl_module, "ONEDNN_MIN_MACS", 1 << 24)
+    ((64,), (64, 32), (5, 7, 9)), (1, 8, 32, 33), (1, 300), mmkernels.ops.ACTIVATIONS)))
+def test_concat_linear_route(monkeypatch, widths, M, N, activation):
+    # Up to 32 float32 rows the route is the op (its kernel: csrc/cpu/small_gemm.h) with its autograd
+    # formula as one C++ node: bitwise the op's numbers, close to the reference's. Above, the reference's
+    # own ATen ops: bitwise the reference.
+    monkeypatch.setattr(fcl_module, "ONEDNN_MIN_MACS", 1 << 24)  # the default size rule (the session sets 0)
     monkeypatch.setattr(fcl_ops, "ONEDNN_MIN_MACS", 1 << 24)
     torch.manual_seed(2)
     linear = torch.nn.Linear(sum(widths), N)
     module = FusedConcatLinear.from_linear(linear, widths, activation=activation)
     xs = [torch.randn(M, d, requires_grad=True) for d in widths]
+    leaves = [*xs, linear.weight, linear.bias]
     assert _C.concat_linear_small(xs, linear.weight, linear.bias, activation, 1 << 24, None) is not None
     out = module(*xs)
-    expected = reference.fused_concat_linear(xs, linear.weight, linear.bias, activation)
+    few_rows = M <= 32
+    assert ("ConcatLinearFunction" in out.grad_fn.name()) == few_rows
+    if few_rows:
+        expected = torch.ops.mmkernels.fused_concat_linear(xs, linear.weight, linear.bias, activation)[0]
+        torch.testing.assert_close(out, reference.fused_concat_linear(xs, linear.weight, linear.bias, activation))
+    else:
+        expected = reference.fused_concat_linear(xs, linear.weight, linear.bias, activation)
     assert torch.equal(out, expected)
     grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, [*xs, linear.weight, linear.bias], grad)
-    want = torch.autograd.grad(expected, [*xs, linear.weight, linear.bias], grad)
+    got = torch.autograd.grad(out, leaves, grad)
+    want = torch.autograd.grad(expected, leaves, grad)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     with torch.inference_mode():
-        assert torch.equal(mmkernels.fused_concat_linear(xs, linear.weight, linear.bias, activation),
-                           reference.fused_concat_linear(xs, linear.weight, linear.bias, activation))
+        assert torch.equal(mmkernels.fused_concat_linear(xs, linear.weight, linear.bias, activation), expected)
+
+
+@pytest.mark.parametrize("activation", mmkernels.ops.ACTIVATIONS)
+def test_concat_linear_route_double_backward(activation):
+    # The route's C++ node differentiates its backward through the reference's operations when grad mode
+    # is on inside it (create_graph=True): second derivatives as the reference's, not zeros.
+    torch.manual_seed(5)
+    xs = [torch.randn(3, d, requires_grad=True) for d in (6, 5)]
+    w, b = torch.randn(7, 11, requires_grad=True), torch.randn(7, requires_grad=True)
+
+    def second(fn):
+        out = fn(xs, w, b, activation)
+        grads = torch.autograd.grad(out, [xs[0], w], torch.ones_like(out), create_graph=True)
+        return torch.autograd.grad(grads[0].square().sum() + grads[1].square().sum(), [xs[1], w, b], allow_unused=True)
+
+    got = second(mmkernels.fused_concat_linear)
+    assert "ConcatLinearFunction" in mmkernels.fused_concat_linear(xs, w, b, activation).grad_fn.name()
+    for a, e in zip(got, second(reference.fused_concat_linear)):
+        assert (a is None) == (e is None)
+        if a is not None:
+            torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
 
 
 def test_concat_linear_route_hands_back_what_it_does_not_serve():
@@ -135,7 +164,8 @@ def test_concat_linear_route_hands_back_what_it_does_not_serve():
     assert route(xs, w[:, :11], b, "none", 1 << 24, None) is None
     assert route([xs[0], xs[1][:3]], w, b, "none", 1 << 24, None) is None
     assert route(xs, w, b.double(), "none", 1 << 24, None) is None
-    assert route(xs, torch.randn(2, 12), None, "none", 0, None) is None  # above the size, enough rows
+    rows = [torch.randn(40, 5), torch.randn(40, 7)]
+    assert route(rows, torch.randn(2, 12), None, "none", 0, None) is None  # above the size, over 32 rows
     with pytest.raises(ArgumentError, match="argument 'weight'"):
         mmkernels.fused_concat_linear(xs, w[:, :11], b)
     with pytest.raises(ArgumentError, match="feature sizes"):

@@ -1,0 +1,170 @@
+// See small_gemm.h. The AVX2 + FMA loops are compiled for that target only (a function attribute, not
+// a build flag) and chosen at run time; other CPUs get the plain loops.
+#include "small_gemm.h"
+
+#include <algorithm>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define MMK_SMALL_GEMM_AVX2 1
+#define MMK_AVX2 __attribute__((target("avx2,fma")))
+#endif
+
+namespace mmkernels::cpu::small_gemm {
+namespace {
+
+void dot_rows_plain(int64_t I, int64_t J, int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb,
+                    float* c, int64_t ldc) {
+  for (int64_t i = 0; i < I; ++i) {
+    for (int64_t j = 0; j < J; ++j) {
+      float s = 0.0f;
+      for (int64_t k = 0; k < K; ++k) s += a[i * lda + k] * b[j * ldb + k];
+      c[i * ldc + j] += s;
+    }
+  }
+}
+
+void outer_plain(int64_t I, int64_t J, int64_t R, const float* a, int64_t a_i, int64_t a_r, const float* b,
+                 int64_t ldb, float* c, int64_t ldc) {
+  for (int64_t i = 0; i < I; ++i) {
+    float* row = c + i * ldc;
+    std::fill(row, row + J, 0.0f);
+    for (int64_t r = 0; r < R; ++r) {
+      const float g = a[i * a_i + r * a_r];
+      for (int64_t j = 0; j < J; ++j) row[j] += g * b[r * ldb + j];
+    }
+  }
+}
+
+#ifdef MMK_SMALL_GEMM_AVX2
+
+// Lanes [0, n) of an 8-float load or store (n <= 8); masked lanes are neither read nor written.
+MMK_AVX2 inline __m256i lanes(int64_t n) {
+  alignas(32) static const int32_t table[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(table + 8 - std::clamp<int64_t>(n, 0, 8)));
+}
+
+// The four sums of a0..a3's lanes, in order.
+MMK_AVX2 inline __m128 sum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+// One 8-lane step of dot_tile: all lanes, or the first n (a masked tail that reads nothing beyond).
+template <int MR, int NR, bool kTail>
+MMK_AVX2 inline void dot_step(__m256 (&s)[MR][4], const float* a, int64_t lda, const float* b, int64_t ldb,
+                              __m256i mask) {
+  __m256 x[MR];
+  for (int i = 0; i < MR; ++i) x[i] = kTail ? _mm256_maskload_ps(a + i * lda, mask) : _mm256_loadu_ps(a + i * lda);
+  for (int j = 0; j < NR; ++j) {
+    const __m256 w = kTail ? _mm256_maskload_ps(b + j * ldb, mask) : _mm256_loadu_ps(b + j * ldb);
+    for (int i = 0; i < MR; ++i) s[i][j] = _mm256_fmadd_ps(x[i], w, s[i][j]);
+  }
+}
+
+// An MR x NR tile of dot_rows: MR rows of A against NR rows of B, 8 lanes of k at a time (MR * NR
+// accumulators), reduced across lanes once at the end.
+template <int MR, int NR>
+MMK_AVX2 void dot_tile(int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc) {
+  __m256 s[MR][4];
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < 4; ++j) s[i][j] = _mm256_setzero_ps();
+  }
+  const __m256i none = _mm256_setzero_si256();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) dot_step<MR, NR, false>(s, a + k, lda, b + k, ldb, none);
+  if (k < K) dot_step<MR, NR, true>(s, a + k, lda, b + k, ldb, lanes(K - k));
+  for (int i = 0; i < MR; ++i) {
+    alignas(16) float sums[4];
+    _mm_store_ps(sums, sum4(s[i][0], s[i][1], s[i][2], s[i][3]));
+    for (int j = 0; j < NR; ++j) c[i * ldc + j] += sums[j];
+  }
+}
+
+template <int MR>
+MMK_AVX2 void dot_tiles(int64_t J, int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+                        int64_t ldc, int64_t j) {
+  switch (J - j) {
+    case 1: return dot_tile<MR, 1>(K, a, lda, b + j * ldb, ldb, c + j, ldc);
+    case 2: return dot_tile<MR, 2>(K, a, lda, b + j * ldb, ldb, c + j, ldc);
+    case 3: return dot_tile<MR, 3>(K, a, lda, b + j * ldb, ldb, c + j, ldc);
+    default: return dot_tile<MR, 4>(K, a, lda, b + j * ldb, ldb, c + j, ldc);
+  }
+}
+
+MMK_AVX2 void dot_rows_avx2(int64_t I, int64_t J, int64_t K, const float* a, int64_t lda, const float* b,
+                            int64_t ldb, float* c, int64_t ldc) {
+  // Four rows of B (W) at a time, every row of A (x) against them: B is read once, A (few rows) from cache.
+  for (int64_t j = 0; j < J; j += 4) {
+    int64_t i = 0;
+    for (; i + 2 <= I; i += 2) dot_tiles<2>(J, K, a + i * lda, lda, b, ldb, c + i * ldc, ldc, j);
+    if (i < I) dot_tiles<1>(J, K, a + i * lda, lda, b, ldb, c + i * ldc, ldc, j);
+  }
+}
+
+// An MR x (up to 16) tile of outer: two 8-lane column vectors per row of C, a broadcast of A(i, r)
+// times B's row r added per step.
+template <int MR>
+MMK_AVX2 void outer_tile(int64_t R, const float* a, int64_t a_i, int64_t a_r, const float* b, int64_t ldb, float* c,
+                         int64_t ldc, int64_t n) {
+  __m256 s[MR][2];
+  for (int i = 0; i < MR; ++i) s[i][0] = s[i][1] = _mm256_setzero_ps();
+  const __m256i m0 = lanes(n), m1 = lanes(n - 8);
+  for (int64_t r = 0; r < R; ++r) {
+    const float* row = b + r * ldb;
+    const __m256 w0 = n >= 8 ? _mm256_loadu_ps(row) : _mm256_maskload_ps(row, m0);
+    const __m256 w1 = n >= 16 ? _mm256_loadu_ps(row + 8) : _mm256_maskload_ps(row + 8, m1);
+    for (int i = 0; i < MR; ++i) {
+      const __m256 g = _mm256_broadcast_ss(a + i * a_i + r * a_r);
+      s[i][0] = _mm256_fmadd_ps(g, w0, s[i][0]);
+      s[i][1] = _mm256_fmadd_ps(g, w1, s[i][1]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    float* out = c + i * ldc;
+    if (n >= 16) {
+      _mm256_storeu_ps(out, s[i][0]);
+      _mm256_storeu_ps(out + 8, s[i][1]);
+    } else {
+      _mm256_maskstore_ps(out, m0, s[i][0]);
+      _mm256_maskstore_ps(out + 8, m1, s[i][1]);
+    }
+  }
+}
+
+MMK_AVX2 void outer_avx2(int64_t I, int64_t J, int64_t R, const float* a, int64_t a_i, int64_t a_r, const float* b,
+                         int64_t ldb, float* c, int64_t ldc) {
+  for (int64_t j = 0; j < J; j += 16) {
+    const int64_t n = std::min<int64_t>(16, J - j);
+    int64_t i = 0;
+    for (; i + 4 <= I; i += 4) outer_tile<4>(R, a + i * a_i, a_i, a_r, b + j, ldb, c + i * ldc + j, ldc, n);
+    for (; i < I; ++i) outer_tile<1>(R, a + i * a_i, a_i, a_r, b + j, ldb, c + i * ldc + j, ldc, n);
+  }
+}
+
+bool has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+
+#endif  // MMK_SMALL_GEMM_AVX2
+
+}  // namespace
+
+void dot_rows(int64_t I, int64_t J, int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+              int64_t ldc) {
+#ifdef MMK_SMALL_GEMM_AVX2
+  if (has_avx2()) return dot_rows_avx2(I, J, K, a, lda, b, ldb, c, ldc);
+#endif
+  dot_rows_plain(I, J, K, a, lda, b, ldb, c, ldc);
+}
+
+void outer(int64_t I, int64_t J, int64_t R, const float* a, int64_t a_i, int64_t a_r, const float* b, int64_t ldb,
+           float* c, int64_t ldc) {
+#ifdef MMK_SMALL_GEMM_AVX2
+  if (has_avx2()) return outer_avx2(I, J, R, a, a_i, a_r, b, ldb, c, ldc);
+#endif
+  outer_plain(I, J, R, a, a_i, a_r, b, ldb, c, ldc);
+}
+
+}  // namespace mmkernels::cpu::small_gemm

@@ -1,0 +1,24 @@
+// Float32 GEMMs on raw pointers for few rows: fused_concat_linear's forward and backward where M is
+// at most kMaxRows (fusion heads, decoding steps). There a BLAS call's fixed cost (its checks, packing
+// W, handing work to threads) is most of the time (issue 19); these kernels read each operand once,
+// in place, with register-blocked AVX2 loops (plain loops elsewhere). Single-threaded: callers split
+// the work.
+#pragma once
+#include <cstdint>
+
+namespace mmkernels::cpu::small_gemm {
+
+// The most rows (M) fused_concat_linear sends here.
+constexpr int64_t kMaxRows = 32;
+
+// C[i, j] += sum_k A[i, k] * B[j, k] for i < I, j < J, k < K: A's rows at a + i * lda, B's at
+// b + j * ldb, both contiguous along k (x @ W.T with W in nn.Linear's layout); C row-major, stride ldc.
+void dot_rows(int64_t I, int64_t J, int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+              int64_t ldc);
+
+// C[i, j] = sum_r A(i, r) * B[r, j] for i < I, j < J, r < R, where A(i, r) = a[i * a_i + r * a_r]
+// (any strides: gz or gz.T) and B's rows are contiguous at b + r * ldb; C row-major, stride ldc.
+void outer(int64_t I, int64_t J, int64_t R, const float* a, int64_t a_i, int64_t a_r, const float* b, int64_t ldb,
+           float* c, int64_t ldc);
+
+}  // namespace mmkernels::cpu::small_gemm
