@@ -23,9 +23,9 @@ Differences from nn.MultiheadAttention, all deliberate:
   only, forward and backward; eager mode, see ``_attention_masks._visible_key_rows``). The numbers are the same, but
   what padded rows hold is then never read: a NaN there does not reach the output, while
   nn.MultiheadAttention returns NaN for every query.
-- On the CPU in float32 the projections are one-input ``fused_concat_linear`` calls, whose GEMMs run
-  on oneDNN (csrc/cpu/matmul.cpp): the same numbers up to GEMM rounding, not bitwise
-  nn.MultiheadAttention's (MKL's).
+- On the CPU in float32, where oneDNN runs the op's GEMMs, the projections are one-input
+  ``fused_concat_linear`` calls (csrc/cpu/matmul.cpp): the same numbers up to GEMM rounding, not bitwise
+  nn.MultiheadAttention's (MKL's). Elsewhere they are F.linear, as in nn.MultiheadAttention.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .. import ops
-from .._C import attention_small
+from .._C import attention_small, cpu_float32_gemm
 from ..ops.fused_concat_linear import ONEDNN_MIN_MACS
 from .._errors import ArgumentError
 from ._attention_masks import normalise
@@ -375,13 +375,21 @@ class CrossModalAttention(nn.Module):
         return ", ".join(extras)
 
 
+@torch.compiler.assume_constant_result  # a constant to torch.compile, which cannot trace the C call
+def _onednn_gemms() -> bool:
+    return cpu_float32_gemm() == "oneDNN"
+
+
 def _linear(x, weight, bias):
-    """F.linear; on the CPU in float32 through fused_concat_linear with one input, whose GEMMs run on
-    oneDNN there (csrc/cpu/matmul.cpp: 1.2-1.5x MKL's on the AMD CPUs measured), with F.linear's
-    autograd semantics. Not for small GEMMs (decoding steps): there the op's GEMM is ATen's too, and
-    the op would only add its fixed cost per call (issue 19)."""
+    """F.linear; on the CPU in float32 through fused_concat_linear with one input where its GEMMs run on
+    oneDNN (csrc/cpu/matmul.cpp: 1.2-1.5x MKL's on the AMD CPUs measured), with F.linear's autograd
+    semantics. Not for small GEMMs (decoding steps): there the op's GEMM is ATen's too, and the op would
+    only add its fixed cost per call (issue 19). Nor where the op's GEMMs are MKL's (AVX2-only CPUs):
+    there its row blocks of single-threaded GEMMs lose to F.linear's one threaded GEMM (1.1-1.4x on Zen 3,
+    benchmarks/RESULTS.md, "Session 12")."""
     # Below ONEDNN_MIN_MACS the op's GEMM is ATen's, as F.linear's is.
-    if x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS:
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS
+            and _onednn_gemms()):
         return ops.fused_concat_linear([x], weight, bias)
     return F.linear(x, weight, bias)
 
