@@ -128,9 +128,11 @@ struct ConcatLinearFunction : torch::autograd::Function<ConcatLinearFunction> {
 };
 
 // concat_linear_small(inputs, weight, bias, activation, min_macs, widths) -> Tensor | None
-// mmkernels.ops.fused_concat_linear's small-shape rule, whole: act(linear(cat(inputs, -1), weight, bias))
-// on the CPU when M * N * K < min_macs (csrc/cpu/matmul.cpp's oneDNN threshold) or, with several inputs,
-// M * 8 <= N. widths: None, or the feature sizes a FusedConcatLinear expects (None answered otherwise).
+// float32 with at most small_gemm::kMaxRows rows (any size, not under autocast): the op itself (its
+// few-rows kernel). Otherwise mmkernels.ops.fused_concat_linear's small-shape rule, whole:
+// act(linear(cat(inputs, -1), weight, bias)) on the CPU when M * N * K < min_macs (csrc/cpu/matmul.cpp's
+// oneDNN threshold) or, with several inputs, M * 8 <= N. widths: None, or the feature sizes a
+// FusedConcatLinear expects (None answered otherwise).
 PyObject* concat_linear_small(PyObject*, PyObject* args) {
   HANDLE_TH_ERRORS
   PyObject *inputs, *weight_obj, *bias_obj, *act_obj, *widths;
@@ -186,7 +188,8 @@ PyObject* concat_linear_small(PyObject*, PyObject* args) {
   int64_t M = 1;
   for (int64_t d = 0; d + 1 < xs[0].dim(); ++d) M *= xs[0].size(d);
   // Microseconds of work: the GIL stays held.
-  if (weight->scalar_type() == at::kFloat && M <= cpu::small_gemm::kMaxRows && !at::autocast::is_autocast_enabled(at::kCPU)) {
+  if (weight->scalar_type() == at::kFloat && M <= cpu::small_gemm::kMaxRows &&
+      !at::autocast::is_autocast_enabled(at::kCPU)) {
     // Few float32 rows: the op, whose kernel then runs csrc/cpu/small_gemm.h (no BLAS call), with its
     // autograd formula as one C++ node where a gradient is needed.
     const std::string name = PyUnicode_AsUTF8(act_obj);

@@ -11,6 +11,7 @@
 // Where W is large, gz is formed in full and whole-M GEMMs write each input's gradient and each
 // column block of grad_weight. No concatenation, no split, in either direction, except under the
 // few-rows heuristic (concat_is_cheaper) where the concatenation is smaller than W.
+// float32 with at most small_gemm::kMaxRows rows takes neither path: small_gemm's kernels, in place.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -475,8 +476,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> fused_concat_linear_
       }
     }
   } else {
-    gr = few_rows_kernel(p, weight) ? few_rows_backward(p, g, preact, out, weight, act, need, weight_needs_grad, bias_needs_grad)
-                                    : backward(p, g, preact, out, weight, act, need, weight_needs_grad, bias_needs_grad);
+    auto run = few_rows_kernel(p, weight) ? few_rows_backward : backward;
+    gr = run(p, g, preact, out, weight, act, need, weight_needs_grad, bias_needs_grad);
     for (size_t s = 0; s < inputs.size(); ++s) {
       if (need[s]) grad_inputs[s] = gr.inputs[s];
     }

@@ -375,11 +375,6 @@ class CrossModalAttention(nn.Module):
         return ", ".join(extras)
 
 
-@torch.compiler.assume_constant_result  # a constant to torch.compile, which cannot trace the C call
-def _onednn_gemms() -> bool:
-    return cpu_float32_gemm() == "oneDNN"
-
-
 def _linear(x, weight, bias):
     """F.linear; on the CPU in float32 through fused_concat_linear with one input where its GEMMs run on
     oneDNN (csrc/cpu/matmul.cpp: 1.2-1.5x MKL's on the AMD CPUs measured), with F.linear's autograd
@@ -389,7 +384,8 @@ def _linear(x, weight, bias):
     benchmarks/RESULTS.md, "Session 12")."""
     # Below ONEDNN_MIN_MACS the op's GEMM is ATen's, as F.linear's is.
     if (x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS
-            and _onednn_gemms()):
+            # (torch.compile cannot trace the C call: compiled graphs keep the op, as before.)
+            and (torch.compiler.is_compiling() or cpu_float32_gemm() == "oneDNN")):
         return ops.fused_concat_linear([x], weight, bias)
     return F.linear(x, weight, bias)
 
