@@ -40,6 +40,7 @@
 #include "dropout_hash.h"
 #include "half_convert.h"
 #include "matmul.h"
+#include "small_gemm.h"
 #include "transpose.h"
 
 namespace mmkernels::cpu {
@@ -59,12 +60,9 @@ extern "C" {
 void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
             const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
             const int* ldc) __attribute__((weak));
-void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
-            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-            const int* ldc) __attribute__((weak));
 }
 
-// MMKERNELS_NO_BLAS_SYMBOLS=1 takes the path of a torch without sgemm_ / dgemm_ (tested that way).
+// MMKERNELS_NO_BLAS_SYMBOLS=1 takes the path of a torch without dgemm_ (tested that way).
 bool blas_symbols() {
   static const bool use = std::getenv("MMKERNELS_NO_BLAS_SYMBOLS") == nullptr;
   return use;
@@ -270,32 +268,44 @@ void pack_key_block(const In* kr, int64_t ks2, const In* vr, int64_t vs2, int64_
   }
 }
 
-// S (nq x nk, ldS) = Q (nq x E) K^T with K's rows read in place (K transposed as the GEMM's operand,
-// not packed): the BLAS's GEMV-like path for decoding's few query rows, where torch's BLAS exports
-// sgemm_ / dgemm_; else plain loops.
-template <typename T>
-void scores_from_key_rows(int64_t nq, int64_t nk, int64_t E, const T* q, int64_t qs, const T* k, int64_t ks, T* S,
-                          int64_t ldS) {
+// S (nq x nk, ldS) = Q (nq x E) K^T with K's rows read in place (not packed), for decoding's few query
+// rows: float through small_gemm's dot-product tiles (no BLAS call per key block: a decoding step is
+// bound by reading K and V once); double through the BLAS's GEMV-like path where torch's BLAS exports
+// dgemm_; else plain loops.
+void scores_from_key_rows(int64_t nq, int64_t nk, int64_t E, const float* q, int64_t qs, const float* k, int64_t ks,
+                          float* S, int64_t ldS) {
+  small_gemm::dot_rows(nq, nk, E, q, qs, k, ks, S, ldS, false);
+}
+
+void scores_from_key_rows(int64_t nq, int64_t nk, int64_t E, const double* q, int64_t qs, const double* k,
+                          int64_t ks, double* S, int64_t ldS) {
   if (nq == 0 || nk == 0) return;
-  constexpr bool kFloat = std::is_same_v<T, float>;
-  if (E > 0 && (kFloat ? sgemm_ != nullptr : dgemm_ != nullptr) && blas_symbols()) {
+  if (E > 0 && dgemm_ != nullptr && blas_symbols()) {
     // Column-major: S^T (nk x nq) = K (k's rows as the columns of an E x nk matrix, transposed) Q^T.
     const int m = static_cast<int>(nk), n = static_cast<int>(nq), kk = static_cast<int>(E);
     const int la = static_cast<int>(ks), lb = static_cast<int>(qs), lc = static_cast<int>(ldS);
-    const T one = 1, zero = 0;
-    if constexpr (kFloat) {
-      sgemm_("T", "N", &m, &n, &kk, &one, k, &la, q, &lb, &zero, S, &lc);
-    } else {
-      dgemm_("T", "N", &m, &n, &kk, &one, k, &la, q, &lb, &zero, S, &lc);
-    }
+    const double one = 1, zero = 0;
+    dgemm_("T", "N", &m, &n, &kk, &one, k, &la, q, &lb, &zero, S, &lc);
     return;
   }
   for (int64_t r = 0; r < nq; ++r)
     for (int64_t c = 0; c < nk; ++c) {
-      T acc = 0;
+      double acc = 0;
       for (int64_t e = 0; e < E; ++e) acc += q[r * qs + e] * k[c * ks + e];
       S[r * ldS + c] = acc;
     }
+}
+
+// O (nq x Ev) += P (nq x nk, ldP) V with V's rows read in place, for decoding's few query rows: float
+// through small_gemm's broadcast tiles (no BLAS call per key block), double through gemm.
+void values_from_rows(int64_t nq, int64_t Ev, int64_t nk, const float* P, int64_t ldP, const float* v, int64_t vs,
+                      float* O) {
+  small_gemm::outer(nq, Ev, nk, P, ldP, 1, v, vs, O, Ev, true);
+}
+
+void values_from_rows(int64_t nq, int64_t Ev, int64_t nk, const double* P, int64_t ldP, const double* v, int64_t vs,
+                      double* O) {
+  gemm(nq, Ev, nk, P, ldP, v, vs, O, Ev, true);
 }
 
 // Decoding: queries per head up to which the forward may split the keys across threads, and (float,
@@ -507,6 +517,8 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
                                       reinterpret_cast<const at::BFloat16*>(Pb), vP + slot * v_block, acc, true);
         } else if constexpr (kHalf) {
           gemm(nq, p.Ev, nk, S, BK, vP + slot * v_block, p.Ev, acc, p.Ev, true);
+        } else if (direct_scores) {
+          values_from_rows(nq, p.Ev, nk, S, BK, vd + b * vs0 + hk * vs1 + j0 * vs2, vs2, acc);
         } else {
           gemm(nq, p.Ev, nk, S, BK, vd + b * vs0 + hk * vs1 + j0 * vs2, vs2, acc, p.Ev, true);
         }

@@ -231,7 +231,7 @@ void few_rows_forward(const Problem& p, const at::Tensor& weight, const std::opt
       const int64_t d = offsets[s + 1] - offsets[s];
       if (d == 0) continue;
       small_gemm::dot_rows(p.M, j1 - j0, d, p.rows[s].data_ptr<float>(), p.rows[s].stride(0),
-                           w + j0 * weight.stride(0) + offsets[s], weight.stride(0), c + j0, p.N);
+                           w + j0 * weight.stride(0) + offsets[s], weight.stride(0), c + j0, p.N, true);
     }
     for (int64_t i = 0; relu && i < p.M; ++i) {
       float* row = c + i * p.N;
@@ -414,7 +414,7 @@ Grads few_rows_backward(const Problem& p, const at::Tensor& g, const at::Tensor&
     r.inputs[s] = at::empty({p.M, d}, weight.options());
     float* dx = r.inputs[s].data_ptr<float>();
     split_work(d, p.M * p.N, 16, [&](int64_t j0, int64_t j1) {
-      small_gemm::outer(p.M, j1 - j0, p.N, gp, p.N, 1, w + offsets[s] + j0, ldw, dx + j0, d);
+      small_gemm::outer(p.M, j1 - j0, p.N, gp, p.N, 1, w + offsets[s] + j0, ldw, dx + j0, d, false);
     });
   }
   if (weight_needs_grad) {
@@ -423,7 +423,7 @@ Grads few_rows_backward(const Problem& p, const at::Tensor& g, const at::Tensor&
     split_work(p.N, p.M * p.K, 4, [&](int64_t i0, int64_t i1) {
       for (size_t s = 0; s < p.rows.size(); ++s) {
         small_gemm::outer(i1 - i0, offsets[s + 1] - offsets[s], p.M, gp + i0, 1, p.N, p.rows[s].data_ptr<float>(),
-                          p.rows[s].stride(0), dw + i0 * p.K + offsets[s], p.K);
+                          p.rows[s].stride(0), dw + i0 * p.K + offsets[s], p.K, false);
       }
     });
   }

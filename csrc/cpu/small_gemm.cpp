@@ -14,21 +14,21 @@ namespace mmkernels::cpu::small_gemm {
 namespace {
 
 void dot_rows_plain(int64_t I, int64_t J, int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb,
-                    float* c, int64_t ldc) {
+                    float* c, int64_t ldc, bool accumulate) {
   for (int64_t i = 0; i < I; ++i) {
     for (int64_t j = 0; j < J; ++j) {
       float s = 0.0f;
       for (int64_t k = 0; k < K; ++k) s += a[i * lda + k] * b[j * ldb + k];
-      c[i * ldc + j] += s;
+      c[i * ldc + j] = accumulate ? c[i * ldc + j] + s : s;
     }
   }
 }
 
 void outer_plain(int64_t I, int64_t J, int64_t R, const float* a, int64_t a_i, int64_t a_r, const float* b,
-                 int64_t ldb, float* c, int64_t ldc) {
+                 int64_t ldb, float* c, int64_t ldc, bool accumulate) {
   for (int64_t i = 0; i < I; ++i) {
     float* row = c + i * ldc;
-    std::fill(row, row + J, 0.0f);
+    if (!accumulate) std::fill(row, row + J, 0.0f);
     for (int64_t r = 0; r < R; ++r) {
       const float g = a[i * a_i + r * a_r];
       for (int64_t j = 0; j < J; ++j) row[j] += g * b[r * ldb + j];
@@ -65,7 +65,8 @@ MMK_AVX2 inline void dot_step(__m256 (&s)[MR][4], const float* a, int64_t lda, c
 // An MR x NR tile of dot_rows: MR rows of A against NR rows of B, 8 lanes of k at a time (MR * NR
 // accumulators), reduced across lanes once at the end.
 template <int MR, int NR>
-MMK_AVX2 void dot_tile(int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc) {
+MMK_AVX2 void dot_tile(int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
+                       bool accumulate) {
   __m256 s[MR][4];
   for (int i = 0; i < MR; ++i) {
     for (int j = 0; j < 4; ++j) s[i][j] = _mm256_setzero_ps();
@@ -77,28 +78,28 @@ MMK_AVX2 void dot_tile(int64_t K, const float* a, int64_t lda, const float* b, i
   for (int i = 0; i < MR; ++i) {
     alignas(16) float sums[4];
     _mm_store_ps(sums, sum4(s[i][0], s[i][1], s[i][2], s[i][3]));
-    for (int j = 0; j < NR; ++j) c[i * ldc + j] += sums[j];
+    for (int j = 0; j < NR; ++j) c[i * ldc + j] = accumulate ? c[i * ldc + j] + sums[j] : sums[j];
   }
 }
 
 template <int MR>
 MMK_AVX2 void dot_tiles(int64_t J, int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
-                        int64_t ldc, int64_t j) {
+                        int64_t ldc, int64_t j, bool accumulate) {
   switch (J - j) {
-    case 1: return dot_tile<MR, 1>(K, a, lda, b + j * ldb, ldb, c + j, ldc);
-    case 2: return dot_tile<MR, 2>(K, a, lda, b + j * ldb, ldb, c + j, ldc);
-    case 3: return dot_tile<MR, 3>(K, a, lda, b + j * ldb, ldb, c + j, ldc);
-    default: return dot_tile<MR, 4>(K, a, lda, b + j * ldb, ldb, c + j, ldc);
+    case 1: return dot_tile<MR, 1>(K, a, lda, b + j * ldb, ldb, c + j, ldc, accumulate);
+    case 2: return dot_tile<MR, 2>(K, a, lda, b + j * ldb, ldb, c + j, ldc, accumulate);
+    case 3: return dot_tile<MR, 3>(K, a, lda, b + j * ldb, ldb, c + j, ldc, accumulate);
+    default: return dot_tile<MR, 4>(K, a, lda, b + j * ldb, ldb, c + j, ldc, accumulate);
   }
 }
 
 MMK_AVX2 void dot_rows_avx2(int64_t I, int64_t J, int64_t K, const float* a, int64_t lda, const float* b,
-                            int64_t ldb, float* c, int64_t ldc) {
+                            int64_t ldb, float* c, int64_t ldc, bool accumulate) {
   // Four rows of B (W) at a time, every row of A (x) against them: B is read once, A (few rows) from cache.
   for (int64_t j = 0; j < J; j += 4) {
     int64_t i = 0;
-    for (; i + 2 <= I; i += 2) dot_tiles<2>(J, K, a + i * lda, lda, b, ldb, c + i * ldc, ldc, j);
-    if (i < I) dot_tiles<1>(J, K, a + i * lda, lda, b, ldb, c + i * ldc, ldc, j);
+    for (; i + 2 <= I; i += 2) dot_tiles<2>(J, K, a + i * lda, lda, b, ldb, c + i * ldc, ldc, j, accumulate);
+    if (i < I) dot_tiles<1>(J, K, a + i * lda, lda, b, ldb, c + i * ldc, ldc, j, accumulate);
   }
 }
 
@@ -106,7 +107,7 @@ MMK_AVX2 void dot_rows_avx2(int64_t I, int64_t J, int64_t K, const float* a, int
 // times B's row r added per step.
 template <int MR>
 MMK_AVX2 void outer_tile(int64_t R, const float* a, int64_t a_i, int64_t a_r, const float* b, int64_t ldb, float* c,
-                         int64_t ldc, int64_t n) {
+                         int64_t ldc, int64_t n, bool accumulate) {
   __m256 s[MR][2];
   for (int i = 0; i < MR; ++i) s[i][0] = s[i][1] = _mm256_setzero_ps();
   const __m256i m0 = lanes(n), m1 = lanes(n - 8);
@@ -122,6 +123,10 @@ MMK_AVX2 void outer_tile(int64_t R, const float* a, int64_t a_i, int64_t a_r, co
   }
   for (int i = 0; i < MR; ++i) {
     float* out = c + i * ldc;
+    if (accumulate) {
+      s[i][0] = _mm256_add_ps(s[i][0], n >= 8 ? _mm256_loadu_ps(out) : _mm256_maskload_ps(out, m0));
+      s[i][1] = _mm256_add_ps(s[i][1], n >= 16 ? _mm256_loadu_ps(out + 8) : _mm256_maskload_ps(out + 8, m1));
+    }
     if (n >= 16) {
       _mm256_storeu_ps(out, s[i][0]);
       _mm256_storeu_ps(out + 8, s[i][1]);
@@ -133,12 +138,12 @@ MMK_AVX2 void outer_tile(int64_t R, const float* a, int64_t a_i, int64_t a_r, co
 }
 
 MMK_AVX2 void outer_avx2(int64_t I, int64_t J, int64_t R, const float* a, int64_t a_i, int64_t a_r, const float* b,
-                         int64_t ldb, float* c, int64_t ldc) {
+                         int64_t ldb, float* c, int64_t ldc, bool accumulate) {
   for (int64_t j = 0; j < J; j += 16) {
     const int64_t n = std::min<int64_t>(16, J - j);
     int64_t i = 0;
-    for (; i + 4 <= I; i += 4) outer_tile<4>(R, a + i * a_i, a_i, a_r, b + j, ldb, c + i * ldc + j, ldc, n);
-    for (; i < I; ++i) outer_tile<1>(R, a + i * a_i, a_i, a_r, b + j, ldb, c + i * ldc + j, ldc, n);
+    for (; i + 4 <= I; i += 4) outer_tile<4>(R, a + i * a_i, a_i, a_r, b + j, ldb, c + i * ldc + j, ldc, n, accumulate);
+    for (; i < I; ++i) outer_tile<1>(R, a + i * a_i, a_i, a_r, b + j, ldb, c + i * ldc + j, ldc, n, accumulate);
   }
 }
 
@@ -152,19 +157,19 @@ bool has_avx2() {
 }  // namespace
 
 void dot_rows(int64_t I, int64_t J, int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
-              int64_t ldc) {
+              int64_t ldc, bool accumulate) {
 #ifdef MMK_SMALL_GEMM_AVX2
-  if (has_avx2()) return dot_rows_avx2(I, J, K, a, lda, b, ldb, c, ldc);
+  if (has_avx2()) return dot_rows_avx2(I, J, K, a, lda, b, ldb, c, ldc, accumulate);
 #endif
-  dot_rows_plain(I, J, K, a, lda, b, ldb, c, ldc);
+  dot_rows_plain(I, J, K, a, lda, b, ldb, c, ldc, accumulate);
 }
 
 void outer(int64_t I, int64_t J, int64_t R, const float* a, int64_t a_i, int64_t a_r, const float* b, int64_t ldb,
-           float* c, int64_t ldc) {
+           float* c, int64_t ldc, bool accumulate) {
 #ifdef MMK_SMALL_GEMM_AVX2
-  if (has_avx2()) return outer_avx2(I, J, R, a, a_i, a_r, b, ldb, c, ldc);
+  if (has_avx2()) return outer_avx2(I, J, R, a, a_i, a_r, b, ldb, c, ldc, accumulate);
 #endif
-  outer_plain(I, J, R, a, a_i, a_r, b, ldb, c, ldc);
+  outer_plain(I, J, R, a, a_i, a_r, b, ldb, c, ldc, accumulate);
 }
 
 }  // namespace mmkernels::cpu::small_gemm

@@ -11,14 +11,16 @@ namespace mmkernels::cpu::small_gemm {
 // The most rows (M) fused_concat_linear sends here.
 constexpr int64_t kMaxRows = 32;
 
-// C[i, j] += sum_k A[i, k] * B[j, k] for i < I, j < J, k < K: A's rows at a + i * lda, B's at
-// b + j * ldb, both contiguous along k (x @ W.T with W in nn.Linear's layout); C row-major, stride ldc.
+// C[i, j] (+)= sum_k A[i, k] * B[j, k] for i < I, j < J, k < K: A's rows at a + i * lda, B's at
+// b + j * ldb, both contiguous along k (x @ W.T with W in nn.Linear's layout, or Q K^T with K's rows in
+// place); C row-major, stride ldc, added to where `accumulate`, else overwritten.
 void dot_rows(int64_t I, int64_t J, int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
-              int64_t ldc);
+              int64_t ldc, bool accumulate);
 
-// C[i, j] = sum_r A(i, r) * B[r, j] for i < I, j < J, r < R, where A(i, r) = a[i * a_i + r * a_r]
-// (any strides: gz or gz.T) and B's rows are contiguous at b + r * ldb; C row-major, stride ldc.
+// C[i, j] (+)= sum_r A(i, r) * B[r, j] for i < I, j < J, r < R, where A(i, r) = a[i * a_i + r * a_r]
+// (any strides: gz or gz.T) and B's rows are contiguous at b + r * ldb; C row-major, stride ldc,
+// added to where `accumulate`, else overwritten.
 void outer(int64_t I, int64_t J, int64_t R, const float* a, int64_t a_i, int64_t a_r, const float* b, int64_t ldb,
-           float* c, int64_t ldc);
+           float* c, int64_t ldc, bool accumulate);
 
 }  // namespace mmkernels::cpu::small_gemm

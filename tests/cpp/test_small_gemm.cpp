@@ -1,6 +1,6 @@
 // C++ tests of the few-rows GEMMs (csrc/cpu/small_gemm.cpp): every tile and tail shape (rows, columns
-// and lengths that are and are not multiples of the register blocks), strided operands, against ATen's
-// mm in float64, with C's padding left untouched.
+// and lengths that are and are not multiples of the register blocks), strided operands, overwriting
+// and accumulating, against ATen's mm in float64, with C's padding left untouched.
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
@@ -15,19 +15,21 @@ void expect_close(const at::Tensor& got, const at::Tensor& want, int64_t I, int6
   EXPECT_TRUE(at::allclose(got, want.to(at::kFloat), 1e-5, 1e-4)) << I << " x " << J << " x " << K;
 }
 
-TEST(SmallGemm, DotRowsAccumulatesATimesBTransposed) {
+TEST(SmallGemm, DotRowsIsATimesBTransposed) {
   at::manual_seed(0);
   for (int64_t I : {1, 2, 3, 8, 33})
     for (int64_t J : {1, 2, 3, 4, 5, 17, 64})
       for (int64_t K : {0, 1, 7, 8, 9, 64, 100}) {
         const at::Tensor a = at::randn({I, K + 3}), b = at::randn({J, K + 1});  // row strides past K
+        const at::Tensor product = at::mm(a.narrow(1, 0, K).to(at::kDouble), b.narrow(1, 0, K).to(at::kDouble).t());
         at::Tensor c = at::randn({I, J + 2});
-        const at::Tensor want = c.to(at::kDouble).narrow(1, 0, J) +
-                                at::mm(a.narrow(1, 0, K).to(at::kDouble), b.narrow(1, 0, K).to(at::kDouble).t());
-        const at::Tensor pad = c.narrow(1, J, 2).clone();
-        dot_rows(I, J, K, a.const_data_ptr<float>(), K + 3, b.const_data_ptr<float>(), K + 1, c.data_ptr<float>(), J + 2);
-        expect_close(c.narrow(1, 0, J), want, I, J, K);
-        EXPECT_TRUE(at::equal(c.narrow(1, J, 2), pad));
+        const at::Tensor before = c.to(at::kDouble).narrow(1, 0, J), pad = c.narrow(1, J, 2).clone();
+        for (bool accumulate : {true, false}) {
+          dot_rows(I, J, K, a.const_data_ptr<float>(), K + 3, b.const_data_ptr<float>(), K + 1, c.data_ptr<float>(),
+                   J + 2, accumulate);
+          expect_close(c.narrow(1, 0, J), accumulate ? before + product : product, I, J, K);
+          EXPECT_TRUE(at::equal(c.narrow(1, J, 2), pad));
+        }
       }
 }
 
@@ -37,15 +39,17 @@ TEST(SmallGemm, OuterWithEitherOperandStrides) {
     for (int64_t J : {1, 7, 8, 15, 16, 17, 33})
       for (int64_t R : {0, 1, 5, 32}) {
         const at::Tensor g = at::randn({R, I});  // A(i, r) = g[r, i]: gz.T, as grad_weight reads it
-        const at::Tensor b = at::randn({R, J + 4});
-        at::Tensor c = at::full({I, J + 3}, 7.0);
-        outer(I, J, R, g.const_data_ptr<float>(), 1, I, b.const_data_ptr<float>(), J + 4, c.data_ptr<float>(), J + 3);
-        const at::Tensor want = at::mm(g.t().to(at::kDouble), b.narrow(1, 0, J).to(at::kDouble));
-        expect_close(c.narrow(1, 0, J), want, I, J, R);
-        EXPECT_TRUE(at::equal(c.narrow(1, J, 3), at::full({I, 3}, 7.0)));
         const at::Tensor rows = g.t().contiguous();  // A(i, r) = rows[i, r]: gz, as the input gradients read it
-        outer(I, J, R, rows.const_data_ptr<float>(), R, 1, b.const_data_ptr<float>(), J + 4, c.data_ptr<float>(), J + 3);
-        expect_close(c.narrow(1, 0, J), want, I, J, R);
+        const at::Tensor b = at::randn({R, J + 4});
+        const at::Tensor product = at::mm(rows.to(at::kDouble), b.narrow(1, 0, J).to(at::kDouble));
+        at::Tensor c = at::full({I, J + 3}, 7.0);
+        outer(I, J, R, g.const_data_ptr<float>(), 1, I, b.const_data_ptr<float>(), J + 4, c.data_ptr<float>(), J + 3,
+              true);
+        expect_close(c.narrow(1, 0, J), product + 7.0, I, J, R);
+        outer(I, J, R, rows.const_data_ptr<float>(), R, 1, b.const_data_ptr<float>(), J + 4, c.data_ptr<float>(),
+              J + 3, false);
+        expect_close(c.narrow(1, 0, J), product, I, J, R);
+        EXPECT_TRUE(at::equal(c.narrow(1, J, 3), at::full({I, 3}, 7.0)));
       }
 }
 
