@@ -68,6 +68,10 @@ bool blas_symbols() {
   return use;
 }
 
+// Up to this many multiply-adds (~2 us), a block GEMM off oneDNN runs small_gemm's loops, not ATen's mm.
+// Each output is one fused multiply-add chain over K from 0, the order rows::dot_rows sums D in.
+constexpr int64_t kSmallGemmMacs = int64_t(1) << 16;
+
 // Row-major C (M x N, ldc) (+)= A (M x K, lda) B (K x N, ldb).
 void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
           int64_t ldc, bool accumulate) {
@@ -79,6 +83,10 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const fl
   }
   if (matmul_uses_onednn(at::kFloat)) {
     at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, /*is_vnni=*/false);
+    return;
+  }
+  if (M * N * K <= kSmallGemmMacs) {  // no tensors, no BLAS call: its fixed cost would dominate
+    small_gemm::outer(M, N, K, A, lda, 1, B, ldb, C, ldc, accumulate);
     return;
   }
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
