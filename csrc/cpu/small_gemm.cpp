@@ -3,6 +3,9 @@
 #include "small_gemm.h"
 
 #include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -24,15 +27,18 @@ void dot_rows_plain(int64_t I, int64_t J, int64_t K, const float* a, int64_t lda
   }
 }
 
+// As outer_avx2: each sum one fused multiply-add chain over r from 0, then added to C (see small_gemm.h).
 void outer_plain(int64_t I, int64_t J, int64_t R, const float* a, int64_t a_i, int64_t a_r, const float* b,
                  int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  std::vector<float> sums(J);
   for (int64_t i = 0; i < I; ++i) {
-    float* row = c + i * ldc;
-    if (!accumulate) std::fill(row, row + J, 0.0f);
+    std::fill(sums.begin(), sums.end(), 0.0f);
     for (int64_t r = 0; r < R; ++r) {
       const float g = a[i * a_i + r * a_r];
-      for (int64_t j = 0; j < J; ++j) row[j] += g * b[r * ldb + j];
+      for (int64_t j = 0; j < J; ++j) sums[j] = std::fma(g, b[r * ldb + j], sums[j]);
     }
+    float* row = c + i * ldc;
+    for (int64_t j = 0; j < J; ++j) row[j] = accumulate ? row[j] + sums[j] : sums[j];
   }
 }
 
@@ -147,8 +153,10 @@ MMK_AVX2 void outer_avx2(int64_t I, int64_t J, int64_t R, const float* a, int64_
   }
 }
 
+// MMKERNELS_SMALL_GEMM_PLAIN=1 takes the plain loops on any CPU (CTest runs them that way too).
 bool has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          std::getenv("MMKERNELS_SMALL_GEMM_PLAIN") == nullptr;
   return yes;
 }
 

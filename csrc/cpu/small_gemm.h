@@ -19,7 +19,8 @@ void dot_rows(int64_t I, int64_t J, int64_t K, const float* a, int64_t lda, cons
 
 // C[i, j] (+)= sum_r A(i, r) * B[r, j] for i < I, j < J, r < R, where A(i, r) = a[i * a_i + r * a_r]
 // (any strides: gz or gz.T) and B's rows are contiguous at b + r * ldb; C row-major, stride ldc,
-// added to where `accumulate`, else overwritten.
+// added to where `accumulate`, else overwritten. Each sum is one fused multiply-add chain over r
+// from 0, on every CPU (the attention's backward relies on that order: cross_modal_attention.cpp).
 void outer(int64_t I, int64_t J, int64_t R, const float* a, int64_t a_i, int64_t a_r, const float* b, int64_t ldb,
            float* c, int64_t ldc, bool accumulate);
 
