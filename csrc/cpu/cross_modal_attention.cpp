@@ -40,7 +40,6 @@
 #include "dropout_hash.h"
 #include "half_convert.h"
 #include "matmul.h"
-#include "packed_gemm.h"
 #include "small_gemm.h"
 #include "transpose.h"
 
@@ -54,8 +53,8 @@ namespace {
 // per-thread scratch first, once per block. float follows matmul.cpp's rule: where it picks oneDNN,
 // cpublas::brgemm, oneDNN's batch-reduce micro-kernel (measured on this AVX-512 CPU at ~110 GFLOP/s
 // a core on the attention's blocks, against ~90 for MKL's sgemm_, which also packs each transposed
-// operand per call); where oneDNN refuses the CPU (AVX2 only), packed_gemm; elsewhere
-// (MMKERNELS_CPU_GEMM=aten, oneDNN off or absent) matmul_out's ATen mm. Small blocks: small_gemm.
+// operand per call); elsewhere (MMKERNELS_CPU_GEMM=aten, oneDNN off, absent or refusing the CPU)
+// matmul_out's ATen mm (on AMD Zen 3 as fast as calling sgemm_ per block directly, or faster).
 // double (gradcheck) goes to the BLAS's dgemm_ where torch's BLAS exports it, else to plain loops.
 extern "C" {
 void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
@@ -72,9 +71,6 @@ bool blas_symbols() {
 // Up to this many multiply-adds (~2 us), a block GEMM off oneDNN runs small_gemm's loops, not ATen's mm.
 // Each output is one fused multiply-add chain over K from 0, the order rows::dot_rows sums D in.
 constexpr int64_t kSmallGemmMacs = int64_t(1) << 16;
-// Above it, where matmul.cpp's rule picks packed_gemm, blocks with at least this many rows and columns
-// go there directly (no tensors; each output one chain over K from 0 for K <= 256, then added to C).
-constexpr int64_t kPackedMinSide = 16;
 
 // Row-major C (M x N, ldc) (+)= A (M x K, lda) B (K x N, ldb).
 void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
@@ -91,10 +87,6 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const fl
   }
   if (M * N * K <= kSmallGemmMacs) {  // no tensors, no BLAS call: its fixed cost would dominate
     small_gemm::outer(M, N, K, A, lda, 1, B, ldb, C, ldc, accumulate);
-    return;
-  }
-  if (matmul_uses_packed(at::kFloat) && M >= kPackedMinSide && N >= kPackedMinSide) {
-    packed_gemm::gemm(M, N, K, A, lda, 1, B, ldb, 1, C, ldc, accumulate);
     return;
   }
   const auto f32 = at::TensorOptions().dtype(at::kFloat);

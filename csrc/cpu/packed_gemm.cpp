@@ -147,9 +147,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_i, int64_t 
     return;
   }
   thread_local std::vector<float> packed_b;
-  // Row blocks of equal height (whole tiles), and jobs ordered column-major, so that each thread's
-  // contiguous share of the jobs is whole columns of blocks: equal work, and only its part of B read.
-  const int64_t m_jobs = (M + kMc - 1) / kMc, mc = round_up((M + m_jobs - 1) / m_jobs, kMr);
+  const int64_t m_jobs = (M + kMc - 1) / kMc;
   for (int64_t jc = 0; jc < N; jc += kNc) {
     const int64_t nc = std::min(kNc, N - jc), panels = (nc + kNr - 1) / kNr, n_jobs = (nc + kNt - 1) / kNt;
     for (int64_t k0 = 0; k0 < K; k0 += kKc) {
@@ -160,8 +158,8 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_i, int64_t 
       at::parallel_for(0, panels, 8, [&](int64_t q0, int64_t q1) { pack_b(b + jc * b_j, b_k, b_j, nc, k0, kc, q0, q1, pb); });
       at::parallel_for(0, m_jobs * n_jobs, 1, [&](int64_t first, int64_t last) {
         for (int64_t t = first; t < last; ++t) {
-          const int64_t i0 = t % m_jobs * mc, j0 = t / m_jobs * kNt;
-          if (i0 < M) job(a, a_i, a_k, pb, i0, std::min(mc, M - i0), j0, std::min(kNt, nc - j0), k0, kc, c + jc, ldc, add);
+          const int64_t i0 = t / n_jobs * kMc, j0 = t % n_jobs * kNt;
+          job(a, a_i, a_k, pb, i0, std::min(kMc, M - i0), j0, std::min(kNt, nc - j0), k0, kc, c + jc, ldc, add);
         }
       });
     }
