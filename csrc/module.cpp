@@ -17,7 +17,7 @@
 
 // Which library the CPU kernels' float32 GEMMs use now (csrc/cpu/matmul.cpp), for reports.
 static PyObject* cpu_float32_gemm(PyObject*, PyObject*) {
-  return PyUnicode_FromString(mmkernels::cpu::float32_gemm_name());
+  return PyUnicode_FromString(mmkernels::cpu::matmul_uses_onednn(at::kFloat) ? "oneDNN" : "ATen mm (MKL)");
 }
 
 static PyMethodDef mmkernels_methods[] = {

@@ -91,16 +91,16 @@ def test_odd_shapes_and_leading_dims(lead, widths, n, dtype):
 @pytest.mark.parametrize("onednn", [True, False])
 @pytest.mark.parametrize("activation", ["relu", "gelu", "none"])
 def test_large_weight_with_and_without_onednn(onednn, activation):
-    # N * K > 2^18: where float32 GEMMs go to oneDNN or packed_gemm (csrc/cpu/matmul.cpp) the forward
-    # runs one whole-M GEMM per segment, on ATen's mm row blocks; backward forms gz in
+    # N * K > 2^18: where float32 GEMMs go to oneDNN (csrc/cpu/matmul.cpp) the forward runs one
+    # whole-M GEMM per segment, with oneDNN disabled row blocks on ATen's mm; backward forms gz in
     # full either way. The second input is column-major, the third strided both ways (ATen's path).
     xs, w, b = make_case((70,), (300, 333, 40), 400, torch.float32)
     xs[1] = torch.randn(333, 70).t().requires_grad_()
     xs[2] = torch.randn(70, 80)[:, ::2].requires_grad_()
     with warnings.catch_warnings(), torch.backends.mkldnn.flags(enabled=onednn):
         warnings.simplefilter("ignore")  # the flags context warns about TF32 on Intel GPUs
-        if not onednn:  # ATen's mm, or packed_gemm where oneDNN refuses the CPU anyway
-            assert _C.cpu_float32_gemm() != "oneDNN"
+        if not onednn:
+            assert _C.cpu_float32_gemm() == "ATen mm (MKL)"
         check_against_reference(xs, w, b, activation)
 
 

@@ -154,14 +154,13 @@ void for_each_row_block(int64_t M, int64_t rows, F&& fn) {
 // than they save.
 constexpr int64_t kLargeWeight = int64_t(1) << 18;
 
-// Shape rule: where matmul_out runs on oneDNN or packed_gemm, one whole-M GEMM per segment (each
-// threaded by the library: 1.2-1.5x faster than row blocks of single-threaded GEMMs with oneDNN, and
-// packed_gemm would pack W again per block) beats the row blocks and their in-cache epilogue when W
-// is large, and always without an activation (no epilogue to keep in cache). With MKL, or a small W
-// and an activation, the row blocks win (measured: benchmarks/RESULTS.md, "Session 5"). Forward and
-// backward follow it alike.
+// Shape rule: where matmul_out runs on oneDNN, one whole-M GEMM per segment (oneDNN threads each
+// one, 1.2-1.5x faster than row blocks of single-threaded GEMMs here) beats the row blocks and their
+// in-cache epilogue when W is large, and always without an activation (no epilogue to keep in
+// cache). With MKL, or a small W and an activation, the row blocks win (measured:
+// benchmarks/RESULTS.md, "Session 5"). Forward and backward follow it alike.
 bool whole_matrix_gemms(const Problem& p, at::ScalarType dtype, Activation act) {
-  return (matmul_uses_onednn(dtype) || matmul_uses_packed(dtype)) && (p.N * p.K > kLargeWeight || act == Activation::None);
+  return matmul_uses_onednn(dtype) && (p.N * p.K > kLargeWeight || act == Activation::None);
 }
 
 // act(block) in place. ATen's unary kernels are vectorised for the CPU it runs on (AVX-512 here),

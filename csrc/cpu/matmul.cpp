@@ -1,27 +1,22 @@
-// The rule: float32 GEMMs go to oneDNN (through ATen's mkldnn_matmul) where torch's oneDNN matmul
-// runs on this CPU; on CPUs it refuses (AVX2 without AVX-512: AMD Zen 2/3, older Intel), large ones go
-// to packed_gemm.cpp; everything else goes to ATen's mm/addmm (MKL on x86 wheels; bfloat16 there
-// already goes to oneDNN).
+// The rule: float32 GEMMs go to oneDNN (through ATen's mkldnn_matmul), everything else to ATen's
+// mm/addmm (MKL on x86 wheels; bfloat16 there already goes to oneDNN).
 //
-// Why: on the AMD EPYC machines this project is measured on, MKL's sgemm stays well below the CPU's
-// peak (likely its non-Intel code path). oneDNN JIT-compiles AVX-512 kernels for the CPU it finds:
-// 190-215 against 130-165 GFLOP/s on the projection shapes of the benchmarks (Zen 4,
-// benchmarks/RESULTS.md, "Session 5"); packed_gemm's AVX2 kernel beats MKL on Zen 3 (RESULTS.md,
-// "Session 13"). All sum in float32 with float32 accumulators; the results differ from MKL's in
-// rounding only, as two BLAS libraries do.
+// Why: on the AMD EPYC (Zen 4) machines this project is measured on, MKL's sgemm stays well below
+// the CPU's AVX-512 peak (likely its non-Intel code path), while oneDNN JIT-compiles AVX-512 kernels
+// for the CPU it finds: 190-215 against 130-165 GFLOP/s on the projection shapes of the benchmarks
+// (benchmarks/RESULTS.md, "Session 5"). Both sum in float32 with float32 accumulators; the results
+// differ from MKL's in rounding only, as two BLAS libraries do.
 //
 // MMKERNELS_CPU_GEMM=aten keeps every GEMM on ATen's mm (MKL), e.g. to compare; the rule also
 // stays with ATen where torch was built without oneDNN, where the user disabled it
-// (torch.backends.mkldnn.enabled = False) on a CPU oneDNN serves, for layouts the faster library
-// serves badly or not at all, and for small GEMMs (kFastMinMacs, and packed_gemm's minimum sides),
-// where a call's fixed cost (oneDNN's primitive set-up, packing B) outweighs its faster kernel.
+// (torch.backends.mkldnn.enabled = False) or where its matmul refuses the CPU (onednn_matmul_runs),
+// for layouts oneDNN serves badly or not at all, and for small GEMMs (kOneDnnMinMacs), where oneDNN's
+// fixed cost per call outweighs its faster kernel.
 //
 // bfloat16 and float16 GEMMs run in float32 where oneDNN refuses the CPU (half_gemm_in_float): ATen's
 // own half-precision GEMM then runs at under 1 GFLOP/s (0.7 on the AMD Zen 3 of 2026-12-02, against
 // 25-60 for float32 on 2 threads), so the operands are widened and the product rounded back.
 #include "matmul.h"
-
-#include "packed_gemm.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Config.h>
@@ -41,7 +36,7 @@ TORCH_API void mkldnn_matmul(const at::Tensor& mat1, const at::Tensor& mat2, con
 namespace mmkernels::cpu {
 namespace {
 
-bool library_requested() {
+bool onednn_requested() {
   static const bool requested = [] {
     const char* env = std::getenv("MMKERNELS_CPU_GEMM");
     return env == nullptr || std::string_view(env) != "aten";
@@ -59,22 +54,18 @@ bool col_major(const at::Tensor& t) { return t.stride(0) == 1 && (t.size(1) == 1
 // lookup and set-up), measured at 70-250 us against 4-60 us for the whole ATen GEMM on the issue-19
 // decoding and fusion-head shapes (1 x 256 -> 768, 8 x 192 -> 64; Intel Xeon, 1 thread, a loaded
 // machine); oneDNN draws level at about 2^24 (64 x 512 -> 512) and pulls ahead above (256 x 512 -> 256:
-// 1.3x). packed_gemm keeps the same bound.
-constexpr int64_t kFastMinMacs = int64_t(1) << 24;
+// 1.3x).
+constexpr int64_t kOneDnnMinMacs = int64_t(1) << 24;
 
 // MMKERNELS_ONEDNN_MIN_MACS overrides it: the tests set 0, so that their small shapes still run every
-// layout through oneDNN or packed_gemm (tests/conftest.py).
-int64_t fast_min_macs() {
+// layout through oneDNN (tests/conftest.py).
+int64_t onednn_min_macs() {
   static const int64_t macs = [] {
     const char* env = std::getenv("MMKERNELS_ONEDNN_MIN_MACS");
-    return env == nullptr ? kFastMinMacs : std::max<int64_t>(0, std::atoll(env));
+    return env == nullptr ? kOneDnnMinMacs : std::max<int64_t>(0, std::atoll(env));
   }();
   return macs;
 }
-
-// packed_gemm pads its operands to 6 x 16 tiles and copies B's panels for every call: with fewer rows
-// or columns than these, ATen's mm is the better kernel whatever the size.
-constexpr int64_t kPackedMinRows = 16, kPackedMinCols = 16;
 
 }  // namespace
 
@@ -101,21 +92,12 @@ bool onednn_matmul_runs() {
 
 bool matmul_uses_onednn(at::ScalarType dtype) {
 #if AT_MKLDNN_ENABLED() && defined(__x86_64__)
-  return dtype == at::kFloat && library_requested() && at::globalContext().userEnabledMkldnn() &&
+  return dtype == at::kFloat && onednn_requested() && at::globalContext().userEnabledMkldnn() &&
          onednn_matmul_runs();
 #else
   (void)dtype;
   return false;
 #endif
-}
-
-bool matmul_uses_packed(at::ScalarType dtype) {
-  return dtype == at::kFloat && library_requested() && packed_gemm::available() && !onednn_matmul_runs();
-}
-
-const char* float32_gemm_name() {
-  if (matmul_uses_onednn(at::kFloat)) return "oneDNN";
-  return matmul_uses_packed(at::kFloat) ? "packed_gemm (AVX2)" : "ATen mm (MKL)";
 }
 
 bool half_gemm_in_float(at::ScalarType dtype) {
@@ -131,16 +113,11 @@ void matmul_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
     out.copy_(acc);
     return;
   }
-  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
-  const bool empty = out.numel() == 0 || K == 0;
-  const bool large = M * K * N >= fast_min_macs();
+  const bool empty = out.numel() == 0 || a.size(1) == 0;
   const bool layouts_ok = (row_major(a) || col_major(a)) && (row_major(b) || col_major(b)) && row_major(out);
+  const bool large = a.size(0) * a.size(1) * b.size(1) >= onednn_min_macs();
   if (!empty && large && layouts_ok && matmul_uses_onednn(out.scalar_type())) {
     at::native::mkldnn_matmul(a, b, out, accumulate ? 1.0f : 0.0f, 1.0f);
-  } else if (!empty && large && M >= kPackedMinRows && N >= kPackedMinCols && out.stride(1) == 1 &&
-             matmul_uses_packed(out.scalar_type())) {
-    packed_gemm::gemm(M, N, K, a.const_data_ptr<float>(), a.stride(0), a.stride(1), b.const_data_ptr<float>(),
-                      b.stride(0), b.stride(1), out.mutable_data_ptr<float>(), out.stride(0), accumulate);
   } else if (accumulate) {
     at::Tensor dst = out;
     dst.addmm_(a, b);

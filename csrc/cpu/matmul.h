@@ -1,4 +1,4 @@
-// The CPU kernels' GEMMs (float32 routed to the fastest of oneDNN, packed_gemm and ATen's mm,
+// The CPU kernels' GEMMs (float32 routed to the faster of the two GEMM libraries that torch links,
 // bfloat16 / float16 in float32 where torch has no fast kernel for them):
 // fused_concat_linear's through matmul_out; the attention's blocks through cpublas::brgemm where
 // matmul_uses_onednn, else matmul_out. See matmul.cpp for the rule.
@@ -17,12 +17,7 @@ bool onednn_matmul_runs();
 // Whether matmul_out forms `dtype`'s (bfloat16, float16) products in float32 (see matmul.cpp).
 bool half_gemm_in_float(at::ScalarType dtype);
 
-// Whether matmul_out sends `dtype`'s large GEMMs to oneDNN, or to packed_gemm (the rule of matmul.cpp):
-// both split one GEMM over threads better than callers' row blocks do.
+// Whether matmul_out sends `dtype` to oneDNN (the rule of matmul.cpp), for tests and reports.
 bool matmul_uses_onednn(at::ScalarType dtype);
-bool matmul_uses_packed(at::ScalarType dtype);
-
-// Who runs large float32 GEMMs now, for reports: "oneDNN", "packed_gemm (AVX2)" or "ATen mm (MKL)".
-const char* float32_gemm_name();
 
 }  // namespace mmkernels::cpu

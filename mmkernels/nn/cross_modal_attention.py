@@ -23,10 +23,9 @@ Differences from nn.MultiheadAttention, all deliberate:
   only, forward and backward; eager mode, see ``_attention_masks._visible_key_rows``). The numbers are the same, but
   what padded rows hold is then never read: a NaN there does not reach the output, while
   nn.MultiheadAttention returns NaN for every query.
-- On the CPU in float32, where oneDNN or packed_gemm runs the op's large GEMMs, the large projections
-  are one-input ``fused_concat_linear`` calls (csrc/cpu/matmul.cpp): the same numbers up to GEMM
-  rounding, not bitwise nn.MultiheadAttention's (MKL's). Elsewhere they are F.linear, as in
-  nn.MultiheadAttention.
+- On the CPU in float32, where oneDNN runs the op's GEMMs, the projections are one-input
+  ``fused_concat_linear`` calls (csrc/cpu/matmul.cpp): the same numbers up to GEMM rounding, not bitwise
+  nn.MultiheadAttention's (MKL's). Elsewhere they are F.linear, as in nn.MultiheadAttention.
 """
 from __future__ import annotations
 
@@ -377,23 +376,18 @@ class CrossModalAttention(nn.Module):
 
 
 def _linear(x, weight, bias):
-    """F.linear; on the CPU in float32 through fused_concat_linear with one input where its large GEMMs
-    run on oneDNN or packed_gemm (csrc/cpu/matmul.cpp: faster than MKL's on the AMD CPUs measured), with
-    F.linear's autograd semantics. Not for small GEMMs (decoding steps): there the op's GEMM is ATen's
-    too, and the op would only add its fixed cost per call (issue 19). Nor where the op's GEMMs are
-    MKL's: there its row blocks of single-threaded GEMMs lose to F.linear's one threaded GEMM (1.1-1.4x
-    on Zen 3, benchmarks/RESULTS.md, "Session 12")."""
-    # Below ONEDNN_MIN_MACS (or packed_gemm's 16 rows) the op's GEMM is ATen's, as F.linear's is.
+    """F.linear; on the CPU in float32 through fused_concat_linear with one input where its GEMMs run on
+    oneDNN (csrc/cpu/matmul.cpp: 1.2-1.5x MKL's on the AMD CPUs measured), with F.linear's autograd
+    semantics. Not for small GEMMs (decoding steps): there the op's GEMM is ATen's too, and the op would
+    only add its fixed cost per call (issue 19). Nor where the op's GEMMs are MKL's (AVX2-only CPUs):
+    there its row blocks of single-threaded GEMMs lose to F.linear's one threaded GEMM (1.1-1.4x on Zen 3,
+    benchmarks/RESULTS.md, "Session 12")."""
+    # Below ONEDNN_MIN_MACS the op's GEMM is ATen's, as F.linear's is.
     if (x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS
             # (torch.compile cannot trace the C call: compiled graphs keep the op, as before.)
-            and (torch.compiler.is_compiling() or _fast_gemm(x.numel() // max(1, x.shape[-1])))):
+            and (torch.compiler.is_compiling() or cpu_float32_gemm() == "oneDNN")):
         return ops.fused_concat_linear([x], weight, bias)
     return F.linear(x, weight, bias)
-
-
-def _fast_gemm(rows: int) -> bool:
-    library = cpu_float32_gemm()
-    return library == "oneDNN" or (library.startswith("packed_gemm") and rows >= 16)
 
 
 def _scores_to_weights(q, k, additive, scale):

@@ -6,10 +6,8 @@
 #include <gtest/gtest.h>
 
 #include <cstdlib>
-#include <string>
 
 #include "cpu/matmul.h"
-#include "cpu/packed_gemm.h"
 
 namespace {
 
@@ -32,15 +30,14 @@ void expect_matches_mm(const at::Tensor& a, const at::Tensor& b, bool accumulate
 TEST(Matmul, LayoutsAndAccumulationMatchMm) {
   at::manual_seed(0);
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
-  // 137 x 700 x 180: above kFastMinMacs, so oneDNN serves the layouts it takes (packed_gemm every layout,
-  // where oneDNN refuses the CPU); one row: ATen (small).
+  // 137 x 700 x 180: above kOneDnnMinMacs, so oneDNN serves the layouts it takes; one row: ATen (small).
   const at::Tensor a = at::randn({137, 700}, f32);
   const at::Tensor w = at::randn({180, 1000}, f32);
   for (bool accumulate : {false, true}) {
     expect_matches_mm(a, at::randn({700, 180}, f32), accumulate);              // row-major
     expect_matches_mm(a, w.narrow(1, 300, 700).t(), accumulate);               // W[:, cols].T, column-major
     expect_matches_mm(at::randn({700, 137}, f32).t(), w.narrow(1, 0, 700).t(), accumulate);  // both transposed
-    expect_matches_mm(a, at::randn({700, 360}, f32).slice(1, 0, 360, 2), accumulate);       // strided both ways: ATen or packed_gemm
+    expect_matches_mm(a, at::randn({700, 360}, f32).slice(1, 0, 360, 2), accumulate);       // strided both ways: ATen
     expect_matches_mm(a.narrow(0, 0, 1), at::randn({700, 180}, f32), accumulate);            // one row
     expect_matches_mm(a.narrow(1, 0, 70), w.narrow(1, 0, 70).t(), accumulate);               // small: ATen
     at::Tensor out_t = at::randn({180, 137}, f32).t();                                        // column-major out: ATen
@@ -62,19 +59,6 @@ TEST(Matmul, OnednnRuleFollowsTorchsSwitch) {
   at::globalContext().setUserEnabledMkldnn(enabled);
   EXPECT_FALSE(mmkernels::cpu::matmul_uses_onednn(at::kDouble));
   EXPECT_FALSE(mmkernels::cpu::matmul_uses_onednn(at::kBFloat16));
-}
-
-TEST(Matmul, PackedGemmWhereOnednnRefusesTheCpu) {
-  // float32 only, never beside oneDNN, never without AVX2 + FMA or with MMKERNELS_CPU_GEMM=aten.
-  using mmkernels::cpu::matmul_uses_packed;
-  if (std::getenv("MMKERNELS_CPU_GEMM") == nullptr)
-    EXPECT_EQ(matmul_uses_packed(at::kFloat),
-              mmkernels::cpu::packed_gemm::available() && !mmkernels::cpu::onednn_matmul_runs());
-  EXPECT_FALSE(matmul_uses_packed(at::kFloat) && mmkernels::cpu::matmul_uses_onednn(at::kFloat));
-  EXPECT_FALSE(matmul_uses_packed(at::kDouble));
-  EXPECT_FALSE(matmul_uses_packed(at::kBFloat16));
-  const std::string name = mmkernels::cpu::float32_gemm_name();
-  EXPECT_EQ(name == "packed_gemm (AVX2)", matmul_uses_packed(at::kFloat));
 }
 
 TEST(Matmul, HalfPrecisionLayoutsMatchMm) {
