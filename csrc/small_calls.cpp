@@ -222,7 +222,7 @@ bool linear_is_small(const at::Tensor& x, int64_t n_out, long long min_macs) {
 // nn/cross_modal_attention.py's _scores_to_weights, op for op.
 at::Tensor scores_to_weights(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& additive,
                              double scale) {
-  at::Tensor scores = at::matmul(q * scale, k.transpose(-2, -1));
+  at::Tensor scores = at::matmul(q * scale, k.contiguous().transpose(-2, -1));
   if (additive) scores = scores + *additive;
   at::Tensor dead = scores.amax(-1, true) == -std::numeric_limits<double>::infinity();
   return at::softmax(scores.masked_fill(dead, 0.0), -1).masked_fill(dead, 0.0);

@@ -393,8 +393,9 @@ def _linear(x, weight, bias):
 def _scores_to_weights(q, k, additive, scale):
     """softmax(q k^T scale + additive) in nn.MultiheadAttention's order of operations (`scale` is its
     exact expression, for bitwise-equal scores), except that rows with no visible key give zero
-    weights instead of NaN."""
-    scores = torch.matmul(q * scale, k.transpose(-2, -1))
+    weights instead of NaN. K is made contiguous first (its rows are strided views of the projection):
+    matmul would otherwise copy K^T element by element, and its gradient would come back transposed."""
+    scores = torch.matmul(q * scale, k.contiguous().transpose(-2, -1))
     if additive is not None:
         scores = scores + additive
     dead = scores.amax(dim=-1, keepdim=True) == float("-inf")
