@@ -57,8 +57,8 @@ MMK_AVX2 inline __m128 sum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
 }
 
 // One 8-lane step of dot_tile: all lanes, or the first n (a masked tail that reads nothing beyond).
-template <int MR, int NR, bool kTail>
-MMK_AVX2 inline void dot_step(__m256 (&s)[MR][4], const float* a, int64_t lda, const float* b, int64_t ldb,
+template <int MR, int NR, int NA, bool kTail>
+MMK_AVX2 inline void dot_step(__m256 (&s)[MR][NA], const float* a, int64_t lda, const float* b, int64_t ldb,
                               __m256i mask) {
   __m256 x[MR];
   for (int i = 0; i < MR; ++i) x[i] = kTail ? _mm256_maskload_ps(a + i * lda, mask) : _mm256_loadu_ps(a + i * lda);
@@ -69,87 +69,104 @@ MMK_AVX2 inline void dot_step(__m256 (&s)[MR][4], const float* a, int64_t lda, c
 }
 
 // An MR x NR tile of dot_rows: MR rows of A against NR rows of B, 8 lanes of k at a time (MR * NR
-// accumulators), reduced across lanes once at the end.
+// accumulators), reduced across lanes once at the end, four at a time (the same order for each).
 template <int MR, int NR>
 MMK_AVX2 void dot_tile(int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
                        bool accumulate) {
-  __m256 s[MR][4];
+  constexpr int kGroups = (NR + 3) / 4;
+  __m256 s[MR][kGroups * 4];
   for (int i = 0; i < MR; ++i) {
-    for (int j = 0; j < 4; ++j) s[i][j] = _mm256_setzero_ps();
+    for (int j = 0; j < kGroups * 4; ++j) s[i][j] = _mm256_setzero_ps();
   }
   const __m256i none = _mm256_setzero_si256();
   int64_t k = 0;
-  for (; k + 8 <= K; k += 8) dot_step<MR, NR, false>(s, a + k, lda, b + k, ldb, none);
-  if (k < K) dot_step<MR, NR, true>(s, a + k, lda, b + k, ldb, lanes(K - k));
+  for (; k + 8 <= K; k += 8) dot_step<MR, NR, kGroups * 4, false>(s, a + k, lda, b + k, ldb, none);
+  if (k < K) dot_step<MR, NR, kGroups * 4, true>(s, a + k, lda, b + k, ldb, lanes(K - k));
   for (int i = 0; i < MR; ++i) {
-    alignas(16) float sums[4];
-    _mm_store_ps(sums, sum4(s[i][0], s[i][1], s[i][2], s[i][3]));
+    alignas(16) float sums[kGroups * 4];
+    for (int g = 0; g < kGroups; ++g)
+      _mm_store_ps(sums + 4 * g, sum4(s[i][4 * g], s[i][4 * g + 1], s[i][4 * g + 2], s[i][4 * g + 3]));
     for (int j = 0; j < NR; ++j) c[i * ldc + j] = accumulate ? c[i * ldc + j] + sums[j] : sums[j];
   }
 }
 
-template <int MR>
+// The tile of up to NR rows of B from row j on (fewer at the end).
+template <int MR, int NR>
 MMK_AVX2 void dot_tiles(int64_t J, int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
                         int64_t ldc, int64_t j, bool accumulate) {
-  switch (J - j) {
-    case 1: return dot_tile<MR, 1>(K, a, lda, b + j * ldb, ldb, c + j, ldc, accumulate);
-    case 2: return dot_tile<MR, 2>(K, a, lda, b + j * ldb, ldb, c + j, ldc, accumulate);
-    case 3: return dot_tile<MR, 3>(K, a, lda, b + j * ldb, ldb, c + j, ldc, accumulate);
-    default: return dot_tile<MR, 4>(K, a, lda, b + j * ldb, ldb, c + j, ldc, accumulate);
+  if constexpr (NR > 1) {
+    if (J - j < NR) return dot_tiles<MR, NR - 1>(J, K, a, lda, b, ldb, c, ldc, j, accumulate);
   }
+  dot_tile<MR, NR>(K, a, lda, b + j * ldb, ldb, c + j, ldc, accumulate);
 }
 
 MMK_AVX2 void dot_rows_avx2(int64_t I, int64_t J, int64_t K, const float* a, int64_t lda, const float* b,
                             int64_t ldb, float* c, int64_t ldc, bool accumulate) {
-  // Four rows of B (W) at a time, every row of A (x) against them: B is read once, A (few rows) from cache.
+  // Four rows of B (W) at a time, every row of A (x) against them: B is read once, A (few rows) from
+  // cache. One row of A (a decoding step's query) takes eight rows of B at a time: eight independent
+  // chains keep both FMA units busy, where four would wait on each one's latency.
+  if (I == 1) {
+    for (int64_t j = 0; j < J; j += 8) dot_tiles<1, 8>(J, K, a, lda, b, ldb, c, ldc, j, accumulate);
+    return;
+  }
   for (int64_t j = 0; j < J; j += 4) {
     int64_t i = 0;
-    for (; i + 2 <= I; i += 2) dot_tiles<2>(J, K, a + i * lda, lda, b, ldb, c + i * ldc, ldc, j, accumulate);
-    if (i < I) dot_tiles<1>(J, K, a + i * lda, lda, b, ldb, c + i * ldc, ldc, j, accumulate);
+    for (; i + 2 <= I; i += 2) dot_tiles<2, 4>(J, K, a + i * lda, lda, b, ldb, c + i * ldc, ldc, j, accumulate);
+    if (i < I) dot_tiles<1, 4>(J, K, a + i * lda, lda, b, ldb, c + i * ldc, ldc, j, accumulate);
   }
 }
 
-// An MR x (up to 16) tile of outer: two 8-lane column vectors per row of C, a broadcast of A(i, r)
+// Lanes [0, min(n, 8)) of x: a plain load when all eight are there, else masked (mask = lanes(n)).
+MMK_AVX2 inline __m256 load8(const float* x, int64_t n, __m256i mask) {
+  return n >= 8 ? _mm256_loadu_ps(x) : _mm256_maskload_ps(x, mask);
+}
+
+// An MR x (up to 8 NV) tile of outer: NV 8-lane column vectors per row of C, a broadcast of A(i, r)
 // times B's row r added per step.
-template <int MR>
+template <int MR, int NV>
 MMK_AVX2 void outer_tile(int64_t R, const float* a, int64_t a_i, int64_t a_r, const float* b, int64_t ldb, float* c,
                          int64_t ldc, int64_t n, bool accumulate) {
-  __m256 s[MR][2];
-  for (int i = 0; i < MR; ++i) s[i][0] = s[i][1] = _mm256_setzero_ps();
-  const __m256i m0 = lanes(n), m1 = lanes(n - 8);
+  __m256 s[MR][NV];
+  __m256i mask[NV];
+  for (int v = 0; v < NV; ++v) {
+    mask[v] = lanes(n - 8 * v);
+    for (int i = 0; i < MR; ++i) s[i][v] = _mm256_setzero_ps();
+  }
   for (int64_t r = 0; r < R; ++r) {
     const float* row = b + r * ldb;
-    const __m256 w0 = n >= 8 ? _mm256_loadu_ps(row) : _mm256_maskload_ps(row, m0);
-    const __m256 w1 = n >= 16 ? _mm256_loadu_ps(row + 8) : _mm256_maskload_ps(row + 8, m1);
+    __m256 w[NV];
+    for (int v = 0; v < NV; ++v) w[v] = load8(row + 8 * v, n - 8 * v, mask[v]);
     for (int i = 0; i < MR; ++i) {
       const __m256 g = _mm256_broadcast_ss(a + i * a_i + r * a_r);
-      s[i][0] = _mm256_fmadd_ps(g, w0, s[i][0]);
-      s[i][1] = _mm256_fmadd_ps(g, w1, s[i][1]);
+      for (int v = 0; v < NV; ++v) s[i][v] = _mm256_fmadd_ps(g, w[v], s[i][v]);
     }
   }
   for (int i = 0; i < MR; ++i) {
     float* out = c + i * ldc;
-    if (accumulate) {
-      s[i][0] = _mm256_add_ps(s[i][0], n >= 8 ? _mm256_loadu_ps(out) : _mm256_maskload_ps(out, m0));
-      s[i][1] = _mm256_add_ps(s[i][1], n >= 16 ? _mm256_loadu_ps(out + 8) : _mm256_maskload_ps(out + 8, m1));
-    }
-    if (n >= 16) {
-      _mm256_storeu_ps(out, s[i][0]);
-      _mm256_storeu_ps(out + 8, s[i][1]);
-    } else {
-      _mm256_maskstore_ps(out, m0, s[i][0]);
-      _mm256_maskstore_ps(out + 8, m1, s[i][1]);
+    for (int v = 0; v < NV; ++v) {
+      if (accumulate) s[i][v] = _mm256_add_ps(s[i][v], load8(out + 8 * v, n - 8 * v, mask[v]));
+      if (n >= 8 * (v + 1)) {
+        _mm256_storeu_ps(out + 8 * v, s[i][v]);
+      } else {
+        _mm256_maskstore_ps(out + 8 * v, mask[v], s[i][v]);
+      }
     }
   }
 }
 
 MMK_AVX2 void outer_avx2(int64_t I, int64_t J, int64_t R, const float* a, int64_t a_i, int64_t a_r, const float* b,
                          int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  // Four rows of C by 16 columns, and the last rows one at a time by 64 columns: eight accumulators
+  // either way, and a lone row (a decoding step's P V) reads each row of B in 256-byte runs.
   for (int64_t j = 0; j < J; j += 16) {
     const int64_t n = std::min<int64_t>(16, J - j);
-    int64_t i = 0;
-    for (; i + 4 <= I; i += 4) outer_tile<4>(R, a + i * a_i, a_i, a_r, b + j, ldb, c + i * ldc + j, ldc, n, accumulate);
-    for (; i < I; ++i) outer_tile<1>(R, a + i * a_i, a_i, a_r, b + j, ldb, c + i * ldc + j, ldc, n, accumulate);
+    for (int64_t i = 0; i + 4 <= I; i += 4)
+      outer_tile<4, 2>(R, a + i * a_i, a_i, a_r, b + j, ldb, c + i * ldc + j, ldc, n, accumulate);
+  }
+  for (int64_t i = I / 4 * 4; i < I; ++i) {
+    for (int64_t j = 0; j < J; j += 64)
+      outer_tile<1, 8>(R, a + i * a_i, a_i, a_r, b + j, ldb, c + i * ldc + j, ldc, std::min<int64_t>(64, J - j),
+                       accumulate);
   }
 }
 

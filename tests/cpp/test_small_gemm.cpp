@@ -1,6 +1,6 @@
 // C++ tests of the few-rows GEMMs (csrc/cpu/small_gemm.cpp): every tile and tail shape (rows, columns
 // and lengths that are and are not multiples of the register blocks), strided operands, overwriting
-// and accumulating, against ATen's mm in float64, with C's padding left untouched.
+// and accumulating (one row of A: the wider tiles of decoding), against ATen's mm in float64, with C's padding left untouched.
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
@@ -18,7 +18,7 @@ void expect_close(const at::Tensor& got, const at::Tensor& want, int64_t I, int6
 TEST(SmallGemm, DotRowsIsATimesBTransposed) {
   at::manual_seed(0);
   for (int64_t I : {1, 2, 3, 8, 33})
-    for (int64_t J : {1, 2, 3, 4, 5, 17, 64})
+    for (int64_t J : {1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 64})
       for (int64_t K : {0, 1, 7, 8, 9, 64, 100}) {
         const at::Tensor a = at::randn({I, K + 3}), b = at::randn({J, K + 1});  // row strides past K
         const at::Tensor product = at::mm(a.narrow(1, 0, K).to(at::kDouble), b.narrow(1, 0, K).to(at::kDouble).t());
@@ -36,7 +36,7 @@ TEST(SmallGemm, DotRowsIsATimesBTransposed) {
 TEST(SmallGemm, OuterWithEitherOperandStrides) {
   at::manual_seed(1);
   for (int64_t I : {1, 3, 4, 5, 9, 40})
-    for (int64_t J : {1, 7, 8, 15, 16, 17, 33})
+    for (int64_t J : {1, 7, 8, 15, 16, 17, 33, 63, 64, 65, 130})
       for (int64_t R : {0, 1, 5, 32}) {
         const at::Tensor g = at::randn({R, I});  // A(i, r) = g[r, i]: gz.T, as grad_weight reads it
         const at::Tensor rows = g.t().contiguous();  // A(i, r) = rows[i, r]: gz, as the input gradients read it
