@@ -404,3 +404,31 @@ def test_decoding_splits_keys_and_matches_reference(Lq, dtype):
         assert (out == 0).all()
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("layout", ["BHLE", "BLHE"])
+@pytest.mark.parametrize("H, Hkv", [(8, 1), (8, 2), (16, 4)])
+def test_grouped_query_decoding_matches_reference(H, Hkv, layout):
+    # One query per head (float32): the forward reads each K / V row once for the whole group of query
+    # heads (one item of G rows); backward recomputes the scores one head at a time. Every per-head
+    # input (a float mask per head, dropout's per-head draw) and transformers' (B, L, H, E) layout.
+    B, Lk, E, Ev = 2, 1100, 16, 8
+    q, k, v = make_gqa(B, H, Hkv, 1, Lk, E, Ev, torch.float32)
+    if layout == "BLHE":  # (B, H, L, E) views of (B, L, H, E) storage: Q's rows across heads are E apart
+        q, k, v = (t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in (q, k, v))
+    pad = torch.rand(B, Lk) < 0.2
+    for kw in ({}, {"key_padding_mask": pad}, {"attn_mask": torch.randn(B, H, 1, Lk)},
+               {"kv_lengths": torch.tensor([700, 3]), "is_causal": True}, {"attn_mask": causal_lower_right(1, Lk)}):
+        check_against_reference(q, k, v, torch.float32, **kw)
+    # One visible key: P = 1 in the forward and, recomputed per head, exactly 1 in backward too.
+    out = mmkernels.cross_modal_attention(q, k, v, kv_lengths=torch.tensor([1, 1]), enable_gqa=True)
+    assert torch.equal(out, v[:, :, :1].repeat_interleave(H // Hkv, 1))
+    (dq,) = torch.autograd.grad(out, q, torch.randn_like(out))
+    assert (dq == 0).all()
+    # Dropout draws per (head, query, key), as the call with K and V repeated per head does.
+    kr, vr = (t.detach().repeat_interleave(H // Hkv, 1) for t in (k, v))
+    torch.manual_seed(3)
+    a = mmkernels.cross_modal_attention(q, k, v, dropout_p=0.3, enable_gqa=True)
+    torch.manual_seed(3)
+    b = mmkernels.cross_modal_attention(q, kr, vr, dropout_p=0.3)
+    torch.testing.assert_close(a, b)

@@ -406,11 +406,17 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
   // blocks, each block is packed where it is used instead, so that the scratch stays
   // O(threads * BK * E) for long key sequences. A run's items are (query head in group, query block).
   constexpr int64_t kMaxKeptBlocks = 16;
-  const int64_t nitems = p.G * nqb, nunits = p.B * p.Hkv;
+  const bool direct_scores = !kBf16 && !kHalf && p.Lq <= kDecodeMaxLq;  // nothing to pack then
+  // Grouped-query decoding (float, Lq = 1): the group's G query rows (one per head, row stride qs1)
+  // are one item, so each K and V row is read once for the group, not once per query head. The
+  // scores' dot products sum in the same order for any number of rows (small_gemm::dot_rows), so
+  // backward's recomputation, one head at a time, still gives the forward's scores to the bit.
+  const bool group_rows = direct_scores && std::is_same_v<In, float> && p.Lq == 1 && p.G > 1;
+  const int64_t RQ = group_rows ? p.G : BQ;  // rows of an item
+  const int64_t nitems = group_rows ? 1 : p.G * nqb, nunits = p.B * p.Hkv;
   const int64_t runs_per_unit = std::clamp<int64_t>((8 * nthreads + nunits - 1) / nunits, 1, nitems);
   const int64_t run = (nitems + runs_per_unit - 1) / runs_per_unit, nruns = (nitems + run - 1) / run;
   const bool keep_packed = num_key_blocks(p.Lk) <= kMaxKeptBlocks;
-  const bool direct_scores = !kBf16 && !kHalf && p.Lq <= kDecodeMaxLq;  // nothing to pack then
   const int64_t slots = direct_scores ? 0 : keep_packed ? num_key_blocks(p.Lk) : 1;  // packed K^T blocks
   // Packed block sizes in In elements, and their scratch in T elements (bfloat16: two per T).
   const int64_t kt_block = p.E * (kBf16 ? BKp : BK), v_block = kBf16 ? BKp * p.Ev : (kHalf ? BK * p.Ev : 0);
@@ -419,7 +425,7 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
   // Per-thread scratch: packed K (and V), scores, output accumulator, row max / sum, one bias row,
   // dropout factors, and (bfloat16) P rounded for the second GEMM or (float16) Q_i and K_j in float.
   const int64_t per_thread = kt_size + v_size +
-      aligned_slice<T>(BQ * BK + BQ * p.Ev + 2 * BQ + BK + BK + (kBf16 ? (BQ * BKp + 1) / 2 : 0) +
+      aligned_slice<T>(RQ * BK + RQ * p.Ev + 2 * RQ + BK + BK + (kBf16 ? (BQ * BKp + 1) / 2 : 0) +
                        (kHalf ? (BQ + BK) * p.E : 0));
   const at::Tensor scratch_t = aligned_scratch<T>(per_thread * scratch_threads);
   T* const scratch = scratch_t.data_ptr<T>();
@@ -449,10 +455,10 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
     Packed* kT = reinterpret_cast<Packed*>(scratch + tid * per_thread);
     Packed* vP = reinterpret_cast<Packed*>(scratch + tid * per_thread + kt_size);
     T* S = scratch + tid * per_thread + kt_size + v_size;
-    T* acc = S + BQ * BK;
-    T* m = acc + BQ * p.Ev;
-    T* l = m + BQ;
-    T* bias = l + BQ;
+    T* acc = S + RQ * BK;
+    T* m = acc + RQ * p.Ev;
+    T* l = m + RQ;
+    T* bias = l + RQ;
     T* z = bias + BK;
     uint16_t* Pb = reinterpret_cast<uint16_t*>(z + BK);
     T* Qf = z + BK;           // float16: Q_i in float
@@ -470,15 +476,18 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
       for (int64_t j0 = jbeg, jb = 0; j0 < jpack; j0 += BK, ++jb) pack(j0, jb);
     }
     for (int64_t it = it0; it < it1; ++it) {
-      const int64_t h = hk * p.G + it / nqb, bh = b * p.H + h;
-      const int64_t i0 = (it % nqb) * BQ, nq = std::min(BQ, p.Lq - i0);
-      const int64_t jlim = std::min(jend, p.key_limit(b, i0, nq));
+      // Row r of the item: head h + r and query i0 (group_rows), else head h and query i0 + r.
+      const int64_t h = group_rows ? hk * p.G : hk * p.G + it / nqb, bh = b * p.H + h;
+      const int64_t i0 = group_rows ? 0 : (it % nqb) * BQ, nq = group_rows ? p.G : std::min(BQ, p.Lq - i0);
+      const int64_t dh = group_rows ? 1 : 0, di = group_rows ? 0 : 1;
+      const int64_t qrs = group_rows ? qs1 : qs2;  // Q's row stride in the item
+      const int64_t jlim = std::min(jend, p.key_limit(b, i0, group_rows ? 1 : nq));
       std::fill_n(acc, nq * p.Ev, T(0));
       std::fill_n(m, nq, -std::numeric_limits<T>::infinity());
       std::fill_n(l, nq, T(0));
       const In* qb = qd + b * qs0 + h * qs1 + i0 * qs2;
       if constexpr (kHalf)
-        for (int64_t r = 0; r < nq; ++r) half_to_float(qb + r * qs2, Qf + r * p.E, p.E);
+        for (int64_t r = 0; r < nq; ++r) half_to_float(qb + r * qrs, Qf + r * p.E, p.E);
       for (int64_t j0 = jbeg, jb = 0; j0 < jlim; j0 += BK, ++jb) {
         // Causal: only the blocks up to the diagonal run, the last one cut at the last row's limit.
         const int64_t nk = std::min(BK, jlim - j0), slot = keep_packed ? jb : 0;
@@ -488,14 +497,15 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
         } else if constexpr (kHalf) {
           gemm(nq, nk, p.E, Qf, p.E, kT + slot * kt_block, BK, S, BK, false);
         } else if (direct_scores) {
-          scores_from_key_rows(nq, nk, p.E, qb, qs2, kd + b * ks0 + hk * ks1 + j0 * ks2, ks2, S, BK);
+          scores_from_key_rows(nq, nk, p.E, qb, qrs, kd + b * ks0 + hk * ks1 + j0 * ks2, ks2, S, BK);
         } else {
-          gemm(nq, nk, p.E, qb, qs2, kT + slot * kt_block, BK, S, BK, false);
+          gemm(nq, nk, p.E, qb, qrs, kT + slot * kt_block, BK, S, BK, false);
         }
         for (int64_t r = 0; r < nq; ++r) {
           T* s = S + r * BK;
-          const T* brow = bias_for_row(p, b, h, i0 + r, j0, nk, bias);
-          const int64_t nv = p.causal_cols(i0 + r, j0, nk);  // the row's keys left of the diagonal
+          const int64_t hr = h + r * dh, ir = i0 + r * di;
+          const T* brow = bias_for_row(p, b, hr, ir, j0, nk, bias);
+          const int64_t nv = p.causal_cols(ir, j0, nk);  // the row's keys left of the diagonal
           const T mx = rows::scale_bias_max(s, brow, nv, scale);
           // NaN is sticky: a NaN score (returned as mx) or an earlier one (in m) makes the row NaN.
           const T mnew = std::isnan(mx) ? mx : std::max(m[r], mx);
@@ -510,7 +520,7 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
             m[r] = mnew;
             if (p.dropout) {
               // The row sum above is of the undropped probabilities; only P V sees the mask.
-              rows::dropout_factors_row(z, dropout_row_key(p.seed, bh + p.head0, p.Lq, i0 + r),
+              rows::dropout_factors_row(z, dropout_row_key(p.seed, bh + r * dh + p.head0, p.Lq, ir),
                                         static_cast<uint32_t>(j0), nk, p.threshold, inv_keep);
               rows::mul(s, z, nk);
             }
@@ -543,20 +553,21 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
       }
       In* ob = od + b * os0 + h * os1 + i0 * os2;
       T* lb = ld + b * lse.stride(0) + h * lse.stride(1) + i0;
+      const int64_t ors = group_rows ? os1 : os2, lrs = group_rows ? lse.stride(1) : 1;  // row strides
       for (int64_t r = 0; r < nq; ++r) {
         // l is exactly 0 only when no key was visible; a NaN score makes it NaN, which must reach the
         // output (as in the reference) rather than be mistaken for "no visible key" by a `> 0` test.
         if (l[r] != T(0)) {
           rows::scale(acc + r * p.Ev, p.Ev, T(1) / l[r]);
-          lb[r] = m[r] + std::log(l[r]);
+          lb[r * lrs] = m[r] + std::log(l[r]);
         } else {  // no visible key: zeros, and lse = +inf so that backward's probabilities are 0
           std::fill_n(acc + r * p.Ev, p.Ev, T(0));
-          lb[r] = std::numeric_limits<T>::infinity();
+          lb[r * lrs] = std::numeric_limits<T>::infinity();
         }
         if constexpr (kBf16) {
-          rows::to_bf16(acc + r * p.Ev, reinterpret_cast<uint16_t*>(ob + r * os2), p.Ev);
+          rows::to_bf16(acc + r * p.Ev, reinterpret_cast<uint16_t*>(ob + r * ors), p.Ev);
         } else {
-          std::copy_n(acc + r * p.Ev, p.Ev, ob + r * os2);
+          std::copy_n(acc + r * p.Ev, p.Ev, ob + r * ors);
         }
       }
     }

@@ -1,7 +1,8 @@
 """cross_modal_attention's variants (issue 13) against F.scaled_dot_product_attention: causal
 self-attention (our own call with the causal mask as a tensor as a second baseline: the skipped
 blocks), grouped-query
-attention (SDPA with enable_gqa=True), decoding steps (Lq = 1, many keys, forward), and packed
+attention (SDPA with enable_gqa=True), decoding steps (Lq = 1, many keys, forward; also with grouped-query
+heads), and packed
 variable-length batches (cross_modal_attention_varlen against our dense op and SDPA on the same
 batch padded to its longest sequence, with the padded keys masked).
 """
@@ -20,6 +21,8 @@ CAUSAL_SHAPES = [(4, 8, 2048, 64), (2, 16, 4096, 128), (8, 12, 1024, 64)]
 GQA_SHAPES = [(2, 16, 4, 1024, 64), (1, 16, 2, 2048, 64), (1, 16, 1, 4096, 64)]
 # (B, H, Lq, Lk, E) decoding steps, forward.
 DECODE_SHAPES = [(1, 8, 1, 8192, 128), (2, 4, 1, 32768, 64), (1, 1, 1, 65536, 128)]
+# (B, H, H_kv, Lk, E) grouped-query decoding steps (Lq = 1), forward.
+GQA_DECODE_SHAPES = [(1, 32, 8, 8192, 128), (2, 8, 2, 4096, 64)]
 # (B, H, E, spread, Lmin, Lmax) packed self-attention batches, fwd and fwd+bwd: lengths uniform in
 # [Lmin, Lmax], or long-tailed (most sequences short, a few long: Lmax * u^4, at least Lmin).
 # The first is the issue's target: 16 sequences of 32..1024.
@@ -51,11 +54,11 @@ def _build_causal(B, H, L, E, mode, dtype, device) -> Built:
     ], oracle="sdpa", tol=tol_for(dtype))
 
 
-def _build_gqa(B, H, Hkv, L, E, mode, dtype, device) -> Built:
+def _build_gqa(B, H, Hkv, Lq, Lk, E, mode, dtype, device) -> Built:
     grad = mode != "fwd"
-    q = randn(B, H, L, E, dtype=dtype, device=device, requires_grad=grad)
-    k, v = (randn(B, Hkv, L, E, dtype=dtype, device=device, requires_grad=grad) for _ in range(2))
-    g = randn(B, H, L, E, dtype=dtype, device=device) if grad else None
+    q = randn(B, H, Lq, E, dtype=dtype, device=device, requires_grad=grad)
+    k, v = (randn(B, Hkv, Lk, E, dtype=dtype, device=device, requires_grad=grad) for _ in range(2))
+    g = randn(B, H, Lq, E, dtype=dtype, device=device) if grad else None
     leaves = [q, k, v]
     return Built([
         Contender(OURS, make_step(lambda: mmkernels.cross_modal_attention(q, k, v, enable_gqa=True), mode, leaves, g)),
@@ -134,7 +137,7 @@ def _cases() -> list[Case]:
     for B, H, Hkv, L, E in GQA_SHAPES:
         cases.append(Case(
             suite="attention_variants", shape=f"gqa B{B} H{H} Hkv{Hkv} L{L} E{E}", mode="fwd+bwd", dtype=dt,
-            build=lambda device, s=(B, H, Hkv, L, E): _build_gqa(*s, "fwd+bwd", dt, device),
+            build=lambda device, s=(B, H, Hkv, L, L, E): _build_gqa(*s, "fwd+bwd", dt, device),
             params={"variant": "gqa", "B": B, "H": H, "H_kv": Hkv, "L": L, "E": E}, baselines=("sdpa",),
             flops=4.0 * B * H * L * L * E * 2.5,
         ))
@@ -144,6 +147,13 @@ def _cases() -> list[Case]:
             build=lambda device, s=(B, H, Lq, Lk, E): _build_decode(*s, "fwd", dt, device),
             params={"variant": "decode", "B": B, "H": H, "Lq": Lq, "Lk": Lk, "E": E}, baselines=("sdpa",),
             flops=4.0 * B * H * Lq * Lk * E, default=i == 0,
+        ))
+    for B, H, Hkv, Lk, E in GQA_DECODE_SHAPES:
+        cases.append(Case(
+            suite="attention_variants", shape=f"gqa decode B{B} H{H} Hkv{Hkv} Lq1 Lk{Lk} E{E}", mode="fwd", dtype=dt,
+            build=lambda device, s=(B, H, Hkv, 1, Lk, E): _build_gqa(*s, "fwd", dt, device),
+            params={"variant": "gqa_decode", "B": B, "H": H, "H_kv": Hkv, "Lq": 1, "Lk": Lk, "E": E},
+            baselines=("sdpa",), flops=4.0 * B * H * Lk * E,
         ))
     for B, H, E, spread, Lmin, Lmax in VARLEN_SHAPES:  # none in the default run
         for mode in ("fwd", "fwd+bwd"):
