@@ -1,10 +1,9 @@
 """cross_modal_attention's variants (issue 13) against F.scaled_dot_product_attention: causal
 self-attention (our own call with the causal mask as a tensor as a second baseline: the skipped
-blocks), grouped-query
-attention (SDPA with enable_gqa=True), decoding steps (Lq = 1, many keys, forward; also with grouped-query
-heads), and packed
-variable-length batches (cross_modal_attention_varlen against our dense op and SDPA on the same
-batch padded to its longest sequence, with the padded keys masked).
+blocks), grouped-query attention (SDPA with enable_gqa=True), decoding steps (Lq = 1, many keys,
+forward; also with grouped-query heads), and packed variable-length batches
+(cross_modal_attention_varlen against our dense op and SDPA on the same batch padded to its longest
+sequence, with the padded keys masked).
 """
 from __future__ import annotations
 
