@@ -541,7 +541,9 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
           gemm(nq, p.Ev, nk, S, BK, vd + b * vs0 + hk * vs1 + j0 * vs2, vs2, acc, p.Ev, true);
         }
       }
-      if (nsplit > 1) {  // a partial result: normalised rows and their lse (-inf: no key in this chunk)
+      // A partial result: normalised rows and their lse (-inf: no key in this chunk). An item's rows
+      // are consecutive there either way (group_rows: one query, so the group's heads are).
+      if (nsplit > 1) {
         T* po = part_out_t.data_ptr<T>() + ((split * p.B * p.H + bh) * p.Lq + i0) * p.Ev;
         T* pl = part_lse_t.data_ptr<T>() + (split * p.B * p.H + bh) * p.Lq + i0;
         for (int64_t r = 0; r < nq; ++r) {

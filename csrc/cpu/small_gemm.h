@@ -13,7 +13,9 @@ constexpr int64_t kMaxRows = 32;
 
 // C[i, j] (+)= sum_k A[i, k] * B[j, k] for i < I, j < J, k < K: A's rows at a + i * lda, B's at
 // b + j * ldb, both contiguous along k (x @ W.T with W in nn.Linear's layout, or Q K^T with K's rows in
-// place); C row-major, stride ldc, added to where `accumulate`, else overwritten.
+// place); C row-major, stride ldc, added to where `accumulate`, else overwritten. Each sum is formed
+// in the same order whatever I and J (the attention's grouped-query decoding forms a group's scores in
+// one call and backward recomputes them one row at a time: cross_modal_attention.cpp).
 void dot_rows(int64_t I, int64_t J, int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
               int64_t ldc, bool accumulate);
 

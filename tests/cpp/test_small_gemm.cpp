@@ -33,6 +33,27 @@ TEST(SmallGemm, DotRowsIsATimesBTransposed) {
       }
 }
 
+TEST(SmallGemm, DotRowsSumsAlikeForAnyRowCount) {
+  // Each output to the bit as the call for its row alone, and for its row and column alone.
+  at::manual_seed(2);
+  for (int64_t I : {2, 3, 4, 5, 16})
+    for (int64_t J : {1, 7, 9, 17})
+      for (int64_t K : {7, 64, 100}) {
+        const at::Tensor a = at::randn({I, K}), b = at::randn({J, K});
+        at::Tensor all = at::empty({I, J}), row = at::empty({1, J}), one = at::empty({1, 1});
+        dot_rows(I, J, K, a.const_data_ptr<float>(), K, b.const_data_ptr<float>(), K, all.data_ptr<float>(), J, false);
+        for (int64_t i = 0; i < I; ++i) {
+          dot_rows(1, J, K, a[i].const_data_ptr<float>(), K, b.const_data_ptr<float>(), K, row.data_ptr<float>(), J,
+                   false);
+          EXPECT_TRUE(at::equal(all[i], row[0])) << I << " x " << J << " x " << K << ", row " << i;
+          const int64_t j = J - 1;
+          dot_rows(1, 1, K, a[i].const_data_ptr<float>(), K, b[j].const_data_ptr<float>(), K, one.data_ptr<float>(), 1,
+                   false);
+          EXPECT_EQ(all[i][j].item<float>(), one.item<float>()) << I << " x " << J << " x " << K << ", row " << i;
+        }
+      }
+}
+
 TEST(SmallGemm, OuterWithEitherOperandStrides) {
   at::manual_seed(1);
   for (int64_t I : {1, 3, 4, 5, 9, 40})
