@@ -53,8 +53,10 @@ namespace {
 // per-thread scratch first, once per block. float follows matmul.cpp's rule: where it picks oneDNN,
 // cpublas::brgemm, oneDNN's batch-reduce micro-kernel (measured on this AVX-512 CPU at ~110 GFLOP/s
 // a core on the attention's blocks, against ~90 for MKL's sgemm_, which also packs each transposed
-// operand per call); elsewhere (MMKERNELS_CPU_GEMM=aten, oneDNN off, absent or refusing the CPU)
-// matmul_out's ATen mm (on AMD Zen 3 as fast as calling sgemm_ per block directly, or faster).
+// operand per call). Elsewhere (MMKERNELS_CPU_GEMM=aten, oneDNN off, absent or refusing the CPU, as on
+// AVX2-only CPUs): small_gemm::outer's AVX2 6 x 16 register tiles where the CPU has AVX2 and FMA (on
+// AMD Zen 3 ~90 GFLOP/s a core on these blocks against ~80 for MKL's sgemm through ATen's mm, with no
+// packing or call overhead), else matmul_out's ATen mm for all but the smallest blocks.
 // double (gradcheck) goes to the BLAS's dgemm_ where torch's BLAS exports it, else to plain loops.
 extern "C" {
 void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
@@ -68,8 +70,8 @@ bool blas_symbols() {
   return use;
 }
 
-// Up to this many multiply-adds (~2 us), a block GEMM off oneDNN runs small_gemm's loops, not ATen's mm.
-// Each output is one fused multiply-add chain over K from 0, the order rows::dot_rows sums D in.
+// Up to this many multiply-adds (~2 us), a block GEMM off oneDNN runs small_gemm's loops on any CPU, not
+// ATen's mm. Each output is one fused multiply-add chain over K from 0, the order rows::dot_rows sums D in.
 constexpr int64_t kSmallGemmMacs = int64_t(1) << 16;
 
 // Row-major C (M x N, ldc) (+)= A (M x K, lda) B (K x N, ldb).
@@ -85,7 +87,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const fl
     at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, /*is_vnni=*/false);
     return;
   }
-  if (M * N * K <= kSmallGemmMacs) {  // no tensors, no BLAS call: its fixed cost would dominate
+  if (M * N * K <= kSmallGemmMacs || small_gemm::vectorised()) {
     small_gemm::outer(M, N, K, A, lda, 1, B, ldb, C, ldc, accumulate);
     return;
   }
@@ -248,31 +250,36 @@ constexpr int64_t kBlockQ = 128;
 constexpr int64_t kBlockK = 512;
 inline int64_t key_block(int64_t Lk) { return std::min(kBlockK, std::max<int64_t>(Lk, 1)); }
 inline int64_t num_key_blocks(int64_t Lk) { return (Lk + key_block(Lk) - 1) / key_block(Lk); }
+// The leading dimension of scratch rows n keys wide (scores, K_j^T, gradients): n, or 16 more where n is
+// a multiple of 64. The block GEMMs read a 16-column panel of these rows top to bottom, and rows 256
+// bytes apart or a multiple of that fall into a few L1 sets, which evict one another.
+inline int64_t scratch_ld(int64_t n) { return n % 64 == 0 ? n + 16 : n; }
 
 // ------------------------------------------------------------------------------------------ forward
 
 // The GEMMs' B operands for key block [j0, j0 + nk) of one head, from K_j and V_j (rows of leading
-// dim ks2, vs2). float / double: K_j^T (E x BK). bfloat16, for cpublas::brgemm (oneDNN;
+// dim ks2, vs2). float / double: K_j^T (E x nk, rows ldk apart). bfloat16, for cpublas::brgemm (oneDNN;
 // AVX512-BF16 / AMX where present), in VNNI-2 layout, pairs of reduction rows interleaved: K_j^T as
-// (E/2 x BKp x 2), which is a transpose of K_j read as 32-bit pairs, and V_j as (BKp/2 x Ev x 2),
-// an odd block's last pair completed with a zero row. float16 (for the float GEMMs): K_j converted
-// into `tmp` (BK x E) and transposed from there into K_j^T (E x BK), V_j converted (BK x Ev).
+// (E/2 x BKp x 2) with BKp = ldk rounded up to even (ldk: the block size), which is a transpose of K_j
+// read as 32-bit pairs, and V_j as (BKp/2 x Ev x 2), an odd block's last pair completed with a zero
+// row. float16 (for the float GEMMs): K_j converted into `tmp` (nk x E) and transposed from there into
+// K_j^T (E x nk, rows ldk apart), V_j converted (nk x Ev).
 template <typename In, typename Packed, typename Tmp>
 void pack_key_block(const In* kr, int64_t ks2, const In* vr, int64_t vs2, int64_t nk, int64_t E, int64_t Ev,
-                    int64_t BK, Packed* kT, Packed* vP, Tmp* tmp) {
+                    int64_t ldk, Packed* kT, Packed* vP, Tmp* tmp) {
   if constexpr (std::is_same_v<In, at::Half>) {
     for (int64_t c = 0; c < nk; ++c) half_to_float(kr + c * ks2, tmp + c * E, E);
-    transpose(tmp, E, nk, E, kT, BK);
+    transpose(tmp, E, nk, E, kT, ldk);
     for (int64_t c = 0; c < nk; ++c) half_to_float(vr + c * vs2, vP + c * Ev, Ev);
   } else if constexpr (std::is_same_v<In, at::BFloat16>) {
-    const int64_t BKp = (BK + 1) & ~int64_t(1);
+    const int64_t BKp = (ldk + 1) & ~int64_t(1);
     transpose(reinterpret_cast<const uint32_t*>(kr), ks2 / 2, nk, E / 2, reinterpret_cast<uint32_t*>(kT), BKp);
     const auto* v16 = reinterpret_cast<const uint16_t*>(vr);
     for (int64_t m = 0; 2 * m < nk; ++m)
       rows::interleave_pairs(v16 + 2 * m * vs2, 2 * m + 1 < nk ? v16 + (2 * m + 1) * vs2 : nullptr, Ev,
                              reinterpret_cast<uint16_t*>(vP) + 2 * m * Ev);
   } else {
-    transpose(kr, ks2, nk, E, kT, BK);
+    transpose(kr, ks2, nk, E, kT, ldk);
   }
 }
 
@@ -384,6 +391,7 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
   using Packed = std::conditional_t<kHalf, T, In>;  // the element type of packed K (and V)
   const int64_t BQ = std::min(kBlockQ, p.Lq), BK = key_block(p.Lk);
   const int64_t BKp = (BK + 1) & ~int64_t(1);  // P's row length, even for the VNNI reduction
+  const int64_t LK = scratch_ld(BK);            // the leading dimension of S and (float) K_j^T
   const int64_t nqb = (p.Lq + BQ - 1) / BQ;
   const In* qd = q.const_data_ptr<In>();
   const In* kd = k.const_data_ptr<In>();
@@ -419,13 +427,13 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
   const bool keep_packed = num_key_blocks(p.Lk) <= kMaxKeptBlocks;
   const int64_t slots = direct_scores ? 0 : keep_packed ? num_key_blocks(p.Lk) : 1;  // packed K^T blocks
   // Packed block sizes in In elements, and their scratch in T elements (bfloat16: two per T).
-  const int64_t kt_block = p.E * (kBf16 ? BKp : BK), v_block = kBf16 ? BKp * p.Ev : (kHalf ? BK * p.Ev : 0);
+  const int64_t kt_block = p.E * (kBf16 ? BKp : LK), v_block = kBf16 ? BKp * p.Ev : (kHalf ? BK * p.Ev : 0);
   const int64_t kt_size = aligned_slice<T>(kt_block * slots * sizeof(Packed) / sizeof(T));
   const int64_t v_size = aligned_slice<T>(v_block * slots * sizeof(Packed) / sizeof(T));
   // Per-thread scratch: packed K (and V), scores, output accumulator, row max / sum, one bias row,
   // dropout factors, and (bfloat16) P rounded for the second GEMM or (float16) Q_i and K_j in float.
   const int64_t per_thread = kt_size + v_size +
-      aligned_slice<T>(RQ * BK + RQ * p.Ev + 2 * RQ + BK + BK + (kBf16 ? (BQ * BKp + 1) / 2 : 0) +
+      aligned_slice<T>(RQ * LK + RQ * p.Ev + 2 * RQ + BK + BK + (kBf16 ? (BQ * BKp + 1) / 2 : 0) +
                        (kHalf ? (BQ + BK) * p.E : 0));
   const at::Tensor scratch_t = aligned_scratch<T>(per_thread * scratch_threads);
   T* const scratch = scratch_t.data_ptr<T>();
@@ -455,7 +463,7 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
     Packed* kT = reinterpret_cast<Packed*>(scratch + tid * per_thread);
     Packed* vP = reinterpret_cast<Packed*>(scratch + tid * per_thread + kt_size);
     T* S = scratch + tid * per_thread + kt_size + v_size;
-    T* acc = S + RQ * BK;
+    T* acc = S + RQ * LK;
     T* m = acc + RQ * p.Ev;
     T* l = m + RQ;
     T* bias = l + RQ;
@@ -465,7 +473,8 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
     T* Kf = Qf + BQ * p.E;    // float16: K_j in float, before its transpose
     auto pack = [&](int64_t j0, int64_t slot) {
       pack_key_block(kd + b * ks0 + hk * ks1 + j0 * ks2, ks2, vd + b * vs0 + hk * vs1 + j0 * vs2, vs2,
-                     std::min(BK, p.kend[b] - j0), p.E, p.Ev, BK, kT + slot * kt_block, vP + slot * v_block, Kf);
+                     std::min(BK, p.kend[b] - j0), p.E, p.Ev, kBf16 ? BK : LK, kT + slot * kt_block,
+                     vP + slot * v_block, Kf);
     };
     if (keep_packed && !direct_scores) {
       int64_t jpack = jbeg;  // the keys any item of the run sees
@@ -493,16 +502,16 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
         const int64_t nk = std::min(BK, jlim - j0), slot = keep_packed ? jb : 0;
         if (!keep_packed && !direct_scores) pack(j0, slot);
         if constexpr (kBf16) {  // S = Q_i K_j^T
-          at::native::cpublas::brgemm(nq, nk, p.E, qs2, BKp, BK, false, qb, kT + slot * kt_block, S, true);
+          at::native::cpublas::brgemm(nq, nk, p.E, qs2, BKp, LK, false, qb, kT + slot * kt_block, S, true);
         } else if constexpr (kHalf) {
-          gemm(nq, nk, p.E, Qf, p.E, kT + slot * kt_block, BK, S, BK, false);
+          gemm(nq, nk, p.E, Qf, p.E, kT + slot * kt_block, LK, S, LK, false);
         } else if (direct_scores) {
-          scores_from_key_rows(nq, nk, p.E, qb, qrs, kd + b * ks0 + hk * ks1 + j0 * ks2, ks2, S, BK);
+          scores_from_key_rows(nq, nk, p.E, qb, qrs, kd + b * ks0 + hk * ks1 + j0 * ks2, ks2, S, LK);
         } else {
-          gemm(nq, nk, p.E, qb, qrs, kT + slot * kt_block, BK, S, BK, false);
+          gemm(nq, nk, p.E, qb, qrs, kT + slot * kt_block, LK, S, LK, false);
         }
         for (int64_t r = 0; r < nq; ++r) {
-          T* s = S + r * BK;
+          T* s = S + r * LK;
           const int64_t hr = h + r * dh, ir = i0 + r * di;
           const T* brow = bias_for_row(p, b, hr, ir, j0, nk, bias);
           const int64_t nv = p.causal_cols(ir, j0, nk);  // the row's keys left of the diagonal
@@ -534,11 +543,11 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
           at::native::cpublas::brgemm(nq, p.Ev, (nk + 1) & ~int64_t(1), BKp, p.Ev, p.Ev, true,
                                       reinterpret_cast<const at::BFloat16*>(Pb), vP + slot * v_block, acc, true);
         } else if constexpr (kHalf) {
-          gemm(nq, p.Ev, nk, S, BK, vP + slot * v_block, p.Ev, acc, p.Ev, true);
+          gemm(nq, p.Ev, nk, S, LK, vP + slot * v_block, p.Ev, acc, p.Ev, true);
         } else if (direct_scores) {
-          values_from_rows(nq, p.Ev, nk, S, BK, vd + b * vs0 + hk * vs1 + j0 * vs2, vs2, acc);
+          values_from_rows(nq, p.Ev, nk, S, LK, vd + b * vs0 + hk * vs1 + j0 * vs2, vs2, acc);
         } else {
-          gemm(nq, p.Ev, nk, S, BK, vd + b * vs0 + hk * vs1 + j0 * vs2, vs2, acc, p.Ev, true);
+          gemm(nq, p.Ev, nk, S, LK, vd + b * vs0 + hk * vs1 + j0 * vs2, vs2, acc, p.Ev, true);
         }
       }
       // A partial result: normalised rows and their lse (-inf: no key in this chunk). An item's rows
@@ -609,6 +618,7 @@ void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k,
                      const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& D, at::Tensor& dq_acc,
                      at::Tensor& dk, at::Tensor& dv, int64_t nkb_per_task, bool per_thread_dq, int64_t hsplit) {
   const int64_t BQ = std::min(kBlockQ, std::max<int64_t>(p.Lq, 1)), BK = key_block(p.Lk);
+  const int64_t LK = scratch_ld(BK);  // the leading dimension of the key-block-wide scratch
   const int64_t nkb = num_key_blocks(p.Lk);
   const int64_t nchunks = (nkb + nkb_per_task - 1) / nkb_per_task;
   const T scale = static_cast<T>(p.scale);
@@ -628,9 +638,9 @@ void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k,
   const int64_t dqs2 = dq_acc.stride(3);
   // Per-thread scratch: K_j^T and V_j^T (E x BK, Ev x BK: the score GEMMs' B operands, laid out
   // as in the forward), P, dP / dS, dropout factors (each BQ x BK), dK^T and dV^T accumulators
-  // (E x BK, Ev x BK), Q_i^T and dO_i^T (E x BQ, Ev x BQ), bias row.
-  const int64_t per_thread = aligned_slice<T>(p.E * BK) + aligned_slice<T>(p.Ev * BK) +
-                             aligned_slice<T>(3 * BQ * BK + (BK + BQ) * (p.E + p.Ev) + BK);
+  // (E x BK, Ev x BK), Q_i^T and dO_i^T (E x BQ, Ev x BQ), bias row; rows BK wide are LK apart.
+  const int64_t per_thread = aligned_slice<T>(p.E * LK) + aligned_slice<T>(p.Ev * LK) +
+                             aligned_slice<T>(3 * BQ * LK + (LK + BQ) * (p.E + p.Ev) + LK);
   const at::Tensor scratch_t = aligned_scratch<T>(per_thread * scratch_threads);
   T* const scratch = scratch_t.data_ptr<T>();
   // A task is a chunk of key blocks of one kv head, for every query head of its group: dK and dV sum
@@ -645,13 +655,13 @@ void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k,
     const int64_t g_begin = hs * p.G / hsplit, g_end = (hs + 1) * p.G / hsplit;
     const int64_t kb_first = (task % nchunks) * nkb_per_task;
     T* kT = scratch + tid * per_thread;
-    T* vT = kT + aligned_slice<T>(p.E * BK);
-    T* P = vT + aligned_slice<T>(p.Ev * BK);
-    T* DS = P + BQ * BK;
-    T* Z = DS + BQ * BK;
-    T* dKt = Z + BQ * BK;
-    T* dVt = dKt + p.E * BK;
-    T* Qt = dVt + p.Ev * BK;
+    T* vT = kT + aligned_slice<T>(p.E * LK);
+    T* P = vT + aligned_slice<T>(p.Ev * LK);
+    T* DS = P + BQ * LK;
+    T* Z = DS + BQ * LK;
+    T* dKt = Z + BQ * LK;
+    T* dVt = dKt + p.E * LK;
+    T* Qt = dVt + p.Ev * LK;
     T* dOt = Qt + p.E * BQ;
     T* bias = dOt + p.Ev * BQ;
     for (int64_t kb = kb_first; kb < std::min(nkb, kb_first + nkb_per_task); ++kb) {
@@ -669,10 +679,10 @@ void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k,
       }
       if (nk == 0) continue;
       const T* kr = kd + b * k.stride(0) + hk * k.stride(1) + j0 * ks2;
-      if (!direct_scores) transpose(kr, ks2, nk, p.E, kT, BK);
-      transpose(vd + b * v.stride(0) + hk * v.stride(1) + j0 * vs2, vs2, nk, p.Ev, vT, BK);
-      std::fill_n(dKt, p.E * BK, T(0));
-      std::fill_n(dVt, p.Ev * BK, T(0));
+      if (!direct_scores) transpose(kr, ks2, nk, p.E, kT, LK);
+      transpose(vd + b * v.stride(0) + hk * v.stride(1) + j0 * vs2, vs2, nk, p.Ev, vT, LK);
+      std::fill_n(dKt, p.E * LK, T(0));
+      std::fill_n(dVt, p.Ev * LK, T(0));
       // Causal: the query blocks before the first row that sees key j0 have nothing here.
       const int64_t i_first = p.causal ? std::clamp<int64_t>(j0 - p.causal_offset, 0, p.Lq) / BQ * BQ : 0;
       for (int64_t g = g_begin; g < g_end; ++g) {
@@ -696,43 +706,43 @@ void backward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k,
           // its rounding of S * scale + bias, so that P is the forward's to the bit (transposed, the
           // GEMM may sum the head dim in another order: one ulp of a 1e5 logit is 1% of a probability).
           if (direct_scores) {
-            scores_from_key_rows(nq, nkq, p.E, qi, qs2, kr, ks2, P, BK);
+            scores_from_key_rows(nq, nkq, p.E, qi, qs2, kr, ks2, P, LK);
           } else {
-            gemm(nq, nkq, p.E, qi, qs2, kT, BK, P, BK, false);
+            gemm(nq, nkq, p.E, qi, qs2, kT, LK, P, LK, false);
           }
           for (int64_t r = 0; r < nq; ++r) {
             const T* brow = bias_for_row(p, b, h, i0 + r, j0, nkq, bias);
             const int64_t nv = p.causal_cols(i0 + r, j0, nkq);
-            rows::probs_from_scores(P + r * BK, brow, nv, scale, lseb[i0 + r]);
-            std::fill_n(P + r * BK + nv, nkq - nv, T(0));
+            rows::probs_from_scores(P + r * LK, brow, nv, scale, lseb[i0 + r]);
+            std::fill_n(P + r * LK + nv, nkq - nv, T(0));
           }
           const T* PZ = P;
           if (p.dropout) {
             // DS temporarily holds P * Z (the probabilities that reached the output).
             for (int64_t r = 0; r < nq; ++r) {
-              rows::dropout_factors_row(Z + r * BK, dropout_row_key(p.seed, bh + p.head0, p.Lq, i0 + r),
+              rows::dropout_factors_row(Z + r * LK, dropout_row_key(p.seed, bh + p.head0, p.Lq, i0 + r),
                                         static_cast<uint32_t>(j0), nkq, p.threshold, inv_keep);
-              std::copy_n(P + r * BK, nkq, DS + r * BK);
-              rows::mul(DS + r * BK, Z + r * BK, nkq);
+              std::copy_n(P + r * LK, nkq, DS + r * LK);
+              rows::mul(DS + r * LK, Z + r * LK, nkq);
             }
             PZ = DS;
           }
           transpose(doi, dos2, nq, p.Ev, dOt, BQ);
-          gemm(p.Ev, nkq, nq, dOt, BQ, PZ, BK, dVt, BK, true);  // dV_j^T += dO_i^T (P Z)
-          gemm(nq, nkq, p.Ev, doi, dos2, vT, BK, DS, BK, false);  // dP = dO_i V_j^T
+          gemm(p.Ev, nkq, nq, dOt, BQ, PZ, LK, dVt, LK, true);  // dV_j^T += dO_i^T (P Z)
+          gemm(nq, nkq, p.Ev, doi, dos2, vT, LK, DS, LK, false);  // dP = dO_i V_j^T
           for (int64_t r = 0; r < nq; ++r) {
             const int64_t nv = p.causal_cols(i0 + r, j0, nkq);
-            if (p.dropout) rows::mul(DS + r * BK, Z + r * BK, nv);
-            rows::dscore(DS + r * BK, P + r * BK, DS + r * BK, Db[i0 + r], lseb[i0 + r], nv, scale);  // dS, scaled
-            std::fill_n(DS + r * BK + nv, nkq - nv, T(0));  // keys right of the diagonal: never seen
+            if (p.dropout) rows::mul(DS + r * LK, Z + r * LK, nv);
+            rows::dscore(DS + r * LK, P + r * LK, DS + r * LK, Db[i0 + r], lseb[i0 + r], nv, scale);  // dS, scaled
+            std::fill_n(DS + r * LK + nv, nkq - nv, T(0));  // keys right of the diagonal: never seen
           }
           transpose(qi, qs2, nq, p.E, Qt, BQ);
-          gemm(p.E, nkq, nq, Qt, BQ, DS, BK, dKt, BK, true);                  // dK_j^T += Q_i^T dS
-          gemm(nq, p.E, nkq, DS, BK, kr, ks2, dqb + i0 * dqs2, dqs2, true);   // dQ_i += dS K_j
+          gemm(p.E, nkq, nq, Qt, BQ, DS, LK, dKt, LK, true);                  // dK_j^T += Q_i^T dS
+          gemm(nq, p.E, nkq, DS, LK, kr, ks2, dqb + i0 * dqs2, dqs2, true);   // dQ_i += dS K_j
         }
       }
-      transpose(dKt, BK, p.E, nk, dk_out + j0 * dks2, dks2);
-      transpose(dVt, BK, p.Ev, nk, dv_out + j0 * dvs2, dvs2);
+      transpose(dKt, LK, p.E, nk, dk_out + j0 * dks2, dks2);
+      transpose(dVt, LK, p.Ev, nk, dv_out + j0 * dvs2, dvs2);
     }
     if constexpr (std::is_same_v<T, float>) at::native::cpublas::brgemm_release(false);
   });

@@ -121,52 +121,121 @@ MMK_AVX2 inline __m256 load8(const float* x, int64_t n, __m256i mask) {
   return n >= 8 ? _mm256_loadu_ps(x) : _mm256_maskload_ps(x, mask);
 }
 
-// An MR x (up to 8 NV) tile of outer: NV 8-lane column vectors per row of C, a broadcast of A(i, r)
-// times B's row r added per step.
-template <int MR, int NV>
+// An MR x 8 NV tile of outer (kFull), or its first n columns: NV 8-lane column vectors per row of C,
+// a broadcast of A(i, r) times B's row r added per step. The loops over the tile are unrolled by
+// pragma: without it GCC keeps the accumulators in memory and stores them on every step.
+template <int MR, int NV, bool kFull>
 MMK_AVX2 void outer_tile(int64_t R, const float* a, int64_t a_i, int64_t a_r, const float* b, int64_t ldb, float* c,
                          int64_t ldc, int64_t n, bool accumulate) {
   __m256 s[MR][NV];
   __m256i mask[NV];
+#pragma GCC unroll 8
   for (int v = 0; v < NV; ++v) {
-    mask[v] = lanes(n - 8 * v);
+    mask[v] = kFull ? _mm256_setzero_si256() : lanes(n - 8 * v);
+#pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) s[i][v] = _mm256_setzero_ps();
   }
   for (int64_t r = 0; r < R; ++r) {
     const float* row = b + r * ldb;
     __m256 w[NV];
-    for (int v = 0; v < NV; ++v) w[v] = load8(row + 8 * v, n - 8 * v, mask[v]);
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) w[v] = kFull ? _mm256_loadu_ps(row + 8 * v) : load8(row + 8 * v, n - 8 * v, mask[v]);
+#pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const __m256 g = _mm256_broadcast_ss(a + i * a_i + r * a_r);
+#pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) s[i][v] = _mm256_fmadd_ps(g, w[v], s[i][v]);
     }
   }
+#pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
     float* out = c + i * ldc;
+#pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
-      if (accumulate) s[i][v] = _mm256_add_ps(s[i][v], load8(out + 8 * v, n - 8 * v, mask[v]));
-      if (n >= 8 * (v + 1)) {
+      if (kFull) {
+        if (accumulate) s[i][v] = _mm256_add_ps(s[i][v], _mm256_loadu_ps(out + 8 * v));
         _mm256_storeu_ps(out + 8 * v, s[i][v]);
       } else {
-        _mm256_maskstore_ps(out + 8 * v, mask[v], s[i][v]);
+        if (accumulate) s[i][v] = _mm256_add_ps(s[i][v], load8(out + 8 * v, n - 8 * v, mask[v]));
+        if (n >= 8 * (v + 1)) {
+          _mm256_storeu_ps(out + 8 * v, s[i][v]);
+        } else {
+          _mm256_maskstore_ps(out + 8 * v, mask[v], s[i][v]);
+        }
       }
     }
   }
 }
 
+// Columns [0, n) of C, n <= 16 (kFull: n = 16), six rows at a time and the rest in smaller tiles.
+template <bool kFull>
+MMK_AVX2 void outer_panel(int64_t I, int64_t R, const float* a, int64_t a_i, int64_t a_r, const float* b, int64_t ldb,
+                          float* c, int64_t ldc, int64_t n, bool accumulate) {
+  // Rows left over after the six-row tiles: 1 or 2 run with the last six as 4 + 3 or 4 + 4 (a tile
+  // of one or two rows has too few independent accumulators to keep the FMA units busy).
+  const int64_t six = (I % 6 == 1 || I % 6 == 2) && I > 6 ? I / 6 - 1 : I / 6;
+  int64_t i = 0;
+  for (; i < 6 * six; i += 6) outer_tile<6, 2, kFull>(R, a + i * a_i, a_i, a_r, b, ldb, c + i * ldc, ldc, n, accumulate);
+  if (I - i >= 7) {
+    outer_tile<4, 2, kFull>(R, a + i * a_i, a_i, a_r, b, ldb, c + i * ldc, ldc, n, accumulate);
+    i += 4;
+  }
+  const float* ar = a + i * a_i;
+  float* cr = c + i * ldc;
+  switch (I - i) {
+    case 5: return outer_tile<5, 2, kFull>(R, ar, a_i, a_r, b, ldb, cr, ldc, n, accumulate);
+    case 4: return outer_tile<4, 2, kFull>(R, ar, a_i, a_r, b, ldb, cr, ldc, n, accumulate);
+    case 3: return outer_tile<3, 2, kFull>(R, ar, a_i, a_r, b, ldb, cr, ldc, n, accumulate);
+    case 2: return outer_tile<2, 2, kFull>(R, ar, a_i, a_r, b, ldb, cr, ldc, n, accumulate);
+    case 1: return outer_tile<1, 2, kFull>(R, ar, a_i, a_r, b, ldb, cr, ldc, n, accumulate);
+    default: return;
+  }
+}
+
 MMK_AVX2 void outer_avx2(int64_t I, int64_t J, int64_t R, const float* a, int64_t a_i, int64_t a_r, const float* b,
                          int64_t ldb, float* c, int64_t ldc, bool accumulate) {
-  // Four rows of C by 16 columns, and the last rows one at a time by 64 columns: eight accumulators
-  // either way, and a lone row (a decoding step's P V) reads each row of B in 256-byte runs.
+  // Tiles of six rows of C by 16 columns: twelve accumulators, two loads of B and six broadcasts of A
+  // per twelve multiply-adds. Column panels outside, rows inside: the panel of B (R x 16) is read from
+  // L1 by every row tile, and A, which every panel reads again, streams from L2. A lone row (a decoding
+  // step's P V) takes 64 columns at a time, reading each row of B in 256-byte runs.
+  if (I == 1) {
+    for (int64_t j = 0; j < J; j += 64) {
+      const int64_t n = std::min<int64_t>(64, J - j);
+      if (n == 64) {
+        outer_tile<1, 8, true>(R, a, a_i, a_r, b + j, ldb, c + j, ldc, n, accumulate);
+      } else {
+        outer_tile<1, 8, false>(R, a, a_i, a_r, b + j, ldb, c + j, ldc, n, accumulate);
+      }
+    }
+    return;
+  }
+  // With two or more row tiles, each panel is first copied to a contiguous buffer: B's rows may be a
+  // multiple of 256 bytes apart (V or K rows of head dim 64 or 128, in place), and such a panel falls
+  // into a few L1 sets and is evicted before the next row tile reads it.
+  thread_local std::vector<float> panel;
+  const bool pack = I >= 12;
+  if (pack && static_cast<int64_t>(panel.size()) < R * 16) panel.resize(R * 16);
   for (int64_t j = 0; j < J; j += 16) {
     const int64_t n = std::min<int64_t>(16, J - j);
-    for (int64_t i = 0; i + 4 <= I; i += 4)
-      outer_tile<4, 2>(R, a + i * a_i, a_i, a_r, b + j, ldb, c + i * ldc + j, ldc, n, accumulate);
-  }
-  for (int64_t i = I / 4 * 4; i < I; ++i) {
-    for (int64_t j = 0; j < J; j += 64)
-      outer_tile<1, 8>(R, a + i * a_i, a_i, a_r, b + j, ldb, c + i * ldc + j, ldc, std::min<int64_t>(64, J - j),
-                       accumulate);
+    const float* bp = b + j;
+    int64_t ldp = ldb;
+    if (pack) {
+      float* dst = panel.data();
+      if (n == 16) {
+        for (int64_t r = 0; r < R; ++r) {
+          _mm256_storeu_ps(dst + r * 16, _mm256_loadu_ps(b + r * ldb + j));
+          _mm256_storeu_ps(dst + r * 16 + 8, _mm256_loadu_ps(b + r * ldb + j + 8));
+        }
+      } else {
+        for (int64_t r = 0; r < R; ++r) std::copy_n(b + r * ldb + j, n, dst + r * 16);
+      }
+      bp = dst, ldp = 16;
+    }
+    if (n == 16) {
+      outer_panel<true>(I, R, a, a_i, a_r, bp, ldp, c + j, ldc, n, accumulate);
+    } else {
+      outer_panel<false>(I, R, a, a_i, a_r, bp, ldp, c + j, ldc, n, accumulate);
+    }
   }
 }
 
@@ -180,6 +249,14 @@ bool has_avx2() {
 #endif  // MMK_SMALL_GEMM_AVX2
 
 }  // namespace
+
+bool vectorised() {
+#ifdef MMK_SMALL_GEMM_AVX2
+  return has_avx2();
+#else
+  return false;
+#endif
+}
 
 void dot_rows(int64_t I, int64_t J, int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
               int64_t ldc, bool accumulate) {

@@ -1,8 +1,10 @@
-// Float32 GEMMs on raw pointers for few rows: fused_concat_linear's forward and backward where M is
-// at most kMaxRows (fusion heads, decoding steps). There a BLAS call's fixed cost (its checks, packing
-// W, handing work to threads) is most of the time (issue 19); these kernels read each operand once,
-// in place, with register-blocked AVX2 loops (plain loops elsewhere). Single-threaded: callers split
-// the work.
+// Float32 GEMMs on raw pointers, register-blocked AVX2 + FMA loops (plain loops elsewhere),
+// single-threaded (callers split the work):
+// - fused_concat_linear's forward and backward where M is at most kMaxRows (fusion heads, decoding
+//   steps): there a BLAS call's fixed cost (its checks, packing W, handing work to threads) is most of
+//   the time (issue 19); these read each operand once, in place;
+// - the attention's block GEMMs on CPUs where oneDNN does not run (AVX2-only: outer's 6 x 16 tiles
+//   against MKL's sgemm on AMD Zen 3, cross_modal_attention.cpp).
 #pragma once
 #include <cstdint>
 
@@ -25,5 +27,9 @@ void dot_rows(int64_t I, int64_t J, int64_t K, const float* a, int64_t lda, cons
 // from 0, on every CPU (the attention's backward relies on that order: cross_modal_attention.cpp).
 void outer(int64_t I, int64_t J, int64_t R, const float* a, int64_t a_i, int64_t a_r, const float* b, int64_t ldb,
            float* c, int64_t ldc, bool accumulate);
+
+// Whether these kernels run their AVX2 + FMA loops on this CPU (else plain loops). The attention's
+// float block GEMMs take outer for every size where they do and oneDNN does not serve the CPU.
+bool vectorised();
 
 }  // namespace mmkernels::cpu::small_gemm

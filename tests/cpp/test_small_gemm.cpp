@@ -56,7 +56,7 @@ TEST(SmallGemm, DotRowsSumsAlikeForAnyRowCount) {
 
 TEST(SmallGemm, OuterWithEitherOperandStrides) {
   at::manual_seed(1);
-  for (int64_t I : {1, 3, 4, 5, 9, 40})
+  for (int64_t I : {1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 14, 40})
     for (int64_t J : {1, 7, 8, 15, 16, 17, 33, 63, 64, 65, 130})
       for (int64_t R : {0, 1, 5, 32}) {
         const at::Tensor g = at::randn({R, I});  // A(i, r) = g[r, i]: gz.T, as grad_weight reads it
@@ -71,6 +71,24 @@ TEST(SmallGemm, OuterWithEitherOperandStrides) {
               J + 3, false);
         expect_close(c.narrow(1, 0, J), product, I, J, R);
         EXPECT_TRUE(at::equal(c.narrow(1, J, 3), at::full({I, 3}, 7.0)));
+      }
+}
+
+TEST(SmallGemm, OuterSumsAlikeForAnyShape) {
+  // Each output one chain over r whatever tile it falls in: to the bit as the call for its row alone
+  // (the attention's backward recomputes the forward's scores with calls of other row counts).
+  at::manual_seed(3);
+  for (int64_t I : {7, 8, 13, 128})
+    for (int64_t J : {17, 64, 530})
+      for (int64_t R : {9, 64, 512}) {
+        const at::Tensor a = at::randn({I, R}), b = at::randn({R, J});
+        at::Tensor all = at::empty({I, J}), row = at::empty({1, J});
+        outer(I, J, R, a.const_data_ptr<float>(), R, 1, b.const_data_ptr<float>(), J, all.data_ptr<float>(), J, false);
+        for (int64_t i = 0; i < I; ++i) {
+          outer(1, J, R, a[i].const_data_ptr<float>(), R, 1, b.const_data_ptr<float>(), J, row.data_ptr<float>(), J,
+                false);
+          EXPECT_TRUE(at::equal(all[i], row[0])) << I << " x " << J << " x " << R << ", row " << i;
+        }
       }
 }
 
