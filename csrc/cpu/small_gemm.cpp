@@ -122,16 +122,18 @@ MMK_AVX2 inline __m256 load8(const float* x, int64_t n, __m256i mask) {
 }
 
 // An MR x 8 NV tile of outer (kFull), or its first n columns: NV 8-lane column vectors per row of C,
-// a broadcast of A(i, r) times B's row r added per step. The loops over the tile are unrolled by
-// pragma: without it GCC keeps the accumulators in memory and stores them on every step.
+// a broadcast of A(i, r) times B's row r added per step. kFull makes the column count a constant, so
+// the lane tests below fold away. The loops over the tile are unrolled by pragma: without it GCC
+// keeps the accumulators in memory and stores them on every step.
 template <int MR, int NV, bool kFull>
 MMK_AVX2 void outer_tile(int64_t R, const float* a, int64_t a_i, int64_t a_r, const float* b, int64_t ldb, float* c,
                          int64_t ldc, int64_t n, bool accumulate) {
+  const int64_t cols = kFull ? 8 * NV : n;
   __m256 s[MR][NV];
   __m256i mask[NV];
 #pragma GCC unroll 8
   for (int v = 0; v < NV; ++v) {
-    mask[v] = kFull ? _mm256_setzero_si256() : lanes(n - 8 * v);
+    mask[v] = lanes(cols - 8 * v);
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) s[i][v] = _mm256_setzero_ps();
   }
@@ -139,7 +141,7 @@ MMK_AVX2 void outer_tile(int64_t R, const float* a, int64_t a_i, int64_t a_r, co
     const float* row = b + r * ldb;
     __m256 w[NV];
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) w[v] = kFull ? _mm256_loadu_ps(row + 8 * v) : load8(row + 8 * v, n - 8 * v, mask[v]);
+    for (int v = 0; v < NV; ++v) w[v] = load8(row + 8 * v, cols - 8 * v, mask[v]);
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const __m256 g = _mm256_broadcast_ss(a + i * a_i + r * a_r);
@@ -152,16 +154,11 @@ MMK_AVX2 void outer_tile(int64_t R, const float* a, int64_t a_i, int64_t a_r, co
     float* out = c + i * ldc;
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
-      if (kFull) {
-        if (accumulate) s[i][v] = _mm256_add_ps(s[i][v], _mm256_loadu_ps(out + 8 * v));
+      if (accumulate) s[i][v] = _mm256_add_ps(s[i][v], load8(out + 8 * v, cols - 8 * v, mask[v]));
+      if (cols >= 8 * (v + 1)) {
         _mm256_storeu_ps(out + 8 * v, s[i][v]);
       } else {
-        if (accumulate) s[i][v] = _mm256_add_ps(s[i][v], load8(out + 8 * v, n - 8 * v, mask[v]));
-        if (n >= 8 * (v + 1)) {
-          _mm256_storeu_ps(out + 8 * v, s[i][v]);
-        } else {
-          _mm256_maskstore_ps(out + 8 * v, mask[v], s[i][v]);
-        }
+        _mm256_maskstore_ps(out + 8 * v, mask[v], s[i][v]);
       }
     }
   }

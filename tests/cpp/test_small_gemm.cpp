@@ -76,7 +76,7 @@ TEST(SmallGemm, OuterWithEitherOperandStrides) {
 
 TEST(SmallGemm, OuterSumsAlikeForAnyShape) {
   // Each output one chain over r whatever tile it falls in: to the bit as the call for its row alone
-  // (the attention's backward recomputes the forward's scores with calls of other row counts).
+  // (small_gemm.h promises this order; the attention's recomputed scores rest on it).
   at::manual_seed(3);
   for (int64_t I : {7, 8, 13, 128})
     for (int64_t J : {17, 64, 530})
