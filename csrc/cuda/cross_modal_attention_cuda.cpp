@@ -124,7 +124,7 @@ struct Prepared {
 Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& kv_lengths,
                  const std::optional<at::Tensor>& attn_mask, double scale, double dropout_p,
-                 const std::optional<at::Tensor>& dropout_seed, int64_t causal, at::ScalarType float_mask_type) {
+                 const std::optional<at::Tensor>& dropout_seed, int64_t causal) {
   // q, k, v were checked by the op, before its device guard.
   MMK_CHECK_ARG(causal >= 0 && causal <= 2, "causal", "expected 0 (none), 1 (upper-left) or 2 (lower-right), got ",
                 causal);
@@ -138,9 +138,9 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   // A CPU kv_lengths is copied over; values are clamped to [0, Lk] on the device.
   if (kv_lengths.has_value()) p.lengths = kv_lengths->to(q.device(), at::kInt, /*non_blocking=*/false).contiguous();
   if (attn_mask.has_value()) {
-    // A float mask is converted (in its own, unexpanded shape) to the type its reader wants.
+    // A float mask is converted (in its own, unexpanded shape) to float32 (float64 for float64 inputs).
     const auto& m = *attn_mask;
-    const at::Tensor mm = m.scalar_type() == at::kBool ? m : m.to(float_mask_type);
+    const at::Tensor mm = m.scalar_type() == at::kBool ? m : m.to(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
     p.mask = mm.expand({p.B, p.H, p.Lq, p.Lk});
   }
   if (dropout_p > 0.0) {
@@ -362,10 +362,7 @@ std::tuple<at::Tensor, at::Tensor> cross_modal_attention_cuda(
     double dropout_p, const std::optional<at::Tensor>& dropout_seed, int64_t causal) {
   check_inputs(q, k, v);
   const c10::cuda::CUDAGuard guard(q.device());
-  const bool fast_dtype = q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16;
-  const at::ScalarType mask_type = fast_dtype ? at::kFloat : compute_type(q.scalar_type());
-  const Prepared p = prepare(q, k, v, key_padding_mask, kv_lengths, attn_mask, scale, dropout_p, dropout_seed, causal,
-                             mask_type);
+  const Prepared p = prepare(q, k, v, key_padding_mask, kv_lengths, attn_mask, scale, dropout_p, dropout_seed, causal);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const Path path = choose_path(q, p.E, p.Ev);
   if (p.B * p.H * p.Lq == 0 || p.Lk == 0) {
@@ -421,10 +418,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_modal_attention_backward_cu
     double dropout_p, const std::optional<at::Tensor>& dropout_seed, int64_t causal) {
   check_inputs(q, k, v);
   const c10::cuda::CUDAGuard guard(q.device());
-  const bool fast_dtype = q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16;
-  const at::ScalarType mask_type = fast_dtype ? at::kFloat : compute_type(q.scalar_type());
-  const Prepared p = prepare(q, k, v, key_padding_mask, kv_lengths, attn_mask, scale, dropout_p, dropout_seed, causal,
-                             mask_type);
+  const Prepared p = prepare(q, k, v, key_padding_mask, kv_lengths, attn_mask, scale, dropout_p, dropout_seed, causal);
   MMK_CHECK_ARG(grad_out.sizes() == at::IntArrayRef({p.B, p.H, p.Lq, p.Ev}), "grad_out", "expected shape (", p.B,
                 ", ", p.H, ", ", p.Lq, ", ", p.Ev, "), got ", grad_out.sizes());
   check_same_device_dtype(grad_out, q, "grad_out");
