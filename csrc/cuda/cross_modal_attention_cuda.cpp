@@ -121,6 +121,9 @@ struct Prepared {
   at::Tensor seed_dev;     // the seed when it lives on the GPU
 };
 
+// The dtype float masks are read in and the fallback computes in: float32, float64 for float64 inputs.
+at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
 Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& kv_lengths,
                  const std::optional<at::Tensor>& attn_mask, double scale, double dropout_p,
@@ -138,9 +141,9 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   // A CPU kv_lengths is copied over; values are clamped to [0, Lk] on the device.
   if (kv_lengths.has_value()) p.lengths = kv_lengths->to(q.device(), at::kInt, /*non_blocking=*/false).contiguous();
   if (attn_mask.has_value()) {
-    // A float mask is converted (in its own, unexpanded shape) to float32 (float64 for float64 inputs).
+    // A float mask is converted (in its own, unexpanded shape) to the compute type.
     const auto& m = *attn_mask;
-    const at::Tensor mm = m.scalar_type() == at::kBool ? m : m.to(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+    const at::Tensor mm = m.scalar_type() == at::kBool ? m : m.to(compute_type(q.scalar_type()));
     p.mask = mm.expand({p.B, p.H, p.Lq, p.Lk});
   }
   if (dropout_p > 0.0) {
@@ -221,9 +224,6 @@ void set_qkv(AttnParams& a, const at::Tensor& q, const at::Tensor& k, const at::
 }
 
 // ------------------------------------------------------------------------------------------ fallback
-
-// The dtype the fallback computes in.
-at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // Grouped-query heads: x (B, H, rows, D) as (B, H_kv, G * rows, D), the G query heads of a kv head
 // stacked as the rows of one GEMM against it (a view where x is dense; no copy of K or V ever).
