@@ -32,9 +32,10 @@ def bench_case(benchmark, case: Case, contender: str) -> None:
     step = steps[contender].step
     out = step()  # also compiles the torch.compile contender, outside the timing
     if contender != built.oracle:
-        err = rel_error(out, steps[built.oracle].step())
+        err = rel_error(built.for_check(contender, out), built.for_check(built.oracle, steps[built.oracle].step()))
         assert err <= built.tol, f"{contender} differs from {built.oracle}: rel error {err:.3g}"
     del out
     benchmark.group = case.id
-    benchmark.extra_info.update(case.params, contender=contender, mode=case.mode, dtype=case.dtype_name)
+    benchmark.extra_info.update(case.params, contender=contender, mode=case.mode, dtype=case.dtype_name,
+                                notes=built.notes)
     benchmark.pedantic(step, warmup_rounds=2, rounds=20, iterations=1)

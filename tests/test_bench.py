@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from mmkernels.bench import cli, compare, env, memory, report, stats
+from mmkernels.bench import cli, compare, env, memory, report, shares, stats
 from mmkernels.bench.core import OURS, Built, Case, Contender, Options, Suite
 from mmkernels.bench.live import Progress
 from mmkernels.bench.runner import run_case
@@ -38,7 +38,7 @@ def test_concat_linear_case_runs(mode):
     assert res.wall_s > 0
 
 
-def _fake_case(ours_result, suite="fake", shape="8", build_hook=None):
+def _fake_case(ours_result, suite="fake", shape="8", build_hook=None, notes=()):
     x = torch.randn(8)
 
     def build(device):
@@ -46,7 +46,7 @@ def _fake_case(ours_result, suite="fake", shape="8", build_hook=None):
             build_hook()
         return Built([Contender(OURS, lambda: ours_result(x)), Contender("eager", lambda: x * 2),
                       Contender("compile", None, "RuntimeError: no compiler", compiles=True)],
-                     oracle="eager", tol=1e-5)
+                     oracle="eager", tol=1e-5, notes=list(notes))
 
     return Case(suite, shape, "fwd", torch.float32, build, baselines=("eager", "compile"), default=True)
 
@@ -72,6 +72,12 @@ def test_unavailable_baseline_is_reported_not_fatal():
     assert cells[4:6] == [report.ms(res.times["eager"].median_s), f"{res.speedup('eager'):.2f}x"]
     assert cells[7] == "n/a"  # compile
     assert any("no compiler" in n for n in report.notes([res]))
+
+
+def test_builder_notes_reach_the_report_and_json():
+    res = run_case(_fake_case(lambda x: x * 2, notes=["attention is 9% of it"]), CPU, TINY)
+    assert f"note: {res.case.id}: attention is 9% of it" in report.notes([res])
+    assert report.to_dict([res], {})["results"][0]["notes"] == ["attention is 9% of it"]
 
 
 # ----------------------------------------------------------------------------- intervals and verdicts
@@ -124,10 +130,22 @@ def test_timing_extends_while_unsettled():
 def test_memory_pass_drops_profiler_chatter_only(capfd):
     peak = memory.peak_extra_bytes(lambda: torch.randn(256, 256) @ torch.randn(256, 256), CPU)
     assert peak >= 3 * 256 * 256 * 4
-    with memory._without_profiler_chatter():
+    with memory.without_profiler_chatter():
         os.write(2, b"USDT:2026-01-01 1:1 SyncActivityProfilerHandler.cpp:52] profiler_start\nkeep me\n")
     err = capfd.readouterr().err
     assert "USDT" not in err and "keep me" in err
+
+
+def test_cpu_time_share_of_named_ops():
+    a, b, c = torch.randn(384, 384), torch.randn(384, 384), torch.randn(64)
+
+    def step():
+        return torch.matmul(a, b), c + 1
+
+    big = shares.cpu_time_share(step, {"aten::matmul"})  # its mm inside it counts
+    small = shares.cpu_time_share(step, {"aten::add"})
+    assert 0.7 < big <= 1.0 and 0.0 < small < 0.3
+    assert shares.cpu_time_share(step, {"aten::conv2d"}) == 0.0
 
 
 # ----------------------------------------------------------------------------- the command line

@@ -46,6 +46,13 @@ class Built:
     # Per contender, a function taking its output to the layout the check compares in (e.g. padded
     # results to packed rows); applied in the correctness check only, never timed.
     check_layout: dict[str, Callable[[Any], Any]] = field(default_factory=dict)
+    # What the builder measured beside the timing (e.g. how much of a step ours can change at all),
+    # one line each; the report prints them with the case's notes.
+    notes: list[str] = field(default_factory=list)
+
+    def for_check(self, name: str, output: Any) -> Any:
+        """Contender ``name``'s output in the layout the correctness check compares in."""
+        return self.check_layout.get(name, lambda o: o)(output)
 
 
 @dataclass

@@ -37,7 +37,7 @@ def peak_extra_bytes(step: Callable[[], object], device: torch.device) -> int:
         return int(peak)
     from torch.profiler import ProfilerActivity, profile
 
-    with _without_profiler_chatter(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with without_profiler_chatter(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = step()
         del result
     events = sorted(
@@ -52,7 +52,7 @@ def peak_extra_bytes(step: Callable[[], object], device: torch.device) -> int:
 
 
 @contextlib.contextmanager
-def _without_profiler_chatter() -> Iterator[None]:
+def without_profiler_chatter() -> Iterator[None]:
     """Points file descriptor 2 at a temporary file for the duration; then passes on every line that
     is not the profiler's USDT chatter."""
     sys.stderr.flush()

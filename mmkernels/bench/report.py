@@ -64,8 +64,9 @@ class RowFormat:
 
 
 def notes(results: list[Result]) -> list[str]:
-    """Why a contender was not timed, and what went wrong, one line each."""
-    out = [f"n/a: {r.case.id} {b}: {why}" for r in results for b, why in r.unavailable.items()]
+    """What the cases' builders noted, why a contender was not timed, and what went wrong, one line each."""
+    out = [f"note: {r.case.id}: {n}" for r in results for n in r.notes]
+    out += [f"n/a: {r.case.id} {b}: {why}" for r in results for b, why in r.unavailable.items()]
     return out + [f"ERROR: {r.case.id} on {r.device}: {r.error}" for r in results if r.error]
 
 
@@ -195,7 +196,7 @@ def to_dict(results: list[Result], info: dict) -> dict:
         out.append({"id": r.case.id, "suite": r.case.suite, "device": r.device, "mode": r.case.mode,
                     "dtype": r.case.dtype_name, "shape": r.case.shape, "params": r.case.params,
                     "flops": r.case.flops, "wall_s": round(r.wall_s, 2), "error": r.error or None,
-                    "contenders": contenders})
+                    "notes": r.notes, "contenders": contenders})
     return {"meta": info, "results": out, "summary": summary(results), "efficiency": efficiency(results)}
 
 

@@ -27,6 +27,7 @@ class Result:
     unavailable: dict[str, str] = field(default_factory=dict)  # contender -> reason
     error: str = ""  # set when ours is wrong or failed: nothing was timed
     rel_err: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # Built.notes
     intervals: dict[str, stats.Interval] = field(default_factory=dict)  # baseline -> speed-up interval
     wall_s: float = 0.0  # what the case cost: build, checks, compiling, timing and memory
 
@@ -71,6 +72,7 @@ def _run(case: Case, device: torch.device, budget: Budget, options: Options) -> 
     torch._dynamo.reset()  # a fresh compile per case: static shapes, no recompile limit
     seed(case.id)
     built = case.build(device)
+    res.notes = built.notes
     steps = {}
     for c in built.contenders:
         if c.compiles and not options.compile:
@@ -94,7 +96,7 @@ def _run(case: Case, device: torch.device, budget: Budget, options: Options) -> 
     if built.oracle not in outputs:
         res.error = f"oracle {built.oracle!r} unavailable: {res.unavailable.get(built.oracle)}"
         return res
-    outputs = {name: built.check_layout.get(name, lambda o: o)(out) for name, out in outputs.items()}
+    outputs = {name: built.for_check(name, out) for name, out in outputs.items()}
     for name, out in outputs.items():
         if name == built.oracle:
             continue

@@ -8,8 +8,10 @@ identical. Skipped, with a note, where transformers is not installed.
 Full profile: a CLIP ViT-B/32-sized vision and text tower at batch 8 (text padded), a
 Whisper-base-sized encoder-decoder (1500 encoder frames), a 2-layer grouped-query decoder
 (8 query heads over 2 kv heads) at sequence 1024, padded on the right for training and on the left
-for generation. Quick: the same widths with
-fewer layers and shorter sequences.
+for generation. Quick: the same widths with fewer layers and shorter sequences.
+
+Every case also notes attention's share of sdpa's step (on the CPU), and with it the most that any
+attention backend could gain there: the rest of the step is the same code for all three.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import warnings
 import torch
 
 from ..core import OURS, Built, Case, Contender, Suite, make_step, tol_for
+from ..shares import cpu_time_share
 
 CONTENDERS = (OURS, "sdpa", "eager")
 
@@ -132,19 +135,37 @@ def _copies(make, device):
 
 
 def _train_step(model, inputs):
-    """Forward, loss, gradients of every parameter; returns loss and gradients as one flat vector.
-
-    One vector, so that the runner's relative error is taken over the whole gradient: per tensor, a
-    gradient that is zero in exact arithmetic (a key projection's bias: softmax ignores a shift shared
-    by every key) is rounding noise in every contender, and its relative error means nothing."""
+    """Forward, the model's loss, gradients of every parameter: returns the loss and the gradients."""
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step():
         loss = model(**inputs).loss
-        grads = torch.autograd.grad(loss, params)
-        return torch.cat([loss.detach().reshape(1)] + [g.reshape(-1) for g in grads])
+        return loss.detach(), torch.autograd.grad(loss, params)
 
     return step
+
+
+def _flat(output) -> torch.Tensor:
+    """A training step's loss and gradients as one vector, for the check only (never timed), so that
+    the runner's relative error is taken over the whole gradient: per tensor, a gradient that is
+    zero in exact arithmetic (a key projection's bias: softmax ignores a shift shared by every key)
+    is rounding noise in every contender, and its relative error means nothing."""
+    loss, grads = output
+    return torch.cat([loss.reshape(1)] + [g.reshape(-1) for g in grads])
+
+
+# SDPA's entry point (its forward, whichever backend it picks, inside) and its CPU backward.
+SDPA_OPS = {"aten::scaled_dot_product_attention", "aten::_scaled_dot_product_flash_attention_for_cpu_backward"}
+
+
+def _ceiling(step, device) -> list[str]:
+    """Amdahl's bound for the case, as a note: attention's share of sdpa's step (CPU only), and so the
+    most any attention backend could gain over sdpa here; the rest of the step is the same for all."""
+    if device.type != "cpu":
+        return []
+    share = cpu_time_share(step, SDPA_OPS)
+    return [f"attention is {share:.0%} of sdpa's step (torch.profiler): no attention backend can be more "
+            f"than {1 / (1 - share):.2f}x faster than sdpa on it"]
 
 
 def _build_train(make, inputs, device) -> Built:
@@ -153,7 +174,8 @@ def _build_train(make, inputs, device) -> Built:
     for name, model in models.items():
         model.train()  # dropout is 0 in these configs: train mode for the model's own training branches
         contenders.append(Contender(name, _train_step(model, inputs)))
-    return Built(contenders, oracle="sdpa", tol=tol_for(torch.float32))
+    return Built(contenders, oracle="sdpa", tol=tol_for(torch.float32), check_layout=dict.fromkeys(CONTENDERS, _flat),
+                 notes=_ceiling(_train_step(models["sdpa"], inputs), device))
 
 
 def _build_generate(make, generate, device) -> Built:
@@ -163,7 +185,7 @@ def _build_generate(make, generate, device) -> Built:
         model.eval()
         contenders.append(Contender(name, make_step(lambda m=model: generate(m), "fwd", [], None)))
     # Tokens must be identical: any difference is a whole token id.
-    return Built(contenders, oracle="sdpa", tol=0.0)
+    return Built(contenders, oracle="sdpa", tol=0.0, notes=_ceiling(contenders[CONTENDERS.index("sdpa")].step, device))
 
 
 def _profile(quick: bool) -> list[Case]:
