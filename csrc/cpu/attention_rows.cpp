@@ -1,6 +1,8 @@
 // See attention_rows.h. The float loops are written so that GCC vectorises them (no calls, no
 // branches: selects only; for AVX2 that needs -fno-trapping-math, see setup.py and
 // tests/test_vectorised_rows.py), and cloned per instruction set; the loader picks the best at load time.
+// One exception: exp_sum_to_bf16's AVX512-BF16 loop is written with intrinsics, because GCC vectorises
+// a loop with float inputs and bfloat16 outputs at half width (measured slower than two passes).
 #include "attention_rows.h"
 
 #include <algorithm>
@@ -11,6 +13,14 @@
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(MMKERNELS_NO_CLONES)
 #define MMK_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define MMK_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+// GCC 12 reports the _mm512_undefined_*() that its AVX-512 intrinsics start from as uninitialised
+// (a false report, located in the header): so the header is included with those warnings off.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
 #else
 #define MMK_CLONES
 #endif
@@ -139,6 +149,69 @@ MMK_CLONES void to_bf16(const float* src, uint16_t* dst, int64_t n) {
     std::memcpy(&u, src + c, sizeof(u));
     dst[c] = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
   }
+}
+
+#ifdef MMK_AVX512_BF16
+namespace {
+
+// exp_approx on 16 lanes, the same operations in the order GCC vectorises it for x86-64-v4 (the
+// clamp's lanes, x < -104 and -inf, zeroed by the last multiply; NaN stays NaN).
+MMK_AVX512_BF16 inline __m512 exp16(__m512 x) {
+  constexpr float kS = 0x1p-64f;
+  const __m512 kf = _mm512_sub_ps(
+      _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(12582912.0f)),
+      _mm512_set1_ps(12582912.0f));
+  __m512 r = _mm512_fnmadd_ps(kf, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(kf, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.3888889e-03f * kS), r, _mm512_set1_ps(8.3333333e-03f * kS));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1666667e-02f * kS));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666667e-01f * kS));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f * kS));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kS));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kS));
+  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(kf), _mm512_set1_epi32(127 + 64)), 23);
+  const __mmask16 kept = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-104.0f), _CMP_NLT_US);
+  return _mm512_maskz_mul_ps(kept, p, _mm512_castsi512_ps(bits));
+}
+
+// Two vectors per step, converted together (vcvtne2ps2bf16), two partial sums; a masked tail.
+MMK_AVX512_BF16 float exp_sum_to_bf16_avx512(const float* s, int64_t n, float m, uint16_t* dst) {
+  const __m512 vm = _mm512_set1_ps(m);
+  __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
+  int64_t c = 0;
+  for (; c + 32 <= n; c += 32) {
+    const __m512 e0 = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + c), vm));
+    const __m512 e1 = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + c + 16), vm));
+    sum0 = _mm512_add_ps(sum0, e0);
+    sum1 = _mm512_add_ps(sum1, e1);
+    _mm512_storeu_si512(dst + c, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e1, e0)));
+  }
+  for (; c < n; c += 16) {
+    const __mmask16 lanes = n - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - c)) - 1);
+    const __m512 x = _mm512_mask_loadu_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), lanes, s + c);
+    const __m512 e = exp16(_mm512_sub_ps(x, vm));
+    sum0 = _mm512_mask_add_ps(sum0, lanes, sum0, e);
+    _mm256_mask_storeu_epi16(dst + c, lanes, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(e)));
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1));
+}
+
+bool has_avx512_bf16() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+  return yes;
+}
+
+}  // namespace
+#endif
+
+float exp_sum_to_bf16(float* s, int64_t n, float m, uint16_t* dst) {
+#ifdef MMK_AVX512_BF16
+  if (has_avx512_bf16()) return exp_sum_to_bf16_avx512(s, n, m, dst);
+#endif
+  const float sum = exp_sum(s, n, m);
+  to_bf16(s, dst, n);
+  return sum;
 }
 
 MMK_CLONES void interleave_pairs(const uint16_t* a, const uint16_t* b, int64_t n, uint16_t* dst) {

@@ -35,6 +35,10 @@ void mul(float* x, const float* z, int64_t n);
 void dot_rows(const float* x, int64_t ldx, const float* y, int64_t ldy, int64_t rows, int64_t n, float* out);
 // dst = bfloat16(src), round to nearest even (bit patterns; src finite).
 void to_bf16(const float* src, uint16_t* dst, int64_t n);
+// dst = bfloat16(exp(s - m)), returns the sum of the float exponentials: exp_sum then to_bf16 in
+// one pass where the CPU has AVX512-BF16 (its exponentials are exp_sum's, summed in another order),
+// else those two calls. s is scratch: it may be overwritten.
+float exp_sum_to_bf16(float* s, int64_t n, float m, uint16_t* dst);
 // dst[2c] = a[c], dst[2c + 1] = b[c] (0 where b is null), c < n: two rows of 16-bit values
 // interleaved, the VNNI-2 layout of a bfloat16 GEMM operand.
 void interleave_pairs(const uint16_t* a, const uint16_t* b, int64_t n, uint16_t* dst);

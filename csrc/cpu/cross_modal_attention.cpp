@@ -518,10 +518,18 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
           const T mx = rows::scale_bias_max(s, brow, nv, scale);
           // NaN is sticky: a NaN score (returned as mx) or an earlier one (in m) makes the row NaN.
           const T mnew = std::isnan(mx) ? mx : std::max(m[r], mx);
+          // bfloat16 without dropout: P's row goes straight to its bfloat16 copy, in one pass.
+          bool rounded = false;
           if (mnew == -std::numeric_limits<T>::infinity()) {  // nothing visible yet in this row
             std::fill_n(s, nk, T(0));
           } else {
-            const T sum = rows::exp_sum(s, nv, mnew);
+            T sum;
+            if constexpr (kBf16) {
+              rounded = !p.dropout;
+              sum = rounded ? rows::exp_sum_to_bf16(s, nv, mnew, Pb + r * BKp) : rows::exp_sum(s, nv, mnew);
+            } else {
+              sum = rows::exp_sum(s, nv, mnew);
+            }
             std::fill_n(s + nv, nk - nv, T(0));
             const T alpha = std::exp(m[r] - mnew);  // 0 on the first visible block
             if (alpha != T(1)) rows::scale(acc + r * p.Ev, p.Ev, alpha);
@@ -535,7 +543,11 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
             }
           }
           if constexpr (kBf16) {
-            rows::to_bf16(s, Pb + r * BKp, nk);
+            if (rounded) {
+              std::fill_n(Pb + r * BKp + nv, nk - nv, uint16_t(0));
+            } else {
+              rows::to_bf16(s, Pb + r * BKp, nk);
+            }
             if (nk & 1) Pb[r * BKp + nk] = 0;  // the pad of the last VNNI pair
           }
         }
