@@ -500,6 +500,25 @@ def test_models_bench_suite_is_listed_with_transformers_installed():
     assert len(suite.select("default")) == 1  # one small case keeps the default run short
 
 
+def test_models_bench_case_checks_times_and_notes_its_ceiling():
+    # The default case (CLIP towers, 2 layers) through the runner: the three contenders agree on the
+    # loss and every gradient, and the note gives attention's share of sdpa's step and its bound.
+    import re
+
+    from mmkernels.bench.core import Options
+    from mmkernels.bench.runner import run_case
+    from mmkernels.bench.suites import SUITES
+    from mmkernels.bench.timing import Budget
+
+    (case,) = SUITES["models"].select("default")
+    tiny = Budget(warmup=0, min_reps=3, max_reps=3, seconds=0.01, min_sample_s=1e-4, max_seconds=0.1)
+    res = run_case(case, torch.device("cpu"), tiny, Options(memory=False))
+    assert not res.error and set(res.times) == {"mmkernels", "sdpa", "eager"} and res.rel_err["mmkernels"] < 3e-3
+    (note,) = res.notes
+    share, bound = re.fullmatch(r"attention is (\d+)% of sdpa's step .* more than ([\d.]+)x faster .*", note).groups()
+    assert 0 < int(share) < 50 and float(bound) == pytest.approx(1 / (1 - int(share) / 100), abs=0.02)
+
+
 # --------------------------------------------------------------------------- masks built once per forward
 
 
