@@ -30,6 +30,14 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+// exp_approx's constants, shared with its AVX-512 twin exp16.
+constexpr float kExpLowest = -104.0f, kLog2e = 1.44269504088896341f, kRoundMagic = 12582912.0f;
+constexpr float kLn2Hi = 0.693145751953125f, kLn2Lo = 1.428606765330187e-06f, kExpScale = 0x1p-64f;
+constexpr float kExpC6 = 1.3888889e-03f * kExpScale, kExpC5 = 8.3333333e-03f * kExpScale,
+                kExpC4 = 4.1666667e-02f * kExpScale, kExpC3 = 1.6666667e-01f * kExpScale, kExpC2 = 0.5f * kExpScale,
+                kExpC1 = kExpScale;
+constexpr int32_t kExpBias = 127 + 64;  // the float exponent's bias plus kExpScale's 64
+
 // exp(x) for the softmax's x <= 0 (valid up to x = 43): x = k ln2 + r, |r| <= ln2/2, exp(r) by a
 // degree-6 polynomial (relative error ~2e-7), 2^k through the exponent bits. The polynomial's
 // coefficients carry a factor 2^-64 and the exponent 64 more, so that results below 2^-126 come out
@@ -38,19 +46,18 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // -104 (-inf included), whose result rounds to exactly 0; NaN fails the comparison and stays NaN.
 // One clamp and no other select, so that each clone is a straight run of vector instructions.
 inline float exp_approx(float x) {
-  constexpr float kS = 0x1p-64f;
-  const float xc = x < -104.0f ? -104.0f : x;
-  const float t = xc * 1.44269504088896341f;
-  const float kf = (t + 12582912.0f) - 12582912.0f;  // round to nearest without a call
-  const float r = (xc - kf * 0.693145751953125f) - kf * 1.428606765330187e-06f;
-  float p = 1.3888889e-03f * kS;
-  p = p * r + 8.3333333e-03f * kS;
-  p = p * r + 4.1666667e-02f * kS;
-  p = p * r + 1.6666667e-01f * kS;
-  p = p * r + 0.5f * kS;
-  p = p * r + 1.0f * kS;
-  p = p * r + 1.0f * kS;
-  const int32_t bits = (static_cast<int32_t>(kf) + 127 + 64) << 23;
+  const float xc = x < kExpLowest ? kExpLowest : x;
+  const float t = xc * kLog2e;
+  const float kf = (t + kRoundMagic) - kRoundMagic;  // round to nearest without a call
+  const float r = (xc - kf * kLn2Hi) - kf * kLn2Lo;
+  float p = kExpC6;
+  p = p * r + kExpC5;
+  p = p * r + kExpC4;
+  p = p * r + kExpC3;
+  p = p * r + kExpC2;
+  p = p * r + kExpC1;
+  p = p * r + kExpC1;
+  const int32_t bits = (static_cast<int32_t>(kf) + kExpBias) << 23;
   float two_k;
   std::memcpy(&two_k, &bits, sizeof(float));
   return p * two_k;
@@ -157,20 +164,18 @@ namespace {
 // exp_approx on 16 lanes, the same operations in the order GCC vectorises it for x86-64-v4 (the
 // clamp's lanes, x < -104 and -inf, zeroed by the last multiply; NaN stays NaN).
 MMK_AVX512_BF16 inline __m512 exp16(__m512 x) {
-  constexpr float kS = 0x1p-64f;
-  const __m512 kf = _mm512_sub_ps(
-      _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(12582912.0f)),
-      _mm512_set1_ps(12582912.0f));
-  __m512 r = _mm512_fnmadd_ps(kf, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(kf, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.3888889e-03f * kS), r, _mm512_set1_ps(8.3333333e-03f * kS));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1666667e-02f * kS));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666667e-01f * kS));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f * kS));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kS));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kS));
-  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(kf), _mm512_set1_epi32(127 + 64)), 23);
-  const __mmask16 kept = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-104.0f), _CMP_NLT_US);
+  const __m512 kf = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(kLog2e), _mm512_set1_ps(kRoundMagic)),
+                                  _mm512_set1_ps(kRoundMagic));
+  __m512 r = _mm512_fnmadd_ps(kf, _mm512_set1_ps(kLn2Hi), x);
+  r = _mm512_fnmadd_ps(kf, _mm512_set1_ps(kLn2Lo), r);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(kExpC6), r, _mm512_set1_ps(kExpC5));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC4));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC3));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC2));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC1));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC1));
+  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(kf), _mm512_set1_epi32(kExpBias)), 23);
+  const __mmask16 kept = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpLowest), _CMP_NLT_US);
   return _mm512_maskz_mul_ps(kept, p, _mm512_castsi512_ps(bits));
 }
 
