@@ -26,6 +26,13 @@ def make_masks(kind, B, H, Lq, Lk, dtype=torch.float32, device="cpu", float4d_dt
             m = torch.zeros(B, Lk, dtype=torch.bool, device=device)
             m[:, Lk // 4 : Lk // 4 + 70] = True
             masks["key_padding_mask"] = m
+        elif part == "ends":  # padding at the ends only (batch 0 on the right): ranges, no per-score bias
+            m = torch.zeros(B, Lk, dtype=torch.bool, device=device)
+            for b in range(B):
+                lo = 0 if b == 0 else int(torch.randint(0, Lk // 2 + 1, ()))
+                m[b, :lo] = True
+                m[b, int(torch.randint(lo, Lk + 1, ())) :] = True
+            masks["key_padding_mask"] = m
         elif part == "len32":
             masks["kv_lengths"] = torch.randint(0, Lk + 1, (B,), dtype=torch.int32, device=device)
         elif part == "len64":

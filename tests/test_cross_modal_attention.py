@@ -56,6 +56,8 @@ def test_matches_reference_unmasked(shape, dtype):
 
 MASK_KINDS = [
     "kpm",
+    "ends",
+    "ends+len32+bool2d",
     "len32",
     "len64",
     "bool2d",

@@ -153,14 +153,17 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   if (key_padding_mask.has_value()) {
     const at::Tensor mc = key_padding_mask->contiguous();
     const bool* mp = mc.data_ptr<bool>();
+    bool holes = false;  // a masked key inside some batch's trimmed range
     for (int64_t b = 0; b < p.B; ++b) {
       const bool* row = mp + b * p.Lk;
       int64_t lo = p.kbeg[b], hi = p.kend[b];
       while (lo < hi && row[lo]) ++lo;
       while (hi > lo && row[hi - 1]) --hi;
       p.kbeg[b] = lo, p.kend[b] = hi;
+      holes = holes || std::any_of(row + lo, row + hi, [](bool m) { return m; });
     }
-    p.kpm_bias = at::zeros({p.B, p.Lk}, q.options().dtype(compute)).masked_fill_(mc, -INFINITY);
+    // Padding at the ends only (the usual case) is all in the ranges: no per-score bias to add then.
+    if (holes) p.kpm_bias = at::zeros({p.B, p.Lk}, q.options().dtype(compute)).masked_fill_(mc, -INFINITY);
   }
   if (attn_mask.has_value()) {
     const auto& m = *attn_mask;
