@@ -194,7 +194,8 @@ def attention_cases(draw):
         rank = draw(st.integers(2, 4))
         shape = [s if draw(st.booleans()) else 1 for s in full[4 - rank:]]
         mask = {"kind": kind, "shape": shape, "density": draw(st.sampled_from([0.0, 0.3, 0.8, 1.0]))}
-    kpm = draw(st.none() | st.sampled_from([0.0, 0.3, 1.0]))
+    # A rate of hidden keys, or "ends": each batch padded at its ends only (key ranges, no per-key bias).
+    kpm = draw(st.none() | st.sampled_from([0.0, 0.3, 1.0, "ends"]))
     lengths = draw(st.none() | st.sampled_from(["int32", "int64"]))
     # The causal flag: 0 none, 1 upper-left (is_causal), 2 lower-right (a CausalBias, or is_causal
     # where attn_mask holds a tensor mask); kv heads: all of q's, or one (grouped-query attention).
@@ -234,7 +235,11 @@ def attention_tensors(case, dtype):
     hk = case.get("h_kv", h)
     q, k, v = tensor("q", (b, h, lq, e), 1), tensor("k", (b, hk, lk, e), 2), tensor("v", (b, hk, lk, ev), 4)
     kpm = None
-    if case["key_padding_mask"] is not None:
+    if case["key_padding_mask"] == "ends":
+        lo = torch.randint(0, lk + 1, (b, 1), generator=g)
+        hi = lo + (torch.rand(b, 1, generator=g) * (lk + 1 - lo)).long()
+        kpm = (torch.arange(lk) < lo) | (torch.arange(lk) >= hi)
+    elif case["key_padding_mask"] is not None:
         kpm = torch.rand(b, lk, generator=g) < case["key_padding_mask"]
     lengths = None
     if case["kv_lengths"] is not None:
