@@ -1,5 +1,5 @@
-"""What the op files share: the loaded library and its kernel table, warn-once, the plain-eager test and
-the fake kernels' device check."""
+"""What the op files share: the loaded library and its kernel table, warn-once, the plain-eager test,
+the inputs' leading-dims check and the fake kernels' device check."""
 from __future__ import annotations
 
 import warnings
@@ -7,6 +7,7 @@ import warnings
 import torch
 
 from .. import _build
+from .._errors import ArgumentError
 
 _build.load_library()
 KERNELS = _build.kernel_table()
@@ -35,6 +36,17 @@ def plain_eager(*tensors) -> bool:
         and torch._C._len_torch_dispatch_stack() == 0
         and torch._C._functorch.peek_interpreter_stack() is None
     )
+
+
+def check_same_leading_dims(inputs) -> None:
+    """Every ``inputs[i]`` (a tensor of shape (..., features)) has the leading dims of inputs[0]."""
+    lead = inputs[0].shape[:-1]
+    for i, x in enumerate(inputs):
+        if x.shape[:-1] != lead:
+            raise ArgumentError(
+                f"mmkernels: argument 'inputs[{i}]': expected leading dims {tuple(lead)} (those of inputs[0]), "
+                f"got {tuple(x.shape[:-1])}"
+            )
 
 
 def fake_check_same_device(ref: torch.Tensor, **named) -> None:

@@ -10,7 +10,8 @@ import torch
 
 from .. import reference
 from .._errors import ArgumentError
-from ._common import KERNELS, differentiable_backward, fake_check_same_device, plain_eager, warn_once
+from ._common import (KERNELS, check_same_leading_dims, differentiable_backward, fake_check_same_device, plain_eager,
+                      warn_once)
 from .._C import concat_linear_small
 
 ACTIVATIONS = tuple(reference.ACTIVATIONS)
@@ -25,7 +26,6 @@ def _check_concat_linear(inputs, weight, bias, activation) -> None:
         raise ArgumentError("mmkernels: argument 'inputs': expected a non-empty list or tuple of tensors")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ArgumentError("mmkernels: argument 'weight': expected a 2-D (out_features, in_features) tensor")
-    lead = None
     total = 0
     for i, x in enumerate(inputs):
         if not isinstance(x, torch.Tensor) or x.dim() < 1:
@@ -34,14 +34,8 @@ def _check_concat_linear(inputs, weight, bias, activation) -> None:
             raise ArgumentError(f"mmkernels: argument 'inputs[{i}]': expected dtype {weight.dtype}, got {x.dtype}")
         if x.device != weight.device:
             raise ArgumentError(f"mmkernels: argument 'inputs[{i}]': expected device {weight.device}, got {x.device}")
-        if lead is None:
-            lead = x.shape[:-1]
-        elif x.shape[:-1] != lead:
-            raise ArgumentError(
-                f"mmkernels: argument 'inputs[{i}]': expected leading dims {tuple(lead)} (those of inputs[0]), "
-                f"got {tuple(x.shape[:-1])}"
-            )
         total += x.shape[-1]
+    check_same_leading_dims(inputs)
     if weight.shape[1] != total:
         raise ArgumentError(
             f"mmkernels: argument 'weight': expected {total} columns (the sum of the inputs' feature sizes), "

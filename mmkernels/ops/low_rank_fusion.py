@@ -7,7 +7,7 @@ import torch
 
 from .. import reference
 from .._errors import ArgumentError
-from ._common import KERNELS, differentiable_backward, fake_check_same_device, warn_once
+from ._common import KERNELS, check_same_leading_dims, differentiable_backward, fake_check_same_device, warn_once
 
 
 def _check_low_rank_fusion(inputs, factors, rank_weight, bias) -> None:
@@ -23,7 +23,6 @@ def _check_low_rank_fusion(inputs, factors, rank_weight, bias) -> None:
             "mmkernels: argument 'factors[0]': expected a 3-D (rank, in_features + 1, out_features) tensor"
         )
     n = factors[0].shape[2]
-    lead = None
     for i, (x, f) in enumerate(zip(inputs, factors)):
         for name, t in ((f"inputs[{i}]", x), (f"factors[{i}]", f)):
             if not isinstance(t, torch.Tensor) or t.dim() < 1:
@@ -32,18 +31,12 @@ def _check_low_rank_fusion(inputs, factors, rank_weight, bias) -> None:
                 raise ArgumentError(
                     f"mmkernels: argument '{name}': expected {dtype} on {device} (as rank_weight), got {t.dtype} on {t.device}"
                 )
-        if lead is None:
-            lead = x.shape[:-1]
-        elif x.shape[:-1] != lead:
-            raise ArgumentError(
-                f"mmkernels: argument 'inputs[{i}]': expected leading dims {tuple(lead)} (those of inputs[0]), "
-                f"got {tuple(x.shape[:-1])}"
-            )
         if f.shape != (rank, x.shape[-1] + 1, n):
             raise ArgumentError(
                 f"mmkernels: argument 'factors[{i}]': expected shape ({rank}, {x.shape[-1] + 1}, {n}) = "
                 f"(rank, inputs[{i}].size(-1) + 1, out_features), got {tuple(f.shape)}"
             )
+    check_same_leading_dims(inputs)
     if bias is not None and not isinstance(bias, torch.Tensor):
         raise ArgumentError(f"mmkernels: argument 'bias': expected a tensor or None, got {type(bias).__name__}")
     if bias is not None and (bias.shape != (n,) or bias.dtype != dtype or bias.device != device):
